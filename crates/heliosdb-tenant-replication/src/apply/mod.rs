@@ -1,0 +1,464 @@
+//! Apply: source transactions into target transactions, exactly once.
+//!
+//! Rules this module enforces:
+//! * A target transaction holds whole source transactions only. Several small
+//!   source transactions may share one target transaction (batching); a
+//!   source transaction larger than a batch streams into the open target
+//!   transaction chunk by chunk instead of being held in memory.
+//! * The same target transaction writes the tenant's progress (the last
+//!   source commit it contains) to `heliosdb_replication.progress`, so data
+//!   and progress commit or vanish together ([`crate::checkpoint`]).
+//! * Idempotent: rows are upserted / deleted by primary key, so replaying a
+//!   transaction the target already has (which the capture side prevents
+//!   anyway) changes nothing.
+//! * Tenant isolation: a row whose tenant column is not this tenant is never
+//!   written, whatever the publication sends.
+//! * Statements run with `session_replication_role = replica` when the role
+//!   may set it (as PostgreSQL's own apply worker does): target triggers and
+//!   foreign-key triggers do not fire for replicated rows.
+//!
+//! On any error the open target transaction is rolled back by the caller,
+//! which reconnects and resumes from the target's progress.
+
+pub mod catalog;
+pub mod sql;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use crate::batch::{has_unchanged, key_of, Chunk, TablePlan};
+use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
+use crate::capture::{RowChange, RowOp};
+use crate::checkpoint::progress;
+use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
+use catalog::TableMapping;
+
+/// A source commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPoint {
+    pub commit_lsn: Lsn,
+    pub end_lsn: Lsn,
+    pub commit_time_us: i64,
+}
+
+/// Counters for logs.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyStats {
+    pub events: u64,
+    pub transactions: u64,
+    pub foreign_rows_dropped: u64,
+    pub updates_of_missing_rows: u64,
+}
+
+/// Who the applier writes for.
+#[derive(Debug, Clone)]
+pub struct ApplyIdentity {
+    pub tenant: String,
+    pub tenant_column: String,
+    pub slot: String,
+    pub source_system_id: String,
+}
+
+/// Applies one tenant's changes through one target connection.
+pub struct Applier {
+    client: Client,
+    id: ApplyIdentity,
+    batch_size: usize,
+    mappings: HashMap<u32, Arc<TableMapping>>,
+    statements: HashMap<String, Statement>,
+    chunk: Chunk,
+    open: bool,
+    opened_at: Option<Instant>,
+    /// Events in the open target transaction.
+    pending_events: u64,
+    /// The last source commit inside the open target transaction.
+    pending_commit: Option<CommitPoint>,
+    pub stats: ApplyStats,
+}
+
+fn target_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
+    move |e| ReplicationError::db(Side::Target, context, e)
+}
+
+impl Applier {
+    pub async fn new(client: Client, id: ApplyIdentity, batch_size: usize) -> Result<Self> {
+        match client.batch_execute("SET session_replication_role = replica").await {
+            Ok(()) => {}
+            Err(e) if e.code().map(|c| c.code()) == Some("42501") => tracing::info!(
+                "the target role may not set session_replication_role; target triggers and foreign keys will fire for replicated rows"
+            ),
+            Err(e) => return Err(target_err("setting session_replication_role")(e)),
+        }
+        Ok(Self {
+            client,
+            id,
+            batch_size,
+            mappings: HashMap::new(),
+            statements: HashMap::new(),
+            chunk: Chunk::default(),
+            open: false,
+            opened_at: None,
+            pending_events: 0,
+            pending_commit: None,
+            stats: ApplyStats::default(),
+        })
+    }
+
+    /// Is a target transaction open (holding applied, uncommitted changes)?
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// When the open target transaction began.
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.opened_at
+    }
+
+    /// Events in the open target transaction.
+    pub fn pending_events(&self) -> u64 {
+        self.pending_events
+    }
+
+    /// Does the open target transaction end on a source commit?
+    pub fn has_pending_commit(&self) -> bool {
+        self.pending_commit.is_some()
+    }
+
+    /// Check (and cache) the target table of a relation before its rows come.
+    pub async fn mapping(&mut self, relation: &Arc<RelationDesc>) -> Result<Arc<TableMapping>> {
+        if let Some(m) = self.mappings.get(&relation.id) {
+            if Arc::ptr_eq(&m.relation, relation) {
+                return Ok(m.clone());
+            }
+        }
+        let m = Arc::new(
+            TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
+        );
+        self.mappings.insert(relation.id, m.clone());
+        Ok(m)
+    }
+
+    /// A source transaction begins.
+    pub async fn begin(&mut self) -> Result<()> {
+        if !self.open {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(target_err("BEGIN"))?;
+            self.open = true;
+            self.opened_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// One row change of the current source transaction.
+    pub async fn row(&mut self, change: RowChange) -> Result<()> {
+        let mapping = self.mapping(&change.relation).await?;
+        let image = match &change.op {
+            RowOp::Insert { new } | RowOp::Update { new, .. } => new,
+            RowOp::Delete { old } => old,
+        };
+        if !self.is_tenant_row(&mapping, image) {
+            self.stats.foreign_rows_dropped += 1;
+            tracing::warn!(
+                table = %mapping.display,
+                "dropped a row of another tenant: the publication's row filter let it through; check it filters on the tenant column"
+            );
+            return Ok(());
+        }
+        self.stats.events += 1;
+        self.pending_events += 1;
+        if let RowOp::Update {
+            old: Some(old),
+            new,
+        } = &change.op
+        {
+            if key_of(&mapping, old)? != key_of(&mapping, new)? {
+                self.flush().await?;
+                return self.move_row(&mapping, old, new).await;
+            }
+        }
+        self.chunk.push(mapping, change.op);
+        if self.chunk.len() >= self.batch_size {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn is_tenant_row(&self, m: &TableMapping, t: &Tuple) -> bool {
+        matches!(t.get(m.tenant), Some(Value::Text(b)) if b.as_ref() == self.id.tenant.as_bytes())
+    }
+
+    /// A TRUNCATE: the tenant's rows of those tables go (never other
+    /// tenants' rows on a shared target).
+    pub async fn truncate(&mut self, relations: &[Arc<RelationDesc>]) -> Result<()> {
+        self.flush().await?;
+        for rel in relations {
+            let m = self.mapping(rel).await?;
+            let stmt = self.prepared(sql::delete_tenant(&m)).await?;
+            self.client
+                .execute(&stmt, &[&self.id.tenant])
+                .await
+                .map_err(target_err(&format!(
+                    "truncating the tenant's rows of {}",
+                    m.display
+                )))?;
+            self.stats.events += 1;
+            self.pending_events += 1;
+        }
+        Ok(())
+    }
+
+    /// The current source transaction committed on the source.
+    pub fn source_commit(&mut self, point: CommitPoint) {
+        self.pending_commit = Some(point);
+        self.stats.transactions += 1;
+    }
+
+    /// Commit the target transaction with its progress record. Returns the
+    /// source commit it covers. Only call between source transactions.
+    pub async fn commit(&mut self) -> Result<Option<CommitPoint>> {
+        if !self.open {
+            return Ok(None);
+        }
+        self.flush().await?;
+        if let Some(p) = self.pending_commit {
+            let stmt = self.prepared(progress::UPSERT_SQL.to_string()).await?;
+            self.client
+                .execute(
+                    &stmt,
+                    &[
+                        &self.id.tenant,
+                        &self.id.slot,
+                        &self.id.source_system_id,
+                        &p.commit_lsn.to_string(),
+                        &p.end_lsn.to_string(),
+                        &p.commit_time_us,
+                    ],
+                )
+                .await
+                .map_err(target_err("recording progress"))?;
+        }
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(target_err("COMMIT"))?;
+        self.open = false;
+        self.opened_at = None;
+        self.pending_events = 0;
+        Ok(self.pending_commit.take())
+    }
+
+    /// Abandon the open target transaction.
+    pub async fn rollback(&mut self) {
+        self.chunk = Chunk::default();
+        self.pending_commit = None;
+        self.pending_events = 0;
+        if self.open {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            self.open = false;
+            self.opened_at = None;
+        }
+    }
+
+    async fn prepared(&mut self, sql: String) -> Result<Statement> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let stmt = self
+            .client
+            .prepare(&sql)
+            .await
+            .map_err(target_err("preparing an apply statement"))?;
+        self.statements.insert(sql, stmt.clone());
+        Ok(stmt)
+    }
+
+    /// Write the chunk into the open transaction: coalesced, many rows per
+    /// statement. If that fails on a constraint that row-by-row order would
+    /// satisfy (a unique value moving between rows, foreign keys), replay the
+    /// chunk one change at a time in source order.
+    async fn flush(&mut self) -> Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.chunk);
+        let plans = chunk.plan()?;
+        if chunk.len() == 1 {
+            return self.apply_plans(&plans).await;
+        }
+        self.client
+            .batch_execute("SAVEPOINT heliosdb_chunk")
+            .await
+            .map_err(target_err("SAVEPOINT"))?;
+        match self.apply_plans(&plans).await {
+            Ok(()) => {}
+            Err(e @ ReplicationError::Database { .. }) if e.code().is_some() => {
+                tracing::debug!(error = %e, "bulk apply failed; replaying the chunk row by row");
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
+                    .await
+                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
+                for (mapping, op) in chunk.ops {
+                    let mut one = Chunk::default();
+                    one.push(mapping.clone(), op);
+                    let plans = one.plan()?;
+                    if let Err(e) = self.apply_plans(&plans).await {
+                        let key = one.ops.first().and_then(|(m, op)| {
+                            let t = match op {
+                                RowOp::Insert { new } | RowOp::Update { new, .. } => new,
+                                RowOp::Delete { old } => old,
+                            };
+                            key_of(m, t).ok()
+                        });
+                        return Err(ReplicationError::operator(
+                            format!(
+                                "target rejected a change to {} (primary key {}): {e}",
+                                mapping.display,
+                                key.map(|k| k.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>().join(", "))
+                                    .unwrap_or_default()
+                            ),
+                            "make the target table's constraints match the source's (the source accepted this change)",
+                        ));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.client
+            .batch_execute("RELEASE SAVEPOINT heliosdb_chunk")
+            .await
+            .map_err(target_err("RELEASE SAVEPOINT"))
+    }
+
+    async fn apply_plans(&mut self, plans: &[TablePlan]) -> Result<()> {
+        for p in plans.iter().filter(|p| !p.deletes.is_empty()) {
+            let cols: Vec<Vec<Option<&str>>> = (0..p.mapping.key.len())
+                .map(|k| {
+                    p.deletes
+                        .iter()
+                        .map(|key| std::str::from_utf8(&key[k]).ok())
+                        .collect()
+                })
+                .collect();
+            self.run(sql::delete(&p.mapping), &cols, &p.mapping.display)
+                .await?;
+        }
+        for p in plans.iter().filter(|p| !p.upserts.is_empty()) {
+            let cols = columns(&p.upserts, &(0..p.mapping.casts.len()).collect::<Vec<_>>())?;
+            self.run(sql::upsert(&p.mapping), &cols, &p.mapping.display)
+                .await?;
+        }
+        for p in plans.iter().filter(|p| !p.partial_updates.is_empty()) {
+            // Group rows by which columns they carry.
+            let mut groups: Vec<(Vec<usize>, Vec<&Tuple>)> = Vec::new();
+            for t in &p.partial_updates {
+                let set: Vec<usize> = (0..t.len())
+                    .filter(|i| {
+                        !p.mapping.key.contains(i) && !matches!(t[*i], Value::UnchangedToast)
+                    })
+                    .collect();
+                match groups.iter_mut().find(|(s, _)| *s == set) {
+                    Some((_, rows)) => rows.push(t),
+                    None => groups.push((set, vec![t])),
+                }
+            }
+            for (set, rows) in groups {
+                let mut wanted = p.mapping.key.clone();
+                wanted.extend(&set);
+                let owned: Vec<Tuple> = rows.into_iter().cloned().collect();
+                let cols = columns(&owned, &wanted)?;
+                let n = self
+                    .run(
+                        sql::update_columns(&p.mapping, &set),
+                        &cols,
+                        &p.mapping.display,
+                    )
+                    .await?;
+                let missing = owned.len() as u64 - n.min(owned.len() as u64);
+                if missing > 0 {
+                    self.stats.updates_of_missing_rows += missing;
+                    tracing::warn!(table = %p.mapping.display, rows = missing, "updates of rows that are missing on the target (their unchanged large values are unknown, so they cannot be inserted)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
+        let stmt = self.prepared(sql).await?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&stmt, &params)
+            .await
+            .map_err(target_err(&format!("applying changes to {table}")))
+    }
+
+    /// An update that changed the primary key: update the row in place by
+    /// its old key, so unchanged large values stay with it.
+    async fn move_row(&mut self, m: &Arc<TableMapping>, old: &Tuple, new: &Tuple) -> Result<()> {
+        let set: Vec<usize> = (0..new.len())
+            .filter(|&i| !matches!(new[i], Value::UnchangedToast))
+            .collect();
+        let old_key = key_of(m, old)?;
+        let mut values: Vec<Option<&str>> = old_key
+            .iter()
+            .map(|b| std::str::from_utf8(b).ok())
+            .collect();
+        for &i in &set {
+            values.push(text(&new[i])?);
+        }
+        let stmt = self.prepared(sql::move_row(m, &set)).await?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let n = self
+            .client
+            .execute(&stmt, &params)
+            .await
+            .map_err(target_err(&format!(
+                "moving a row of {} to a new key",
+                m.display
+            )))?;
+        if n == 0 {
+            if has_unchanged(new) {
+                self.stats.updates_of_missing_rows += 1;
+                tracing::warn!(table = %m.display, "a key-changing update of a row missing on the target; its unchanged large values are unknown");
+            } else {
+                let mut one = Chunk::default();
+                one.push(m.clone(), RowOp::Insert { new: new.clone() });
+                let plans = one.plan()?;
+                self.apply_plans(&plans).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn text(v: &Value) -> Result<Option<&str>> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Text(b) => std::str::from_utf8(b).map(Some).map_err(|_| {
+            ReplicationError::Internal("source sent a value that is not UTF-8".into())
+        }),
+        Value::UnchangedToast => Err(ReplicationError::Internal(
+            "unchanged TOAST value in a full row".into(),
+        )),
+        Value::Binary(_) => Err(ReplicationError::Internal(
+            "binary value without the binary option".into(),
+        )),
+    }
+}
+
+/// Column-major text arrays of `rows`, for the columns `wanted`.
+fn columns<'a>(rows: &'a [Tuple], wanted: &[usize]) -> Result<Vec<Vec<Option<&'a str>>>> {
+    wanted
+        .iter()
+        .map(|&i| rows.iter().map(|r| text(&r[i])).collect())
+        .collect()
+}

@@ -1,0 +1,193 @@
+//! Statement text for applying rows. Identifiers are quoted; values are
+//! always bound as `text[]` parameters (PostgreSQL's own text form) and cast
+//! to the target column's type by the server, so numeric, timestamptz,
+//! jsonb, bytea, arrays, uuid and enums keep full fidelity.
+//!
+//! Many rows go in one statement: `unnest($1::text[], $2::text[], …)`.
+
+use super::catalog::TableMapping;
+use crate::pg::quote_ident;
+
+fn unnest(n: usize, names: impl Fn(usize) -> String) -> String {
+    let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let aliases: Vec<String> = (0..n).map(names).collect();
+    format!("unnest({}) AS v({})", params.join(", "), aliases.join(", "))
+}
+
+/// Insert full rows, or overwrite the row with the same primary key.
+/// Parameters: one array per source column.
+pub fn upsert(m: &TableMapping) -> String {
+    let n = m.casts.len();
+    let cols: Vec<String> = (0..n).map(|i| quote_ident(m.column_name(i))).collect();
+    let select: Vec<String> = (0..n).map(|i| format!("v.c{i}::{}", m.casts[i])).collect();
+    let key: Vec<String> = m
+        .key
+        .iter()
+        .map(|&i| quote_ident(m.column_name(i)))
+        .collect();
+    let updates: Vec<String> = (0..n)
+        .filter(|i| !m.key.contains(i))
+        .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(m.column_name(i))))
+        .collect();
+    let action = if updates.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
+        m.target,
+        cols.join(", "),
+        select.join(", "),
+        unnest(n, |i| format!("c{i}")),
+        key.join(", "),
+    )
+}
+
+fn key_match(m: &TableMapping, alias: &str) -> String {
+    m.key
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            format!(
+                "{alias}.{} = v.k{k}::{}",
+                quote_ident(m.column_name(i)),
+                m.casts[i]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Delete by primary key. Parameters: one array per key column.
+pub fn delete(m: &TableMapping) -> String {
+    format!(
+        "DELETE FROM {} AS x USING {} WHERE {}",
+        m.target,
+        unnest(m.key.len(), |k| format!("k{k}")),
+        key_match(m, "x"),
+    )
+}
+
+/// Update only the columns in `set` (source column indices), by primary key.
+/// Parameters: key arrays, then one array per column of `set`.
+pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
+    let nk = m.key.len();
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| format!("{} = v.c{j}::{}", quote_ident(m.column_name(i)), m.casts[i]))
+        .collect();
+    format!(
+        "UPDATE {} AS x SET {} FROM {} WHERE {}",
+        m.target,
+        assignments.join(", "),
+        unnest(nk + set.len(), |p| if p < nk {
+            format!("k{p}")
+        } else {
+            format!("c{}", p - nk)
+        }),
+        key_match(m, "x"),
+    )
+}
+
+/// One row whose primary key changed: update it in place by its old key.
+/// Parameters: old key values, then the values of `set`.
+pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
+    let nk = m.key.len();
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| {
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(m.column_name(i)),
+                nk + j + 1,
+                m.casts[i]
+            )
+        })
+        .collect();
+    let cond: Vec<String> = m
+        .key
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(m.column_name(i)),
+                k + 1,
+                m.casts[i]
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {} SET {} WHERE {}",
+        m.target,
+        assignments.join(", "),
+        cond.join(" AND ")
+    )
+}
+
+/// A TRUNCATE of the source, scoped to the tenant on the target (the
+/// target table may hold other tenants' rows). Parameter: the tenant id.
+pub fn delete_tenant(m: &TableMapping) -> String {
+    format!(
+        "DELETE FROM {} WHERE {} = $1::text::{}",
+        m.target,
+        quote_ident(m.column_name(m.tenant)),
+        m.casts[m.tenant]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::capture::pgoutput::{ColumnDesc, RelationDesc};
+
+    fn m() -> TableMapping {
+        let col = |name: &str| ColumnDesc {
+            is_key: false,
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+        };
+        TableMapping {
+            relation: Arc::new(RelationDesc {
+                id: 1,
+                namespace: "public".into(),
+                name: "we\"ird".into(),
+                replica_identity: b'd',
+                columns: vec![col("tenant_id"), col("id"), col("Note")],
+            }),
+            target: "\"public\".\"we\"\"ird\"".into(),
+            display: "public.we\"ird".into(),
+            casts: vec!["text".into(), "bigint".into(), "jsonb".into()],
+            key: vec![0, 1],
+            tenant: 0,
+        }
+    }
+
+    #[test]
+    fn statements_quote_identifiers_and_bind_text_arrays() {
+        let m = m();
+        assert_eq!(
+            upsert(&m),
+            "INSERT INTO \"public\".\"we\"\"ird\" (\"tenant_id\", \"id\", \"Note\") SELECT v.c0::text, v.c1::bigint, v.c2::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(c0, c1, c2) ON CONFLICT (\"tenant_id\", \"id\") DO UPDATE SET \"Note\" = EXCLUDED.\"Note\""
+        );
+        assert_eq!(
+            delete(&m),
+            "DELETE FROM \"public\".\"we\"\"ird\" AS x USING unnest($1::text[], $2::text[]) AS v(k0, k1) WHERE x.\"tenant_id\" = v.k0::text AND x.\"id\" = v.k1::bigint"
+        );
+        assert!(update_columns(&m, &[2]).contains("SET \"Note\" = v.c0::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(k0, k1, c0)"));
+        assert_eq!(
+            move_row(&m, &[1, 2]),
+            "UPDATE \"public\".\"we\"\"ird\" SET \"id\" = $3::text::bigint, \"Note\" = $4::text::jsonb WHERE \"tenant_id\" = $1::text::text AND \"id\" = $2::text::bigint"
+        );
+        assert_eq!(
+            delete_tenant(&m),
+            "DELETE FROM \"public\".\"we\"\"ird\" WHERE \"tenant_id\" = $1::text::text"
+        );
+    }
+}

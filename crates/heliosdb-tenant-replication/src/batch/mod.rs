@@ -1,0 +1,181 @@
+//! Batching: the row changes of one target flush, and how repeated changes
+//! to one row coalesce.
+//!
+//! A [`Chunk`] holds up to `[cdc] batch_size` changes in source order. Its
+//! [`Chunk::plan`] reduces them to the final state of each row (per primary
+//! key): an upsert of the full row, a delete, or an update of the columns that
+//! changed when unchanged TOAST values were not sent. Applying the plans gives
+//! the same table contents as applying the changes one by one, because within
+//! one target transaction only the final state of each key is visible.
+//!
+//! Guarantees: per key, the last change wins; no key appears twice in one
+//! statement (PostgreSQL's `ON CONFLICT` forbids that). The original order is
+//! kept in the chunk for the row-by-row fallback.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::apply::catalog::TableMapping;
+use crate::capture::pgoutput::{Tuple, Value};
+use crate::capture::RowOp;
+use crate::error::{ReplicationError, Result};
+
+/// A row's primary key values, in text form.
+pub type Key = Vec<Bytes>;
+
+/// Changes of one flush, in source order.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub ops: Vec<(Arc<TableMapping>, RowOp)>,
+}
+
+/// What one table's rows come to.
+#[derive(Debug)]
+pub struct TablePlan {
+    pub mapping: Arc<TableMapping>,
+    pub deletes: Vec<Key>,
+    /// Full rows.
+    pub upserts: Vec<Tuple>,
+    /// Rows with unchanged TOAST columns: update only what was sent.
+    pub partial_updates: Vec<Tuple>,
+}
+
+enum Final {
+    Upsert(Tuple),
+    Partial(Tuple),
+    Delete(Key),
+}
+
+impl Chunk {
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn push(&mut self, mapping: Arc<TableMapping>, op: RowOp) {
+        self.ops.push((mapping, op));
+    }
+
+    /// Final state per key, per table in order of first appearance.
+    pub fn plan(&self) -> Result<Vec<TablePlan>> {
+        let mut tables: Vec<(Arc<TableMapping>, Vec<(Key, Final)>, HashMap<Key, usize>)> =
+            Vec::new();
+        for (mapping, op) in &self.ops {
+            let t = match tables.iter().position(|(m, _, _)| Arc::ptr_eq(m, mapping)) {
+                Some(i) => i,
+                None => {
+                    tables.push((mapping.clone(), Vec::new(), HashMap::new()));
+                    tables.len() - 1
+                }
+            };
+            let (_, entries, index) = &mut tables[t];
+            let mut set = |key: Key, state: Final| set_final(entries, index, key, state);
+            match op {
+                RowOp::Insert { new } => set(key_of(mapping, new)?, Final::Upsert(new.clone())),
+                RowOp::Delete { old } => {
+                    let k = key_of(mapping, old)?;
+                    set(k.clone(), Final::Delete(k))
+                }
+                RowOp::Update { old, new } => {
+                    let k = key_of(mapping, new)?;
+                    if let Some(old) = old {
+                        if key_of(mapping, old)? != k {
+                            return Err(ReplicationError::Internal(
+                                "key-changing update reached the batch planner".into(),
+                            ));
+                        }
+                    }
+                    let state = if !has_unchanged(new) {
+                        Final::Upsert(new.clone())
+                    } else {
+                        let (_, entries, index) = &tables[t];
+                        match index.get(&k).map(|&i| &entries[i].1) {
+                            Some(Final::Upsert(prev)) => Final::Upsert(merge(prev, new)),
+                            Some(Final::Partial(prev)) => Final::Partial(merge(prev, new)),
+                            _ => Final::Partial(new.clone()),
+                        }
+                    };
+                    let (_, entries, index) = &mut tables[t];
+                    set_final(entries, index, k, state)
+                }
+            }
+        }
+        Ok(tables
+            .into_iter()
+            .map(|(mapping, entries, _)| {
+                let mut plan = TablePlan {
+                    mapping,
+                    deletes: Vec::new(),
+                    upserts: Vec::new(),
+                    partial_updates: Vec::new(),
+                };
+                for (_, state) in entries {
+                    match state {
+                        Final::Upsert(t) => plan.upserts.push(t),
+                        Final::Partial(t) => plan.partial_updates.push(t),
+                        Final::Delete(k) => plan.deletes.push(k),
+                    }
+                }
+                plan
+            })
+            .collect())
+    }
+}
+
+fn set_final(
+    entries: &mut Vec<(Key, Final)>,
+    index: &mut HashMap<Key, usize>,
+    key: Key,
+    state: Final,
+) {
+    match index.get(&key) {
+        Some(&i) => entries[i].1 = state,
+        None => {
+            index.insert(key.clone(), entries.len());
+            entries.push((key, state));
+        }
+    }
+}
+
+/// Does the row carry unchanged-TOAST markers?
+pub fn has_unchanged(t: &Tuple) -> bool {
+    t.iter().any(|v| matches!(v, Value::UnchangedToast))
+}
+
+/// `new`, with unchanged-TOAST columns taken from `prev`.
+fn merge(prev: &Tuple, new: &Tuple) -> Tuple {
+    new.iter()
+        .zip(prev)
+        .map(|(n, p)| match n {
+            Value::UnchangedToast => p.clone(),
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// The primary key of a row image.
+pub fn key_of(mapping: &TableMapping, t: &Tuple) -> Result<Key> {
+    mapping
+        .key
+        .iter()
+        .map(|&i| match t.get(i) {
+            Some(Value::Text(b)) => Ok(b.clone()),
+            _ => Err(ReplicationError::operator(
+                format!(
+                    "a change to {} arrived without a value for primary key column {}",
+                    mapping.display,
+                    mapping.column_name(i)
+                ),
+                "the source's replica identity must cover the primary key: ALTER TABLE … REPLICA IDENTITY DEFAULT (with a primary key) or FULL",
+            )),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,103 @@
+//! Capture: the tenant's changes from the source's logical replication slot.
+//!
+//! ```text
+//! slot (pgoutput) ──► ChangeSource ──► Assembler ──► TxEvent queue ──► apply
+//! ```
+//!
+//! * [`ChangeSource`] is the replication connection, behind a trait of ours
+//!   so that the protocol client can be replaced (see
+//!   `docs/decisions/2026-11-26-replication-client.md`). The implementation,
+//!   [`stream::PgwireSource`], answers keepalives from a background task, so
+//!   a slow target never makes the walsender time out.
+//! * [`pgoutput`] decodes the raw messages (outside bytes: never panics).
+//! * [`assemble::Assembler`] resolves relations, drops transactions the target
+//!   already has, and emits [`TxEvent`]s in commit order.
+//!
+//! Guarantees: events reach apply in source commit order, each transaction
+//! whole (Begin … Commit) or not at all. The queue to apply is bounded
+//! (`[performance] buffer_size_events`): when it is full, capture waits, and
+//! back-pressure reaches the walsender instead of memory.
+
+pub mod assemble;
+pub mod pgoutput;
+pub mod stream;
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::lsn::Lsn;
+use pgoutput::{Message, RelationDesc, Tuple};
+
+/// What the replication connection delivers.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Message(Message),
+    /// The server's periodic heartbeat; `wal_end` is how far it has sent.
+    Keepalive {
+        wal_end: Lsn,
+    },
+}
+
+/// A logical replication connection for one slot.
+#[allow(async_fn_in_trait)]
+pub trait ChangeSource: Send {
+    /// The next event; `Ok(None)` when the stream ended cleanly.
+    async fn recv(&mut self) -> Result<Option<SourceEvent>>;
+    /// Tell the server that everything up to `lsn` is durable on the target,
+    /// so the slot may release WAL before it. Must never pass what the target
+    /// has committed.
+    fn acknowledge(&self, lsn: Lsn);
+    /// Send the last acknowledgement (waiting briefly for it to go out) and
+    /// close the stream.
+    async fn close(&mut self);
+}
+
+/// A row change, with the relation as it was when the change was made.
+#[derive(Debug, Clone)]
+pub struct RowChange {
+    pub relation: Arc<RelationDesc>,
+    pub op: RowOp,
+}
+
+#[derive(Debug, Clone)]
+pub enum RowOp {
+    Insert {
+        new: Tuple,
+    },
+    /// `old` is the key (or full) image when the key changed or the table is
+    /// REPLICA IDENTITY FULL.
+    Update {
+        old: Option<Tuple>,
+        new: Tuple,
+    },
+    Delete {
+        old: Tuple,
+    },
+}
+
+/// What apply receives, in source commit order.
+#[derive(Debug, Clone)]
+pub enum TxEvent {
+    Begin {
+        final_lsn: Lsn,
+        commit_time_us: i64,
+        xid: u32,
+    },
+    Row(RowChange),
+    Truncate {
+        relations: Vec<Arc<RelationDesc>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_us: i64,
+    },
+    /// Between transactions: the server has sent everything up to `wal_end`.
+    /// When apply has nothing uncommitted it may acknowledge this position, so
+    /// an idle tenant's slot does not hold WAL back.
+    Keepalive {
+        wal_end: Lsn,
+    },
+}

@@ -1,0 +1,111 @@
+//! The tenant's progress on the target, written in the same transaction as
+//! the applied data.
+
+use tokio_postgres::Client;
+
+use super::CheckpointError;
+use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
+
+/// DDL of the daemon's own schema on the target (idempotent).
+pub const SCHEMA_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS heliosdb_replication;
+CREATE TABLE IF NOT EXISTS heliosdb_replication.progress (
+    tenant_id        text PRIMARY KEY,
+    slot_name        text NOT NULL,
+    source_system_id text NOT NULL,
+    commit_lsn       pg_lsn NOT NULL,
+    end_lsn          pg_lsn NOT NULL,
+    commit_time      timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE heliosdb_replication.progress IS
+  'heliosdb-tenant-replication: last source transaction applied per tenant; written in the same transaction as the data';
+";
+
+/// The SQL that records progress; run inside the apply transaction.
+pub const UPSERT_SQL: &str = "
+INSERT INTO heliosdb_replication.progress
+    (tenant_id, slot_name, source_system_id, commit_lsn, end_lsn, commit_time, updated_at)
+VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::pg_lsn,
+        timestamptz '2000-01-01 00:00:00+00' + $6::bigint * interval '1 microsecond', now())
+ON CONFLICT (tenant_id) DO UPDATE SET
+    slot_name = EXCLUDED.slot_name,
+    source_system_id = EXCLUDED.source_system_id,
+    commit_lsn = EXCLUDED.commit_lsn,
+    end_lsn = EXCLUDED.end_lsn,
+    commit_time = EXCLUDED.commit_time,
+    updated_at = EXCLUDED.updated_at";
+
+/// A tenant's recorded progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub slot_name: String,
+    pub source_system_id: String,
+    /// LSN of the last applied source commit record.
+    pub commit_lsn: Lsn,
+    /// End of that commit record: where streaming resumes.
+    pub end_lsn: Lsn,
+}
+
+/// Create the progress schema if it is missing.
+pub async fn ensure_schema(target: &Client) -> Result<()> {
+    target.batch_execute(SCHEMA_DDL).await.map_err(|e| {
+        if e.code().map(|c| c.code()) == Some("42501") {
+            ReplicationError::operator(
+                "target: the role cannot create the schema heliosdb_replication (permission denied)",
+                "run `heliosdb-tenant-replication --config … init` as a role that may, or: CREATE SCHEMA heliosdb_replication AUTHORIZATION <writer role>",
+            )
+        } else {
+            ReplicationError::db(Side::Target, "creating heliosdb_replication.progress", e)
+        }
+    })
+}
+
+/// Read the tenant's progress (check it with [`Progress::check_source`]).
+pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
+    let row = target
+        .query_opt(
+            "SELECT slot_name, source_system_id, commit_lsn::text, end_lsn::text
+               FROM heliosdb_replication.progress WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .map_err(|e| {
+            ReplicationError::db(Side::Target, "reading heliosdb_replication.progress", e)
+        })?;
+    let Some(row) = row else { return Ok(None) };
+    let parse = |s: String| {
+        s.parse::<Lsn>()
+            .map_err(|e| ReplicationError::Internal(e.to_string()))
+    };
+    Ok(Some(Progress {
+        slot_name: row.get(0),
+        source_system_id: row.get(1),
+        commit_lsn: parse(row.get(2))?,
+        end_lsn: parse(row.get(3))?,
+    }))
+}
+
+impl Progress {
+    /// Progress recorded from another source cluster is never trusted.
+    pub fn check_source(&self, tenant: &str, system_id: &str, slot: &str) -> Result<()> {
+        if self.source_system_id != system_id {
+            return Err(CheckpointError::ForeignProgress {
+                tenant: tenant.to_string(),
+                what: format!(
+                    "source system {} (this source is {system_id})",
+                    self.source_system_id
+                ),
+            }
+            .into());
+        }
+        if self.slot_name != slot {
+            tracing::warn!(
+                recorded = %self.slot_name, configured = %slot,
+                "the target's progress was recorded through another slot of the same source; resuming from it"
+            );
+        }
+        Ok(())
+    }
+}

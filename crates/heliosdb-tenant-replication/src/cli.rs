@@ -1,0 +1,214 @@
+//! Command line: `heliosdb-tenant-replication [--config FILE] <start|init|check-config>`.
+//!
+//! Exit codes (stable, for systemd and scripts):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success, or stopped by SIGTERM/SIGINT |
+//! | 1 | internal error (a bug or corrupt input) |
+//! | 2 | invalid command line or configuration |
+//! | 3 | a database needs an operator's action (the message says which) |
+//! | 4 | a database could not be reached (one-shot commands) |
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::error::{ErrorClass, ReplicationError};
+
+pub const EXIT_INTERNAL: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_OPERATOR: u8 = 3;
+pub const EXIT_UNREACHABLE: u8 = 4;
+
+/// Replicates one tenant of a multi-tenant PostgreSQL database to another
+/// PostgreSQL, continuously and exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "heliosdb-tenant-replication", version, about, long_about = None,
+    after_help = "Exit codes: 0 ok or stopped by signal; 1 internal error; 2 bad command line or config; 3 database needs an operator's action; 4 database unreachable.\nLogging: RUST_LOG (e.g. info,heliosdb_tenant_replication=debug).")]
+pub struct Cli {
+    /// Configuration file (TOML, see docs/configuration.md).
+    #[arg(
+        long,
+        short = 'c',
+        env = "HELIOSDB_CONFIG",
+        default_value = "/etc/heliosdb/replication.toml",
+        global = true
+    )]
+    pub config: PathBuf,
+
+    /// Log line format.
+    #[arg(
+        long,
+        value_enum,
+        env = "HELIOSDB_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replicate in the foreground until SIGTERM or SIGINT.
+    Start,
+    /// Provision the tenant (idempotent): publication with per-table tenant
+    /// row filters and pgoutput slot on the source, progress schema on the
+    /// target; then check the target tables.
+    Init,
+    /// Check the configuration file and print the effective configuration
+    /// (passwords masked) and every key that has no effect in this build.
+    CheckConfig,
+}
+
+/// Set up logging to stderr (the journal under systemd).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format);
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        return check_config(&config);
+    }
+    for n in &config.notices {
+        tracing::warn!(key = %n.key, "{}", n.message);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let config = Arc::new(config);
+    match cli.command {
+        Command::Start => runtime.block_on(start(config)),
+        Command::Init => runtime.block_on(init(config)),
+        Command::CheckConfig => ExitCode::SUCCESS,
+    }
+}
+
+fn check_config(config: &Config) -> ExitCode {
+    println!("# {}: valid", config.file);
+    if config.notices.is_empty() {
+        println!("# every key is in effect");
+    } else {
+        println!("# keys that have no effect in this build:");
+        for n in &config.notices {
+            println!("#   {}: {}", n.key, n.message);
+        }
+    }
+    println!("# effective configuration (passwords masked):\n");
+    print!("{}", config.render_masked());
+    ExitCode::SUCCESS
+}
+
+fn exit_for(e: &ReplicationError) -> ExitCode {
+    ExitCode::from(match e.class() {
+        ErrorClass::Retry => EXIT_UNREACHABLE,
+        ErrorClass::OperatorAction => EXIT_OPERATOR,
+        ErrorClass::Fatal => EXIT_INTERNAL,
+    })
+}
+
+async fn init(config: Arc<Config>) -> ExitCode {
+    match crate::provision::init(&config).await {
+        Ok(report) => {
+            for line in report.lines {
+                println!("{line}");
+            }
+            println!("tenant '{}' is provisioned; start replication with: heliosdb-tenant-replication --config {} start", config.tenant.tenant_id, config.file);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
+    }
+}
+
+async fn start(config: Arc<Config>) -> ExitCode {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut pipeline = tokio::spawn(crate::pipeline::run_tenant(config.clone(), stop_rx));
+    let signal = wait_for_signal();
+    let result = tokio::select! {
+        r = &mut pipeline => r,
+        sig = signal => {
+            tracing::info!(signal = sig, "shutting down: finishing the open transaction and writing checkpoints");
+            let _ = stop_tx.send(true);
+            match tokio::time::timeout(Duration::from_secs(9), &mut pipeline).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
+                    return ExitCode::SUCCESS;
+                }
+            }
+        }
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            tracing::error!(tenant = %config.tenant.tenant_id, "replication_stop: {e}");
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
+        Err(join) => {
+            eprintln!("error: the pipeline task failed: {join}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+/// SIGTERM or SIGINT; SIGHUP (systemd's ExecReload) is logged, not fatal.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // Without signal handlers, run until the pipeline ends.
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => tracing::info!("SIGHUP: configuration reload is not supported; restart the service to apply changes"),
+        }
+    }
+}

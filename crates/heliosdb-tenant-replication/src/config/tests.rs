@@ -1,0 +1,299 @@
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+/// §10.1 of the deployment guide, verbatim.
+const REFERENCE: &str = r#"
+[replication]
+tenant_id = "tenant-123"                     # Unique tenant identifier
+source_connection = "postgresql://heliosdb_replication:s3cret-src@source:5432/production"
+target_connection = "postgresql://heliosdb_writer:s3cret-dst@target:5432/replica"
+[features]
+enable_cdc = true                            # Change Data Capture
+enable_compression = true                    # Data compression
+enable_encryption = true                     # Data encryption
+enable_monitoring = true                     # Prometheus metrics
+enable_semantic_resolution = false           # AI-powered conflict resolution
+enable_predictive_replication = false        # ML-based prioritization
+[cdc]
+replication_slot = "tenant_123_slot"         # PostgreSQL replication slot
+publication_name = "tenant_123_pub"          # PostgreSQL publication
+batch_size = 1000                            # Events per batch
+checkpoint_interval = 1000                   # Events between checkpoints
+wal_path = "/var/lib/heliosdb/wal"           # WAL storage path
+start_lsn = 0                                # Starting LSN (0 = from beginning)
+[compression]
+algorithm = "zstd"                           # zstd, snappy, lz4, gzip
+level = 3                                    # 1 (fast) to 22 (max compression)
+min_size_bytes = 512                         # Don't compress events < 512 bytes
+dictionary_path = "/var/lib/heliosdb/dict"   # Compression dictionary
+[encryption]
+algorithm = "aes256gcm"                      # AES-256-GCM (recommended)
+key_file = "/etc/heliosdb/key.txt"           # Encryption key file
+kms_key_arn = "arn:aws:kms:..."              # AWS KMS key (alternative)
+key_rotation_days = 90                       # Rotate keys every 90 days
+[conflict]
+resolution_strategy = "VectorClock"          # LastWriteWins, SourcePreferred, TargetPreferred, VectorClock
+log_conflicts = true                         # Log conflicts to file
+conflict_log_path = "/var/log/heliosdb/conflicts.log"
+[monitoring]
+prometheus_port = 9090                       # Prometheus metrics port
+health_check_port = 8080                     # Health check endpoint port
+metrics_interval_seconds = 10                # Metrics collection interval
+enable_audit_log = true                      # Enable audit logging
+audit_log_path = "/var/log/heliosdb/audit.log"
+[performance]
+max_throughput_events_per_sec = 10000        # Target throughput
+target_replication_lag_seconds = 5           # Target replication lag
+buffer_size_events = 10000                   # Event buffer size
+worker_threads = 4                           # Number of worker threads
+batch_timeout_ms = 100                       # Batch collection timeout
+[network]
+tcp_keepalive_seconds = 30                   # TCP keepalive interval
+connection_pool_size = 10                    # Database connection pool size
+connect_timeout_seconds = 10                 # Connection timeout
+read_timeout_seconds = 60                    # Read timeout
+retry_max_attempts = 3                       # Max retry attempts
+retry_backoff_ms = 1000                      # Retry backoff (exponential)
+"#;
+
+#[test]
+fn every_key_of_the_reference_parses() {
+    let c = Config::from_toml(REFERENCE, "replication.toml", no_env).expect("reference parses");
+    assert_eq!(c.tenant.tenant_id, "tenant-123");
+    assert_eq!(c.tenant.slot, "tenant_123_slot");
+    assert_eq!(c.tenant.publication, "tenant_123_pub");
+    assert_eq!(c.batch.batch_size, 1000);
+    assert_eq!(c.batch.batch_timeout, Duration::from_millis(100));
+    assert_eq!(c.worker_threads, 4);
+    assert_eq!(c.network.retry_max_attempts, 3);
+    assert_eq!(c.tenant.source.dbname, "production");
+    // Features that are not built yet are reported, not ignored.
+    for key in [
+        "[compression]",
+        "[encryption]",
+        "[conflict]",
+        "[monitoring]",
+        "[cdc] start_lsn",
+        "[cdc] wal_path",
+    ] {
+        assert!(
+            c.notices.iter().any(|n| n.key == key),
+            "no notice for {key}: {:?}",
+            c.notices
+        );
+    }
+}
+
+#[test]
+fn step_five_of_the_quick_start_parses() {
+    let text = r#"
+[replication]
+tenant_id = "tenant-123"
+source_connection = "postgresql://heliosdb_replication:secure_password_123@localhost:5432/postgres?sslmode=require"
+target_connection = "postgresql://heliosdb_writer:secure_password_456@localhost:5433/replica?sslmode=require"
+[features]
+enable_cdc = true
+enable_compression = true
+enable_encryption = true
+enable_monitoring = true
+[cdc]
+replication_slot = "tenant_123_slot"
+publication_name = "tenant_123_replication"
+batch_size = 1000
+checkpoint_interval = 1000
+wal_path = "/var/lib/heliosdb/wal"
+[compression]
+algorithm = "zstd"
+level = 3 # 1 (fast) to 22 (max compression)
+[encryption]
+algorithm = "aes256gcm"
+key_file = "/etc/heliosdb/tenant-encryption-key.txt"
+[monitoring]
+prometheus_port = 9090
+health_check_port = 8080
+metrics_interval_seconds = 10
+[performance]
+max_throughput_events_per_sec = 10000
+target_replication_lag_seconds = 5
+buffer_size_events = 10000
+worker_threads = 4
+"#;
+    let c = Config::from_toml(text, "f.toml", no_env).expect("parses");
+    assert_eq!(c.tenant.target.port, 5433);
+    assert_eq!(c.tenant.source.sslmode, SslMode::Require);
+    assert_eq!(
+        c.tenant.checkpoint_dir,
+        PathBuf::from(DEFAULT_CHECKPOINT_DIR)
+    );
+}
+
+#[test]
+fn section_8_2_performance_keys_are_accepted_as_aliases() {
+    let text = r#"
+[replication]
+tenant_id = "t1"
+[source]
+connection = "postgresql://u@a:5432/db?sslmode=verify-full&sslrootcert=/etc/heliosdb/ca-cert.pem&sslcert=/etc/heliosdb/client-cert.pem&sslkey=/etc/heliosdb/client-key.pem"
+[target]
+connection = "postgresql://u@b:5432/db?sslmode=verify-full&sslrootcert=/etc/heliosdb/ca-cert.pem"
+[performance]
+max_throughput_events_per_sec = 15000
+buffer_size_events = 20000
+worker_threads = 16
+batch_size = 2000
+batch_timeout_ms = 50
+checkpoint_interval = 5000
+checkpoint_async = true
+compression_level = 3
+compression_min_size_bytes = 512
+tcp_keepalive_seconds = 30
+connection_pool_size = 10
+connect_timeout_seconds = 10
+read_timeout_seconds = 60
+"#;
+    let c = Config::from_toml(text, "f.toml", no_env).expect("parses");
+    assert_eq!(c.batch.batch_size, 2000);
+    assert_eq!(c.batch.checkpoint_interval, 5000);
+    assert_eq!(c.tenant.source.sslmode, SslMode::VerifyFull);
+    assert_eq!(c.tenant.slot, "t1_slot");
+
+    let clash = text.replace("[performance]", "[cdc]\nbatch_size = 10\n[performance]");
+    let e = Config::from_toml(&clash, "f.toml", no_env).expect_err("contradiction");
+    assert!(e.to_string().contains("[performance] batch_size"), "{e}");
+}
+
+#[test]
+fn unknown_keys_name_the_file_key_and_the_allowed_ones() {
+    let text = REFERENCE.replace("batch_size = 1000", "batch_sise = 1000");
+    let e = Config::from_toml(&text, "/etc/heliosdb/replication.toml", no_env).expect_err("typo");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("/etc/heliosdb/replication.toml: [cdc] batch_sise:"),
+        "{msg}"
+    );
+    assert!(msg.contains("batch_size"), "lists what is allowed: {msg}");
+    assert!(msg.contains("line"), "{msg}");
+}
+
+#[test]
+fn bad_values_are_refused_with_what_is_allowed() {
+    let cases = [
+        (
+            "batch_size = 1000",
+            "batch_size = 0",
+            "[cdc] batch_size",
+            "1 to 100000",
+        ),
+        (
+            "level = 3 ",
+            "level = 23 ",
+            "[compression] level",
+            "1 to 22",
+        ),
+        (
+            "algorithm = \"zstd\"",
+            "algorithm = \"brotli\"",
+            "[compression] algorithm",
+            "zstd, snappy, lz4, gzip",
+        ),
+        (
+            "\"VectorClock\"",
+            "\"Newest\"",
+            "[conflict] resolution_strategy",
+            "LastWriteWins",
+        ),
+        (
+            "replication_slot = \"tenant_123_slot\"",
+            "replication_slot = \"Tenant-Slot\"",
+            "[cdc] replication_slot",
+            "a-z 0-9 _",
+        ),
+        (
+            "worker_threads = 4",
+            "worker_threads = -1",
+            "[performance] worker_threads",
+            "u64",
+        ),
+        (
+            "start_lsn = 0",
+            "start_lsn = \"zz\"",
+            "[cdc] start_lsn",
+            "16/B374D848",
+        ),
+        (
+            "retry_backoff_ms = 1000",
+            "retry_backoff_ms = 1",
+            "[network] retry_backoff_ms",
+            "10 to 600000",
+        ),
+    ];
+    for (from, to, key, allowed) in cases {
+        assert!(REFERENCE.contains(from), "fixture has {from}");
+        let text = REFERENCE.replace(from, to);
+        let e = Config::from_toml(&text, "f.toml", no_env).expect_err(to);
+        let msg = e.to_string();
+        assert!(msg.contains(key), "{to}: {msg}");
+        assert!(msg.contains(allowed), "{to}: {msg}");
+    }
+}
+
+#[test]
+fn environment_overrides_connections() {
+    let env = |k: &str| match k {
+        "REPLICATION_SOURCE_CONNECTION" => {
+            Some("postgresql://envuser:pw@envhost:6000/src".to_string())
+        }
+        "REPLICATION_TARGET_CONNECTION" => {
+            Some("postgresql://envuser:pw@envhost:6001/dst".to_string())
+        }
+        _ => None,
+    };
+    let c = Config::from_toml(REFERENCE, "f.toml", env).expect("parses");
+    assert_eq!(
+        (c.tenant.source.host.as_str(), c.tenant.source.port),
+        ("envhost", 6000)
+    );
+    assert_eq!(c.tenant.target.port, 6001);
+
+    let minimal = "[replication]\ntenant_id = \"a\"\n";
+    let c = Config::from_toml(minimal, "f.toml", env)
+        .expect("connections from the environment suffice");
+    assert_eq!(c.tenant.target.dbname, "dst");
+    let e = Config::from_toml(minimal, "f.toml", no_env).expect_err("missing");
+    assert!(
+        e.to_string().contains("REPLICATION_SOURCE_CONNECTION"),
+        "{e}"
+    );
+}
+
+#[test]
+fn effective_config_masks_passwords() {
+    let c = Config::from_toml(REFERENCE, "f.toml", no_env).expect("parses");
+    let shown = format!("{}\n{:?}", c.render_masked(), c);
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert!(
+        shown.contains("heliosdb_replication:***@source:5432/production"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn bad_connection_errors_do_not_echo_the_password() {
+    let text = REFERENCE.replace("@target:5432/replica", "@target:notaport/replica");
+    let e = Config::from_toml(&text, "f.toml", no_env).expect_err("bad port");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+    assert!(
+        e.to_string().contains("[replication] target_connection"),
+        "{e}"
+    );
+}
+
+#[test]
+fn same_database_on_both_sides_is_refused() {
+    let text = REFERENCE.replace("@target:5432/replica", "@source:5432/production");
+    let e = Config::from_toml(&text, "f.toml", no_env).expect_err("same db");
+    assert!(e.to_string().contains("same database"), "{e}");
+}

@@ -1,0 +1,192 @@
+//! Errors of the replication pipeline, classified in one place.
+//!
+//! Every error is one of three classes ([`ErrorClass`]): a passing outage is
+//! retried with back-off; a problem only a person can fix stops the tenant
+//! with a hint saying what to do; anything else is fatal. Messages never
+//! contain passwords (connection strings are shown masked) or row values.
+
+use crate::capture::pgoutput::DecodeError;
+use crate::checkpoint::CheckpointError;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A passing condition (network, restart, lock): retry with back-off.
+    Retry,
+    /// Needs a person (configuration, privileges, schema): stop with a hint.
+    OperatorAction,
+    /// A bug or corrupt input: stop.
+    Fatal,
+}
+
+/// An error of the replication pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// A statement or connection on the source or target failed.
+    #[error("{side}: {context}: {message}")]
+    Database {
+        side: Side,
+        context: String,
+        message: String,
+        /// SQLSTATE, when the server sent one.
+        code: Option<String>,
+        class: ErrorClass,
+    },
+    /// The replication stream failed.
+    #[error("source replication stream: {message}")]
+    Stream { message: String, class: ErrorClass },
+    /// A check found something a person has to fix.
+    #[error("{message}\n  fix: {hint}")]
+    Operator { message: String, hint: String },
+    #[error("source sent bytes that are not valid pgoutput: {0}")]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Broken internal invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Which database an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
+pub type Result<T, E = ReplicationError> = std::result::Result<T, E>;
+
+impl ReplicationError {
+    /// The one place errors are classified.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Database { class, .. } | Self::Stream { class, .. } => *class,
+            Self::Operator { .. } => ErrorClass::OperatorAction,
+            Self::Checkpoint(e) => e.class(),
+            Self::Decode(_) | Self::Internal(_) => ErrorClass::Fatal,
+        }
+    }
+
+    pub fn operator(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::Operator {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    /// Wrap a tokio-postgres error with what we were doing.
+    pub fn db(side: Side, context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+        let code = e.code().map(|c| c.code().to_string());
+        let message = match e.as_db_error() {
+            Some(db) => {
+                let mut m = db.message().to_string();
+                if let Some(d) = db.detail() {
+                    m.push_str(&format!(" ({d})"));
+                }
+                if let Some(h) = db.hint() {
+                    m.push_str(&format!("; hint: {h}"));
+                }
+                m
+            }
+            None => {
+                // Walk the source chain: tokio-postgres hides the io cause.
+                let mut m = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    m.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                m
+            }
+        };
+        let class = match code.as_deref() {
+            None => ErrorClass::Retry,
+            Some(c) => classify_sqlstate(c),
+        };
+        Self::Database {
+            side,
+            context: context.into(),
+            message,
+            code,
+            class,
+        }
+    }
+
+    /// Wrap an error of the replication protocol client.
+    pub fn stream(e: pgwire_replication::PgWireError) -> Self {
+        use pgwire_replication::PgWireError as E;
+        let message = e.to_string();
+        let class = match &e {
+            E::Io(_) | E::Task(_) => ErrorClass::Retry,
+            E::Server(text) => match sqlstate_in(text) {
+                Some(code) => classify_sqlstate(code),
+                None => ErrorClass::Retry,
+            },
+            E::Auth(_) | E::Tls(_) => ErrorClass::OperatorAction,
+            _ => ErrorClass::Fatal,
+        };
+        Self::Stream { message, class }
+    }
+
+    /// The SQLSTATE, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Database { code, .. } => code.as_deref(),
+            Self::Stream { message, .. } => sqlstate_in(message),
+            _ => None,
+        }
+    }
+}
+
+/// `… (SQLSTATE 42704)` as pgwire-replication formats server errors.
+fn sqlstate_in(text: &str) -> Option<&str> {
+    let at = text.find("SQLSTATE ")? + "SQLSTATE ".len();
+    text.get(at..at + 5)
+}
+
+/// Classes of SQLSTATE that pass by themselves.
+fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code {
+        // connection exceptions, insufficient resources, operator intervention
+        // (admin shutdown, crash shutdown, cannot connect now), system errors
+        c if c.starts_with("08")
+            || c.starts_with("53")
+            || c.starts_with("57")
+            || c.starts_with("58") =>
+        {
+            ErrorClass::Retry
+        }
+        // serialization failure, deadlock; object in use (slot active elsewhere)
+        "40001" | "40P01" | "55006" => ErrorClass::Retry,
+        // internal error from the server
+        "XX000" => ErrorClass::Retry,
+        _ => ErrorClass::OperatorAction,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        assert_eq!(classify_sqlstate("08006"), ErrorClass::Retry);
+        assert_eq!(classify_sqlstate("57P01"), ErrorClass::Retry);
+        assert_eq!(classify_sqlstate("55006"), ErrorClass::Retry);
+        assert_eq!(classify_sqlstate("42P01"), ErrorClass::OperatorAction);
+        assert_eq!(classify_sqlstate("28P01"), ErrorClass::OperatorAction);
+        assert_eq!(
+            sqlstate_in("replication slot \"x\" does not exist (SQLSTATE 42704)"),
+            Some("42704")
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! heliosdb-tenant-replication: replicate one tenant of a multi-tenant
+//! PostgreSQL database to another PostgreSQL, continuously and exactly once.
+//!
+//! The modules follow the data flow:
+//!
+//! ```text
+//! config ─► provision (init, start-up checks)
+//!
+//! source slot ─► capture ─► batch ─► apply ─► target
+//!                  ▲                    │
+//!                  └── checkpoint ◄─────┘  (progress committed with the data;
+//!                                           slot acknowledged after commit)
+//! ```
+//!
+//! `pipeline` wires the stages for one tenant; the binary (`main.rs`, `cli`)
+//! only parses arguments and starts pipelines. See `docs/architecture.md`.
+
+pub mod apply;
+pub mod batch;
+pub mod capture;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod lsn;
+pub mod pg;
+pub mod pipeline;
+pub mod provision;

@@ -1,0 +1,77 @@
+//! One tenant's pipeline: capture → batch → apply → checkpoint.
+//!
+//! ```text
+//!           capture task                          apply loop (this task)
+//! slot ─► PgwireSource ─► Assembler ─► [bounded queue] ─► Applier ─► target
+//!              ▲                                            │ commit (data + progress)
+//!              └──────────── acknowledged LSN ◄─────────────┘
+//! ```
+//!
+//! A *session* connects both sides, runs the start-up checks, reads the
+//! target's progress and streams from there. Any error ends the session with
+//! the open target transaction rolled back; passing errors start a new
+//! session after exponential back-off, others stop the tenant with a hint.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop reading; commit the open target
+//! transaction if it ends on a source commit, else roll it back; write the
+//! checkpoint file; send the last acknowledgement to the source; return.
+
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{ErrorClass, ReplicationError, Result};
+
+/// The shutdown signal: `true` once shutdown was requested.
+pub type Shutdown = watch::Receiver<bool>;
+
+/// Run one tenant until shutdown or an error a person must fix.
+pub async fn run_tenant(config: Arc<Config>, mut shutdown: Shutdown) -> Result<()> {
+    let tenant = config.tenant.tenant_id.clone();
+    let net = &config.network;
+    let mut failures: u32 = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let result = session::run(&config, shutdown.clone()).await;
+        let stopping = *shutdown.borrow();
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.class() == ErrorClass::Retry && !stopping => {
+                // A session that ran a while before failing starts the count anew.
+                if started.elapsed() > Duration::from_secs(60) {
+                    failures = 0;
+                }
+                failures += 1;
+                let exp = failures.saturating_sub(1).min(16);
+                let delay = net
+                    .retry_backoff
+                    .saturating_mul(1 << exp)
+                    .min(Duration::from_secs(60));
+                if net.retry_max_attempts == 0 || failures <= net.retry_max_attempts {
+                    tracing::warn!(%tenant, attempt = failures, retry_in_ms = delay.as_millis() as u64, error = %e, "replication interrupted; retrying");
+                } else {
+                    tracing::error!(%tenant, attempt = failures, retry_in_ms = delay.as_millis() as u64, error = %e,
+                        "replication still failing after {} attempts; retrying until it recovers", net.retry_max_attempts);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(()),
+                }
+            }
+            Err(e) if stopping && e.class() == ErrorClass::Retry => {
+                tracing::info!(%tenant, error = %e, "stopped while reconnecting");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Internal helper: `Err` for a closed channel.
+pub(crate) fn closed(what: &str) -> ReplicationError {
+    ReplicationError::Internal(format!("{what} closed unexpectedly"))
+}

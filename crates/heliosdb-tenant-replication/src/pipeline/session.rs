@@ -1,0 +1,404 @@
+//! One connected session of a tenant's pipeline.
+
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{closed, Shutdown};
+use crate::apply::{Applier, ApplyIdentity};
+use crate::capture::assemble::Assembler;
+use crate::capture::stream::{PgwireSource, StreamSpec};
+use crate::capture::{ChangeSource, TxEvent};
+use crate::checkpoint::file::{CheckpointFile, FileState};
+use crate::checkpoint::progress;
+use crate::config::Config;
+use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
+use crate::pg;
+use crate::provision::preflight;
+
+/// Run a session until shutdown (`Ok`) or an error.
+pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
+    let t = &config.tenant;
+    let app = format!("heliosdb-tenant-replication/{}", t.tenant_id);
+
+    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    let report = preflight::check_source(&source, t).await?;
+    drop(source);
+    let target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
+    progress::ensure_schema(&target).await?;
+    preflight::check_target(&target, t, &report.tables).await?;
+
+    let recorded = progress::load(&target, &t.tenant_id).await?;
+    let (start_lsn, ack_lsn) = match &recorded {
+        Some(p) => (p.end_lsn, p.end_lsn),
+        None => (t.start_lsn, Lsn::ZERO),
+    };
+    let spec = StreamSpec {
+        slot: t.slot.clone(),
+        publication: t.publication.clone(),
+        start_lsn,
+        ack_lsn,
+        buffer_events: config.batch.buffer_events,
+        application_name: app.clone(),
+    };
+    let mut stream = PgwireSource::start(&t.source, &spec).await?;
+    let system_id = stream.system_id.clone();
+    if let Some(p) = &recorded {
+        p.check_source(&t.tenant_id, &system_id, &t.slot)?;
+    }
+
+    let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
+    match file.inspect(&t.tenant_id, &system_id, &t.slot) {
+        Ok(FileState::Foreign { reason }) => tracing::warn!(
+            path = %file.path().display(), %reason,
+            "ignoring a checkpoint file that belongs to another source or slot; it will be overwritten"
+        ),
+        Ok(FileState::Valid(rec)) if recorded.as_ref().is_none_or(|p| Lsn(rec.lsn) > p.end_lsn) => {
+            tracing::warn!(
+                path = %file.path().display(), file_lsn = %Lsn(rec.lsn),
+                "the checkpoint file is ahead of the target's progress (was the target restored?); the target's progress is the truth"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            stream.close().await;
+            return Err(e.into());
+        }
+    }
+
+    tracing::info!(
+        tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
+        tables = report.tables.len(),
+        resume_after = %recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
+        start_lsn = %if start_lsn.is_zero() { report.slot_confirmed } else { start_lsn },
+        "replication_start: streaming"
+    );
+
+    let applier = Applier::new(
+        target,
+        ApplyIdentity {
+            tenant: t.tenant_id.clone(),
+            tenant_column: t.tenant_column.clone(),
+            slot: t.slot.clone(),
+            source_system_id: system_id.clone(),
+        },
+        config.batch.batch_size,
+    )
+    .await?;
+
+    let (tx, rx) = mpsc::channel(config.batch.buffer_events);
+    let (ack_tx, ack_rx) = watch::channel(ack_lsn);
+    let (final_tx, final_rx) = oneshot::channel();
+    let assembler = Assembler::new(recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO));
+    let capture = tokio::spawn(capture_loop(stream, assembler, tx, ack_rx, final_rx));
+
+    let mut apply = ApplyLoop {
+        config,
+        applier,
+        rx,
+        ack_tx,
+        acked: ack_lsn,
+        in_source_txn: false,
+        checkpoint: CheckpointWriter {
+            file,
+            system_id,
+            interval: config.batch.checkpoint_interval,
+            events_at_last: 0,
+            written: None,
+        },
+        last_log: Instant::now(),
+        events_at_log: 0,
+        last_commit_time_us: None,
+    };
+    let outcome = apply.run(&mut shutdown).await;
+
+    match outcome {
+        Ok(()) => {
+            // Shutdown: keep what ends on a source commit, drop the rest.
+            let finish = if apply.applier.is_open() && !apply.in_source_txn {
+                apply.commit().await
+            } else {
+                apply.applier.rollback().await;
+                Ok(())
+            };
+            apply
+                .checkpoint
+                .write_now(&t.tenant_id, &t.slot, apply.acked)
+                .await;
+            let _ = final_tx.send(apply.acked);
+            let _ = tokio::time::timeout(Duration::from_secs(6), capture).await;
+            tracing::info!(tenant = %t.tenant_id, acknowledged = %apply.acked, "replication_stop: stopped");
+            finish
+        }
+        Err(e) => {
+            apply.applier.rollback().await;
+            drop(final_tx);
+            // A capture error explains an apply-side "queue closed".
+            match tokio::time::timeout(Duration::from_secs(6), capture).await {
+                Ok(Ok(Err(capture_err))) => Err(capture_err),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Reads the stream into the queue; acknowledges what apply committed.
+async fn capture_loop(
+    mut source: PgwireSource,
+    mut assembler: Assembler,
+    tx: mpsc::Sender<TxEvent>,
+    mut ack: watch::Receiver<Lsn>,
+    mut final_ack: oneshot::Receiver<Lsn>,
+) -> Result<()> {
+    let result = loop {
+        let next = tokio::select! {
+            biased;
+            f = &mut final_ack => {
+                if let Ok(lsn) = f {
+                    source.acknowledge(lsn);
+                }
+                break Ok(());
+            }
+            changed = ack.changed() => {
+                if changed.is_ok() {
+                    source.acknowledge(*ack.borrow_and_update());
+                }
+                continue;
+            }
+            ev = source.recv() => ev,
+        };
+        let event = match next {
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                break Err(ReplicationError::Stream {
+                    message: "the source ended the replication stream".into(),
+                    class: crate::error::ErrorClass::Retry,
+                })
+            }
+            Err(e) => break Err(e),
+        };
+        let item = match assembler.push(event) {
+            Ok(Some(item)) => item,
+            Ok(None) => continue,
+            Err(e) => break Err(e),
+        };
+        // While the queue is full, keep acknowledging (back-pressure must not
+        // hold the slot back) and keep listening for the end.
+        let mut send = pin!(tx.send(item));
+        let stop = loop {
+            tokio::select! {
+                biased;
+                f = &mut final_ack => {
+                    if let Ok(lsn) = f {
+                        source.acknowledge(lsn);
+                    }
+                    break true;
+                }
+                changed = ack.changed() => {
+                    if changed.is_ok() {
+                        source.acknowledge(*ack.borrow_and_update());
+                    }
+                }
+                sent = &mut send => break sent.is_err(),
+            }
+        };
+        if stop {
+            break Ok(());
+        }
+    };
+    source.close().await;
+    result
+}
+
+/// Resolves once shutdown is requested (holding no guard across awaits).
+async fn stopped(shutdown: &mut Shutdown) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+struct CheckpointWriter {
+    file: CheckpointFile,
+    system_id: String,
+    interval: u64,
+    events_at_last: u64,
+    written: Option<Lsn>,
+}
+
+impl CheckpointWriter {
+    /// Write when `interval` events have been committed since the last write.
+    async fn after_commit(&mut self, tenant: &str, slot: &str, events: u64, lsn: Lsn) {
+        if events.saturating_sub(self.events_at_last) >= self.interval {
+            self.events_at_last = events;
+            self.write_now(tenant, slot, lsn).await;
+        }
+    }
+
+    async fn write_now(&mut self, tenant: &str, slot: &str, lsn: Lsn) {
+        if lsn.is_zero() || self.written == Some(lsn) {
+            return;
+        }
+        let (file, tenant_s, sys, slot_s) = (
+            self.file.clone(),
+            tenant.to_string(),
+            self.system_id.clone(),
+            slot.to_string(),
+        );
+        let result =
+            tokio::task::spawn_blocking(move || file.write(&tenant_s, lsn, &sys, &slot_s)).await;
+        match result {
+            Ok(Ok(())) => {
+                self.written = Some(lsn);
+                tracing::debug!(%lsn, "checkpoint_created");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "checkpoint file not written (replication goes on: the target holds the progress)")
+            }
+            Err(e) => tracing::error!(error = %e, "checkpoint writer failed"),
+        }
+    }
+}
+
+struct ApplyLoop<'a> {
+    config: &'a Config,
+    applier: Applier,
+    rx: mpsc::Receiver<TxEvent>,
+    ack_tx: watch::Sender<Lsn>,
+    acked: Lsn,
+    in_source_txn: bool,
+    checkpoint: CheckpointWriter,
+    last_log: Instant,
+    events_at_log: u64,
+    last_commit_time_us: Option<i64>,
+}
+
+impl ApplyLoop<'_> {
+    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<()> {
+        let timeout = self.config.batch.batch_timeout;
+        loop {
+            let deadline = self
+                .applier
+                .opened_at()
+                .filter(|_| self.applier.has_pending_commit() && !self.in_source_txn)
+                .map(|at| tokio::time::Instant::from_std(at + timeout));
+            enum Step {
+                Stop,
+                Deadline,
+                Event(Option<TxEvent>),
+            }
+            let step = tokio::select! {
+                biased;
+                _ = stopped(shutdown) => Step::Stop,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Step::Deadline,
+                ev = self.rx.recv() => Step::Event(ev),
+            };
+            let event = match step {
+                Step::Stop => return Ok(()),
+                Step::Deadline => {
+                    self.commit().await?;
+                    continue;
+                }
+                Step::Event(ev) => ev.ok_or_else(|| closed("the capture queue"))?,
+            };
+            self.handle(event).await?;
+            self.log_progress();
+        }
+    }
+
+    async fn handle(&mut self, event: TxEvent) -> Result<()> {
+        match event {
+            TxEvent::Begin { .. } => {
+                let timeout = self.config.batch.batch_timeout;
+                if self.applier.has_pending_commit()
+                    && self
+                        .applier
+                        .opened_at()
+                        .is_some_and(|t| t.elapsed() >= timeout)
+                {
+                    self.commit().await?;
+                }
+                self.in_source_txn = true;
+                self.applier.begin().await?;
+            }
+            TxEvent::Row(change) => self.applier.row(change).await?,
+            TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
+            TxEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                self.in_source_txn = false;
+                self.last_commit_time_us = Some(commit_time_us);
+                self.applier.source_commit(crate::apply::CommitPoint {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_us,
+                });
+                let full = self.applier.pending_events() >= self.config.batch.batch_size as u64;
+                let late = self
+                    .applier
+                    .opened_at()
+                    .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout);
+                // Nothing more queued: commit now rather than wait.
+                if full || late || self.rx.is_empty() {
+                    self.commit().await?;
+                }
+            }
+            TxEvent::Keepalive { wal_end } => {
+                if self.applier.is_open() {
+                    self.commit().await?;
+                }
+                // Everything sent before `wal_end` is committed on the target
+                // (or was another tenant's): the slot may move on.
+                self.acknowledge(wal_end);
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        if let Some(point) = self.applier.commit().await? {
+            self.acknowledge(point.end_lsn);
+            let t = &self.config.tenant;
+            self.checkpoint
+                .after_commit(
+                    &t.tenant_id,
+                    &t.slot,
+                    self.applier.stats.events,
+                    point.end_lsn,
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, lsn: Lsn) {
+        if lsn > self.acked {
+            self.acked = lsn;
+            let _ = self.ack_tx.send(lsn);
+        }
+    }
+
+    fn log_progress(&mut self) {
+        let elapsed = self.last_log.elapsed();
+        if elapsed < Duration::from_secs(10) {
+            return;
+        }
+        let s = &self.applier.stats;
+        let rate = (s.events - self.events_at_log) as f64 / elapsed.as_secs_f64();
+        let lag_ms = self
+            .last_commit_time_us
+            .map(|us| {
+                let pg_epoch_us = 946_684_800_000_000i64;
+                chrono::Utc::now().timestamp_micros() - (us + pg_epoch_us)
+            })
+            .map(|us| us / 1000);
+        tracing::info!(
+            events = s.events, transactions = s.transactions, events_per_sec = rate as u64,
+            acknowledged = %self.acked, lag_ms, foreign_rows_dropped = s.foreign_rows_dropped,
+            "progress"
+        );
+        self.last_log = Instant::now();
+        self.events_at_log = s.events;
+    }
+}

@@ -1,0 +1,253 @@
+//! Provisioning a tenant (`init`) and the checks `start` runs first.
+//!
+//! `init` is idempotent: run it again after adding tables or fixing the
+//! target and it does only what is missing.
+//!
+//! PostgreSQL has no `CREATE PUBLICATION … FOR ALL TABLES WHERE` (the
+//! deployment guide's §2.4 shows one); row filters exist per table from
+//! PostgreSQL 15 on. So `init` lists the tables that carry the tenant column
+//! and builds `FOR TABLE t1 WHERE (tenant_id = '…'), t2 WHERE (…)`.
+
+pub mod catalog;
+pub mod preflight;
+
+use tokio_postgres::Client;
+
+use crate::checkpoint::progress;
+use crate::config::{Config, TenantConfig};
+use crate::error::{ReplicationError, Result, Side};
+use crate::pg::{self, quote_ident, quote_literal};
+use catalog::{source_table, SourceTable};
+
+/// What `init` did, line by line, for the terminal.
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub lines: Vec<String>,
+}
+
+fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
+    move |e| ReplicationError::db(Side::Source, context, e)
+}
+
+/// Provision the tenant: publication and slot on the source, progress schema
+/// on the target, and a check of the target tables.
+pub async fn init(config: &Config) -> Result<InitReport> {
+    let t = &config.tenant;
+    let mut report = InitReport::default();
+    let source = pg::connect(
+        &t.source,
+        &config.network,
+        Side::Source,
+        "heliosdb-tenant-replication init",
+    )
+    .await?;
+    preflight::check_source_server(&source).await?;
+
+    let (tables, skipped) = tenant_tables(&source, t).await?;
+    if tables.is_empty() {
+        return Err(ReplicationError::operator(
+            format!("source: no table has a column named {}", t.tenant_column),
+            "set [cdc] tenant_column to the column that names a row's tenant",
+        ));
+    }
+    let mut problems = Vec::new();
+    for table in &tables {
+        if let Err(e) = table.check_replica_identity(&t.tenant_column) {
+            problems.push(e.to_string());
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ReplicationError::operator(
+            format!(
+                "source tables are not ready:\n  - {}",
+                problems.join("\n  - ")
+            ),
+            "fix the tables listed above, then run init again (nothing was created)",
+        ));
+    }
+    for s in &skipped {
+        report.lines.push(format!("source: not replicated: {s}"));
+    }
+
+    ensure_publication(&source, t, &tables, &mut report).await?;
+    ensure_slot(&source, t, &mut report).await?;
+
+    let target = pg::connect(
+        &t.target,
+        &config.network,
+        Side::Target,
+        "heliosdb-tenant-replication init",
+    )
+    .await?;
+    progress::ensure_schema(&target).await?;
+    report
+        .lines
+        .push("target: schema heliosdb_replication ready (progress table)".into());
+    preflight::check_target(&target, t, &tables).await?;
+    report
+        .lines
+        .push(format!("target: {} table(s) ready", tables.len()));
+    Ok(report)
+}
+
+/// Ordinary tables with the tenant column, and descriptions of those left out.
+async fn tenant_tables(
+    source: &Client,
+    t: &TenantConfig,
+) -> Result<(Vec<SourceTable>, Vec<String>)> {
+    let rows = source
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.relispartition,
+                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1
+                             AND a.attnum > 0 AND NOT a.attisdropped)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'heliosdb_replication')
+                AND n.nspname NOT LIKE 'pg\\_%'
+              ORDER BY 1, 2",
+            &[&t.tenant_column],
+        )
+        .await
+        .map_err(src("listing tables"))?;
+    let mut tables = Vec::new();
+    let mut skipped = Vec::new();
+    for r in rows {
+        let (schema, name, kind, is_partition, has_col): (String, String, String, bool, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        if !has_col {
+            skipped.push(format!("{schema}.{name} (no {} column)", t.tenant_column));
+        } else if kind == "p" || is_partition {
+            skipped.push(format!(
+                "{schema}.{name} (partitioned tables are not supported yet)"
+            ));
+        } else if let Some(table) = source_table(source, &schema, &name, &t.tenant_column).await? {
+            tables.push(table);
+        }
+    }
+    Ok((tables, skipped))
+}
+
+async fn ensure_publication(
+    source: &Client,
+    t: &TenantConfig,
+    tables: &[SourceTable],
+    report: &mut InitReport,
+) -> Result<()> {
+    let filter = format!(
+        "WHERE ({} = {})",
+        quote_ident(&t.tenant_column),
+        quote_literal(&t.tenant_id)
+    );
+    let exists = source
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&t.publication],
+        )
+        .await
+        .map_err(src("reading pg_publication"))?
+        .is_some();
+    let pub_ident = quote_ident(&t.publication);
+    if !exists {
+        let list: Vec<String> = tables
+            .iter()
+            .map(|tb| format!("{} {filter}", tb.qualified()))
+            .collect();
+        source
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {pub_ident} FOR TABLE {}",
+                list.join(", ")
+            ))
+            .await
+            .map_err(src("creating the publication"))?;
+        report.lines.push(format!(
+            "source: publication '{}' created for {} table(s) {filter}: {}",
+            t.publication,
+            tables.len(),
+            tables
+                .iter()
+                .map(|tb| tb.display())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        return Ok(());
+    }
+    let published: Vec<(String, String)> = source
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&t.publication])
+        .await
+        .map_err(src("reading pg_publication_tables"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let missing: Vec<&SourceTable> = tables
+        .iter()
+        .filter(|tb| {
+            !published
+                .iter()
+                .any(|(s, n)| *s == tb.schema && *n == tb.name)
+        })
+        .collect();
+    for tb in &missing {
+        source
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {pub_ident} ADD TABLE {} {filter}",
+                tb.qualified()
+            ))
+            .await
+            .map_err(src("adding a table to the publication"))?;
+        report.lines.push(format!(
+            "source: publication '{}': added {}",
+            t.publication,
+            tb.display()
+        ));
+    }
+    if missing.is_empty() {
+        report.lines.push(format!(
+            "source: publication '{}' exists with all {} table(s)",
+            t.publication,
+            tables.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn ensure_slot(source: &Client, t: &TenantConfig, report: &mut InitReport) -> Result<()> {
+    let slot = source
+        .query_opt(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&t.slot],
+        )
+        .await
+        .map_err(src("reading pg_replication_slots"))?;
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            if plugin.as_deref() != Some("pgoutput") {
+                return Err(ReplicationError::operator(
+                    format!(
+                        "source: slot '{}' exists but is not a pgoutput slot",
+                        t.slot
+                    ),
+                    "choose another [cdc] replication_slot, or drop that slot",
+                ));
+            }
+            report
+                .lines
+                .push(format!("source: slot '{}' exists (pgoutput)", t.slot));
+        }
+        None => {
+            let row = source
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&t.slot],
+                )
+                .await
+                .map_err(src("creating the replication slot"))?;
+            let lsn: String = row.get(0);
+            report.lines.push(format!(
+                "source: slot '{}' created (pgoutput) at {lsn}",
+                t.slot
+            ));
+        }
+    }
+    Ok(())
+}

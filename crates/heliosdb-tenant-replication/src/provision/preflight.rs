@@ -1,0 +1,213 @@
+//! Start-up checks: everything a user commonly gets wrong, found before
+//! streaming starts, each reported with its fix.
+
+use tokio_postgres::Client;
+
+use super::catalog::{source_table, SourceTable};
+use crate::apply::catalog::TableMapping;
+use crate::config::TenantConfig;
+use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
+use crate::pg::quote_literal;
+
+/// What the source checks found.
+#[derive(Debug, Clone)]
+pub struct SourceReport {
+    pub tables: Vec<SourceTable>,
+    /// The slot's confirmed position.
+    pub slot_confirmed: Lsn,
+}
+
+fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
+    move |e| ReplicationError::db(Side::Source, context, e)
+}
+
+/// The source can do logical replication, and the role may.
+pub async fn check_source_server(client: &Client) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('server_version_num')::int,
+                    r.rolreplication OR r.rolsuper, current_user::text
+               FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(src("checking the server settings"))?;
+    let wal_level: String = row.get(0);
+    let version: i32 = row.get(1);
+    let may_replicate: bool = row.get(2);
+    let user: String = row.get(3);
+    if wal_level != "logical" {
+        return Err(ReplicationError::operator(
+            format!("source: wal_level is '{wal_level}', logical replication needs 'logical'"),
+            "set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL",
+        ));
+    }
+    if version < 150_000 {
+        return Err(ReplicationError::operator(
+            format!("source: PostgreSQL {} has no publication row filters, which keep other tenants' rows on the source", version / 10_000),
+            "upgrade the source to PostgreSQL 15 or newer",
+        ));
+    }
+    if !may_replicate {
+        return Err(ReplicationError::operator(
+            format!("source: role '{user}' lacks the REPLICATION attribute"),
+            format!(
+                "ALTER ROLE {} WITH REPLICATION",
+                crate::pg::quote_ident(&user)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Slot and publication exist and fit the tenant.
+pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceReport> {
+    check_source_server(client).await?;
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, slot_type, database::text = current_database()::text,
+                    coalesce(confirmed_flush_lsn, '0/0')::text
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&t.slot],
+        )
+        .await
+        .map_err(src("reading pg_replication_slots"))?;
+    let Some(slot) = slot else {
+        return Err(ReplicationError::operator(
+            format!("source: replication slot '{}' does not exist", t.slot),
+            format!(
+                "run `heliosdb-tenant-replication --config <file> init`, or: SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
+                quote_literal(&t.slot)
+            ),
+        ));
+    };
+    let plugin: Option<String> = slot.get(0);
+    let slot_type: String = slot.get(1);
+    let same_db: Option<bool> = slot.get(2);
+    if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+        return Err(ReplicationError::operator(
+            format!("source: slot '{}' is a {slot_type} slot with plugin {}, not a logical pgoutput slot", t.slot, plugin.unwrap_or_default()),
+            format!("use another [cdc] replication_slot, or drop it and let init create it: SELECT pg_drop_replication_slot({})", quote_literal(&t.slot)),
+        ));
+    }
+    if same_db != Some(true) {
+        return Err(ReplicationError::operator(
+            format!(
+                "source: slot '{}' belongs to another database than {}",
+                t.slot, t.source.dbname
+            ),
+            "connect to the slot's database, or create the slot in this one",
+        ));
+    }
+    let slot_confirmed: String = slot.get(3);
+    let slot_confirmed = slot_confirmed.parse().unwrap_or(Lsn::ZERO);
+
+    let publication = client
+        .query_opt("SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1", &[&t.publication])
+        .await
+        .map_err(src("reading pg_publication"))?;
+    let Some(publication) = publication else {
+        return Err(ReplicationError::operator(
+            format!("source: publication '{}' does not exist", t.publication),
+            format!(
+                "run `heliosdb-tenant-replication --config <file> init`, or: CREATE PUBLICATION {} FOR TABLE <table> WHERE ({} = {}), …;",
+                crate::pg::quote_ident(&t.publication),
+                crate::pg::quote_ident(&t.tenant_column),
+                quote_literal(&t.tenant_id)
+            ),
+        ));
+    };
+    for (i, what) in ["INSERT", "UPDATE", "DELETE"].iter().enumerate() {
+        if !publication.get::<_, bool>(i) {
+            tracing::warn!(publication = %t.publication, "the publication does not publish {what}: those changes will not be replicated");
+        }
+    }
+
+    let rows = client
+        .query(
+            "SELECT schemaname::text, tablename::text, rowfilter FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&t.publication],
+        )
+        .await
+        .map_err(src("reading pg_publication_tables"))?;
+    if rows.is_empty() {
+        return Err(ReplicationError::operator(
+            format!("source: publication '{}' has no tables", t.publication),
+            "run init to add the tables that carry the tenant column, or ALTER PUBLICATION … ADD TABLE …",
+        ));
+    }
+    let literal = quote_literal(&t.tenant_id);
+    let mut tables = Vec::new();
+    for row in rows {
+        let (schema, name, filter): (String, String, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
+        let table = source_table(client, &schema, &name, &t.tenant_column)
+            .await?
+            .ok_or_else(|| {
+                ReplicationError::Internal(format!("published table {schema}.{name} vanished"))
+            })?;
+        if !table.has_tenant_column {
+            return Err(ReplicationError::operator(
+                format!(
+                    "source: table {schema}.{name} is in publication '{}' but has no column {}",
+                    t.publication, t.tenant_column
+                ),
+                format!(
+                    "drop it from the publication: ALTER PUBLICATION {} DROP TABLE {}",
+                    crate::pg::quote_ident(&t.publication),
+                    table.qualified()
+                ),
+            ));
+        }
+        let filtered = filter
+            .as_deref()
+            .is_some_and(|f| f.contains(&t.tenant_column) && f.contains(&literal));
+        if !filtered {
+            return Err(ReplicationError::operator(
+                format!(
+                    "source: publication '{}' sends every tenant's rows of {schema}.{name} (row filter: {})",
+                    t.publication,
+                    filter.as_deref().unwrap_or("none")
+                ),
+                format!(
+                    "ALTER PUBLICATION {} SET TABLE … {} WHERE ({} = {}) — or run init, which builds the filters",
+                    crate::pg::quote_ident(&t.publication),
+                    table.qualified(),
+                    crate::pg::quote_ident(&t.tenant_column),
+                    literal
+                ),
+            ));
+        }
+        table.check_replica_identity(&t.tenant_column)?;
+        tables.push(table);
+    }
+    Ok(SourceReport {
+        tables,
+        slot_confirmed,
+    })
+}
+
+/// Every published table exists on the target and can take the source's rows.
+pub async fn check_target(client: &Client, t: &TenantConfig, tables: &[SourceTable]) -> Result<()> {
+    let mut problems = Vec::new();
+    for table in tables {
+        if let Err(e) = TableMapping::resolve(client, table.relation_desc(), &t.tenant_column).await
+        {
+            match e {
+                ReplicationError::Operator { message, hint } => {
+                    problems.push(format!("{message} (fix: {hint})"))
+                }
+                other => return Err(other),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplicationError::operator(
+            format!("target is not ready:\n  - {}", problems.join("\n  - ")),
+            "create or fix the target tables listed above, then start again",
+        ))
+    }
+}

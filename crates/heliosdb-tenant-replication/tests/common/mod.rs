@@ -1,0 +1,306 @@
+//! Shared helpers of the end-to-end tests: two real clusters, the real
+//! daemon binary, and comparisons of the tenant's rows on both sides.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use pgcluster::Cluster;
+use tokio_postgres::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_heliosdb-tenant-replication");
+pub const TENANT: &str = "tenant-123";
+
+/// The multi-tenant schema the tests use (created on both sides).
+pub const SCHEMA: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE accounts(tenant_id text, id bigint, name text, email text, balance numeric,
+                      updated_at timestamptz, PRIMARY KEY (tenant_id, id));
+CREATE TABLE orders(tenant_id text, id bigint, account_id bigint, status text, amount numeric,
+                    payload jsonb, created_at timestamptz, PRIMARY KEY (tenant_id, id));
+CREATE TABLE events(tenant_id text, id bigint, kind text, body text, created_at timestamptz,
+                    PRIMARY KEY (tenant_id, id));
+";
+
+pub const TABLES: [&str; 3] = ["accounts", "orders", "events"];
+
+/// A source and a target cluster with database `app` and a schema.
+pub struct Env {
+    pub source: Cluster,
+    pub target: Cluster,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn new(schema: &str) -> Env {
+        let source = Cluster::start().expect("source cluster");
+        let target = Cluster::start().expect("target cluster");
+        for c in [&source, &target] {
+            c.create_database("app").await.expect("create db");
+            c.connect("app")
+                .await
+                .expect("connect")
+                .batch_execute(schema)
+                .await
+                .expect("schema");
+        }
+        Env {
+            source,
+            target,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub async fn src(&self) -> Client {
+        self.source.connect("app").await.expect("connect source")
+    }
+
+    pub async fn dst(&self) -> Client {
+        self.target.connect("app").await.expect("connect target")
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.path().join("checkpoints")
+    }
+
+    /// A config for the tenant; `extra` is appended (later sections may add keys).
+    pub fn config_text(&self, extra: &str) -> String {
+        format!(
+            r#"[replication]
+tenant_id = "{TENANT}"
+source_connection = "{}"
+target_connection = "{}"
+
+[cdc]
+replication_slot = "tenant_123_slot"
+publication_name = "tenant_123_pub"
+batch_size = 1000
+checkpoint_interval = 1000
+checkpoint_dir = "{}"
+
+[performance]
+batch_timeout_ms = 50
+worker_threads = 2
+
+[network]
+retry_backoff_ms = 200
+connect_timeout_seconds = 5
+{extra}
+"#,
+            self.source.superuser_url("app"),
+            self.target.superuser_url("app"),
+            self.checkpoint_dir().display()
+        )
+    }
+
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.write_config("replication.toml", &self.config_text(""))
+    }
+
+    /// `init` must succeed.
+    pub fn init(&self, config: &Path) -> String {
+        let out = run(config, &["init"]);
+        assert!(
+            out.status.success(),
+            "init failed: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        out.stdout
+    }
+}
+
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run a one-shot command of the binary.
+pub fn run(config: &Path, args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run binary");
+    Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The daemon running `start`.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, log: &Path) -> Daemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("start")
+            .env("RUST_LOG", "info,heliosdb_tenant_replication=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn daemon");
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status with how long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return (st, started.elapsed());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            self.kill9();
+        }
+    }
+}
+
+/// Poll `check` until it is true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Row count and a hash of the tenant's rows of `table`, ordered by key.
+pub async fn tenant_digest(c: &Client, table: &str, tenant: &str) -> (i64, String) {
+    let row = c
+        .query_one(
+            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {table} t WHERE tenant_id = $1"),
+            &[&tenant],
+        )
+        .await
+        .expect("digest");
+    (row.get(0), row.get(1))
+}
+
+/// The tenant's rows are equal on both sides, table by table.
+pub async fn assert_tenant_equal(env: &Env, tables: &[&str]) {
+    let (s, d) = (env.src().await, env.dst().await);
+    for t in tables {
+        let a = tenant_digest(&s, t, TENANT).await;
+        let b = tenant_digest(&d, t, TENANT).await;
+        assert_eq!(a, b, "table {t}: source and target differ for {TENANT}");
+    }
+}
+
+/// Wait until the tenant's rows are equal on both sides.
+pub async fn wait_tenant_equal(env: &Env, tables: &[&str], timeout: Duration, daemon: &Daemon) {
+    let (s, d) = (env.src().await, env.dst().await);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut equal = true;
+        for t in tables {
+            if tenant_digest(&s, t, TENANT).await != tenant_digest(&d, t, TENANT).await {
+                equal = false;
+                break;
+            }
+        }
+        if equal {
+            return;
+        }
+        if Instant::now() > deadline {
+            for t in tables {
+                eprintln!(
+                    "{t}: source {:?} target {:?}",
+                    tenant_digest(&s, t, TENANT).await,
+                    tenant_digest(&d, t, TENANT).await
+                );
+            }
+            panic!(
+                "source and target still differ after {timeout:?}; daemon log:\n{}",
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Rows of tenants other than ours on the target (must stay 0).
+pub async fn foreign_rows(c: &Client) -> i64 {
+    let mut n = 0;
+    for t in TABLES {
+        let row = c
+            .query_one(
+                &format!("SELECT count(*) FROM {t} WHERE tenant_id IS DISTINCT FROM $1"),
+                &[&TENANT],
+            )
+            .await
+            .expect("count");
+        n += row.get::<_, i64>(0);
+    }
+    n
+}
