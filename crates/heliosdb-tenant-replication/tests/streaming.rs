@@ -91,3 +91,194 @@ async fn every_dml_kind_replicates_and_only_the_tenants_rows_arrive() {
     );
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
 }
+
+const TYPED: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE typed(
+    tenant_id text, id bigint,
+    n numeric, ts timestamptz, d date, iv interval, j jsonb, b bytea,
+    ints int[], texts text[], u uuid, m mood, t text, f8 float8, f4 real, flag boolean,
+    PRIMARY KEY (tenant_id, id));
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_keep_full_fidelity() {
+    let env = Env::new(TYPED).await;
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let src = env.src().await;
+    src.batch_execute(&format!(
+        "INSERT INTO typed VALUES
+          ('tenant-123', 1, 'NaN', 'infinity', 'infinity', '1 year 2 mons 3 days 04:05:06.789',
+           '{{\"a\": [1, 2.50, null, {{\"b\": \"é\"}}]}}', '\\x00ff10', '{{1,NULL,3}}', '{{\"a,b\",NULL,\"c\\\"d\",\"\"}}',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'happy', 'héllo wörld 你好 🎉 \t tab', 'NaN', '-0', true),
+          ('tenant-123', 2, '{big}', '-infinity', '-infinity', '-178000000 years', 'null', '\\x', '{{}}', '{{}}',
+           NULL, 'sad', '', 'Infinity', '3.4028235e38', false),
+          ('tenant-123', 3, '-0.000000000000000000000000000001', '2026-11-26 12:34:56.123456+05:30', '4713-01-01 BC', '-1 day',
+           '[]', NULL, NULL, NULL, NULL, NULL, NULL, 1.7976931348623157e308, 1.17549435e-38, NULL),
+          ('tenant-123', 4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+          ('tenant-456', 1, 1, now(), now(), '1 day', '{{}}', '\\x01', '{{1}}', '{{a}}', gen_random_uuid(), 'ok', 'other', 1, 1, true);",
+        big = format!("-{}.{}", "7".repeat(1000), "1".repeat(100)),
+    ))
+    .await
+    .expect("insert typed rows");
+    src.batch_execute(&format!(
+        "UPDATE typed SET n = '{big}' WHERE id = 3 AND tenant_id = 'tenant-123'",
+        big = "9".repeat(1000) + ".0000001"
+    ))
+    .await
+    .expect("update big numeric");
+    wait_tenant_equal(&env, &["typed"], Duration::from_secs(30), &daemon).await;
+
+    // Beyond text equality: the values compare equal as their own types.
+    let dst = env.dst().await;
+    let row = dst
+        .query_one(
+            "SELECT n::text, length(n::text) FROM typed WHERE tenant_id = 'tenant-123' AND id = 3",
+            &[],
+        )
+        .await
+        .expect("row 3");
+    let (n, len): (String, i32) = (row.get(0), row.get(1));
+    assert!(n.starts_with("999999999"), "{n}");
+    assert_eq!(len, 1008);
+    let row = dst
+        .query_one("SELECT n = 'NaN', ts = 'infinity', t FROM typed WHERE tenant_id = 'tenant-123' AND id = 1", &[])
+        .await
+        .expect("row 1");
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, String>(2), "héllo wörld 你好 🎉 \t tab");
+    assert_eq!(foreign_rows_of(&dst, "typed").await, 0);
+}
+
+async fn foreign_rows_of(c: &tokio_postgres::Client, table: &str) -> i64 {
+    c.query_one(
+        &format!("SELECT count(*) FROM {table} WHERE tenant_id <> $1"),
+        &[&TENANT],
+    )
+    .await
+    .expect("count")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_kept_across_updates() {
+    let env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let src = env.src().await;
+    // ~190 KB of poorly compressible text: stored out of line (TOAST).
+    src.batch_execute(
+        "INSERT INTO events SELECT 'tenant-123', g, 'big', (SELECT string_agg(md5(g::text || s.i::text || random()::text), '') FROM generate_series(1, 6000) AS s(i)), now()
+           FROM generate_series(1, 3) g;",
+    )
+    .await
+    .expect("insert toasted rows");
+    wait_tenant_equal(&env, &["events"], Duration::from_secs(30), &daemon).await;
+
+    // Updates of other columns send the big value as 'unchanged'.
+    src.batch_execute(
+        "UPDATE events SET kind = 'edited' WHERE tenant_id = 'tenant-123' AND id = 1;
+         BEGIN; UPDATE events SET kind = 'twice' WHERE id = 2; UPDATE events SET created_at = now() WHERE id = 2; COMMIT;
+         UPDATE events SET id = 30 WHERE tenant_id = 'tenant-123' AND id = 3;",
+    )
+    .await
+    .expect("update other columns");
+    wait_tenant_equal(&env, &["events"], Duration::from_secs(30), &daemon).await;
+    let dst = env.dst().await;
+    let row = dst
+        .query_one(
+            "SELECT min(length(body)), count(*) FROM events WHERE tenant_id = 'tenant-123'",
+            &[],
+        )
+        .await
+        .expect("lengths");
+    assert_eq!(row.get::<_, i32>(0), 192_000, "big values kept");
+    assert_eq!(row.get::<_, i64>(1), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200k_row_transaction_replicates_and_is_never_half_visible() {
+    let env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO events SELECT CASE WHEN g % 10 = 0 THEN 'tenant-456' ELSE 'tenant-123' END, g, 'bulk', md5(g::text), now()
+           FROM generate_series(1, 222222) g",
+    )
+    .await
+    .expect("one big transaction");
+    let expected: i64 = src
+        .query_one(
+            "SELECT count(*) FROM events WHERE tenant_id = 'tenant-123'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(expected, 200_000);
+    // Watch the target while it applies: nothing or everything.
+    let dst = env.dst().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let n: i64 = dst
+            .query_one("SELECT count(*) FROM events", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert!(
+            n == 0 || n == expected,
+            "target shows {n} of {expected} rows: a half-applied transaction"
+        );
+        if n == expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_tenant_equal(&env, &["events"]).await;
+    assert_eq!(foreign_rows(&dst).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tenant_does_not_hold_back_the_slot() {
+    let env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let src = env.src().await;
+    // Only other tenants write: nothing reaches our target, yet the slot must move.
+    src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")
+        .await
+        .expect("other tenant writes");
+    let after: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    wait_until(Duration::from_secs(30), "the slot's confirmed_flush_lsn to pass the other tenant's writes", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&after],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    assert_eq!(
+        tenant_digest(&env.dst().await, "events", "tenant-456")
+            .await
+            .0,
+        0
+    );
+    drop(daemon);
+}

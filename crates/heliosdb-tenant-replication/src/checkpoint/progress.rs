@@ -50,6 +50,19 @@ pub struct Progress {
 
 /// Create the progress schema if it is missing.
 pub async fn ensure_schema(target: &Client) -> Result<()> {
+    let exists: bool = target
+        .query_one(
+            "SELECT to_regclass('heliosdb_replication.progress') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            ReplicationError::db(Side::Target, "looking for heliosdb_replication.progress", e)
+        })?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
     target.batch_execute(SCHEMA_DDL).await.map_err(|e| {
         if e.code().map(|c| c.code()) == Some("42501") {
             ReplicationError::operator(

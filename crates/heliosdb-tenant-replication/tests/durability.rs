@@ -1,0 +1,180 @@
+//! Nothing lost, nothing doubled: restarts, `kill -9`, and outages, on real clusters.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// Random small transactions for three tenants until `stop`.
+async fn workload(env_url: String, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+    let (client, conn) = tokio_postgres::connect(&env_url, tokio_postgres::NoTls)
+        .await
+        .expect("workload connect");
+    tokio::spawn(conn);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tenants = ["tenant-123", "tenant-123", "tenant-456", "tenant-789"];
+    let mut txns = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let tenant = tenants[rng.random_range(0..tenants.len())];
+        let base: i64 = rng.random_range(0..2000);
+        let n: i64 = rng.random_range(1..40);
+        let sql = match rng.random_range(0..10) {
+            0..=4 => format!(
+                "INSERT INTO orders SELECT '{tenant}', g, g % 97, 'new', g * 1.01, jsonb_build_object('g', g), now()
+                   FROM generate_series({base}, {base} + {n}) g ON CONFLICT DO NOTHING"
+            ),
+            5..=7 => format!(
+                "UPDATE orders SET status = 'paid', amount = amount + 1, payload = payload || jsonb_build_object('u', {base})
+                   WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n}"
+            ),
+            8 => format!("DELETE FROM orders WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n} / 4"),
+            _ => format!(
+                "INSERT INTO events SELECT '{tenant}', g, 'k', md5(g::text), now() FROM generate_series({base}, {base} + {n}) g
+                   ON CONFLICT (tenant_id, id) DO UPDATE SET kind = 'again'"
+            ),
+        };
+        if client
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT;"))
+            .await
+            .is_ok()
+        {
+            txns += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
+    }
+    txns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_and_restart_lose_and_double_nothing() {
+    let env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let log = env.dir.path().join("daemon.log");
+    let src = env.src().await;
+
+    let mut daemon = Daemon::start(&config, &log);
+    src.batch_execute("INSERT INTO orders SELECT 'tenant-123', g, 1, 'a', 1, '{}', now() FROM generate_series(1, 5000) g")
+        .await
+        .expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    let (status, took) = daemon.terminate();
+    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+
+    // The checkpoint file (§5.2 format) and the slot both reflect the target's progress.
+    let dst = env.dst().await;
+    let progress: String = dst
+        .query_one(
+            "SELECT end_lsn::text FROM heliosdb_replication.progress WHERE tenant_id = $1",
+            &[&TENANT],
+        )
+        .await
+        .expect("progress")
+        .get(0);
+    let text = std::fs::read_to_string(env.checkpoint_dir().join("tenant-123.checkpoint"))
+        .expect("checkpoint file");
+    let file: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(file["tenant_id"], TENANT);
+    assert_eq!(file["lsn_text"], progress.as_str(), "{text}");
+    assert!(
+        file["lsn"].as_u64().is_some() && file["timestamp"].as_str().is_some(),
+        "{text}"
+    );
+    let confirmed: bool = src
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&progress],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(confirmed, "the last status update did not reach the source");
+
+    // Changes made while stopped arrive after the restart.
+    src.batch_execute(
+        "UPDATE orders SET status = 'while-stopped' WHERE id % 7 = 0; DELETE FROM orders WHERE id > 4900;
+         INSERT INTO events SELECT 'tenant-123', g, 'k', 'b', now() FROM generate_series(1, 100) g",
+    )
+    .await
+    .expect("changes while stopped");
+    let daemon = Daemon::start(&config, &log);
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    assert_eq!(foreign_rows(&dst).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_at_random_moments_loses_and_doubles_nothing_five_times_in_a_row() {
+    let env = Env::new(SCHEMA).await;
+    // Small batches so that kills land inside multi-chunk target transactions too.
+    let config = env.write_config(
+        "replication.toml",
+        &env.config_text("")
+            .replace("batch_size = 1000", "batch_size = 50"),
+    );
+    env.init(&config);
+    let log = env.dir.path().join("daemon.log");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+
+    for round in 1..=5 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(workload(
+            env.source.superuser_url("app"),
+            round,
+            stop.clone(),
+        ));
+        let mut daemon = Daemon::start(&config, &log);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
+        daemon.kill9();
+        // Restart while the workload goes on, then let it finish.
+        let daemon = Daemon::start(&config, &log);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
+        stop.store(true, Ordering::Relaxed);
+        let txns = load.await.expect("workload");
+        assert!(txns > 0, "the workload ran");
+        wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+        assert_eq!(
+            foreign_rows(&env.dst().await).await,
+            0,
+            "round {round}: other tenants' rows on the target"
+        );
+        drop(daemon); // kill -9 again at the end of the round
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_outage_is_retried_and_recovers() {
+    let mut env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(&config, &log);
+    let src = env.src().await;
+    src.batch_execute("INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', 1, now() FROM generate_series(1, 100) g")
+        .await
+        .expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+
+    env.target.stop().expect("stop target");
+    src.batch_execute("INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', 1, now() FROM generate_series(101, 200) g")
+        .await
+        .expect("rows while the target is down");
+    wait_until(Duration::from_secs(20), "a retry to be logged", || {
+        let log = daemon.log();
+        async move { log.contains("retrying") }
+    })
+    .await;
+    assert!(
+        daemon.exited().is_none(),
+        "the daemon exited during the outage:\n{}",
+        daemon.log()
+    );
+    env.target.start_again().expect("start target");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+}
