@@ -78,8 +78,10 @@ pub enum Command {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -183,7 +185,6 @@ async fn start(config: Arc<Config>) -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             tracing::error!(tenant = %config.tenant.tenant_id, "replication_stop: {e}");
-            eprintln!("error: {e}");
             exit_for(&e)
         }
         Err(join) => {

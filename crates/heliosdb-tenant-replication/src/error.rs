@@ -23,7 +23,7 @@ pub enum ErrorClass {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     /// A statement or connection on the source or target failed.
-    #[error("{side}: {context}: {message}")]
+    #[error("{side}: {context}: {message}{}", db_hint(*.side, .code.as_deref(), .message))]
     Database {
         side: Side,
         context: String,
@@ -145,6 +145,24 @@ impl ReplicationError {
             _ => None,
         }
     }
+}
+
+/// What to do about common database errors.
+fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
+    let var = match side {
+        Side::Source => "[replication] source_connection (or REPLICATION_SOURCE_CONNECTION)",
+        Side::Target => "[replication] target_connection (or REPLICATION_TARGET_CONNECTION)",
+    };
+    let hint = match code {
+        Some("28P01") | Some("28000") => format!("check the user name and password in {var}, and pg_hba.conf on the {side}"),
+        Some("3D000") => format!("check the database name in {var}"),
+        Some("42501") => format!("grant the privilege named above to the {side} role"),
+        None if message.contains("Connection refused") || message.contains("timed out") || message.contains("failed to lookup") => {
+            format!("check host and port in {var}; is the {side} PostgreSQL running and listening there (listen_addresses, firewall)?")
+        }
+        _ => return String::new(),
+    };
+    format!("\n  fix: {hint}")
 }
 
 /// `… (SQLSTATE 42704)` as pgwire-replication formats server errors.
