@@ -154,10 +154,15 @@ fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
         Side::Target => "[replication] target_connection (or REPLICATION_TARGET_CONNECTION)",
     };
     let hint = match code {
-        Some("28P01") | Some("28000") => format!("check the user name and password in {var}, and pg_hba.conf on the {side}"),
+        Some("28P01") | Some("28000") => {
+            format!("check the user name and password in {var}, and pg_hba.conf on the {side}")
+        }
         Some("3D000") => format!("check the database name in {var}"),
         Some("42501") => format!("grant the privilege named above to the {side} role"),
-        None if message.contains("Connection refused") || message.contains("timed out") || message.contains("failed to lookup") => {
+        None if message.contains("Connection refused")
+            || message.contains("timed out")
+            || message.contains("failed to lookup") =>
+        {
             format!("check host and port in {var}; is the {side} PostgreSQL running and listening there (listen_addresses, firewall)?")
         }
         _ => return String::new(),

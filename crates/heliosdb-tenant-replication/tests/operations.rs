@@ -9,14 +9,26 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_is_idempotent_and_picks_up_new_tables() {
-    let env = Env::new(&format!("{SCHEMA} CREATE TABLE settings(k text PRIMARY KEY, v text);")).await;
+    let env = Env::new(&format!(
+        "{SCHEMA} CREATE TABLE settings(k text PRIMARY KEY, v text);"
+    ))
+    .await;
     let config = env.config();
     let first = env.init(&config);
     assert!(first.contains("publication 'tenant_123_pub' created for 3 table(s) WHERE (\"tenant_id\" = 'tenant-123')"), "{first}");
-    assert!(first.contains("slot 'tenant_123_slot' created (pgoutput)"), "{first}");
-    assert!(first.contains("not replicated: public.settings (no tenant_id column)"), "{first}");
+    assert!(
+        first.contains("slot 'tenant_123_slot' created (pgoutput)"),
+        "{first}"
+    );
+    assert!(
+        first.contains("not replicated: public.settings (no tenant_id column)"),
+        "{first}"
+    );
     let second = env.init(&config);
-    assert!(second.contains("publication 'tenant_123_pub' exists with all 3 table(s)"), "{second}");
+    assert!(
+        second.contains("publication 'tenant_123_pub' exists with all 3 table(s)"),
+        "{second}"
+    );
     assert!(second.contains("slot 'tenant_123_slot' exists"), "{second}");
 
     // A table added later is added by the next init.
@@ -30,14 +42,22 @@ async fn init_is_idempotent_and_picks_up_new_tables() {
     let filters: Vec<String> = env
         .src()
         .await
-        .query("SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'tenant_123_pub'", &[])
+        .query(
+            "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'tenant_123_pub'",
+            &[],
+        )
         .await
         .expect("filters")
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(filters.len(), 4);
-    assert!(filters.iter().all(|f| f == "(tenant_id = 'tenant-123'::text)"), "{filters:?}");
+    assert!(
+        filters
+            .iter()
+            .all(|f| f == "(tenant_id = 'tenant-123'::text)"),
+        "{filters:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,14 +101,38 @@ async fn start_stops_with_the_fix_for_each_common_mistake() {
     let src = env.src().await;
 
     // No slot yet.
-    assert_fails(&config, &["start"], 3, &["replication slot 'tenant_123_slot' does not exist", "init"]);
-    src.batch_execute("SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput')").await.expect("slot");
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &["replication slot 'tenant_123_slot' does not exist", "init"],
+    );
+    src.batch_execute("SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput')")
+        .await
+        .expect("slot");
     // No publication.
-    assert_fails(&config, &["start"], 3, &["publication 'tenant_123_pub' does not exist", "CREATE PUBLICATION"]);
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &[
+            "publication 'tenant_123_pub' does not exist",
+            "CREATE PUBLICATION",
+        ],
+    );
     // A publication without the tenant filter would ship every tenant's rows.
-    src.batch_execute("CREATE PUBLICATION tenant_123_pub FOR TABLE accounts").await.expect("pub");
-    assert_fails(&config, &["start"], 3, &["sends every tenant's rows of public.accounts", "WHERE"]);
-    src.batch_execute("DROP PUBLICATION tenant_123_pub").await.expect("drop pub");
+    src.batch_execute("CREATE PUBLICATION tenant_123_pub FOR TABLE accounts")
+        .await
+        .expect("pub");
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &["sends every tenant's rows of public.accounts", "WHERE"],
+    );
+    src.batch_execute("DROP PUBLICATION tenant_123_pub")
+        .await
+        .expect("drop pub");
 
     // A table without a primary key, and one whose key leaves out the tenant column:
     // init refuses before creating anything.
@@ -102,21 +146,53 @@ async fn start_stops_with_the_fix_for_each_common_mistake() {
         &config,
         &["init"],
         3,
-        &["table public.nopk has no primary key", "column tenant_id is not part of the replica identity (id)", "REPLICA IDENTITY FULL"],
+        &[
+            "table public.nopk has no primary key",
+            "column tenant_id is not part of the replica identity (id)",
+            "REPLICA IDENTITY FULL",
+        ],
     );
     assert!(all.contains("nothing was created"), "{all}");
-    let pubs: i64 = src.query_one("SELECT count(*) FROM pg_publication", &[]).await.expect("count").get(0);
+    let pubs: i64 = src
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .expect("count")
+        .get(0);
     assert_eq!(pubs, 0);
-    src.batch_execute("DROP TABLE nopk, badident").await.expect("drop");
+    src.batch_execute("DROP TABLE nopk, badident")
+        .await
+        .expect("drop");
 
     // A target table missing.
-    env.dst().await.batch_execute("DROP TABLE events").await.expect("drop target table");
-    assert_fails(&config, &["init"], 3, &["target table public.events does not exist", "pg_dump --schema-only"]);
-    assert_fails(&config, &["start"], 3, &["target table public.events does not exist"]);
+    env.dst()
+        .await
+        .batch_execute("DROP TABLE events")
+        .await
+        .expect("drop target table");
+    assert_fails(
+        &config,
+        &["init"],
+        3,
+        &[
+            "target table public.events does not exist",
+            "pg_dump --schema-only",
+        ],
+    );
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &["target table public.events does not exist"],
+    );
     env.dst().await.batch_execute("CREATE TABLE events(tenant_id text, id bigint, kind text, created_at timestamptz, PRIMARY KEY (tenant_id, id))")
         .await
         .expect("target table without a column");
-    assert_fails(&config, &["start"], 3, &["target table public.events lacks column(s) body"]);
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &["target table public.events lacks column(s) body"],
+    );
 
     // A role without REPLICATION; its password never shows.
     src.batch_execute("CREATE ROLE app_ro LOGIN PASSWORD 'Sup3r-Secret-pw'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO app_ro")
@@ -127,14 +203,29 @@ async fn start_stops_with_the_fix_for_each_common_mistake() {
         &env.source.url("app_ro", Some("Sup3r-Secret-pw"), "app"),
     );
     let ro = env.write_config("ro.toml", &text);
-    let all = assert_fails(&ro, &["start"], 3, &["role 'app_ro' lacks the REPLICATION attribute", "ALTER ROLE \"app_ro\" WITH REPLICATION"]);
+    let all = assert_fails(
+        &ro,
+        &["start"],
+        3,
+        &[
+            "role 'app_ro' lacks the REPLICATION attribute",
+            "ALTER ROLE \"app_ro\" WITH REPLICATION",
+        ],
+    );
     assert!(!all.contains("Sup3r-Secret-pw"), "password leaked:\n{all}");
     let checked = run(&ro, &["check-config"]);
     assert!(checked.status.success());
-    assert!(checked.stdout.contains("app_ro:***@127.0.0.1"), "{}", checked.stdout);
+    assert!(
+        checked.stdout.contains("app_ro:***@127.0.0.1"),
+        "{}",
+        checked.stdout
+    );
     assert!(!checked.stdout.contains("Sup3r-Secret-pw"));
     // A wrong password: named, not shown.
-    let wrong = env.write_config("wrong.toml", &text.replace("Sup3r-Secret-pw", "Wr0ng-pw-XYZ"));
+    let wrong = env.write_config(
+        "wrong.toml",
+        &text.replace("Sup3r-Secret-pw", "Wr0ng-pw-XYZ"),
+    );
     let all = assert_fails(&wrong, &["init"], 3, &["password authentication failed"]);
     assert!(!all.contains("Wr0ng-pw-XYZ"), "password leaked:\n{all}");
 }
@@ -142,9 +233,16 @@ async fn start_stops_with_the_fix_for_each_common_mistake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_replica_is_reported_with_the_fix() {
     let mut env = Env::new(SCHEMA).await;
-    env.source.reconfigure(&[("wal_level", "replica")]).expect("restart with wal_level=replica");
+    env.source
+        .reconfigure(&[("wal_level", "replica")])
+        .expect("restart with wal_level=replica");
     let config = env.config();
-    assert_fails(&config, &["init"], 3, &["wal_level is 'replica'", "wal_level = logical", "restart"]);
+    assert_fails(
+        &config,
+        &["init"],
+        3,
+        &["wal_level is 'replica'", "wal_level = logical", "restart"],
+    );
     assert_fails(&config, &["start"], 3, &["wal_level is 'replica'"]);
 }
 
@@ -157,7 +255,12 @@ async fn an_unreachable_source_is_retried_not_a_silent_exit() {
         &format!("127.0.0.1:{port}"),
     );
     let config = env.write_config("down.toml", &text);
-    assert_fails(&config, &["init"], 4, &["source", "connecting to postgresql://postgres@127.0.0.1"]);
+    assert_fails(
+        &config,
+        &["init"],
+        4,
+        &["source", "connecting to postgresql://postgres@127.0.0.1"],
+    );
     let mut daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
     wait_until(Duration::from_secs(20), "repeated retries", || {
         let log = daemon.log();
@@ -165,9 +268,16 @@ async fn an_unreachable_source_is_retried_not_a_silent_exit() {
     })
     .await;
     assert!(daemon.exited().is_none(), "exited:\n{}", daemon.log());
-    assert!(daemon.log().contains("Connection refused"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("Connection refused"),
+        "{}",
+        daemon.log()
+    );
     let (status, took) = daemon.terminate();
-    assert!(status.success() && took < Duration::from_secs(10), "{status:?} {took:?}");
+    assert!(
+        status.success() && took < Duration::from_secs(10),
+        "{status:?} {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,11 +290,20 @@ async fn checkpoint_files_corrupted_or_from_elsewhere_are_handled() {
 
     // Corrupted: a clear error naming the file and the recovery; nothing applied.
     std::fs::write(&path, "{\"tenant_id\":\"tenant-123\",\"lsn\":12").expect("write");
-    let all = assert_fails(&config, &["start"], 3, &["checkpoint file", "is corrupted", "rm "]);
+    let all = assert_fails(
+        &config,
+        &["start"],
+        3,
+        &["checkpoint file", "is corrupted", "rm "],
+    );
     assert!(all.contains(&path.display().to_string()), "{all}");
 
     // From another source cluster (the guide's own example): ignored, then overwritten.
-    std::fs::write(&path, r#"{"tenant_id":"tenant-123","lsn":987654321,"timestamp":"2025-11-02T14:30:00Z"}"#).expect("write");
+    std::fs::write(
+        &path,
+        r#"{"tenant_id":"tenant-123","lsn":987654321,"timestamp":"2025-11-02T14:30:00Z"}"#,
+    )
+    .expect("write");
     let mut daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
     env.src()
         .await
@@ -192,51 +311,101 @@ async fn checkpoint_files_corrupted_or_from_elsewhere_are_handled() {
         .await
         .expect("rows");
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
-    assert!(daemon.log().contains("ignoring a checkpoint file that belongs to another source or slot"), "{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("ignoring a checkpoint file that belongs to another source or slot"),
+        "{}",
+        daemon.log()
+    );
     let (status, _) = daemon.terminate();
     assert!(status.success());
-    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
     assert_ne!(rec["lsn"], 987654321u64);
-    assert!(rec["source_system_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(rec["source_system_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
 }
 
 #[test]
 fn command_line_basics() {
-    let out = std::process::Command::new(BIN).arg("--version").output().expect("run");
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("run");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("heliosdb-tenant-replication {}", env!("CARGO_PKG_VERSION")));
-    for args in [vec!["--help"], vec!["start", "--help"], vec!["init", "--help"], vec!["check-config", "--help"]] {
-        let out = std::process::Command::new(BIN).args(&args).output().expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("heliosdb-tenant-replication {}", env!("CARGO_PKG_VERSION"))
+    );
+    for args in [
+        vec!["--help"],
+        vec!["start", "--help"],
+        vec!["init", "--help"],
+        vec!["check-config", "--help"],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run");
         assert!(out.status.success(), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
     }
-    let out = std::process::Command::new(BIN).arg("bogus").output().expect("run");
+    let out = std::process::Command::new(BIN)
+        .arg("bogus")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
 
     let dir = tempfile::tempdir().expect("dir");
     let missing = dir.path().join("nope.toml");
     let out = run(&missing, &["start"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(out.stderr.contains("nope.toml") && out.stderr.contains("cannot read"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("nope.toml") && out.stderr.contains("cannot read"),
+        "{}",
+        out.stderr
+    );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[replication]\ntenant_id = \"t\"\nsource_connection = \"postgresql://u:pw@a/db\"\ntarget_connection = \"postgresql://u:pw@b/db\"\n[cdc]\nbatch_sise = 5\n").expect("write");
     let out = run(&bad, &["check-config"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(out.stderr.contains("[cdc] batch_sise") && out.stderr.contains("batch_size"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("[cdc] batch_sise") && out.stderr.contains("batch_size"),
+        "{}",
+        out.stderr
+    );
 
     // Environment overrides (§3.3) and masking.
     let ok = dir.path().join("ok.toml");
-    std::fs::write(&ok, "[replication]\ntenant_id = \"t\"\n[features]\nenable_encryption = true\n").expect("write");
+    std::fs::write(
+        &ok,
+        "[replication]\ntenant_id = \"t\"\n[features]\nenable_encryption = true\n",
+    )
+    .expect("write");
     let out = std::process::Command::new(BIN)
         .args(["--config", ok.to_str().expect("utf8"), "check-config"])
-        .env("REPLICATION_SOURCE_CONNECTION", "postgresql://src:EnvSecret1@source-db:5432/source")
-        .env("REPLICATION_TARGET_CONNECTION", "postgresql://dst:EnvSecret2@target-db:5432/target")
+        .env(
+            "REPLICATION_SOURCE_CONNECTION",
+            "postgresql://src:EnvSecret1@source-db:5432/source",
+        )
+        .env(
+            "REPLICATION_TARGET_CONNECTION",
+            "postgresql://dst:EnvSecret2@target-db:5432/target",
+        )
         .output()
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("src:***@source-db:5432/source"), "{stdout}");
     assert!(!stdout.contains("EnvSecret"), "{stdout}");
-    assert!(stdout.contains("[encryption]: not yet supported"), "{stdout}");
+    assert!(
+        stdout.contains("[encryption]: not yet supported"),
+        "{stdout}"
+    );
 }

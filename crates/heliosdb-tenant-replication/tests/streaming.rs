@@ -108,6 +108,7 @@ async fn values_keep_full_fidelity() {
     env.init(&config);
     let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
     let src = env.src().await;
+    let big = format!("-{}.{}", "7".repeat(1000), "1".repeat(100));
     src.batch_execute(&format!(
         "INSERT INTO typed VALUES
           ('tenant-123', 1, 'NaN', 'infinity', 'infinity', '1 year 2 mons 3 days 04:05:06.789',
@@ -119,7 +120,6 @@ async fn values_keep_full_fidelity() {
            '[]', NULL, NULL, NULL, NULL, NULL, NULL, 1.7976931348623157e308, 1.17549435e-38, NULL),
           ('tenant-123', 4, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
           ('tenant-456', 1, 1, now(), now(), '1 day', '{{}}', '\\x01', '{{1}}', '{{a}}', gen_random_uuid(), 'ok', 'other', 1, 1, true);",
-        big = format!("-{}.{}", "7".repeat(1000), "1".repeat(100)),
     ))
     .await
     .expect("insert typed rows");

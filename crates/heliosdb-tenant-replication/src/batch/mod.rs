@@ -63,23 +63,23 @@ impl Chunk {
 
     /// Final state per key, per table in order of first appearance.
     pub fn plan(&self) -> Result<Vec<TablePlan>> {
-        let mut tables: Vec<(Arc<TableMapping>, Vec<(Key, Final)>, HashMap<Key, usize>)> =
-            Vec::new();
+        let mut tables: Vec<TableState> = Vec::new();
         for (mapping, op) in &self.ops {
-            let t = match tables.iter().position(|(m, _, _)| Arc::ptr_eq(m, mapping)) {
+            let t = match tables.iter().position(|t| Arc::ptr_eq(&t.mapping, mapping)) {
                 Some(i) => i,
                 None => {
-                    tables.push((mapping.clone(), Vec::new(), HashMap::new()));
+                    tables.push(TableState::new(mapping.clone()));
                     tables.len() - 1
                 }
             };
-            let (_, entries, index) = &mut tables[t];
-            let mut set = |key: Key, state: Final| set_final(entries, index, key, state);
+            let table = &mut tables[t];
             match op {
-                RowOp::Insert { new } => set(key_of(mapping, new)?, Final::Upsert(new.clone())),
+                RowOp::Insert { new } => {
+                    table.set(key_of(mapping, new)?, Final::Upsert(new.clone()))
+                }
                 RowOp::Delete { old } => {
                     let k = key_of(mapping, old)?;
-                    set(k.clone(), Final::Delete(k))
+                    table.set(k.clone(), Final::Delete(k))
                 }
                 RowOp::Update { old, new } => {
                     let k = key_of(mapping, new)?;
@@ -93,52 +93,65 @@ impl Chunk {
                     let state = if !has_unchanged(new) {
                         Final::Upsert(new.clone())
                     } else {
-                        let (_, entries, index) = &tables[t];
-                        match index.get(&k).map(|&i| &entries[i].1) {
+                        match table.get(&k) {
                             Some(Final::Upsert(prev)) => Final::Upsert(merge(prev, new)),
                             Some(Final::Partial(prev)) => Final::Partial(merge(prev, new)),
                             _ => Final::Partial(new.clone()),
                         }
                     };
-                    let (_, entries, index) = &mut tables[t];
-                    set_final(entries, index, k, state)
+                    table.set(k, state)
                 }
             }
         }
-        Ok(tables
-            .into_iter()
-            .map(|(mapping, entries, _)| {
-                let mut plan = TablePlan {
-                    mapping,
-                    deletes: Vec::new(),
-                    upserts: Vec::new(),
-                    partial_updates: Vec::new(),
-                };
-                for (_, state) in entries {
-                    match state {
-                        Final::Upsert(t) => plan.upserts.push(t),
-                        Final::Partial(t) => plan.partial_updates.push(t),
-                        Final::Delete(k) => plan.deletes.push(k),
-                    }
-                }
-                plan
-            })
-            .collect())
+        Ok(tables.into_iter().map(TableState::into_plan).collect())
     }
 }
 
-fn set_final(
-    entries: &mut Vec<(Key, Final)>,
-    index: &mut HashMap<Key, usize>,
-    key: Key,
-    state: Final,
-) {
-    match index.get(&key) {
-        Some(&i) => entries[i].1 = state,
-        None => {
-            index.insert(key.clone(), entries.len());
-            entries.push((key, state));
+/// The final state of each key of one table, in order of first appearance.
+struct TableState {
+    mapping: Arc<TableMapping>,
+    entries: Vec<(Key, Final)>,
+    index: HashMap<Key, usize>,
+}
+
+impl TableState {
+    fn new(mapping: Arc<TableMapping>) -> Self {
+        Self {
+            mapping,
+            entries: Vec::new(),
+            index: HashMap::new(),
         }
+    }
+
+    fn get(&self, key: &Key) -> Option<&Final> {
+        self.index.get(key).map(|&i| &self.entries[i].1)
+    }
+
+    fn set(&mut self, key: Key, state: Final) {
+        match self.index.get(&key) {
+            Some(&i) => self.entries[i].1 = state,
+            None => {
+                self.index.insert(key.clone(), self.entries.len());
+                self.entries.push((key, state));
+            }
+        }
+    }
+
+    fn into_plan(self) -> TablePlan {
+        let mut plan = TablePlan {
+            mapping: self.mapping,
+            deletes: Vec::new(),
+            upserts: Vec::new(),
+            partial_updates: Vec::new(),
+        };
+        for (_, state) in self.entries {
+            match state {
+                Final::Upsert(t) => plan.upserts.push(t),
+                Final::Partial(t) => plan.partial_updates.push(t),
+                Final::Delete(k) => plan.deletes.push(k),
+            }
+        }
+        plan
     }
 }
 
