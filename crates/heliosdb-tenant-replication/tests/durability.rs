@@ -178,3 +178,93 @@ async fn a_target_outage_is_retried_and_recovers() {
     let (status, _) = daemon.terminate();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_target_does_not_trip_wal_sender_timeout() {
+    let mut env = Env::new(SCHEMA).await;
+    env.source
+        .reconfigure(&[("wal_sender_timeout", "'2s'")])
+        .expect("short wal_sender_timeout");
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let src = env.src().await;
+    src.batch_execute("INSERT INTO orders VALUES ('tenant-123', 0, 0, 'warm-up', 0, '{}', now())")
+        .await
+        .expect("warm-up");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+
+    // Another session holds a lock on the target table for 8 s: apply blocks
+    // four times longer than the walsender's timeout.
+    let (locker, conn) =
+        tokio_postgres::connect(&env.target.superuser_url("app"), tokio_postgres::NoTls)
+            .await
+            .expect("locker");
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    src.batch_execute("INSERT INTO orders SELECT 'tenant-123', g, 0, 'stalled', 0, '{}', now() FROM generate_series(1, 500) g")
+        .await
+        .expect("rows");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    let log = daemon.log();
+    assert!(
+        !log.contains("retrying"),
+        "the stream was interrupted during the stall:\n{log}"
+    );
+    let source_log = env.source.log();
+    assert!(
+        !source_log.contains("terminating walsender process due to replication timeout"),
+        "{source_log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_work_and_a_source_restart_leave_nothing_wrong() {
+    let mut env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    {
+        let src = env.src().await;
+        src.batch_execute(
+            "BEGIN;
+               INSERT INTO orders VALUES ('tenant-123', 1, 0, 'kept', 0, '{}', now());
+               SAVEPOINT s1;
+               INSERT INTO orders SELECT 'tenant-123', g, 0, 'rolled back', 0, '{}', now() FROM generate_series(100, 5100) g;
+               UPDATE orders SET status = 'rolled back too' WHERE id = 1;
+               ROLLBACK TO SAVEPOINT s1;
+               INSERT INTO orders VALUES ('tenant-123', 2, 0, 'kept', 0, '{}', now());
+             COMMIT;
+             BEGIN; INSERT INTO orders SELECT 'tenant-123', g, 0, 'aborted', 0, '{}', now() FROM generate_series(10, 9000) g; ROLLBACK;",
+        )
+        .await
+        .expect("savepoints");
+        wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    }
+    let dst = env.dst().await;
+    let statuses: Vec<String> = dst
+        .query("SELECT status FROM orders ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["kept", "kept"]);
+
+    // The source restarts under the daemon: it reconnects and goes on.
+    env.source.stop().expect("stop source");
+    env.source.start_again().expect("start source");
+    env.src()
+        .await
+        .batch_execute(
+            "INSERT INTO orders VALUES ('tenant-123', 3, 0, 'after restart', 0, '{}', now())",
+        )
+        .await
+        .expect("row after restart");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+}
