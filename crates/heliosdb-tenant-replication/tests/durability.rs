@@ -51,13 +51,10 @@ async fn workload(env_url: String, seed: u64, stop: Arc<AtomicBool>) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_restart_lose_and_double_nothing() {
-    let env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let log = env.dir.path().join("daemon.log");
+    let (env, config) = Env::provisioned(SCHEMA).await;
     let src = env.src().await;
 
-    let mut daemon = Daemon::start(&config, &log);
+    let mut daemon = env.start_daemon(&config);
     src.batch_execute("INSERT INTO orders SELECT 'tenant-123', g, 1, 'a', 1, '{}', now() FROM generate_series(1, 5000) g")
         .await
         .expect("rows");
@@ -102,7 +99,7 @@ async fn sigterm_and_restart_lose_and_double_nothing() {
     )
     .await
     .expect("changes while stopped");
-    let daemon = Daemon::start(&config, &log);
+    let daemon = env.start_daemon(&config);
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
     assert_eq!(foreign_rows(&dst).await, 0);
 }
@@ -117,7 +114,6 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing_five_times_in_a_row(
             .replace("batch_size = 1000", "batch_size = 50"),
     );
     env.init(&config);
-    let log = env.dir.path().join("daemon.log");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
 
     for round in 1..=5 {
@@ -127,11 +123,11 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing_five_times_in_a_row(
             round,
             stop.clone(),
         ));
-        let mut daemon = Daemon::start(&config, &log);
+        let mut daemon = env.start_daemon(&config);
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
         daemon.kill9();
         // Restart while the workload goes on, then let it finish.
-        let daemon = Daemon::start(&config, &log);
+        let daemon = env.start_daemon(&config);
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
         stop.store(true, Ordering::Relaxed);
         let txns = load.await.expect("workload");
@@ -148,11 +144,8 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing_five_times_in_a_row(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_outage_is_retried_and_recovers() {
-    let mut env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let log = env.dir.path().join("daemon.log");
-    let mut daemon = Daemon::start(&config, &log);
+    let (mut env, config) = Env::provisioned(SCHEMA).await;
+    let mut daemon = env.start_daemon(&config);
     let src = env.src().await;
     src.batch_execute("INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', 1, now() FROM generate_series(1, 100) g")
         .await
@@ -187,7 +180,7 @@ async fn a_stalled_target_does_not_trip_wal_sender_timeout() {
         .expect("short wal_sender_timeout");
     let config = env.config();
     env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let daemon = env.start_daemon(&config);
     let src = env.src().await;
     src.batch_execute("INSERT INTO orders VALUES ('tenant-123', 0, 0, 'warm-up', 0, '{}', now())")
         .await
@@ -225,10 +218,8 @@ async fn a_stalled_target_does_not_trip_wal_sender_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_work_and_a_source_restart_leave_nothing_wrong() {
-    let mut env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let (mut env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = env.start_daemon(&config);
     {
         let src = env.src().await;
         src.batch_execute(

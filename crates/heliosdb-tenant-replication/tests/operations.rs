@@ -73,7 +73,7 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
         )
         .await
         .expect("hand-made slot and publication");
-    let daemon = Daemon::start(&env.config(), &env.dir.path().join("daemon.log"));
+    let daemon = env.start_daemon(&env.config());
     let src = env.src().await;
     src.batch_execute(
         "INSERT INTO accounts SELECT t, g, 'n', 'e', g, now() FROM generate_series(1, 20) g, (VALUES ('tenant-123'), ('tenant-9')) v(t)",
@@ -261,7 +261,7 @@ async fn an_unreachable_source_is_retried_not_a_silent_exit() {
         4,
         &["source", "connecting to postgresql://postgres@127.0.0.1"],
     );
-    let mut daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let mut daemon = env.start_daemon(&config);
     wait_until(Duration::from_secs(20), "repeated retries", || {
         let log = daemon.log();
         async move { log.matches("retrying").count() >= 3 }
@@ -282,9 +282,7 @@ async fn an_unreachable_source_is_retried_not_a_silent_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_files_corrupted_or_from_elsewhere_are_handled() {
-    let env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
+    let (env, config) = Env::provisioned(SCHEMA).await;
     std::fs::create_dir_all(env.checkpoint_dir()).expect("dir");
     let path = env.checkpoint_dir().join("tenant-123.checkpoint");
 
@@ -304,7 +302,7 @@ async fn checkpoint_files_corrupted_or_from_elsewhere_are_handled() {
         r#"{"tenant_id":"tenant-123","lsn":987654321,"timestamp":"2025-11-02T14:30:00Z"}"#,
     )
     .expect("write");
-    let mut daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let mut daemon = env.start_daemon(&config);
     env.src()
         .await
         .batch_execute("INSERT INTO events SELECT 'tenant-123', g, 'k', 'b', now() FROM generate_series(1, 10) g")

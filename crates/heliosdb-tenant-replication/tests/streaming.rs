@@ -15,7 +15,7 @@ async fn every_dml_kind_replicates_and_only_the_tenants_rows_arrive() {
         out.contains("publication 'tenant_123_pub' created for 3 table(s)"),
         "{out}"
     );
-    let mut daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let mut daemon = env.start_daemon(&config);
     let src = env.src().await;
 
     // Three tenants write; only tenant-123 may reach the target.
@@ -103,10 +103,8 @@ CREATE TABLE typed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_keep_full_fidelity() {
-    let env = Env::new(TYPED).await;
-    let config = env.config();
-    env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let (env, config) = Env::provisioned(TYPED).await;
+    let daemon = env.start_daemon(&config);
     let src = env.src().await;
     let big = format!("-{}.{}", "7".repeat(1000), "1".repeat(100));
     src.batch_execute(&format!(
@@ -164,10 +162,8 @@ async fn foreign_rows_of(c: &tokio_postgres::Client, table: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_are_kept_across_updates() {
-    let env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = env.start_daemon(&config);
     let src = env.src().await;
     // ~190 KB of poorly compressible text: stored out of line (TOAST).
     src.batch_execute(
@@ -201,10 +197,8 @@ async fn unchanged_toast_values_are_kept_across_updates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200k_row_transaction_replicates_and_is_never_half_visible() {
-    let env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = env.start_daemon(&config);
     let src = env.src().await;
     src.batch_execute(
         "INSERT INTO events SELECT CASE WHEN g % 10 = 0 THEN 'tenant-456' ELSE 'tenant-123' END, g, 'bulk', md5(g::text), now()
@@ -250,10 +244,8 @@ async fn a_200k_row_transaction_replicates_and_is_never_half_visible() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tenant_does_not_hold_back_the_slot() {
-    let env = Env::new(SCHEMA).await;
-    let config = env.config();
-    env.init(&config);
-    let daemon = Daemon::start(&config, &env.dir.path().join("daemon.log"));
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = env.start_daemon(&config);
     let src = env.src().await;
     // Only other tenants write: nothing reaches our target, yet the slot must move.
     src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")

@@ -104,6 +104,19 @@ connect_timeout_seconds = 5
         self.write_config("replication.toml", &self.config_text(""))
     }
 
+    /// Clusters with `schema`, a config, and `init` done.
+    pub async fn provisioned(schema: &str) -> (Env, PathBuf) {
+        let env = Env::new(schema).await;
+        let config = env.config();
+        env.init(&config);
+        (env, config)
+    }
+
+    /// Start the daemon with `config`, logging to `daemon.log` in the test's directory.
+    pub fn start_daemon(&self, config: &Path) -> Daemon {
+        Daemon::start(config, &self.dir.path().join("daemon.log"))
+    }
+
     /// `init` must succeed.
     pub fn init(&self, config: &Path) -> String {
         let out = run(config, &["init"]);
