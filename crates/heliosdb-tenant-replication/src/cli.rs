@@ -67,8 +67,25 @@ pub enum Command {
     Start,
     /// Provision the tenant (idempotent): publication with per-table tenant
     /// row filters and pgoutput slot on the source, progress schema on the
-    /// target; then check the target tables.
-    Init,
+    /// target, a check of the target tables, and the initial copy of the
+    /// tenant's existing rows (under the snapshot the new slot exports).
+    Init {
+        /// Do not copy existing rows now (`start` copies them when
+        /// `[cdc] start_lsn = 0`).
+        #[arg(long)]
+        no_copy: bool,
+    },
+    /// Copy the tenant's rows again, replacing them on the target. A running
+    /// daemon does it within seconds, between transactions; otherwise the
+    /// next `start` does.
+    Resync {
+        /// Only this table (`schema.table` or `table`).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Show where the tenant's replication stands: state, applied position,
+    /// slot and retained WAL, pending resyncs.
+    Status,
     /// Check the configuration file and print the effective configuration
     /// (passwords masked) and every key that has no effect in this build.
     CheckConfig,
@@ -119,7 +136,9 @@ pub fn run(cli: Cli) -> ExitCode {
     let config = Arc::new(config);
     match cli.command {
         Command::Start => runtime.block_on(start(config)),
-        Command::Init => runtime.block_on(init(config)),
+        Command::Init { no_copy } => runtime.block_on(init(config, !no_copy)),
+        Command::Resync { table } => runtime.block_on(resync(config, table)),
+        Command::Status => runtime.block_on(status(config)),
         Command::CheckConfig => ExitCode::SUCCESS,
     }
 }
@@ -147,8 +166,53 @@ fn exit_for(e: &ReplicationError) -> ExitCode {
     })
 }
 
-async fn init(config: Arc<Config>) -> ExitCode {
-    match crate::provision::init(&config).await {
+async fn resync(config: Arc<Config>, table: Option<String>) -> ExitCode {
+    let t = &config.tenant;
+    let result = async {
+        let target = crate::pg::connect(
+            &t.target,
+            &config.network,
+            crate::error::Side::Target,
+            "heliosdb-tenant-replication resync",
+        )
+        .await?;
+        crate::checkpoint::progress::ensure_schema(&target).await?;
+        crate::snapshot::request_resync(&target, &t.tenant_id, table.as_deref()).await
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            println!(
+                "resync of {} for tenant '{}' requested: a running daemon performs it within seconds, otherwise the next start does",
+                table.as_deref().unwrap_or("all tables"),
+                t.tenant_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
+    }
+}
+
+async fn status(config: Arc<Config>) -> ExitCode {
+    match crate::provision::status::status(&config).await {
+        Ok((_, lines)) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
+    }
+}
+
+async fn init(config: Arc<Config>, copy: bool) -> ExitCode {
+    match crate::provision::init(&config, copy).await {
         Ok(report) => {
             for line in report.lines {
                 println!("{line}");

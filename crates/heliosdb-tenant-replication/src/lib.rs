@@ -4,7 +4,7 @@
 //! The modules follow the data flow:
 //!
 //! ```text
-//! config ─► provision (init, start-up checks)
+//! config ─► provision (init, start-up checks) ─► snapshot (initial copy)
 //!
 //! source slot ─► capture ─► batch ─► apply ─► target
 //!                  ▲                    │
@@ -26,3 +26,4 @@ pub mod lsn;
 pub mod pg;
 pub mod pipeline;
 pub mod provision;
+pub mod snapshot;

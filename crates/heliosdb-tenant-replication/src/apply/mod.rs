@@ -109,6 +109,16 @@ impl Applier {
         })
     }
 
+    /// The target connection (no transaction of ours may be open to use it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The target connection, mutable (for transactions outside apply).
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// Is a target transaction open (holding applied, uncommitted changes)?
     pub fn is_open(&self) -> bool {
         self.open

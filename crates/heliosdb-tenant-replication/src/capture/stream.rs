@@ -40,7 +40,6 @@ pub struct PgwireSource {
     client: ReplicationClient,
     /// The source cluster's system identifier (IDENTIFY_SYSTEM).
     pub system_id: String,
-    acked: Lsn,
 }
 
 impl PgwireSource {
@@ -87,7 +86,6 @@ impl PgwireSource {
         Ok(Self {
             client,
             system_id: ident.system_id,
-            acked: spec.ack_lsn,
         })
     }
 }
@@ -143,6 +141,66 @@ impl ChangeSource for PgwireSource {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(3), self.client.shutdown()).await;
-        tracing::debug!(acked = %self.acked, "replication stream closed");
+        tracing::debug!("replication stream closed");
+    }
+}
+
+/// A slot just created on a replication connection that exported its
+/// snapshot. The snapshot stays valid while this value lives (the
+/// connection must stay idle); drop it once the copy is done.
+pub struct SlotSnapshot {
+    _session: ReplicationClient,
+    /// Where streaming continues: changes committed after the snapshot.
+    pub consistent_point: Lsn,
+    pub snapshot_name: String,
+}
+
+impl SlotSnapshot {
+    /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')`.
+    pub async fn create(info: &ConnInfo, slot: &str) -> Result<Self> {
+        let mut cfg = ReplicationConfig::new(
+            info.host.clone(),
+            info.user.clone(),
+            info.password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default(),
+            info.dbname.clone(),
+            slot.to_string(),
+            "unused",
+        );
+        cfg.port = info.port;
+        cfg.tls = replication_tls(info);
+        cfg.application_name = Some("heliosdb-tenant-replication init".into());
+        let mut session = ReplicationClient::connect_gated(cfg)
+            .await
+            .map_err(ReplicationError::stream)?;
+        let rows = session
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"
+            ))
+            .await
+            .map_err(ReplicationError::stream)?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Internal("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let text = |i: usize| -> Result<String> {
+            row.get(i)
+                .and_then(|v| v.as_ref())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .ok_or_else(|| {
+                    ReplicationError::Internal(format!(
+                        "CREATE_REPLICATION_SLOT: column {i} missing"
+                    ))
+                })
+        };
+        let consistent_point = text(1)?
+            .parse()
+            .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Internal(e.to_string()))?;
+        Ok(Self {
+            _session: session,
+            consistent_point,
+            snapshot_name: text(2)?,
+        })
     }
 }

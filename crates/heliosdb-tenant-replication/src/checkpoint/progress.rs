@@ -19,8 +19,22 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.progress (
     commit_time      timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE heliosdb_replication.progress IS
-  'heliosdb-tenant-replication: last source transaction applied per tenant; written in the same transaction as the data';
+CREATE TABLE IF NOT EXISTS heliosdb_replication.copy_state (
+    tenant_id  text NOT NULL,
+    table_name text NOT NULL,
+    chunk      int NOT NULL,
+    block_lo   bigint NOT NULL,
+    block_hi   bigint,
+    rows       bigint,
+    done       boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (tenant_id, table_name, chunk)
+);
+CREATE TABLE IF NOT EXISTS heliosdb_replication.resync_requests (
+    tenant_id    text NOT NULL,
+    table_name   text NOT NULL DEFAULT '*',
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, table_name)
+);
 ";
 
 /// The SQL that records progress; run inside the apply transaction.
@@ -48,29 +62,17 @@ pub struct Progress {
     pub end_lsn: Lsn,
 }
 
-/// Create the progress schema if it is missing.
+/// Create the daemon's schema and tables where missing.
 pub async fn ensure_schema(target: &Client) -> Result<()> {
-    let exists: bool = target
-        .query_one(
-            "SELECT to_regclass('heliosdb_replication.progress') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            ReplicationError::db(Side::Target, "looking for heliosdb_replication.progress", e)
-        })?
-        .get(0);
-    if exists {
-        return Ok(());
-    }
-    target.batch_execute(SCHEMA_DDL).await.map_err(|e| {
+    let batch = format!("BEGIN; SET LOCAL client_min_messages = warning; {SCHEMA_DDL} COMMIT;");
+    target.batch_execute(&batch).await.map_err(|e| {
         if e.code().map(|c| c.code()) == Some("42501") {
             ReplicationError::operator(
                 "target: the role cannot create the schema heliosdb_replication (permission denied)",
                 "run `heliosdb-tenant-replication --config … init` as a role that may, or: CREATE SCHEMA heliosdb_replication AUTHORIZATION <writer role>",
             )
         } else {
-            ReplicationError::db(Side::Target, "creating heliosdb_replication.progress", e)
+            ReplicationError::db(Side::Target, "creating the heliosdb_replication schema", e)
         }
     })
 }

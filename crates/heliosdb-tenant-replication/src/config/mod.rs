@@ -51,8 +51,9 @@ pub struct TenantConfig {
     pub slot: String,
     pub publication: String,
     pub tenant_column: String,
-    /// Where streaming starts when the target has no progress for the tenant
-    /// (`Lsn::ZERO`: the slot's confirmed position).
+    /// Where streaming starts when the target has no progress for the tenant.
+    /// `Lsn::ZERO` ("from the beginning"): copy the tenant's existing rows
+    /// first, then stream from the slot.
     pub start_lsn: Lsn,
     pub checkpoint_dir: PathBuf,
 }
@@ -374,9 +375,6 @@ fn resolve(
             .parse()
             .map_err(|e: crate::lsn::ParseLsnError| c.err("[cdc] start_lsn", e.to_string()))?,
     };
-    if raw.cdc.start_lsn.is_some() && start_lsn.is_zero() {
-        notice("[cdc] start_lsn", "0 (\"from the beginning\") does not copy rows that existed before the slot was created: the initial copy is not built yet; streaming starts at the slot's position");
-    }
     if raw.cdc.wal_path.is_some() {
         notice("[cdc] wal_path", "not used: large transactions stream into one open target transaction instead of spilling to disk");
     }

@@ -76,7 +76,6 @@ fn every_key_of_the_reference_parses() {
         "[encryption]",
         "[conflict]",
         "[monitoring]",
-        "[cdc] start_lsn",
         "[cdc] wal_path",
     ] {
         assert!(
@@ -85,6 +84,14 @@ fn every_key_of_the_reference_parses() {
             c.notices
         );
     }
+    assert!(
+        c.tenant.start_lsn.is_zero(),
+        "0 = initial copy, then stream"
+    );
+    assert!(
+        !c.notices.iter().any(|n| n.key.contains("start_lsn")),
+        "start_lsn = 0 is in effect"
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg;
+use crate::provision::catalog::SourceTable;
 use crate::provision::preflight;
+use crate::snapshot::{self, Snapshot};
 
 /// Run a session until shutdown (`Ok`) or an error.
 pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
@@ -25,12 +27,31 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
 
     let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
     let report = preflight::check_source(&source, t).await?;
-    drop(source);
-    let target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
+    let mut target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
     progress::ensure_schema(&target).await?;
     preflight::check_target(&target, t, &report.tables).await?;
 
-    let recorded = progress::load(&target, &t.tenant_id).await?;
+    let mut recorded = progress::load(&target, &t.tenant_id).await?;
+    if snapshot::wanted(config, recorded.is_some()) {
+        // The slot already exists (made by hand, or a copy was interrupted):
+        // copy now, stream from the slot's position, replay converges.
+        let system_id = preflight::system_id(&source).await?;
+        snapshot::initial_copy(
+            config,
+            &report.tables,
+            Snapshot::Fresh,
+            report.slot_confirmed,
+            &system_id,
+        )
+        .await?;
+        recorded = progress::load(&target, &t.tenant_id).await?;
+    } else {
+        let pending = snapshot::pending_resyncs(&target, &t.tenant_id).await?;
+        if !pending.is_empty() {
+            snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
+        }
+    }
+    drop(source);
     let (start_lsn, ack_lsn) = match &recorded {
         Some(p) => (p.end_lsn, p.end_lsn),
         None => (t.start_lsn, Lsn::ZERO),
@@ -96,6 +117,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
 
     let mut apply = ApplyLoop {
         config,
+        tables: report.tables.clone(),
+        last_resync_check: Instant::now(),
         applier,
         rx,
         ack_tx,
@@ -261,6 +284,8 @@ impl CheckpointWriter {
 
 struct ApplyLoop<'a> {
     config: &'a Config,
+    tables: Vec<SourceTable>,
+    last_resync_check: Instant,
     applier: Applier,
     rx: mpsc::Receiver<TxEvent>,
     ack_tx: watch::Sender<Lsn>,
@@ -284,13 +309,17 @@ impl ApplyLoop<'_> {
             enum Step {
                 Stop,
                 Deadline,
+                Tick,
                 Event(Option<TxEvent>),
             }
+            let tick =
+                tokio::time::Instant::from_std(self.last_resync_check + Duration::from_secs(2));
             let step = tokio::select! {
                 biased;
                 _ = stopped(shutdown) => Step::Stop,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Step::Deadline,
                 ev = self.rx.recv() => Step::Event(ev),
+                _ = tokio::time::sleep_until(tick), if !self.in_source_txn => Step::Tick,
             };
             let event = match step {
                 Step::Stop => return Ok(()),
@@ -298,10 +327,17 @@ impl ApplyLoop<'_> {
                     self.commit().await?;
                     continue;
                 }
+                Step::Tick => {
+                    self.resync_if_requested().await?;
+                    continue;
+                }
                 Step::Event(ev) => ev.ok_or_else(|| closed("the capture queue"))?,
             };
             self.handle(event).await?;
             self.log_progress();
+            if !self.in_source_txn && self.last_resync_check.elapsed() >= Duration::from_secs(2) {
+                self.resync_if_requested().await?;
+            }
         }
     }
 
@@ -353,6 +389,27 @@ impl ApplyLoop<'_> {
                 self.acknowledge(wal_end);
             }
         }
+        Ok(())
+    }
+
+    /// Perform resync requests (`resync` command) between transactions.
+    async fn resync_if_requested(&mut self) -> Result<()> {
+        self.last_resync_check = Instant::now();
+        let tenant = &self.config.tenant.tenant_id;
+        let pending = snapshot::pending_resyncs(self.applier.client(), tenant).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.commit().await?;
+        tracing::info!(%tenant, state = "snapshotting", "resync requested: copying again while the stream waits");
+        snapshot::resync_tables(
+            self.config,
+            self.applier.client_mut(),
+            &self.tables,
+            &pending,
+        )
+        .await?;
+        tracing::info!(%tenant, state = "streaming", "resync done");
         Ok(())
     }
 

@@ -10,13 +10,16 @@
 
 pub mod catalog;
 pub mod preflight;
+pub mod status;
 
 use tokio_postgres::Client;
 
+use crate::capture::stream::SlotSnapshot;
 use crate::checkpoint::progress;
 use crate::config::{Config, TenantConfig};
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
+use crate::snapshot::{self, Snapshot};
 use catalog::{source_table, SourceTable};
 
 /// What `init` did, line by line, for the terminal.
@@ -30,8 +33,9 @@ fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError 
 }
 
 /// Provision the tenant: publication and slot on the source, progress schema
-/// on the target, and a check of the target tables.
-pub async fn init(config: &Config) -> Result<InitReport> {
+/// on the target, a check of the target tables, and (unless `copy` is false)
+/// the initial copy of the tenant's rows.
+pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
     let t = &config.tenant;
     let mut report = InitReport::default();
     let source = pg::connect(
@@ -70,7 +74,6 @@ pub async fn init(config: &Config) -> Result<InitReport> {
     }
 
     ensure_publication(&source, t, &tables, &mut report).await?;
-    ensure_slot(&source, t, &mut report).await?;
 
     let target = pg::connect(
         &t.target,
@@ -82,11 +85,51 @@ pub async fn init(config: &Config) -> Result<InitReport> {
     progress::ensure_schema(&target).await?;
     report
         .lines
-        .push("target: schema heliosdb_replication ready (progress table)".into());
+        .push("target: schema heliosdb_replication ready".into());
     preflight::check_target(&target, t, &tables).await?;
     report
         .lines
         .push(format!("target: {} table(s) ready", tables.len()));
+
+    let copy = copy
+        && snapshot::wanted(
+            config,
+            progress::load(&target, &t.tenant_id).await?.is_some(),
+        );
+    let slot_lsn = ensure_slot(&source, t, &mut report).await?;
+    if copy {
+        let system_id = preflight::system_id(&source).await?;
+        let rows = match slot_lsn {
+            // Slot and copy from one snapshot: they meet exactly.
+            None => {
+                let slot = SlotSnapshot::create(&t.source, &t.slot).await?;
+                report.lines.push(format!(
+                    "source: slot '{}' created (pgoutput) at {}, exporting its snapshot for the copy",
+                    t.slot, slot.consistent_point
+                ));
+                let rows = snapshot::initial_copy(
+                    config,
+                    &tables,
+                    Snapshot::Exported(slot.snapshot_name.clone()),
+                    slot.consistent_point,
+                    &system_id,
+                )
+                .await?;
+                drop(slot);
+                rows
+            }
+            // The slot existed: copy now, streaming replays from the slot.
+            Some(lsn) => {
+                snapshot::initial_copy(config, &tables, Snapshot::Fresh, lsn, &system_id).await?
+            }
+        };
+        report.lines.push(format!(
+            "target: initial copy done: {rows} row(s) of tenant '{}'",
+            t.tenant_id
+        ));
+    } else if slot_lsn.is_none() {
+        create_slot(&source, t, &mut report).await?;
+    }
     Ok(report)
 }
 
@@ -210,44 +253,49 @@ async fn ensure_publication(
     Ok(())
 }
 
-async fn ensure_slot(source: &Client, t: &TenantConfig, report: &mut InitReport) -> Result<()> {
+/// Check an existing slot; `None` when there is none yet, else its position.
+async fn ensure_slot(
+    source: &Client,
+    t: &TenantConfig,
+    report: &mut InitReport,
+) -> Result<Option<crate::lsn::Lsn>> {
     let slot = source
         .query_opt(
-            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin::text, coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&t.slot],
         )
         .await
         .map_err(src("reading pg_replication_slots"))?;
-    match slot {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            if plugin.as_deref() != Some("pgoutput") {
-                return Err(ReplicationError::operator(
-                    format!(
-                        "source: slot '{}' exists but is not a pgoutput slot",
-                        t.slot
-                    ),
-                    "choose another [cdc] replication_slot, or drop that slot",
-                ));
-            }
-            report
-                .lines
-                .push(format!("source: slot '{}' exists (pgoutput)", t.slot));
-        }
-        None => {
-            let row = source
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&t.slot],
-                )
-                .await
-                .map_err(src("creating the replication slot"))?;
-            let lsn: String = row.get(0);
-            report.lines.push(format!(
-                "source: slot '{}' created (pgoutput) at {lsn}",
+    let Some(row) = slot else { return Ok(None) };
+    let plugin: Option<String> = row.get(0);
+    if plugin.as_deref() != Some("pgoutput") {
+        return Err(ReplicationError::operator(
+            format!(
+                "source: slot '{}' exists but is not a pgoutput slot",
                 t.slot
-            ));
-        }
+            ),
+            "choose another [cdc] replication_slot, or drop that slot",
+        ));
     }
+    report
+        .lines
+        .push(format!("source: slot '{}' exists (pgoutput)", t.slot));
+    let lsn: String = row.get(1);
+    Ok(Some(lsn.parse().unwrap_or(crate::lsn::Lsn::ZERO)))
+}
+
+async fn create_slot(source: &Client, t: &TenantConfig, report: &mut InitReport) -> Result<()> {
+    let row = source
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&t.slot],
+        )
+        .await
+        .map_err(src("creating the replication slot"))?;
+    let lsn: String = row.get(0);
+    report.lines.push(format!(
+        "source: slot '{}' created (pgoutput) at {lsn}",
+        t.slot
+    ));
     Ok(())
 }

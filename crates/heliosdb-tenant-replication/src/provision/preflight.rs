@@ -211,3 +211,15 @@ pub async fn check_target(client: &Client, t: &TenantConfig, tables: &[SourceTab
         ))
     }
 }
+
+/// The source cluster's system identifier.
+pub async fn system_id(client: &Client) -> Result<String> {
+    Ok(client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(src("reading the system identifier"))?
+        .get(0))
+}

@@ -1,0 +1,298 @@
+//! Copy workers: block ranges from `COPY … TO STDOUT` into `COPY … FROM STDIN`.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::{Client, Transaction};
+
+use super::{dst, src, Range};
+use crate::config::Config;
+use crate::error::{ReplicationError, Result, Side};
+use crate::pg::{self, quote_ident, quote_literal};
+use crate::provision::catalog::SourceTable;
+
+/// Rows copied so far, shared by the workers and the progress display.
+#[derive(Debug, Default)]
+pub struct CopyProgress {
+    pub rows: AtomicU64,
+}
+
+/// Copy `pending` ranges with up to `[performance] worker_threads` workers,
+/// all reading under `snapshot`.
+pub(super) async fn run(
+    config: &Config,
+    source: &Client,
+    target: &Client,
+    snapshot: &str,
+    pending: Vec<Range>,
+) -> Result<u64> {
+    let t = &config.tenant;
+    // Totals for the progress display, read under the same snapshot.
+    let mut total: u64 = 0;
+    let mut binary = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    for r in &pending {
+        let name = r.table.display();
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name.clone());
+        let n: i64 = source
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE {} = $1::text",
+                    r.table.qualified(),
+                    quote_ident(&t.tenant_column)
+                ),
+                &[&t.tenant_id],
+            )
+            .await
+            .map_err(src("counting the tenant's rows"))?
+            .get(0);
+        total += n as u64;
+        binary.push((name, binary_compatible(source, target, &r.table).await?));
+    }
+    let binary = Arc::new(binary);
+    let queue = Arc::new(Mutex::new(VecDeque::from(pending)));
+    let progress = Arc::new(CopyProgress::default());
+    let workers = config
+        .worker_threads
+        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
+        .max(1);
+    let display = tokio::spawn(show_progress(progress.clone(), total));
+
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let (config, queue, progress, binary) = (
+            config.clone(),
+            queue.clone(),
+            progress.clone(),
+            binary.clone(),
+        );
+        let snapshot = snapshot.to_string();
+        handles.push(tokio::spawn(async move {
+            worker(w, &config, &snapshot, queue, progress, binary).await
+        }));
+    }
+    let mut first_error = None;
+    for h in handles {
+        match h.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(ReplicationError::Internal(format!(
+                    "copy worker failed: {e}"
+                )));
+            }
+        }
+    }
+    display.abort();
+    let copied = progress.rows.load(Ordering::Relaxed);
+    finish_display(copied, total);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(copied),
+    }
+}
+
+async fn worker(
+    id: usize,
+    config: &Config,
+    snapshot: &str,
+    queue: Arc<Mutex<VecDeque<Range>>>,
+    progress: Arc<CopyProgress>,
+    binary: Arc<Vec<(String, bool)>>,
+) -> Result<()> {
+    let t = &config.tenant;
+    let app = format!("heliosdb-tenant-replication/{} copy {id}", t.tenant_id);
+    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(src("importing the copy snapshot"))?;
+    let mut target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
+    loop {
+        let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+        let Some(range) = next else { return Ok(()) };
+        let name = range.table.display();
+        let bin = binary
+            .iter()
+            .find(|(n, _)| *n == name)
+            .is_some_and(|(_, b)| *b);
+        let tx = target.transaction().await.map_err(dst("BEGIN"))?;
+        let rows = copy_range(
+            &source,
+            &tx,
+            &range.table,
+            &t.tenant_column,
+            &t.tenant_id,
+            (range.block_lo, range.block_hi),
+            bin,
+            Some(&progress),
+        )
+        .await?;
+        tx.execute(
+            "UPDATE heliosdb_replication.copy_state SET done = true, rows = $4
+              WHERE tenant_id = $1 AND table_name = $2 AND chunk = $3",
+            &[&t.tenant_id, &name, &range.chunk, &(rows as i64)],
+        )
+        .await
+        .map_err(dst("recording a copied range"))?;
+        tx.commit().await.map_err(dst("COMMIT"))?;
+        tracing::debug!(table = %name, chunk = range.chunk, rows, "range copied");
+    }
+}
+
+/// Same column types on both sides: binary COPY is safe and fastest.
+pub(super) async fn binary_compatible(
+    source: &Client,
+    target: &impl tokio_postgres::GenericClient,
+    table: &SourceTable,
+) -> Result<bool> {
+    let sql = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+    let types = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, String)> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let s = types(
+        source
+            .query(sql, &[&table.schema, &table.name])
+            .await
+            .map_err(src("reading column types"))?,
+    );
+    let d = types(
+        target
+            .query(sql, &[&table.schema, &table.name])
+            .await
+            .map_err(dst("reading column types"))?,
+    );
+    Ok(table.columns.iter().all(|(name, _)| {
+        let st = s.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let dt = d.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        st.is_some() && st == dt
+    }))
+}
+
+/// Copy the tenant's rows in the block range `[lo, hi)` of `table` into the
+/// open target transaction; returns the number of rows.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn copy_range(
+    source: &Client,
+    target: &Transaction<'_>,
+    table: &SourceTable,
+    tenant_column: &str,
+    tenant: &str,
+    (lo, hi): (i64, Option<i64>),
+    binary: bool,
+    progress: Option<&CopyProgress>,
+) -> Result<u64> {
+    let cols: Vec<String> = table.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    let cols = cols.join(", ");
+    let format = if binary { "binary" } else { "text" };
+    let mut filter = format!(
+        "{} = {} AND ctid >= '({lo},0)'::tid",
+        quote_ident(tenant_column),
+        quote_literal(tenant)
+    );
+    if let Some(hi) = hi {
+        filter.push_str(&format!(" AND ctid < '({hi},0)'::tid"));
+    }
+    let out_sql = format!(
+        "COPY (SELECT {cols} FROM {} WHERE {filter}) TO STDOUT (FORMAT {format})",
+        table.qualified()
+    );
+    let in_sql = format!(
+        "COPY {} ({cols}) FROM STDIN (FORMAT {format})",
+        table.qualified()
+    );
+    let context = format!("copying {}", table.display());
+
+    let stream = source
+        .copy_out(out_sql.as_str())
+        .await
+        .map_err(src(&context))?;
+    let sink = target
+        .copy_in::<_, Bytes>(in_sql.as_str())
+        .await
+        .map_err(dst(&context))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut sink = std::pin::pin!(sink);
+    let mut messages: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(src(&context))?;
+        sink.send(chunk).await.map_err(dst(&context))?;
+        // The server sends one row per CopyData message.
+        messages += 1;
+        if let Some(p) = progress {
+            if messages % 1024 == 0 {
+                p.rows.fetch_add(1024, Ordering::Relaxed);
+            }
+        }
+    }
+    let rows = sink.as_mut().finish().await.map_err(dst(&context))?;
+    if let Some(p) = progress {
+        p.rows.fetch_add(
+            rows.saturating_sub(messages - messages % 1024),
+            Ordering::Relaxed,
+        );
+    }
+    Ok(rows)
+}
+
+/// A progress bar on a terminal; log lines otherwise.
+async fn show_progress(progress: Arc<CopyProgress>, total: u64) {
+    let started = Instant::now();
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "initial copy [{bar:40}] {pos}/{len} rows  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        loop {
+            bar.set_position(progress.rows.load(Ordering::Relaxed).min(total));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let done = progress.rows.load(Ordering::Relaxed);
+        let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let eta = if rate > 0.0 {
+            (total.saturating_sub(done)) as f64 / rate
+        } else {
+            0.0
+        };
+        tracing::info!(
+            rows = done,
+            total,
+            rows_per_sec = rate as u64,
+            eta_seconds = eta as u64,
+            "initial copy in progress"
+        );
+    }
+}
+
+fn finish_display(copied: u64, total: u64) {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    tracing::info!(
+        rows = copied,
+        expected = total,
+        "initial copy: all ranges copied"
+    );
+}
