@@ -235,7 +235,7 @@ pub(super) async fn copy_range(
         // The server sends one row per CopyData message.
         messages += 1;
         if let Some(p) = progress {
-            if messages % 1024 == 0 {
+            if messages.is_multiple_of(1024) {
                 p.rows.fetch_add(1024, Ordering::Relaxed);
             }
         }
