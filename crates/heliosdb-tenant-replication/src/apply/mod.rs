@@ -21,6 +21,7 @@
 //! which reconnects and resumes from the target's progress.
 
 pub mod catalog;
+pub mod schema;
 pub mod sql;
 
 use std::collections::HashMap;
@@ -67,6 +68,9 @@ pub struct ApplyIdentity {
 /// Applies one tenant's changes through one target connection.
 pub struct Applier {
     client: Client,
+    /// For the source's catalog when a table definition changes.
+    source: Client,
+    schema_changes: schema::SchemaChanges,
     id: ApplyIdentity,
     batch_size: usize,
     mappings: HashMap<u32, Arc<TableMapping>>,
@@ -86,7 +90,13 @@ fn target_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> Replicatio
 }
 
 impl Applier {
-    pub async fn new(client: Client, id: ApplyIdentity, batch_size: usize) -> Result<Self> {
+    pub async fn new(
+        client: Client,
+        source: Client,
+        schema_changes: schema::SchemaChanges,
+        id: ApplyIdentity,
+        batch_size: usize,
+    ) -> Result<Self> {
         match client.batch_execute("SET session_replication_role = replica").await {
             Ok(()) => {}
             Err(e) if e.code().map(|c| c.code()) == Some("42501") => tracing::info!(
@@ -96,6 +106,8 @@ impl Applier {
         }
         Ok(Self {
             client,
+            source,
+            schema_changes,
             id,
             batch_size,
             mappings: HashMap::new(),
@@ -139,12 +151,32 @@ impl Applier {
         self.pending_commit.is_some()
     }
 
-    /// Check (and cache) the target table of a relation before its rows come.
+    /// Check (and cache) the target table of a relation before its rows
+    /// come; a changed definition is reconciled first (see [`schema`]).
+    /// Called inside the open target transaction.
     pub async fn mapping(&mut self, relation: &Arc<RelationDesc>) -> Result<Arc<TableMapping>> {
-        if let Some(m) = self.mappings.get(&relation.id) {
-            if Arc::ptr_eq(&m.relation, relation) {
-                return Ok(m.clone());
-            }
+        let previous = match self.mappings.get(&relation.id) {
+            Some(m) if Arc::ptr_eq(&m.relation, relation) => return Ok(m.clone()),
+            Some(m) => Some(m.relation.clone()),
+            None => None,
+        };
+        // Rows queued under the old definition go first.
+        self.flush().await?;
+        let done = schema::reconcile(
+            &self.client,
+            &self.source,
+            relation,
+            previous.as_deref(),
+            self.schema_changes,
+        )
+        .await?;
+        if !done.actions.is_empty() {
+            self.statements.clear();
+        }
+        if done.needs_resync {
+            let name = format!("{}.{}", relation.namespace, relation.name);
+            tracing::warn!(table = %name, "existing rows' values of an added column are unknown (volatile default): the table will be copied again");
+            crate::snapshot::request_resync(&self.client, &self.id.tenant, Some(&name)).await?;
         }
         let m = Arc::new(
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,

@@ -56,6 +56,8 @@ pub struct TenantConfig {
     /// first, then stream from the slot.
     pub start_lsn: Lsn,
     pub checkpoint_dir: PathBuf,
+    /// What to do when a table's definition changes on the source.
+    pub schema_changes: crate::apply::schema::SchemaChanges,
 }
 
 /// Batching and flow control.
@@ -378,6 +380,16 @@ fn resolve(
     if raw.cdc.wal_path.is_some() {
         notice("[cdc] wal_path", "not used: large transactions stream into one open target transaction instead of spilling to disk");
     }
+    let schema_changes = match raw.cdc.schema_changes.as_deref() {
+        None | Some("apply") => crate::apply::schema::SchemaChanges::Apply,
+        Some("halt") => crate::apply::schema::SchemaChanges::Halt,
+        Some(other) => {
+            return Err(c.err(
+                "[cdc] schema_changes",
+                format!("'{other}' is not allowed: apply or halt"),
+            ))
+        }
+    };
     let checkpoint_dir = PathBuf::from(
         raw.cdc
             .checkpoint_dir
@@ -654,6 +666,15 @@ fn resolve(
         checkpoint_dir.display().to_string().into(),
     );
     cdc.insert("start_lsn".into(), start_lsn.to_string().into());
+    cdc.insert(
+        "schema_changes".into(),
+        (if schema_changes == crate::apply::schema::SchemaChanges::Apply {
+            "apply"
+        } else {
+            "halt"
+        })
+        .into(),
+    );
     view.insert("cdc".into(), cdc.into());
     let mut perf = toml::Table::new();
     perf.insert("buffer_size_events".into(), (buffer_events as i64).into());
@@ -697,6 +718,7 @@ fn resolve(
             tenant_column,
             start_lsn,
             checkpoint_dir,
+            schema_changes,
         },
         batch: BatchConfig {
             batch_size: batch_size as usize,

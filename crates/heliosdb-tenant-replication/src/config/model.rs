@@ -81,6 +81,8 @@ pub struct CdcSection {
     pub checkpoint_dir: Option<String>,
     /// The column that names a row's tenant (default `tenant_id`).
     pub tenant_column: Option<String>,
+    /// `apply` (default) or `halt` on a table definition change.
+    pub schema_changes: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -51,7 +51,6 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
             snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
         }
     }
-    drop(source);
     let (start_lsn, ack_lsn) = match &recorded {
         Some(p) => (p.end_lsn, p.end_lsn),
         None => (t.start_lsn, Lsn::ZERO),
@@ -99,6 +98,8 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
 
     let applier = Applier::new(
         target,
+        source,
+        t.schema_changes,
         ApplyIdentity {
             tenant: t.tenant_id.clone(),
             tenant_column: t.tenant_column.clone(),

@@ -371,6 +371,23 @@ pub async fn resync_tables(
     let mut rows = 0;
     let count = chosen.len();
     for (i, table) in chosen.into_iter().enumerate() {
+        // The definition now, not the one seen at start (columns may have been added since).
+        let table = &crate::provision::catalog::source_table(
+            &source,
+            &table.schema,
+            &table.name,
+            &t.tenant_column,
+        )
+        .await?
+        .ok_or_else(|| {
+            ReplicationError::operator(
+                format!(
+                    "table {} vanished from the source during a resync",
+                    table.display()
+                ),
+                "remove it from the publication, then restart",
+            )
+        })?;
         let tx = target.transaction().await.map_err(dst("BEGIN"))?;
         tx.execute(
             &format!(

@@ -1,0 +1,269 @@
+//! Schema changes: keep the target table in step with the source relation.
+//!
+//! pgoutput sends a Relation message before the first change that uses a
+//! new table definition. When it differs from the target table, and
+//! `[cdc] schema_changes = "apply"`, the change is applied to the target in
+//! the open target transaction, before the rows that need it:
+//!
+//! | on the source | on the target |
+//! |---|---|
+//! | `ADD COLUMN c t` | `ADD COLUMN c t` |
+//! | `ADD COLUMN c t DEFAULT k` (existing rows get `k`) | `ADD COLUMN c t DEFAULT <the value the source stored for existing rows>`, then `DROP DEFAULT` |
+//! | `ADD COLUMN c t DEFAULT volatile()` (table rewritten) | `ADD COLUMN`, and a resync of the table (the rows' values are unknowable from the stream) |
+//! | `RENAME COLUMN a TO b` | `RENAME COLUMN a TO b` (seen within a session: same position, same type) |
+//! | `DROP COLUMN c` | `DROP COLUMN c` (seen within a session) |
+//! | `ALTER COLUMN c TYPE t` | `ALTER COLUMN c TYPE t USING c::t` |
+//!
+//! Anything ambiguous (a column missing on the target while the target has a
+//! column the source no longer sends, after a restart: a rename or a drop and
+//! an add?) stops the tenant with the table, the change and the fix, as does
+//! every change under `"halt"`. Wrong data is never written.
+
+use tokio_postgres::Client;
+
+use crate::capture::pgoutput::RelationDesc;
+use crate::error::{ReplicationError, Result, Side};
+use crate::pg::{qualified, quote_ident, quote_literal};
+
+/// `[cdc] schema_changes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaChanges {
+    Apply,
+    Halt,
+}
+
+/// A column as the source's catalog describes it now.
+#[derive(Debug, Clone)]
+struct SourceColumn {
+    name: String,
+    type_name: String,
+    /// The value rows that existed when the column was added got.
+    missing_value: Option<String>,
+    has_default: bool,
+}
+
+/// What reconciling did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    pub actions: Vec<String>,
+    /// Existing rows' values of an added column are unknown: re-copy the table.
+    pub needs_resync: bool,
+}
+
+async fn source_columns(source: &Client, rel: &RelationDesc) -> Result<Vec<SourceColumn>> {
+    let rows = source
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.atthasdef
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&rel.namespace, &rel.name],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Source, "reading a changed table definition", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| SourceColumn {
+            name: r.get(0),
+            type_name: r.get(1),
+            missing_value: r.get(2),
+            has_default: r.get(3),
+        })
+        .collect())
+}
+
+async fn target_columns(target: &Client, rel: &RelationDesc) -> Result<Vec<(String, String)>> {
+    let rows = target
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&rel.namespace, &rel.name],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "reading the target table definition", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Bring the target table in line with `rel` (the previous definition seen
+/// in this session, if any, tells renames and drops apart). Runs inside the
+/// open target transaction.
+pub async fn reconcile(
+    target: &Client,
+    source: &Client,
+    rel: &RelationDesc,
+    previous: Option<&RelationDesc>,
+    mode: SchemaChanges,
+) -> Result<Reconciled> {
+    let tgt = target_columns(target, rel).await?;
+    if tgt.is_empty() {
+        return Ok(Reconciled::default()); // missing table: reported by the mapping check
+    }
+    let display = format!("{}.{}", rel.namespace, rel.name);
+    let table = qualified(&rel.namespace, &rel.name);
+    let has = |n: &str| tgt.iter().any(|(t, _)| t == n);
+    let sends = |n: &str| rel.columns.iter().any(|c| c.name == n);
+
+    // Renames and drops, recognised against the previous definition.
+    let mut renames: Vec<(String, String)> = Vec::new();
+    let mut drops: Vec<String> = Vec::new();
+    if let Some(prev) = previous {
+        if prev.columns.len() == rel.columns.len() {
+            for (p, n) in prev.columns.iter().zip(&rel.columns) {
+                if p.name != n.name
+                    && p.type_oid == n.type_oid
+                    && has(&p.name)
+                    && !has(&n.name)
+                    && !sends(&p.name)
+                {
+                    renames.push((p.name.clone(), n.name.clone()));
+                }
+            }
+        }
+        for p in &prev.columns {
+            if !sends(&p.name) && has(&p.name) && !renames.iter().any(|(o, _)| *o == p.name) {
+                drops.push(p.name.clone());
+            }
+        }
+    }
+    let added: Vec<&str> = rel
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|n| !has(n) && !renames.iter().any(|(_, new)| new == n))
+        .collect();
+
+    let src = source_columns(source, rel).await?;
+    let src_col = |n: &str| src.iter().find(|c| c.name == n);
+    let mut retyped: Vec<(String, String)> = Vec::new();
+    for c in &rel.columns {
+        let renamed_from = renames
+            .iter()
+            .find(|(_, new)| *new == c.name)
+            .map(|(old, _)| old.as_str());
+        let on_target = tgt
+            .iter()
+            .find(|(t, _)| t == renamed_from.unwrap_or(&c.name));
+        if let (Some((_, tt)), Some(sc)) = (on_target, src_col(&c.name)) {
+            if *tt != sc.type_name {
+                retyped.push((c.name.clone(), sc.type_name.clone()));
+            }
+        }
+    }
+    if renames.is_empty() && drops.is_empty() && added.is_empty() && retyped.is_empty() {
+        return Ok(Reconciled::default());
+    }
+
+    let describe = || {
+        let mut parts = Vec::new();
+        for (o, n) in &renames {
+            parts.push(format!("column {o} renamed to {n}"));
+        }
+        for d in &drops {
+            parts.push(format!("column {d} dropped"));
+        }
+        for a in &added {
+            parts.push(format!(
+                "column {a} added ({})",
+                src_col(a).map(|c| c.type_name.as_str()).unwrap_or("?")
+            ));
+        }
+        for (c, t) in &retyped {
+            parts.push(format!("column {c} changed to type {t}"));
+        }
+        parts.join("; ")
+    };
+    if mode == SchemaChanges::Halt {
+        return Err(ReplicationError::operator(
+            format!("schema change on the source, table {display}: {}", describe()),
+            format!("apply the same change to the target table {display} and restart, or set [cdc] schema_changes = \"apply\""),
+        ));
+    }
+    // A column the target has but the source no longer sends, with no earlier
+    // definition to compare: renamed or dropped? Do not guess.
+    let orphans: Vec<&str> = tgt
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !sends(n))
+        .collect();
+    if previous.is_none() && !added.is_empty() && !orphans.is_empty() {
+        return Err(ReplicationError::operator(
+            format!(
+                "table {display}: the source sends column(s) {} that the target lacks, and no longer sends {} that the target has: renamed, or dropped and added?",
+                added.join(", "),
+                orphans.join(", ")
+            ),
+            format!("make the target table {display} match the source by hand (ALTER TABLE … RENAME COLUMN, or ADD/DROP COLUMN), then restart"),
+        ));
+    }
+
+    let mut done = Reconciled::default();
+    let mut run = |sql: String| {
+        done.actions.push(sql.clone());
+        sql
+    };
+    let mut statements = Vec::new();
+    for (o, n) in &renames {
+        statements.push(run(format!(
+            "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+            quote_ident(o),
+            quote_ident(n)
+        )));
+    }
+    for a in &added {
+        let sc = src_col(a).ok_or_else(|| {
+            ReplicationError::operator(
+                format!("table {display}: column {a} appears in the stream but no longer exists on the source"),
+                format!("add it to the target table {display} by hand with the type it had, then restart"),
+            )
+        })?;
+        let col = quote_ident(a);
+        match &sc.missing_value {
+            Some(v) => {
+                statements.push(run(format!(
+                    "ALTER TABLE {table} ADD COLUMN {col} {} DEFAULT {}::{}",
+                    sc.type_name,
+                    quote_literal(v),
+                    sc.type_name
+                )));
+                statements.push(run(format!(
+                    "ALTER TABLE {table} ALTER COLUMN {col} DROP DEFAULT"
+                )));
+            }
+            None => {
+                statements.push(run(format!(
+                    "ALTER TABLE {table} ADD COLUMN {col} {}",
+                    sc.type_name
+                )));
+                if sc.has_default {
+                    // A volatile default rewrote the table: values unknown.
+                    done.needs_resync = true;
+                }
+            }
+        }
+    }
+    for d in &drops {
+        statements.push(run(format!(
+            "ALTER TABLE {table} DROP COLUMN {}",
+            quote_ident(d)
+        )));
+    }
+    for (c, t) in &retyped {
+        let col = quote_ident(c);
+        statements.push(run(format!(
+            "ALTER TABLE {table} ALTER COLUMN {col} TYPE {t} USING {col}::{t}"
+        )));
+    }
+    for sql in statements {
+        target.batch_execute(&sql).await.map_err(|e| {
+            ReplicationError::db(
+                Side::Target,
+                format!("applying a schema change to {display} ({sql})"),
+                e,
+            )
+        })?;
+    }
+    let summary = describe();
+    tracing::info!(table = %rel.name, schema = %rel.namespace, changes = %summary, "schema change applied to the target");
+    Ok(done)
+}
