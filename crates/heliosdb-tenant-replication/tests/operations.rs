@@ -73,6 +73,13 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
         )
         .await
         .expect("hand-made slot and publication");
+    env.src()
+        .await
+        .batch_execute(
+            "CREATE TABLE invoices(tenant_id text, id bigint, PRIMARY KEY (tenant_id, id))",
+        )
+        .await
+        .expect("a table the publication leaves out");
     let daemon = env.start_daemon(&env.config());
     let src = env.src().await;
     src.batch_execute(
@@ -82,6 +89,12 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
     .expect("rows");
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
     assert_eq!(foreign_rows(&env.dst().await).await, 0);
+    let log = daemon.log();
+    assert!(
+        log.contains("table has a tenant_id column but is not in the publication")
+            && log.contains("public.invoices"),
+        "{log}"
+    );
 }
 
 fn assert_fails(config: &std::path::Path, args: &[&str], code: i32, needles: &[&str]) -> String {
@@ -187,8 +200,17 @@ async fn start_stops_with_the_fix_for_each_common_mistake() {
     env.dst().await.batch_execute("CREATE TABLE events(tenant_id text, id bigint, kind text, created_at timestamptz, PRIMARY KEY (tenant_id, id))")
         .await
         .expect("target table without a column");
+    // Under schema_changes = "halt" a missing column stops start-up; under
+    // the default "apply" it is added when the stream reaches the table.
+    let halt = env.write_config(
+        "halt.toml",
+        &env.config_text("").replace(
+            "checkpoint_dir =",
+            "schema_changes = \"halt\"\ncheckpoint_dir =",
+        ),
+    );
     assert_fails(
-        &config,
+        &halt,
         &["start"],
         3,
         &["target table public.events lacks column(s) body"],

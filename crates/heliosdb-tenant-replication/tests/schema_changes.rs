@@ -153,4 +153,39 @@ async fn halt_stops_with_the_table_and_the_change_and_resumes_once_fixed() {
     .await;
     let log = daemon.log();
     assert!(log.contains("column status renamed to state"), "{log}");
+
+    // Fixed by hand; then a DROP and a type change, each stopping the tenant.
+    env.dst()
+        .await
+        .batch_execute("ALTER TABLE orders RENAME COLUMN status TO state")
+        .await
+        .expect("fix rename");
+    for (ddl, fix, needle) in [
+        (
+            "ALTER TABLE orders DROP COLUMN discount; UPDATE orders SET state = 'y' WHERE id = 2",
+            "ALTER TABLE orders DROP COLUMN discount",
+            // Seen within the session: a drop; after a restart: a column no longer sent.
+            &["column discount dropped", "column discount is no longer sent by the source"][..],
+        ),
+        (
+            "ALTER TABLE orders ALTER COLUMN account_id TYPE numeric(20,2); UPDATE orders SET state = 'z' WHERE id = 3",
+            "ALTER TABLE orders ALTER COLUMN account_id TYPE numeric(20,2)",
+            &["column account_id changed to type numeric(20,2)"][..],
+        ),
+    ] {
+        let mut daemon = env.start_daemon(&config);
+        wait_tenant_equal(&env, &["orders"], Duration::from_secs(30), &daemon).await;
+        env.src().await.batch_execute(ddl).await.expect("ddl");
+        wait_until(Duration::from_secs(30), "the daemon to stop", || {
+            let exited = daemon.exited();
+            async move { exited.is_some() }
+        })
+        .await;
+        assert_eq!(daemon.exited().and_then(|s| s.code()), Some(3));
+        let log = daemon.log();
+        assert!(needle.iter().any(|n| log.contains(n)), "{needle:?}: {log}");
+        env.dst().await.batch_execute(fix).await.expect("fix");
+    }
+    let daemon = env.start_daemon(&config);
+    wait_tenant_equal(&env, &["orders"], Duration::from_secs(30), &daemon).await;
 }

@@ -150,7 +150,20 @@ pub async fn reconcile(
             }
         }
     }
-    if renames.is_empty() && drops.is_empty() && added.is_empty() && retyped.is_empty() {
+    // Columns the target has that the source does not send (and that no
+    // rename explains): dropped on the source, before this session saw it?
+    let orphans: Vec<String> = tgt
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| !sends(n) && !drops.contains(n) && !renames.iter().any(|(o, _)| o == n))
+        .collect();
+    let strict_orphans = mode == SchemaChanges::Halt && !orphans.is_empty();
+    if renames.is_empty()
+        && drops.is_empty()
+        && added.is_empty()
+        && retyped.is_empty()
+        && !strict_orphans
+    {
         return Ok(Reconciled::default());
     }
 
@@ -171,6 +184,13 @@ pub async fn reconcile(
         for (c, t) in &retyped {
             parts.push(format!("column {c} changed to type {t}"));
         }
+        if mode == SchemaChanges::Halt {
+            for o in &orphans {
+                parts.push(format!(
+                    "column {o} is no longer sent by the source (dropped or renamed there)"
+                ));
+            }
+        }
         parts.join("; ")
     };
     if mode == SchemaChanges::Halt {
@@ -181,11 +201,6 @@ pub async fn reconcile(
     }
     // A column the target has but the source no longer sends, with no earlier
     // definition to compare: renamed or dropped? Do not guess.
-    let orphans: Vec<&str> = tgt
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .filter(|n| !sends(n))
-        .collect();
     if previous.is_none() && !added.is_empty() && !orphans.is_empty() {
         return Err(ReplicationError::operator(
             format!(

@@ -134,7 +134,7 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
 }
 
 /// Ordinary tables with the tenant column, and descriptions of those left out.
-async fn tenant_tables(
+pub(crate) async fn tenant_tables(
     source: &Client,
     t: &TenantConfig,
 ) -> Result<(Vec<SourceTable>, Vec<String>)> {

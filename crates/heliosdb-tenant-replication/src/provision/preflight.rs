@@ -182,6 +182,23 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
         table.check_replica_identity(&t.tenant_column)?;
         tables.push(table);
     }
+    // Tables that carry the tenant column but are not published (added
+    // later, or left out by hand) would be silent gaps: say so at every start.
+    let (candidates, skipped) = super::tenant_tables(client, t).await?;
+    for c in candidates.iter().filter(|c| {
+        !tables
+            .iter()
+            .any(|p| p.schema == c.schema && p.name == c.name)
+    }) {
+        tracing::warn!(
+            table = %c.display(), publication = %t.publication,
+            "table has a {} column but is not in the publication: its rows are NOT replicated; run init to add it",
+            t.tenant_column
+        );
+    }
+    for s in skipped.iter().filter(|s| s.contains("partitioned")) {
+        tracing::warn!(table = %s, "not replicated");
+    }
     Ok(SourceReport {
         tables,
         slot_confirmed,
@@ -189,10 +206,41 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
 }
 
 /// Every published table exists on the target and can take the source's rows.
+/// With `[cdc] schema_changes = "apply"`, columns the target lacks are only
+/// reported: they are added when the stream reaches the new definition.
 pub async fn check_target(client: &Client, t: &TenantConfig, tables: &[SourceTable]) -> Result<()> {
     let mut problems = Vec::new();
     for table in tables {
-        if let Err(e) = TableMapping::resolve(client, table.relation_desc(), &t.tenant_column).await
+        let mut desc = (*table.relation_desc()).clone();
+        if t.schema_changes == crate::apply::schema::SchemaChanges::Apply {
+            // Columns the target lacks are added when the stream reaches the
+            // table's new definition: report them, do not stop.
+            let present: Vec<String> = client
+                .query(
+                    "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                       JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&table.schema, &table.name],
+                )
+                .await
+                .map_err(|e| ReplicationError::db(Side::Target, "reading target columns", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let missing: Vec<String> = desc
+                .columns
+                .iter()
+                .filter(|c| !present.contains(&c.name))
+                .map(|c| c.name.clone())
+                .collect();
+            if !present.is_empty() && !missing.is_empty() {
+                tracing::warn!(table = %table.display(), columns = %missing.join(", "),
+                    "the target lacks columns the source has; they are added when the source's changes to the table arrive ([cdc] schema_changes = apply)");
+                desc.columns.retain(|c| present.contains(&c.name));
+            }
+        }
+        if let Err(e) =
+            TableMapping::resolve(client, std::sync::Arc::new(desc), &t.tenant_column).await
         {
             match e {
                 ReplicationError::Operator { message, hint } => {
