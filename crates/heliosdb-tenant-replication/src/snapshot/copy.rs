@@ -32,7 +32,7 @@ pub(super) async fn run(
     pending: Vec<Range>,
 ) -> Result<u64> {
     let t = &config.tenant;
-    // Totals for the progress display, read under the same snapshot.
+    // Totals for the progress display (estimates).
     let mut total: u64 = 0;
     let mut binary = Vec::new();
     let mut seen: Vec<String> = Vec::new();
@@ -42,18 +42,21 @@ pub(super) async fn run(
             continue;
         }
         seen.push(name.clone());
-        let n: i64 = source
+        // The planner's estimate: good enough for an ETA, free unlike count(*).
+        let plan: serde_json::Value = source
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {} WHERE {} = $1::text",
+                    "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {} = {}",
                     r.table.qualified(),
-                    quote_ident(&t.tenant_column)
+                    quote_ident(&t.tenant_column),
+                    quote_literal(&t.tenant_id)
                 ),
-                &[&t.tenant_id],
+                &[],
             )
             .await
-            .map_err(src("counting the tenant's rows"))?
+            .map_err(src("estimating the tenant's rows"))?
             .get(0);
+        let n = plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0) as i64;
         total += n as u64;
         binary.push((name, binary_compatible(source, target, &r.table).await?));
     }
@@ -292,7 +295,7 @@ fn finish_display(copied: u64, total: u64) {
     }
     tracing::info!(
         rows = copied,
-        expected = total,
+        estimated = total,
         "initial copy: all ranges copied"
     );
 }

@@ -58,8 +58,8 @@ pub struct Range {
     pub block_hi: Option<i64>,
 }
 
-/// Blocks (8 KiB) per range: about 32 MiB of table.
-const BLOCKS_PER_RANGE: i64 = 4096;
+/// Blocks (8 KiB) per range: about 128 MiB of table.
+const BLOCKS_PER_RANGE: i64 = 16384;
 
 fn dst(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
     move |e| ReplicationError::db(Side::Target, context, e)
