@@ -429,3 +429,31 @@ fn command_line_basics() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_from_another_source_cluster_is_refused() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let mut daemon = env.start_daemon(&config);
+    env.src()
+        .await
+        .batch_execute("INSERT INTO events SELECT 'tenant-123', g, 'k', 'b', now() FROM generate_series(1, 10) g")
+        .await
+        .expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    assert!(daemon.terminate().0.success());
+    // As if the target had been fed from another (restored, rebuilt) source.
+    env.dst()
+        .await
+        .batch_execute("UPDATE heliosdb_replication.progress SET source_system_id = '1234567890'")
+        .await
+        .expect("tamper");
+    assert_fails(
+        &config,
+        &["start"],
+        3,
+        &[
+            "was written by another source (source system 1234567890",
+            "DELETE FROM heliosdb_replication.progress",
+        ],
+    );
+}

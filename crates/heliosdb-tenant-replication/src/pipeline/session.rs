@@ -31,11 +31,16 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
     progress::ensure_schema(&target).await?;
     preflight::check_target(&target, t, &report.tables).await?;
 
+    // Progress recorded from another source cluster is refused before
+    // anything is copied or streamed.
+    let system_id = preflight::system_id(&source).await?;
     let mut recorded = progress::load(&target, &t.tenant_id).await?;
+    if let Some(p) = &recorded {
+        p.check_source(&t.tenant_id, &system_id, &t.slot)?;
+    }
     if snapshot::wanted(config, recorded.is_some()) {
         // The slot already exists (made by hand, or a copy was interrupted):
         // copy now, stream from the slot's position, replay converges.
-        let system_id = preflight::system_id(&source).await?;
         snapshot::initial_copy(
             config,
             &report.tables,
@@ -64,9 +69,12 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
         application_name: app.clone(),
     };
     let mut stream = PgwireSource::start(&t.source, &spec).await?;
-    let system_id = stream.system_id.clone();
-    if let Some(p) = &recorded {
-        p.check_source(&t.tenant_id, &system_id, &t.slot)?;
+    if stream.system_id != system_id {
+        stream.close().await;
+        return Err(ReplicationError::Internal(format!(
+            "the replication connection reached source system {}, the SQL connection {system_id}",
+            stream.system_id
+        )));
     }
 
     let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
