@@ -203,42 +203,14 @@ async fn check_count(dst: &tokio_postgres::Client, expected: i64) -> Result<()> 
 
 /// `psql -c "COPY (SELECT …) TO STDOUT" | psql -c "COPY t FROM STDIN"`.
 fn copy_pipe(source: &Cluster, target: &Cluster, table: &str) -> Result<()> {
-    let psql = source.bindir().join("psql");
-    let mut out = Command::new(&psql)
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &source.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "bench",
-            "-c",
-        ])
-        .arg(format!(
-            "COPY (SELECT * FROM {table} WHERE tenant_id = '{TENANT}') TO STDOUT"
-        ))
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut out = psql(
+        source,
+        &format!("COPY (SELECT * FROM {table} WHERE tenant_id = '{TENANT}') TO STDOUT"),
+    )
+    .stdout(Stdio::piped())
+    .spawn()?;
     let stdout = out.stdout.take().context("psql stdout")?;
-    let status_in = Command::new(&psql)
-        .args([
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &target.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "bench",
-            "-c",
-        ])
-        .arg(format!("COPY {table} FROM STDIN"))
+    let status_in = psql(target, &format!("COPY {table} FROM STDIN"))
         .stdin(stdout)
         .status()?;
     let status_out = out.wait()?;
@@ -246,6 +218,26 @@ fn copy_pipe(source: &Cluster, target: &Cluster, table: &str) -> Result<()> {
         bail!("COPY pipe of {table} failed");
     }
     Ok(())
+}
+
+/// psql running one command against the `bench` database of `cluster`.
+fn psql(cluster: &Cluster, command: &str) -> Command {
+    let mut cmd = Command::new(cluster.bindir().join("psql"));
+    cmd.args([
+        "-X",
+        "-q",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "bench",
+        "-p",
+    ])
+    .arg(cluster.port().to_string())
+    .arg("-c")
+    .arg(command);
+    cmd
 }
 
 fn median(v: &mut [f64]) -> f64 {

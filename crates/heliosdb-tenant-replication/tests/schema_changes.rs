@@ -117,12 +117,7 @@ async fn halt_stops_with_the_table_and_the_change_and_resumes_once_fixed() {
         .batch_execute("ALTER TABLE orders ADD COLUMN discount numeric DEFAULT 5; INSERT INTO orders VALUES ('tenant-123', 500, 1, 'new', 1, '{}', now(), 9)")
         .await
         .expect("ddl");
-    wait_until(Duration::from_secs(30), "the daemon to stop", || {
-        let exited = daemon.exited();
-        async move { exited.is_some() }
-    })
-    .await;
-    assert_eq!(daemon.exited().and_then(|s| s.code()), Some(3));
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(3));
     let log = daemon.log();
     assert!(
         log.contains(
@@ -146,11 +141,7 @@ async fn halt_stops_with_the_table_and_the_change_and_resumes_once_fixed() {
     // A rename under halt is named too.
     env.src().await.batch_execute("ALTER TABLE orders RENAME COLUMN status TO state; UPDATE orders SET state = 'x' WHERE id = 1").await.expect("rename");
     let mut daemon = daemon;
-    wait_until(Duration::from_secs(30), "the daemon to stop", || {
-        let exited = daemon.exited();
-        async move { exited.is_some() }
-    })
-    .await;
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(3));
     let log = daemon.log();
     assert!(log.contains("column status renamed to state"), "{log}");
 
@@ -176,12 +167,7 @@ async fn halt_stops_with_the_table_and_the_change_and_resumes_once_fixed() {
         let mut daemon = env.start_daemon(&config);
         wait_tenant_equal(&env, &["orders"], Duration::from_secs(30), &daemon).await;
         env.src().await.batch_execute(ddl).await.expect("ddl");
-        wait_until(Duration::from_secs(30), "the daemon to stop", || {
-            let exited = daemon.exited();
-            async move { exited.is_some() }
-        })
-        .await;
-        assert_eq!(daemon.exited().and_then(|s| s.code()), Some(3));
+            assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(3));
         let log = daemon.log();
         assert!(needle.iter().any(|n| log.contains(n)), "{needle:?}: {log}");
         env.dst().await.batch_execute(fix).await.expect("fix");

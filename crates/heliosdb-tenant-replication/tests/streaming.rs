@@ -274,3 +274,57 @@ async fn an_idle_tenant_does_not_hold_back_the_slot() {
     );
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_of_several_tables_and_cascade_removes_only_the_tenants_rows() {
+    let schema = format!(
+        "{SCHEMA}
+         CREATE TABLE order_items(tenant_id text, id bigint, order_id bigint, sku text, PRIMARY KEY (tenant_id, id),
+                                  FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id));"
+    );
+    let (env, config) = Env::provisioned(&schema).await;
+    let daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    // The target holds another tenant's rows too (another daemon writes them there).
+    env.dst()
+        .await
+        .batch_execute(
+            "INSERT INTO orders VALUES ('tenant-999', 1, 0, 'other daemon', 0, '{}', now());
+             INSERT INTO order_items VALUES ('tenant-999', 1, 1, 'x');
+             INSERT INTO events VALUES ('tenant-999', 1, 'k', 'b', now());",
+        )
+        .await
+        .expect("other tenant on the target");
+    let tables = ["accounts", "orders", "events", "order_items"];
+    src.batch_execute(
+        "INSERT INTO accounts SELECT t, g, 'n', 'e', 1, now() FROM generate_series(1, 50) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO orders SELECT t, g, 1, 'new', 1, '{}', now() FROM generate_series(1, 50) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO order_items SELECT t, g, g, 'sku' FROM generate_series(1, 50) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO events SELECT t, g, 'k', 'b', now() FROM generate_series(1, 50) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);",
+    )
+    .await
+    .expect("rows");
+    wait_tenant_equal(&env, &tables, Duration::from_secs(30), &daemon).await;
+
+    src.batch_execute("TRUNCATE accounts, events")
+        .await
+        .expect("two tables at once");
+    src.batch_execute("TRUNCATE orders CASCADE")
+        .await
+        .expect("cascade to order_items");
+    src.batch_execute("INSERT INTO orders VALUES ('tenant-123', 7, 1, 'after', 1, '{}', now())")
+        .await
+        .expect("row after");
+    wait_tenant_equal(&env, &tables, Duration::from_secs(30), &daemon).await;
+    let dst = env.dst().await;
+    for t in tables {
+        let n = tenant_count(&dst, t, "tenant-999").await;
+        assert_eq!(
+            n,
+            1 - i64::from(t == "accounts"),
+            "{t}: the other tenant's rows on the target were touched"
+        );
+    }
+    assert_eq!(tenant_count(&dst, "order_items", TENANT).await, 0);
+    assert_eq!(tenant_count(&dst, "orders", TENANT).await, 1);
+}

@@ -35,6 +35,26 @@ pub struct StreamSpec {
     pub application_name: String,
 }
 
+/// The connection part of a replication session's settings.
+fn session_config(info: &ConnInfo, slot: &str, publication: &str) -> ReplicationConfig {
+    let password = info
+        .password
+        .as_ref()
+        .map(|p| p.expose().to_string())
+        .unwrap_or_default();
+    let mut cfg = ReplicationConfig::new(
+        info.host.clone(),
+        info.user.clone(),
+        password,
+        info.dbname.clone(),
+        slot.to_string(),
+        publication,
+    );
+    cfg.port = info.port;
+    cfg.tls = replication_tls(info);
+    cfg
+}
+
 /// A started replication stream.
 pub struct PgwireSource {
     client: ReplicationClient,
@@ -46,19 +66,7 @@ impl PgwireSource {
     /// Connect, identify the system, and start streaming.
     pub async fn start(info: &ConnInfo, spec: &StreamSpec) -> Result<Self> {
         let publication = format!("\"{}\"", spec.publication.replace('"', "\"\""));
-        let mut cfg = ReplicationConfig::new(
-            info.host.clone(),
-            info.user.clone(),
-            info.password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default(),
-            info.dbname.clone(),
-            spec.slot.clone(),
-            publication.as_str(),
-        );
-        cfg.port = info.port;
-        cfg.tls = replication_tls(info);
+        let mut cfg = session_config(info, &spec.slot, &publication);
         cfg.start_lsn = spec.start_lsn.into();
         cfg.ack_lsn = Some(spec.ack_lsn.into());
         cfg.status_interval = Duration::from_secs(1);
@@ -158,19 +166,7 @@ pub struct SlotSnapshot {
 impl SlotSnapshot {
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')`.
     pub async fn create(info: &ConnInfo, slot: &str) -> Result<Self> {
-        let mut cfg = ReplicationConfig::new(
-            info.host.clone(),
-            info.user.clone(),
-            info.password
-                .as_ref()
-                .map(|p| p.expose().to_string())
-                .unwrap_or_default(),
-            info.dbname.clone(),
-            slot.to_string(),
-            "unused",
-        );
-        cfg.port = info.port;
-        cfg.tls = replication_tls(info);
+        let mut cfg = session_config(info, slot, "unused");
         cfg.application_name = Some("heliosdb-tenant-replication init".into());
         let mut session = ReplicationClient::connect_gated(cfg)
             .await
