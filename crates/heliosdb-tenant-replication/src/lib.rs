@@ -26,4 +26,5 @@ pub mod lsn;
 pub mod pg;
 pub mod pipeline;
 pub mod provision;
+pub mod seal;
 pub mod snapshot;

@@ -1,0 +1,118 @@
+//! Compression of batch bodies. Decompression is bounded by the length the
+//! (authenticated) header announces, so a hostile body cannot exhaust memory.
+
+use std::io::{Read, Write};
+
+use super::SealError;
+
+/// `[compression] algorithm`, plus `None` for bodies under `min_size_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    None = 0,
+    Zstd = 1,
+    Snappy = 2,
+    Lz4 = 3,
+    Gzip = 4,
+}
+
+impl Algorithm {
+    pub fn from_wire(b: u8) -> Option<Self> {
+        Some(match b {
+            0 => Self::None,
+            1 => Self::Zstd,
+            2 => Self::Snappy,
+            3 => Self::Lz4,
+            4 => Self::Gzip,
+            _ => return None,
+        })
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "none" => Self::None,
+            "zstd" => Self::Zstd,
+            "snappy" => Self::Snappy,
+            "lz4" => Self::Lz4,
+            "gzip" => Self::Gzip,
+            _ => return None,
+        })
+    }
+}
+
+/// How to compress.
+#[derive(Debug, Clone, Copy)]
+pub struct Compression {
+    pub algorithm: Algorithm,
+    /// zstd 1–22, gzip 0–9; ignored by snappy and lz4.
+    pub level: i32,
+    /// Bodies smaller than this are not compressed.
+    pub min_size_bytes: usize,
+}
+
+pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<u8>), SealError> {
+    let algorithm = if plain.len() < c.min_size_bytes {
+        Algorithm::None
+    } else {
+        c.algorithm
+    };
+    let fail = |e: std::io::Error| SealError::Compression(e.to_string());
+    let out = match algorithm {
+        Algorithm::None => plain.to_vec(),
+        Algorithm::Zstd => zstd::bulk::compress(plain, c.level).map_err(fail)?,
+        Algorithm::Snappy => snap::raw::Encoder::new()
+            .compress_vec(plain)
+            .map_err(|e| SealError::Compression(e.to_string()))?,
+        Algorithm::Lz4 => lz4_flex::block::compress(plain),
+        Algorithm::Gzip => {
+            let level = flate2::Compression::new(c.level.clamp(0, 9) as u32);
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
+            enc.write_all(plain).map_err(fail)?;
+            enc.finish().map_err(fail)?
+        }
+    };
+    Ok((algorithm, out))
+}
+
+/// Decompress to exactly `plain_len` bytes, never more.
+pub(super) fn decompress(
+    algorithm: Algorithm,
+    body: &[u8],
+    plain_len: usize,
+) -> Result<Vec<u8>, SealError> {
+    let bad = |what: String| SealError::Compression(what);
+    let out = match algorithm {
+        Algorithm::None => body.to_vec(),
+        Algorithm::Zstd => {
+            zstd::bulk::decompress(body, plain_len).map_err(|e| bad(e.to_string()))?
+        }
+        Algorithm::Snappy => {
+            let n = snap::raw::decompress_len(body).map_err(|e| bad(e.to_string()))?;
+            if n != plain_len {
+                return Err(bad(format!(
+                    "snappy body announces {n} bytes, header {plain_len}"
+                )));
+            }
+            snap::raw::Decoder::new()
+                .decompress_vec(body)
+                .map_err(|e| bad(e.to_string()))?
+        }
+        Algorithm::Lz4 => {
+            lz4_flex::block::decompress(body, plain_len).map_err(|e| bad(e.to_string()))?
+        }
+        Algorithm::Gzip => {
+            let mut out = Vec::with_capacity(plain_len.min(1 << 20));
+            flate2::read::GzDecoder::new(body)
+                .take(plain_len as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| bad(e.to_string()))?;
+            out
+        }
+    };
+    if out.len() != plain_len {
+        return Err(bad(format!(
+            "body decompressed to {} bytes, header says {plain_len}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
