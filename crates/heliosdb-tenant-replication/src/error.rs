@@ -89,7 +89,11 @@ impl ReplicationError {
         let message = match e.as_db_error() {
             Some(db) => {
                 let mut m = db.message().to_string();
-                if let Some(d) = db.detail() {
+                // Data errors carry row values in their detail ("Failing
+                // row contains …"): tenant data stays out of logs.
+                let data_error =
+                    db.code().code().starts_with("22") || db.code().code().starts_with("23");
+                if let Some(d) = db.detail().filter(|_| !data_error) {
                     m.push_str(&format!(" ({d})"));
                 }
                 if let Some(h) = db.hint() {

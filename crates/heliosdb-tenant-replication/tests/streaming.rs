@@ -328,3 +328,48 @@ async fn truncate_of_several_tables_and_cascade_removes_only_the_tenants_rows() 
     assert_eq!(tenant_count(&dst, "order_items", TENANT).await, 0);
     assert_eq!(tenant_count(&dst, "orders", TENANT).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_the_batch_order_breaks_fall_back_to_source_order_and_real_violations_stop() {
+    let schema =
+        format!("{SCHEMA} CREATE UNIQUE INDEX accounts_email ON accounts (tenant_id, email);");
+    let (env, config) = Env::provisioned(&schema).await;
+    let mut daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO accounts VALUES ('tenant-123', 1, 'a', 'x@example.com', 1, now()), ('tenant-123', 2, 'b', 'y@example.com', 1, now())",
+    )
+    .await
+    .expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    // Swap two unique values in one transaction: valid in source order,
+    // a unique violation when coalesced into one statement.
+    src.batch_execute(
+        "BEGIN;
+         UPDATE accounts SET email = 'tmp@example.com' WHERE id = 1;
+         UPDATE accounts SET email = 'x@example.com' WHERE id = 2;
+         UPDATE accounts SET email = 'y@example.com' WHERE id = 1;
+         COMMIT;",
+    )
+    .await
+    .expect("swap");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+
+    // A constraint only the target has: the tenant stops, naming table and key.
+    env.dst()
+        .await
+        .batch_execute("ALTER TABLE orders ADD CONSTRAINT positive CHECK (amount >= 0)")
+        .await
+        .expect("check");
+    src.batch_execute("INSERT INTO orders VALUES ('tenant-123', 5, 0, 'refund', -10, '{}', now())")
+        .await
+        .expect("row");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)), Some(3));
+    let log = daemon.log();
+    assert!(
+        log.contains("target rejected a change to public.orders (primary key tenant-123, 5)"),
+        "{log}"
+    );
+    assert!(log.contains("violates check constraint \"positive\""), "{log}");
+    assert!(!log.contains("Failing row contains") && !log.contains("refund"), "row values in the log:\n{log}");
+}

@@ -35,7 +35,7 @@ use crate::batch::{has_unchanged, key_of, Chunk, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{RowChange, RowOp};
 use crate::checkpoint::progress;
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{ErrorClass, ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use catalog::TableMapping;
 
@@ -332,7 +332,12 @@ impl Applier {
         let chunk = std::mem::take(&mut self.chunk);
         let plans = chunk.plan()?;
         if chunk.len() == 1 {
-            return self.apply_plans(&plans).await;
+            return match self.apply_plans(&plans).await {
+                Err(e) if e.class() == ErrorClass::OperatorAction => {
+                    Err(rejected(&chunk.ops[0], e))
+                }
+                other => other,
+            };
         }
         self.client
             .batch_execute("SAVEPOINT heliosdb_chunk")
@@ -340,7 +345,11 @@ impl Applier {
             .map_err(target_err("SAVEPOINT"))?;
         match self.apply_plans(&plans).await {
             Ok(()) => {}
-            Err(e @ ReplicationError::Database { .. }) if e.code().is_some() => {
+            // A constraint the source's order would satisfy; passing errors
+            // (deadlock, lost connection) go up and the session retries.
+            Err(e @ ReplicationError::Database { .. })
+                if e.class() == ErrorClass::OperatorAction =>
+            {
                 tracing::debug!(error = %e, "bulk apply failed; replaying the chunk row by row");
                 self.client
                     .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
@@ -351,22 +360,14 @@ impl Applier {
                     one.push(mapping.clone(), op);
                     let plans = one.plan()?;
                     if let Err(e) = self.apply_plans(&plans).await {
-                        let key = one.ops.first().and_then(|(m, op)| {
-                            let t = match op {
-                                RowOp::Insert { new } | RowOp::Update { new, .. } => new,
-                                RowOp::Delete { old } => old,
-                            };
-                            key_of(m, t).ok()
-                        });
-                        return Err(ReplicationError::operator(
-                            format!(
-                                "target rejected a change to {} (primary key {}): {e}",
-                                mapping.display,
-                                key.map(|k| k.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>().join(", "))
-                                    .unwrap_or_default()
-                            ),
-                            "make the target table's constraints match the source's (the source accepted this change)",
-                        ));
+                        if e.class() != ErrorClass::OperatorAction {
+                            return Err(e);
+                        }
+                        return Err(one
+                            .ops
+                            .first()
+                            .map(|op| rejected(op, e))
+                            .unwrap_or_else(|| ReplicationError::Internal("empty chunk".into())));
                     }
                 }
             }
@@ -480,6 +481,30 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// The target refused a change the source accepted: name the table and the
+/// primary key (never the row's other values).
+fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> ReplicationError {
+    let t = match op {
+        RowOp::Insert { new } | RowOp::Update { new, .. } => new,
+        RowOp::Delete { old } => old,
+    };
+    let key = key_of(mapping, t)
+        .map(|k| {
+            k.iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    ReplicationError::operator(
+        format!(
+            "target rejected a change to {} (primary key {key}): {e}",
+            mapping.display
+        ),
+        "make the target table's constraints match the source's (the source accepted this change)",
+    )
 }
 
 fn text(v: &Value) -> Result<Option<&str>> {
