@@ -370,6 +370,12 @@ async fn constraints_the_batch_order_breaks_fall_back_to_source_order_and_real_v
         log.contains("target rejected a change to public.orders (primary key tenant-123, 5)"),
         "{log}"
     );
-    assert!(log.contains("violates check constraint \"positive\""), "{log}");
-    assert!(!log.contains("Failing row contains") && !log.contains("refund"), "row values in the log:\n{log}");
+    assert!(
+        log.contains("violates check constraint \"positive\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains("Failing row contains") && !log.contains("refund"),
+        "row values in the log:\n{log}"
+    );
 }
