@@ -151,6 +151,16 @@ impl ReplicationError {
     }
 }
 
+/// `map_err` helper: a source error with what we were doing.
+pub fn on_source(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
+    move |e| ReplicationError::db(Side::Source, context, e)
+}
+
+/// `map_err` helper: a target error with what we were doing.
+pub fn on_target(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
+    move |e| ReplicationError::db(Side::Target, context, e)
+}
+
 /// What to do about common database errors.
 fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
     let var = match side {

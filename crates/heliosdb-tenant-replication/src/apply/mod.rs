@@ -35,7 +35,7 @@ use crate::batch::{has_unchanged, key_of, Chunk, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{RowChange, RowOp};
 use crate::checkpoint::progress;
-use crate::error::{ErrorClass, ReplicationError, Result, Side};
+use crate::error::{on_target as target_err, ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
 use catalog::TableMapping;
 
@@ -83,10 +83,6 @@ pub struct Applier {
     /// The last source commit inside the open target transaction.
     pending_commit: Option<CommitPoint>,
     pub stats: ApplyStats,
-}
-
-fn target_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
-    move |e| ReplicationError::db(Side::Target, context, e)
 }
 
 impl Applier {

@@ -72,19 +72,6 @@ async fn source_columns(source: &Client, rel: &RelationDesc) -> Result<Vec<Sourc
         .collect())
 }
 
-async fn target_columns(target: &Client, rel: &RelationDesc) -> Result<Vec<(String, String)>> {
-    let rows = target
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&rel.namespace, &rel.name],
-        )
-        .await
-        .map_err(|e| ReplicationError::db(Side::Target, "reading the target table definition", e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
 /// Bring the target table in line with `rel` (the previous definition seen
 /// in this session, if any, tells renames and drops apart). Runs inside the
 /// open target transaction.
@@ -95,7 +82,11 @@ pub async fn reconcile(
     previous: Option<&RelationDesc>,
     mode: SchemaChanges,
 ) -> Result<Reconciled> {
-    let tgt = target_columns(target, rel).await?;
+    let tgt = crate::pg::columns(target, &rel.namespace, &rel.name)
+        .await
+        .map_err(|e| {
+            ReplicationError::db(Side::Target, "reading the target table definition", e)
+        })?;
     if tgt.is_empty() {
         return Ok(Reconciled::default()); // missing table: reported by the mapping check
     }

@@ -96,6 +96,24 @@ where
     });
 }
 
+/// Columns of `schema.table` (not dropped) in order, with their types as
+/// `format_type` spells them (type modifier included); empty if no table.
+pub async fn columns(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    table: &str,
+) -> std::result::Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Quote an identifier as PostgreSQL's `quote_ident` does (always quoting).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use crate::capture::stream::SlotSnapshot;
 use crate::checkpoint::progress;
 use crate::config::{Config, TenantConfig};
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{on_source as src, ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
 use crate::snapshot::{self, Snapshot};
 use catalog::{source_table, SourceTable};
@@ -26,10 +26,6 @@ use catalog::{source_table, SourceTable};
 #[derive(Debug, Default)]
 pub struct InitReport {
     pub lines: Vec<String>,
-}
-
-fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
-    move |e| ReplicationError::db(Side::Source, context, e)
 }
 
 /// Provision the tenant: publication and slot on the source, progress schema

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use super::catalog::{source_table, SourceTable};
 use crate::apply::catalog::TableMapping;
 use crate::config::TenantConfig;
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{on_source as src, on_target, ReplicationError, Result};
 use crate::lsn::Lsn;
 use crate::pg::quote_literal;
 
@@ -16,10 +16,6 @@ pub struct SourceReport {
     pub tables: Vec<SourceTable>,
     /// The slot's confirmed position.
     pub slot_confirmed: Lsn,
-}
-
-fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
-    move |e| ReplicationError::db(Side::Source, context, e)
 }
 
 /// The source can do logical replication, and the role may.
@@ -215,17 +211,11 @@ pub async fn check_target(client: &Client, t: &TenantConfig, tables: &[SourceTab
         if t.schema_changes == crate::apply::schema::SchemaChanges::Apply {
             // Columns the target lacks are added when the stream reaches the
             // table's new definition: report them, do not stop.
-            let present: Vec<String> = client
-                .query(
-                    "SELECT a.attname::text FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-                       JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-                    &[&table.schema, &table.name],
-                )
+            let present: Vec<String> = crate::pg::columns(client, &table.schema, &table.name)
                 .await
-                .map_err(|e| ReplicationError::db(Side::Target, "reading target columns", e))?
-                .iter()
-                .map(|r| r.get(0))
+                .map_err(on_target("reading target columns"))?
+                .into_iter()
+                .map(|(name, _)| name)
                 .collect();
             let missing: Vec<String> = desc
                 .columns

@@ -1,7 +1,7 @@
 //! `status`: where a tenant's replication stands, read from both databases.
 
 use crate::config::Config;
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{on_source as src, on_target as dst, Result, Side};
 use crate::pg;
 
 /// Lines for the terminal, and the tenant's state
@@ -11,8 +11,6 @@ pub async fn status(config: &Config) -> Result<(String, Vec<String>)> {
     let app = "heliosdb-tenant-replication status";
     let target = pg::connect(&t.target, &config.network, Side::Target, app).await?;
     let source = pg::connect(&t.source, &config.network, Side::Source, app).await?;
-    let dst = |c: &'static str| move |e| ReplicationError::db(Side::Target, c, e);
-    let src = |c: &'static str| move |e| ReplicationError::db(Side::Source, c, e);
     let has_schema: bool = target
         .query_one(
             "SELECT to_regclass('heliosdb_replication.copy_state') IS NOT NULL",

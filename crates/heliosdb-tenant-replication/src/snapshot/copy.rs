@@ -10,8 +10,9 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, Transaction};
 
-use super::{dst, src, Range};
+use super::Range;
 use crate::config::Config;
+use crate::error::{on_source as src, on_target as dst};
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
 use crate::provision::catalog::SourceTable;
@@ -162,24 +163,12 @@ pub(super) async fn binary_compatible(
     target: &impl tokio_postgres::GenericClient,
     table: &SourceTable,
 ) -> Result<bool> {
-    let sql = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
-    let types = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, String)> {
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
-    };
-    let s = types(
-        source
-            .query(sql, &[&table.schema, &table.name])
-            .await
-            .map_err(src("reading column types"))?,
-    );
-    let d = types(
-        target
-            .query(sql, &[&table.schema, &table.name])
-            .await
-            .map_err(dst("reading column types"))?,
-    );
+    let s = pg::columns(source, &table.schema, &table.name)
+        .await
+        .map_err(src("reading column types"))?;
+    let d = pg::columns(target, &table.schema, &table.name)
+        .await
+        .map_err(dst("reading column types"))?;
     Ok(table.columns.iter().all(|(name, _)| {
         let st = s.iter().find(|(n, _)| n == name).map(|(_, t)| t);
         let dt = d.iter().find(|(n, _)| n == name).map(|(_, t)| t);

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{on_source as src, on_target as dst, ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg::{self, quote_ident, quote_literal};
 use crate::provision::catalog::SourceTable;
@@ -60,14 +60,6 @@ pub struct Range {
 
 /// Blocks (8 KiB) per range: about 128 MiB of table.
 const BLOCKS_PER_RANGE: i64 = 16384;
-
-fn dst(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
-    move |e| ReplicationError::db(Side::Target, context, e)
-}
-
-fn src(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplicationError + '_ {
-    move |e| ReplicationError::db(Side::Source, context, e)
-}
 
 /// Does the tenant still need its initial copy? (No progress yet, and
 /// `[cdc] start_lsn = 0`.)
