@@ -170,7 +170,7 @@ async fn resync(config: Arc<Config>, table: Option<String>) -> ExitCode {
     let t = &config.tenant;
     let result = async {
         let target = crate::pg::connect(
-            &t.target,
+            t.target()?,
             &config.network,
             crate::error::Side::Target,
             "heliosdb-tenant-replication resync",

@@ -35,6 +35,9 @@ pub enum ReplicationError {
     /// The replication stream failed.
     #[error("source replication stream: {message}")]
     Stream { message: String, class: ErrorClass },
+    /// Shipping batches between a capture and an apply node failed.
+    #[error("transport: {message}")]
+    Transport { message: String, class: ErrorClass },
     /// A check found something a person has to fix.
     #[error("{message}\n  fix: {hint}")]
     Operator { message: String, hint: String },
@@ -69,7 +72,9 @@ impl ReplicationError {
     /// The one place errors are classified.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Database { class, .. } | Self::Stream { class, .. } => *class,
+            Self::Database { class, .. }
+            | Self::Stream { class, .. }
+            | Self::Transport { class, .. } => *class,
             Self::Operator { .. } => ErrorClass::OperatorAction,
             Self::Checkpoint(e) => e.class(),
             Self::Decode(_) | Self::Internal(_) => ErrorClass::Fatal,

@@ -10,6 +10,9 @@
 //!                  ▲                    │
 //!                  └── checkpoint ◄─────┘  (progress committed with the data;
 //!                                           slot acknowledged after commit)
+//!
+//! split deployment (capture node ─► apply node, another region):
+//! capture ─► transport::codec ─► seal ─► transport (HTTPS, TLS 1.3, mTLS) ─► open ─► apply
 //! ```
 //!
 //! `pipeline` wires the stages for one tenant; the binary (`main.rs`, `cli`)
@@ -28,3 +31,4 @@ pub mod pipeline;
 pub mod provision;
 pub mod seal;
 pub mod snapshot;
+pub mod transport;

@@ -9,46 +9,6 @@ use std::time::Duration;
 use common::*;
 use rand::{Rng, SeedableRng};
 
-/// Random small transactions for three tenants until `stop`.
-async fn workload(env_url: String, seed: u64, stop: Arc<AtomicBool>) -> u64 {
-    let (client, conn) = tokio_postgres::connect(&env_url, tokio_postgres::NoTls)
-        .await
-        .expect("workload connect");
-    tokio::spawn(conn);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let tenants = ["tenant-123", "tenant-123", "tenant-456", "tenant-789"];
-    let mut txns = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let tenant = tenants[rng.random_range(0..tenants.len())];
-        let base: i64 = rng.random_range(0..2000);
-        let n: i64 = rng.random_range(1..40);
-        let sql = match rng.random_range(0..10) {
-            0..=4 => format!(
-                "INSERT INTO orders SELECT '{tenant}', g, g % 97, 'new', g * 1.01, jsonb_build_object('g', g), now()
-                   FROM generate_series({base}, {base} + {n}) g ON CONFLICT DO NOTHING"
-            ),
-            5..=7 => format!(
-                "UPDATE orders SET status = 'paid', amount = amount + 1, payload = payload || jsonb_build_object('u', {base})
-                   WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n}"
-            ),
-            8 => format!("DELETE FROM orders WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n} / 4"),
-            _ => format!(
-                "INSERT INTO events SELECT '{tenant}', g, 'k', md5(g::text), now() FROM generate_series({base}, {base} + {n}) g
-                   ON CONFLICT (tenant_id, id) DO UPDATE SET kind = 'again'"
-            ),
-        };
-        if client
-            .batch_execute(&format!("BEGIN; {sql}; COMMIT;"))
-            .await
-            .is_ok()
-        {
-            txns += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
-    }
-    txns
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_and_restart_lose_and_double_nothing() {
     let (env, config) = Env::provisioned(SCHEMA).await;

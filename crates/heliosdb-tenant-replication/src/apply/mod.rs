@@ -68,8 +68,8 @@ pub struct ApplyIdentity {
 /// Applies one tenant's changes through one target connection.
 pub struct Applier {
     client: Client,
-    /// For the source's catalog when a table definition changes.
-    source: Client,
+    /// The source's catalog, read when a table definition changes.
+    source: schema::SourceCatalog,
     schema_changes: schema::SchemaChanges,
     id: ApplyIdentity,
     batch_size: usize,
@@ -82,13 +82,15 @@ pub struct Applier {
     pending_events: u64,
     /// The last source commit inside the open target transaction.
     pending_commit: Option<CommitPoint>,
+    /// The last sealed batch inside the open target transaction (apply node).
+    pending_batch: Option<progress::BatchMark>,
     pub stats: ApplyStats,
 }
 
 impl Applier {
     pub async fn new(
         client: Client,
-        source: Client,
+        source: schema::SourceCatalog,
         schema_changes: schema::SchemaChanges,
         id: ApplyIdentity,
         batch_size: usize,
@@ -113,6 +115,7 @@ impl Applier {
             opened_at: None,
             pending_events: 0,
             pending_commit: None,
+            pending_batch: None,
             stats: ApplyStats::default(),
         })
     }
@@ -125,6 +128,11 @@ impl Applier {
     /// The target connection, mutable (for transactions outside apply).
     pub fn client_mut(&mut self) -> &mut Client {
         &mut self.client
+    }
+
+    /// The source catalog (an apply node adds what the capture node ships).
+    pub fn source_catalog_mut(&mut self) -> &mut schema::SourceCatalog {
+        &mut self.source
     }
 
     /// Is a target transaction open (holding applied, uncommitted changes)?
@@ -258,6 +266,11 @@ impl Applier {
         self.stats.transactions += 1;
     }
 
+    /// Record a sealed batch with the next commit (apply node).
+    pub fn mark_batch(&mut self, mark: progress::BatchMark) {
+        self.pending_batch = Some(mark);
+    }
+
     /// Commit the target transaction with its progress record. Returns the
     /// source commit it covers. Only call between source transactions.
     pub async fn commit(&mut self) -> Result<Option<CommitPoint>> {
@@ -267,6 +280,10 @@ impl Applier {
         self.flush().await?;
         if let Some(p) = self.pending_commit {
             let stmt = self.prepared(progress::UPSERT_SQL.to_string()).await?;
+            let batch = self.pending_batch.take();
+            let sequence = batch.as_ref().map(|b| b.sequence as i64);
+            let key_id = batch.as_ref().map(|b| b.key_id.as_str());
+            let key_batches = batch.as_ref().map(|b| b.key_batches as i64);
             self.client
                 .execute(
                     &stmt,
@@ -277,6 +294,9 @@ impl Applier {
                         &p.commit_lsn.to_string(),
                         &p.end_lsn.to_string(),
                         &p.commit_time_us,
+                        &sequence,
+                        &key_id,
+                        &key_batches,
                     ],
                 )
                 .await
@@ -296,6 +316,7 @@ impl Applier {
     pub async fn rollback(&mut self) {
         self.chunk = Chunk::default();
         self.pending_commit = None;
+        self.pending_batch = None;
         self.pending_events = 0;
         if self.open {
             let _ = self.client.batch_execute("ROLLBACK").await;

@@ -19,6 +19,8 @@
 //! an add?) stops the tenant with the table, the change and the fix, as does
 //! every change under `"halt"`. Wrong data is never written.
 
+use std::collections::HashMap;
+
 use tokio_postgres::Client;
 
 use crate::capture::pgoutput::RelationDesc;
@@ -33,13 +35,23 @@ pub enum SchemaChanges {
 }
 
 /// A column as the source's catalog describes it now.
-#[derive(Debug, Clone)]
-struct SourceColumn {
-    name: String,
-    type_name: String,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceColumn {
+    pub name: String,
+    pub type_name: String,
     /// The value rows that existed when the column was added got.
-    missing_value: Option<String>,
-    has_default: bool,
+    pub missing_value: Option<String>,
+    pub has_default: bool,
+}
+
+/// Where a table's current definition on the source comes from when its
+/// relation changes.
+pub enum SourceCatalog {
+    /// Ask the source (capture and apply in one process).
+    Live(Client),
+    /// Sent by the capture node with each relation (an apply node has no
+    /// source connection), by relation id.
+    Shipped(HashMap<u32, Vec<SourceColumn>>),
 }
 
 /// What reconciling did.
@@ -50,7 +62,23 @@ pub struct Reconciled {
     pub needs_resync: bool,
 }
 
-async fn source_columns(source: &Client, rel: &RelationDesc) -> Result<Vec<SourceColumn>> {
+async fn source_columns(source: &SourceCatalog, rel: &RelationDesc) -> Result<Vec<SourceColumn>> {
+    match source {
+        SourceCatalog::Live(client) => describe_source_table(client, rel).await,
+        SourceCatalog::Shipped(map) => map.get(&rel.id).cloned().ok_or_else(|| {
+            ReplicationError::Internal(format!(
+                "the capture node sent no source definition of {}.{}",
+                rel.namespace, rel.name
+            ))
+        }),
+    }
+}
+
+/// The source catalog's columns of `rel` (the capture node ships them).
+pub async fn describe_source_table(
+    source: &Client,
+    rel: &RelationDesc,
+) -> Result<Vec<SourceColumn>> {
     let rows = source
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
@@ -77,7 +105,7 @@ async fn source_columns(source: &Client, rel: &RelationDesc) -> Result<Vec<Sourc
 /// open target transaction.
 pub async fn reconcile(
     target: &Client,
-    source: &Client,
+    source: &SourceCatalog,
     rel: &RelationDesc,
     previous: Option<&RelationDesc>,
     mode: SchemaChanges,

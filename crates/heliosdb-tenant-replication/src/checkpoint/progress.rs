@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.progress (
     commit_time      timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+-- Split deployment: the last sealed batch applied, and how many batches
+-- the capture node's current key has sealed (its cap survives restarts).
+ALTER TABLE heliosdb_replication.progress
+    ADD COLUMN IF NOT EXISTS batch_sequence bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS seal_key_id text,
+    ADD COLUMN IF NOT EXISTS seal_key_batches bigint;
 CREATE TABLE IF NOT EXISTS heliosdb_replication.copy_state (
     tenant_id  text NOT NULL,
     table_name text NOT NULL,
@@ -40,10 +46,15 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.resync_requests (
 /// The SQL that records progress; run inside the apply transaction.
 pub const UPSERT_SQL: &str = "
 INSERT INTO heliosdb_replication.progress
-    (tenant_id, slot_name, source_system_id, commit_lsn, end_lsn, commit_time, updated_at)
+    (tenant_id, slot_name, source_system_id, commit_lsn, end_lsn, commit_time, updated_at,
+     batch_sequence, seal_key_id, seal_key_batches)
 VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::pg_lsn,
-        timestamptz '2000-01-01 00:00:00+00' + $6::bigint * interval '1 microsecond', now())
+        timestamptz '2000-01-01 00:00:00+00' + $6::bigint * interval '1 microsecond', now(),
+        COALESCE($7::bigint, 0), $8::text, $9::bigint)
 ON CONFLICT (tenant_id) DO UPDATE SET
+    batch_sequence = COALESCE($7::bigint, heliosdb_replication.progress.batch_sequence),
+    seal_key_id = COALESCE($8::text, heliosdb_replication.progress.seal_key_id),
+    seal_key_batches = COALESCE($9::bigint, heliosdb_replication.progress.seal_key_batches),
     slot_name = EXCLUDED.slot_name,
     source_system_id = EXCLUDED.source_system_id,
     commit_lsn = EXCLUDED.commit_lsn,
@@ -60,6 +71,19 @@ pub struct Progress {
     pub commit_lsn: Lsn,
     /// End of that commit record: where streaming resumes.
     pub end_lsn: Lsn,
+    /// Split deployment: the last sealed batch applied (0: none).
+    pub batch_sequence: u64,
+    /// Split deployment: the capture node's sealing key and how many
+    /// batches it had sealed by that batch.
+    pub seal_key: Option<(String, u64)>,
+}
+
+/// What a sealed batch adds to the progress record (apply node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMark {
+    pub sequence: u64,
+    pub key_id: String,
+    pub key_batches: u64,
 }
 
 /// Create the daemon's schema and tables where missing.
@@ -81,7 +105,8 @@ pub async fn ensure_schema(target: &Client) -> Result<()> {
 pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
     let row = target
         .query_opt(
-            "SELECT slot_name, source_system_id, commit_lsn::text, end_lsn::text
+            "SELECT slot_name, source_system_id, commit_lsn::text, end_lsn::text,
+                    batch_sequence, seal_key_id, seal_key_batches
                FROM heliosdb_replication.progress WHERE tenant_id = $1",
             &[&tenant],
         )
@@ -99,6 +124,14 @@ pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
         source_system_id: row.get(1),
         commit_lsn: parse(row.get(2))?,
         end_lsn: parse(row.get(3))?,
+        batch_sequence: row.get::<_, i64>(4).max(0) as u64,
+        seal_key: match (
+            row.get::<_, Option<String>>(5),
+            row.get::<_, Option<i64>>(6),
+        ) {
+            (Some(id), Some(n)) => Some((id, n.max(0) as u64)),
+            _ => None,
+        },
     }))
 }
 

@@ -46,8 +46,10 @@ pub struct Notice {
 #[derive(Debug, Clone)]
 pub struct TenantConfig {
     pub tenant_id: String,
-    pub source: ConnInfo,
-    pub target: ConnInfo,
+    /// `None` only on an apply node (`[transport] mode = "apply"`).
+    pub source: Option<ConnInfo>,
+    /// `None` only on a capture node (`[transport] mode = "capture"`).
+    pub target: Option<ConnInfo>,
     pub slot: String,
     pub publication: String,
     pub tenant_column: String,
@@ -58,6 +60,76 @@ pub struct TenantConfig {
     pub checkpoint_dir: PathBuf,
     /// What to do when a table's definition changes on the source.
     pub schema_changes: crate::apply::schema::SchemaChanges,
+}
+
+impl TenantConfig {
+    /// The source connection; an apply node has none.
+    pub fn source(&self) -> Result<&ConnInfo, crate::error::ReplicationError> {
+        self.source.as_ref().ok_or_else(|| {
+            crate::error::ReplicationError::operator(
+                "this node runs apply only ([transport] mode = \"apply\") and has no source connection",
+                "run this command with a configuration that names the source (the capture node's, or mode = \"local\")",
+            )
+        })
+    }
+
+    /// The target connection; a capture node has none.
+    pub fn target(&self) -> Result<&ConnInfo, crate::error::ReplicationError> {
+        self.target.as_ref().ok_or_else(|| {
+            crate::error::ReplicationError::operator(
+                "this node runs capture only ([transport] mode = \"capture\") and has no target connection",
+                "run this command with a configuration that names the target (the apply node's, or mode = \"local\")",
+            )
+        })
+    }
+}
+
+/// Where capture and apply run (`[transport] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Both in this process; nothing crosses a network between them.
+    Local,
+    /// Read the source and ship sealed batches to an apply node.
+    Capture,
+    /// Receive sealed batches and apply them to the target.
+    Apply,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Capture => "capture",
+            Self::Apply => "apply",
+        }
+    }
+}
+
+/// `[transport]`: TLS 1.3 with certificates on both sides.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub mode: Mode,
+    /// Capture node: the apply node's base URL.
+    pub apply_url: Option<String>,
+    /// Apply node: where to listen.
+    pub listen_address: Option<std::net::SocketAddr>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub request_timeout: Duration,
+}
+
+/// `[compression]` and `[encryption]`: how batches are sealed when they
+/// cross the network.
+#[derive(Debug, Clone)]
+pub struct SealConfig {
+    pub compression: crate::seal::Algorithm,
+    pub level: i32,
+    pub min_size_bytes: usize,
+    pub dictionary_path: Option<PathBuf>,
+    /// A key file (`openssl rand -hex 32`) or a keys directory
+    /// (`<dir>/<tenant>/<key_id>.key`).
+    pub key_path: Option<PathBuf>,
 }
 
 /// Batching and flow control.
@@ -91,6 +163,8 @@ pub struct Config {
     pub tenant: TenantConfig,
     pub batch: BatchConfig,
     pub network: NetworkConfig,
+    pub transport: TransportConfig,
+    pub seal: SealConfig,
     pub worker_threads: usize,
     pub notices: Vec<Notice>,
     raw_view: toml::Table,
@@ -263,12 +337,24 @@ fn resolve(
             format!("'{tenant_id}' is not allowed: use 1 to 128 characters from A-Z a-z 0-9 - _ . (it names the checkpoint file)"),
         ));
     }
+    let mode = match raw.transport.mode.as_deref() {
+        None | Some("local") => Mode::Local,
+        Some("capture") => Mode::Capture,
+        Some("apply") => Mode::Apply,
+        Some(other) => {
+            return Err(c.err(
+                "[transport] mode",
+                format!("'{other}' is not allowed: local (capture and apply in this process), capture, or apply"),
+            ))
+        }
+    };
     let source = connection(
         &c,
         "source",
         raw.replication.source_connection.as_deref(),
         raw.source.as_ref().and_then(|s| s.connection.as_deref()),
         env("REPLICATION_SOURCE_CONNECTION"),
+        mode != Mode::Apply,
     )?;
     let target = connection(
         &c,
@@ -276,12 +362,18 @@ fn resolve(
         raw.replication.target_connection.as_deref(),
         raw.target.as_ref().and_then(|s| s.connection.as_deref()),
         env("REPLICATION_TARGET_CONNECTION"),
+        mode != Mode::Capture,
     )?;
-    if source.host == target.host && source.port == target.port && source.dbname == target.dbname {
-        return Err(c.err(
-            "[replication] target_connection",
-            format!("source and target are the same database ({}:{}/{}); the target must be another database", target.host, target.port, target.dbname),
-        ));
+    if let (Some(source), Some(target)) = (&source, &target) {
+        if source.host == target.host
+            && source.port == target.port
+            && source.dbname == target.dbname
+        {
+            return Err(c.err(
+                "[replication] target_connection",
+                format!("source and target are the same database ({}:{}/{}); the target must be another database", target.host, target.port, target.dbname),
+            ));
+        }
     }
 
     // --- features ---
@@ -439,8 +531,27 @@ fn resolve(
         || level.is_some()
         || min_size.is_some()
         || raw.compression.dictionary_path.is_some();
-    if f.enable_compression == Some(true) || compression_set {
-        notice("[compression]", "not yet in effect: capture and apply run in one process, so no batch crosses a network; batches are compressed (zstd, snappy, lz4, gzip) when sealed for the split capture/apply deployment, which is not built yet");
+    if mode == Mode::Local && (f.enable_compression == Some(true) || compression_set) {
+        notice("[compression]", "no effect with [transport] mode = \"local\": capture and apply run in this process, so no batch crosses a network; batches are compressed when a capture node ships them to an apply node");
+    }
+    let compression = if f.enable_compression == Some(false) {
+        crate::seal::Algorithm::None
+    } else {
+        crate::seal::Algorithm::from_name(algorithm).unwrap_or(crate::seal::Algorithm::Zstd)
+    };
+    let default_level = if algorithm == "gzip" { 6 } else { 3 };
+    let min_size_bytes = c.range(
+        "[compression] min_size_bytes",
+        min_size,
+        512,
+        0,
+        crate::seal::MAX_PLAIN_LEN as u64,
+    )? as usize;
+    if raw.compression.dictionary_path.is_some() && algorithm != "zstd" {
+        return Err(c.err(
+            "[compression] dictionary_path",
+            format!("dictionaries are used by zstd only (algorithm is {algorithm}); remove the key or choose zstd"),
+        ));
     }
 
     // --- encryption ---
@@ -453,12 +564,36 @@ fn resolve(
         }
     }
     let e = &raw.encryption;
-    if f.enable_encryption == Some(true)
-        || e.key_file.is_some()
-        || e.kms_key_arn.is_some()
-        || e.key_rotation_days.is_some()
+    if mode == Mode::Local
+        && (f.enable_encryption == Some(true)
+            || e.key_file.is_some()
+            || e.kms_key_arn.is_some()
+            || e.key_rotation_days.is_some())
     {
-        notice("[encryption]", "not yet in effect: batches are sealed with the tenant key (AES-256-GCM) only when shipped between a capture and an apply node, which is not built yet; protect the PostgreSQL connections with sslmode=verify-full");
+        notice("[encryption]", "no effect with [transport] mode = \"local\": no batch crosses a network (protect the PostgreSQL connections with sslmode=verify-full); batches are sealed with the tenant key when a capture node ships them to an apply node");
+    }
+    if mode != Mode::Local {
+        if f.enable_encryption == Some(false) {
+            return Err(c.err(
+                "[features] enable_encryption",
+                format!("false is not allowed with [transport] mode = \"{}\": every batch that crosses the network is sealed with the tenant's key", mode.name()),
+            ));
+        }
+        if e.key_file.is_none() {
+            return Err(c.err(
+                "[encryption] key_file",
+                format!("missing: [transport] mode = \"{}\" seals every batch with the tenant's key; create one with `openssl rand -hex 32 > /etc/heliosdb/key.txt && chmod 600 /etc/heliosdb/key.txt` and set key_file (or a keys directory <dir>/<tenant>/<key_id>.key)", mode.name()),
+            ));
+        }
+        if e.kms_key_arn.is_some() {
+            notice(
+                "[encryption] kms_key_arn",
+                "not supported in this build: keys come from key_file",
+            );
+        }
+        if e.key_rotation_days.is_some() {
+            notice("[encryption] key_rotation_days", "not enforced: rotate by adding a newer <key_id>.key to the keys directory (batches are sealed with the greatest key id; older keys keep opening batches until renamed to .retired)");
+        }
     }
 
     // --- conflict ---
@@ -532,6 +667,76 @@ fn resolve(
         notice(
             "[monitoring] enable_audit_log",
             "not yet supported: no audit log is written in this build",
+        );
+    }
+
+    // --- transport ---
+    let tr = &raw.transport;
+    let path_of = |key: &str,
+                   v: &Option<String>,
+                   needed: bool|
+     -> Result<Option<PathBuf>, ConfigError> {
+        match v {
+            Some(p) if p.is_empty() => Err(c.err(key, "must not be empty")),
+            Some(p) => Ok(Some(PathBuf::from(p))),
+            None if needed => Err(c.err(
+                key,
+                format!("missing: [transport] mode = \"{}\" uses TLS 1.3 with certificates on both sides; set ca_file, cert_file and key_file (PEM)", mode.name()),
+            )),
+            None => Ok(None),
+        }
+    };
+    let split = mode != Mode::Local;
+    let ca_file = path_of("[transport] ca_file", &tr.ca_file, split)?;
+    let cert_file = path_of("[transport] cert_file", &tr.cert_file, split)?;
+    let tls_key_file = path_of("[transport] key_file", &tr.key_file, split)?;
+    let apply_url = match (&tr.apply_url, mode) {
+        (Some(u), _) if !u.starts_with("https://") => {
+            return Err(c.err(
+                "[transport] apply_url",
+                format!("'{u}' must start with https:// (batches never travel in plaintext)"),
+            ))
+        }
+        (None, Mode::Capture) => {
+            return Err(c.err(
+                "[transport] apply_url",
+                "missing: the capture node ships batches to the apply node at this URL, e.g. apply_url = \"https://apply-eu.internal:8443\"",
+            ))
+        }
+        (u, _) => u.clone(),
+    };
+    let listen_address = match (&tr.listen_address, mode) {
+        (Some(a), _) => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
+            c.err(
+                "[transport] listen_address",
+                format!("'{a}' is not an address:port, e.g. 0.0.0.0:8443"),
+            )
+        })?),
+        (None, Mode::Apply) => {
+            return Err(c.err(
+                "[transport] listen_address",
+                "missing: the apply node listens for capture nodes here, e.g. listen_address = \"0.0.0.0:8443\"",
+            ))
+        }
+        (None, _) => None,
+    };
+    let request_timeout = c.range(
+        "[transport] request_timeout_seconds",
+        tr.request_timeout_seconds,
+        60,
+        1,
+        3600,
+    )?;
+    if mode == Mode::Local
+        && (tr.apply_url.is_some()
+            || tr.listen_address.is_some()
+            || tr.ca_file.is_some()
+            || tr.cert_file.is_some()
+            || tr.key_file.is_some())
+    {
+        notice(
+            "[transport]",
+            "no effect with mode = \"local\" (set mode = \"capture\" or \"apply\" to split the nodes)",
         );
     }
 
@@ -649,8 +854,12 @@ fn resolve(
     let mut view = toml::Table::new();
     let mut repl = toml::Table::new();
     repl.insert("tenant_id".into(), tenant_id.clone().into());
-    repl.insert("source_connection".into(), source.masked().into());
-    repl.insert("target_connection".into(), target.masked().into());
+    if let Some(source) = &source {
+        repl.insert("source_connection".into(), source.masked().into());
+    }
+    if let Some(target) = &target {
+        repl.insert("target_connection".into(), target.masked().into());
+    }
     view.insert("replication".into(), repl.into());
     let mut cdc = toml::Table::new();
     cdc.insert("replication_slot".into(), slot.clone().into());
@@ -699,6 +908,7 @@ fn resolve(
         ("encryption", toml::Table::try_from(&raw.encryption)),
         ("conflict", toml::Table::try_from(&raw.conflict)),
         ("monitoring", toml::Table::try_from(&raw.monitoring)),
+        ("transport", toml::Table::try_from(&raw.transport)),
     ] {
         if let Ok(t) = section {
             if !t.is_empty() {
@@ -726,6 +936,22 @@ fn resolve(
             buffer_events: buffer_events as usize,
             checkpoint_interval,
         },
+        transport: TransportConfig {
+            mode,
+            apply_url,
+            listen_address,
+            ca_file,
+            cert_file,
+            key_file: tls_key_file,
+            request_timeout: Duration::from_secs(request_timeout),
+        },
+        seal: SealConfig {
+            compression,
+            level: level.map(|l| l as i32).unwrap_or(default_level),
+            min_size_bytes,
+            dictionary_path: raw.compression.dictionary_path.as_ref().map(PathBuf::from),
+            key_path: raw.encryption.key_file.as_ref().map(PathBuf::from),
+        },
         network: NetworkConfig {
             connect_timeout: Duration::from_secs(connect_timeout),
             tcp_keepalive: Duration::from_secs(keepalive),
@@ -746,7 +972,8 @@ fn connection(
     in_replication: Option<&str>,
     in_section: Option<&str>,
     from_env: Option<String>,
-) -> Result<ConnInfo, ConfigError> {
+    required: bool,
+) -> Result<Option<ConnInfo>, ConfigError> {
     let env_name = format!("REPLICATION_{}_CONNECTION", side.to_uppercase());
     let (key, value) = match (from_env, in_replication, in_section) {
         (Some(v), _, _) => (env_name.clone(), v),
@@ -758,6 +985,7 @@ fn connection(
         }
         (None, Some(a), _) => (format!("[replication] {side}_connection"), a.to_string()),
         (None, None, Some(b)) => (format!("[{side}] connection"), b.to_string()),
+        (None, None, None) if !required => return Ok(None),
         (None, None, None) => {
             return Err(c.err(
                 &format!("[replication] {side}_connection"),
@@ -765,7 +993,9 @@ fn connection(
             ))
         }
     };
-    ConnInfo::parse(&value).map_err(|e| c.err(&key, e.0))
+    ConnInfo::parse(&value)
+        .map(Some)
+        .map_err(|e| c.err(&key, e.0))
 }
 
 #[cfg(test)]

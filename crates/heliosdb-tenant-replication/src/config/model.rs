@@ -30,6 +30,8 @@ pub struct RawConfig {
     pub performance: PerformanceSection,
     #[serde(default)]
     pub network: NetworkSection,
+    #[serde(default)]
+    pub transport: TransportSection,
 }
 
 /// `[replication]`. Connection strings hold passwords: kept as plain strings
@@ -155,4 +157,25 @@ pub struct NetworkSection {
     pub read_timeout_seconds: Option<u64>,
     pub retry_max_attempts: Option<u64>,
     pub retry_backoff_ms: Option<u64>,
+}
+
+/// `[transport]` (not in the guide): where capture and apply run.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    /// `local` (default: both in this process), `capture` or `apply`.
+    pub mode: Option<String>,
+    /// Capture node: the apply node's base URL (`https://host:port`).
+    pub apply_url: Option<String>,
+    /// Apply node: the address to listen on (`0.0.0.0:8443`).
+    pub listen_address: Option<String>,
+    /// PEM CA: the capture node trusts the apply node's certificate by it;
+    /// the apply node accepts client certificates it signed.
+    pub ca_file: Option<String>,
+    /// PEM certificate chain of this node.
+    pub cert_file: Option<String>,
+    /// PEM private key of this node (mode 0600 or stricter).
+    pub key_file: Option<String>,
+    /// Longest a batch may take to be applied and answered.
+    pub request_timeout_seconds: Option<u64>,
 }

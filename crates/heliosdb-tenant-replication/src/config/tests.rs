@@ -69,7 +69,7 @@ fn every_key_of_the_reference_parses() {
     assert_eq!(c.batch.batch_timeout, Duration::from_millis(100));
     assert_eq!(c.worker_threads, 4);
     assert_eq!(c.network.retry_max_attempts, 3);
-    assert_eq!(c.tenant.source.dbname, "production");
+    assert_eq!(c.tenant.source().expect("source").dbname, "production");
     // Features that are not built yet are reported, not ignored.
     for key in [
         "[compression]",
@@ -129,8 +129,8 @@ buffer_size_events = 10000
 worker_threads = 4
 "#;
     let c = Config::from_toml(text, "f.toml", no_env).expect("parses");
-    assert_eq!(c.tenant.target.port, 5433);
-    assert_eq!(c.tenant.source.sslmode, SslMode::Require);
+    assert_eq!(c.tenant.target().expect("target").port, 5433);
+    assert_eq!(c.tenant.source().expect("source").sslmode, SslMode::Require);
     assert_eq!(
         c.tenant.checkpoint_dir,
         PathBuf::from(DEFAULT_CHECKPOINT_DIR)
@@ -164,7 +164,10 @@ read_timeout_seconds = 60
     let c = Config::from_toml(text, "f.toml", no_env).expect("parses");
     assert_eq!(c.batch.batch_size, 2000);
     assert_eq!(c.batch.checkpoint_interval, 5000);
-    assert_eq!(c.tenant.source.sslmode, SslMode::VerifyFull);
+    assert_eq!(
+        c.tenant.source().expect("source").sslmode,
+        SslMode::VerifyFull
+    );
     assert_eq!(c.tenant.slot, "t1_slot");
 
     let clash = text.replace("[performance]", "[cdc]\nbatch_size = 10\n[performance]");
@@ -260,15 +263,18 @@ fn environment_overrides_connections() {
     };
     let c = Config::from_toml(REFERENCE, "f.toml", env).expect("parses");
     assert_eq!(
-        (c.tenant.source.host.as_str(), c.tenant.source.port),
+        (
+            c.tenant.source().expect("source").host.as_str(),
+            c.tenant.source().expect("source").port
+        ),
         ("envhost", 6000)
     );
-    assert_eq!(c.tenant.target.port, 6001);
+    assert_eq!(c.tenant.target().expect("target").port, 6001);
 
     let minimal = "[replication]\ntenant_id = \"a\"\n";
     let c = Config::from_toml(minimal, "f.toml", env)
         .expect("connections from the environment suffice");
-    assert_eq!(c.tenant.target.dbname, "dst");
+    assert_eq!(c.tenant.target().expect("target").dbname, "dst");
     let e = Config::from_toml(minimal, "f.toml", no_env).expect_err("missing");
     assert!(
         e.to_string().contains("REPLICATION_SOURCE_CONNECTION"),

@@ -14,7 +14,7 @@
 //! | verify-ca | yes | yes | no |
 //! | verify-full | yes | yes | yes |
 
-mod tls;
+pub(crate) mod tls;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{ConnInfo, SslMode};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -81,7 +81,7 @@ fn webpki(roots: RootCertStore) -> Result<Arc<WebPkiServerVerifier>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<_, _>>()
@@ -92,7 +92,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+pub(crate) fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
         roots
@@ -102,7 +102,7 @@ fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|e| format!("{}: not a PEM key: {e}", path.display()))?

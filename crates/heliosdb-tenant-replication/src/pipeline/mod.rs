@@ -16,6 +16,8 @@
 //! transaction if it ends on a source commit, else roll it back; write the
 //! checkpoint file; send the last acknowledgement to the source; return.
 
+pub mod apply_node;
+mod capture_node;
 mod session;
 
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::error::{ErrorClass, ReplicationError, Result};
 
 /// The shutdown signal: `true` once shutdown was requested.
@@ -33,10 +35,18 @@ pub type Shutdown = watch::Receiver<bool>;
 pub async fn run_tenant(config: Arc<Config>, mut shutdown: Shutdown) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let net = &config.network;
+    let mut capture = match config.transport.mode {
+        Mode::Local => None,
+        Mode::Capture => Some(capture_node::CaptureContext::new(&config)?),
+        Mode::Apply => return apply_node::run(config.clone(), shutdown).await,
+    };
     let mut failures: u32 = 0;
     loop {
         let started = std::time::Instant::now();
-        let result = session::run(&config, shutdown.clone()).await;
+        let result = match capture.as_mut() {
+            None => session::run(&config, shutdown.clone()).await,
+            Some(ctx) => capture_node::run(&config, ctx, shutdown.clone()).await,
+        };
         let stopping = *shutdown.borrow();
         match result {
             Ok(()) => return Ok(()),

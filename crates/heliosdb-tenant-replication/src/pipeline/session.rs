@@ -25,9 +25,9 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
     let t = &config.tenant;
     let app = format!("heliosdb-tenant-replication/{}", t.tenant_id);
 
-    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     let report = preflight::check_source(&source, t).await?;
-    let mut target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
+    let mut target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
     progress::ensure_schema(&target).await?;
     preflight::check_target(&target, t, &report.tables).await?;
 
@@ -56,57 +56,20 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
             snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
         }
     }
-    let (start_lsn, ack_lsn) = match &recorded {
-        Some(p) => (p.end_lsn, p.end_lsn),
-        None => (t.start_lsn, Lsn::ZERO),
-    };
-    let spec = StreamSpec {
-        slot: t.slot.clone(),
-        publication: t.publication.clone(),
-        start_lsn,
-        ack_lsn,
-        buffer_events: config.batch.buffer_events,
-        application_name: app.clone(),
-    };
-    let mut stream = PgwireSource::start(&t.source, &spec).await?;
-    if stream.system_id != system_id {
-        stream.close().await;
-        return Err(ReplicationError::Internal(format!(
-            "the replication connection reached source system {}, the SQL connection {system_id}",
-            stream.system_id
-        )));
-    }
-
-    let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
-    match file.inspect(&t.tenant_id, &system_id, &t.slot) {
-        Ok(FileState::Foreign { reason }) => tracing::warn!(
-            path = %file.path().display(), %reason,
-            "ignoring a checkpoint file that belongs to another source or slot; it will be overwritten"
-        ),
-        Ok(FileState::Valid(rec)) if recorded.as_ref().is_none_or(|p| Lsn(rec.lsn) > p.end_lsn) => {
-            tracing::warn!(
-                path = %file.path().display(), file_lsn = %Lsn(rec.lsn),
-                "the checkpoint file is ahead of the target's progress (was the target restored?); the target's progress is the truth"
-            )
-        }
-        Ok(_) => {}
-        Err(e) => {
-            stream.close().await;
-            return Err(e.into());
-        }
-    }
-
+    let resume = recorded.as_ref().map(|p| (p.commit_lsn, p.end_lsn));
+    let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
+    let (stream, file, ack_lsn) = (opened.stream, opened.file, opened.ack_lsn);
     tracing::info!(
         tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
         tables = report.tables.len(),
         resume_after = %recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-        start_lsn = %if start_lsn.is_zero() { report.slot_confirmed } else { start_lsn },
+        start_lsn = %opened.start_lsn,
         "replication_start: streaming"
     );
 
     let applier = Applier::new(
         target,
-        source,
+        crate::apply::schema::SourceCatalog::Live(source),
         t.schema_changes,
         ApplyIdentity {
             tenant: t.tenant_id.clone(),
@@ -133,13 +96,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
         ack_tx,
         acked: ack_lsn,
         in_source_txn: false,
-        checkpoint: CheckpointWriter {
-            file,
-            system_id,
-            interval: config.batch.checkpoint_interval,
-            events_at_last: 0,
-            written: None,
-        },
+        checkpoint: CheckpointWriter::new(file, system_id, config.batch.checkpoint_interval),
         last_log: Instant::now(),
         events_at_log: 0,
         last_commit_time_us: None,
@@ -176,8 +133,79 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
     }
 }
 
+/// The replication stream of a session and its checkpoint file.
+pub(super) struct OpenedStream {
+    pub stream: PgwireSource,
+    pub file: CheckpointFile,
+    /// What the slot may be acknowledged up to before anything is applied.
+    pub ack_lsn: Lsn,
+    /// Where streaming starts (for the log).
+    pub start_lsn: Lsn,
+}
+
+/// Start streaming after `resume` (the target's last applied commit and its
+/// end), or from `[cdc] start_lsn` / the slot when there is none; check the
+/// stream reaches the same source and look at the checkpoint file.
+pub(super) async fn open_stream(
+    config: &Config,
+    resume: Option<(Lsn, Lsn)>,
+    system_id: &str,
+    slot_confirmed: Lsn,
+    app: &str,
+) -> Result<OpenedStream> {
+    let t = &config.tenant;
+    let (start_lsn, ack_lsn) = match resume {
+        Some((_, end)) => (end, end),
+        None => (t.start_lsn, Lsn::ZERO),
+    };
+    let spec = StreamSpec {
+        slot: t.slot.clone(),
+        publication: t.publication.clone(),
+        start_lsn,
+        ack_lsn,
+        buffer_events: config.batch.buffer_events,
+        application_name: app.to_string(),
+    };
+    let mut stream = PgwireSource::start(t.source()?, &spec).await?;
+    if stream.system_id != system_id {
+        stream.close().await;
+        return Err(ReplicationError::Internal(format!(
+            "the replication connection reached source system {}, the SQL connection {system_id}",
+            stream.system_id
+        )));
+    }
+    let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
+    match file.inspect(&t.tenant_id, system_id, &t.slot) {
+        Ok(FileState::Foreign { reason }) => tracing::warn!(
+            path = %file.path().display(), %reason,
+            "ignoring a checkpoint file that belongs to another source or slot; it will be overwritten"
+        ),
+        Ok(FileState::Valid(rec)) if resume.is_none_or(|(_, end)| Lsn(rec.lsn) > end) => {
+            tracing::warn!(
+                path = %file.path().display(), file_lsn = %Lsn(rec.lsn),
+                "the checkpoint file is ahead of the target's progress (was the target restored?); the target's progress is the truth"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            stream.close().await;
+            return Err(e.into());
+        }
+    }
+    Ok(OpenedStream {
+        stream,
+        file,
+        ack_lsn,
+        start_lsn: if start_lsn.is_zero() {
+            slot_confirmed
+        } else {
+            start_lsn
+        },
+    })
+}
+
 /// Reads the stream into the queue; acknowledges what apply committed.
-async fn capture_loop(
+pub(super) async fn capture_loop(
     mut source: PgwireSource,
     mut assembler: Assembler,
     tx: mpsc::Sender<TxEvent>,
@@ -245,11 +273,11 @@ async fn capture_loop(
 }
 
 /// Resolves once shutdown is requested (holding no guard across awaits).
-async fn stopped(shutdown: &mut Shutdown) {
+pub(super) async fn stopped(shutdown: &mut Shutdown) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-struct CheckpointWriter {
+pub(super) struct CheckpointWriter {
     file: CheckpointFile,
     system_id: String,
     interval: u64,
@@ -258,15 +286,25 @@ struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
+    pub(super) fn new(file: CheckpointFile, system_id: String, interval: u64) -> Self {
+        Self {
+            file,
+            system_id,
+            interval,
+            events_at_last: 0,
+            written: None,
+        }
+    }
+
     /// Write when `interval` events have been committed since the last write.
-    async fn after_commit(&mut self, tenant: &str, slot: &str, events: u64, lsn: Lsn) {
+    pub(super) async fn after_commit(&mut self, tenant: &str, slot: &str, events: u64, lsn: Lsn) {
         if events.saturating_sub(self.events_at_last) >= self.interval {
             self.events_at_last = events;
             self.write_now(tenant, slot, lsn).await;
         }
     }
 
-    async fn write_now(&mut self, tenant: &str, slot: &str, lsn: Lsn) {
+    pub(super) async fn write_now(&mut self, tenant: &str, slot: &str, lsn: Lsn) {
         if lsn.is_zero() || self.written == Some(lsn) {
             return;
         }

@@ -35,7 +35,7 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
     let t = &config.tenant;
     let mut report = InitReport::default();
     let source = pg::connect(
-        &t.source,
+        t.source()?,
         &config.network,
         Side::Source,
         "heliosdb-tenant-replication init",
@@ -72,7 +72,7 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
     ensure_publication(&source, t, &tables, &mut report).await?;
 
     let target = pg::connect(
-        &t.target,
+        t.target()?,
         &config.network,
         Side::Target,
         "heliosdb-tenant-replication init",
@@ -98,7 +98,7 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
         let rows = match slot_lsn {
             // Slot and copy from one snapshot: they meet exactly.
             None => {
-                let slot = SlotSnapshot::create(&t.source, &t.slot).await?;
+                let slot = SlotSnapshot::create(t.source()?, &t.slot).await?;
                 report.lines.push(format!(
                     "source: slot '{}' created (pgoutput) at {}, exporting its snapshot for the copy",
                     t.slot, slot.consistent_point

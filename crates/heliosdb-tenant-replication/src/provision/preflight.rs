@@ -91,7 +91,8 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
         return Err(ReplicationError::operator(
             format!(
                 "source: slot '{}' belongs to another database than {}",
-                t.slot, t.source.dbname
+                t.slot,
+                t.source()?.dbname
             ),
             "connect to the slot's database, or create the slot in this one",
         ));

@@ -9,8 +9,8 @@ use crate::pg;
 pub async fn status(config: &Config) -> Result<(String, Vec<String>)> {
     let t = &config.tenant;
     let app = "heliosdb-tenant-replication status";
-    let target = pg::connect(&t.target, &config.network, Side::Target, app).await?;
-    let source = pg::connect(&t.source, &config.network, Side::Source, app).await?;
+    let target = pg::connect(t.target()?, &config.network, Side::Target, app).await?;
+    let source = pg::connect(t.source()?, &config.network, Side::Source, app).await?;
     let has_schema: bool = target
         .query_one(
             "SELECT to_regclass('heliosdb_replication.copy_state') IS NOT NULL",

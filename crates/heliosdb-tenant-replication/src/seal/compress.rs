@@ -13,6 +13,8 @@ pub enum Algorithm {
     Snappy = 2,
     Lz4 = 3,
     Gzip = 4,
+    /// zstd with the dictionary of `[compression] dictionary_path`.
+    ZstdDict = 5,
 }
 
 impl Algorithm {
@@ -23,6 +25,7 @@ impl Algorithm {
             2 => Self::Snappy,
             3 => Self::Lz4,
             4 => Self::Gzip,
+            5 => Self::ZstdDict,
             _ => return None,
         })
     }
@@ -40,18 +43,42 @@ impl Algorithm {
 }
 
 /// How to compress.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Compression {
     pub algorithm: Algorithm,
     /// zstd 1–22, gzip 0–9; ignored by snappy and lz4.
     pub level: i32,
     /// Bodies smaller than this are not compressed.
     pub min_size_bytes: usize,
+    /// A zstd dictionary (both nodes load the same file).
+    pub dictionary: Option<std::sync::Arc<[u8]>>,
+}
+
+impl Compression {
+    /// `[compression]` as configured; reads the dictionary file.
+    pub fn from_config(c: &crate::config::SealConfig) -> Result<Self, String> {
+        let dictionary = match &c.dictionary_path {
+            Some(p) => Some(
+                std::fs::read(p)
+                    .map_err(|e| format!("[compression] dictionary_path {}: {e}", p.display()))?
+                    .into(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            algorithm: c.compression,
+            level: c.level,
+            min_size_bytes: c.min_size_bytes,
+            dictionary,
+        })
+    }
 }
 
 pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<u8>), SealError> {
     let algorithm = if plain.len() < c.min_size_bytes {
         Algorithm::None
+    } else if c.algorithm == Algorithm::Zstd && c.dictionary.is_some() {
+        Algorithm::ZstdDict
     } else {
         c.algorithm
     };
@@ -59,6 +86,12 @@ pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<
     let out = match algorithm {
         Algorithm::None => plain.to_vec(),
         Algorithm::Zstd => zstd::bulk::compress(plain, c.level).map_err(fail)?,
+        Algorithm::ZstdDict => {
+            let dict = c.dictionary.as_deref().unwrap_or_default();
+            zstd::bulk::Compressor::with_dictionary(c.level, dict)
+                .and_then(|mut z| z.compress(plain))
+                .map_err(fail)?
+        }
         Algorithm::Snappy => snap::raw::Encoder::new()
             .compress_vec(plain)
             .map_err(|e| SealError::Compression(e.to_string()))?,
@@ -78,12 +111,25 @@ pub(super) fn decompress(
     algorithm: Algorithm,
     body: &[u8],
     plain_len: usize,
+    dictionary: Option<&[u8]>,
 ) -> Result<Vec<u8>, SealError> {
     let bad = |what: String| SealError::Compression(what);
     let out = match algorithm {
         Algorithm::None => body.to_vec(),
         Algorithm::Zstd => {
             zstd::bulk::decompress(body, plain_len).map_err(|e| bad(e.to_string()))?
+        }
+        Algorithm::ZstdDict => {
+            let dict = dictionary.ok_or_else(|| {
+                bad("compressed with a zstd dictionary, and this node has none: set [compression] dictionary_path to the capture node's dictionary file".into())
+            })?;
+            zstd::bulk::Decompressor::with_dictionary(dict)
+                .and_then(|mut z| z.decompress(body, plain_len))
+                .map_err(|e| {
+                    bad(format!(
+                        "{e} (is [compression] dictionary_path the same file on both nodes?)"
+                    ))
+                })?
         }
         Algorithm::Snappy => {
             let n = snap::raw::decompress_len(body).map_err(|e| bad(e.to_string()))?;

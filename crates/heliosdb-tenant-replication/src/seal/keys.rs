@@ -67,6 +67,17 @@ impl TenantKey {
         &self.bytes
     }
 
+    /// Batches this key has sealed (as far as this process knows).
+    pub fn sealed_count(&self) -> u64 {
+        self.sealed.load(Ordering::Relaxed)
+    }
+
+    /// Raise the count to at least `n` (what the apply node recorded before
+    /// a restart of this process).
+    pub fn count_at_least(&self, n: u64) {
+        self.sealed.fetch_max(n, Ordering::Relaxed);
+    }
+
     /// Count one more sealed batch; refuse past the cap.
     pub(super) fn use_once(&self, tenant: &str) -> Result<(), KeyError> {
         if self.sealed.fetch_add(1, Ordering::Relaxed) >= MAX_MESSAGES_PER_KEY {
@@ -104,6 +115,17 @@ impl FileKeys {
             .entry(tenant.to_string())
             .or_default()
             .insert("default".into(), Arc::new(TenantKey::new("default", key)));
+        Ok(keys)
+    }
+
+    /// `[encryption] key_file`: a key file for `tenant`, or a keys directory.
+    pub fn load(tenant: &str, path: &Path) -> Result<Self, KeyError> {
+        let keys = if path.is_dir() {
+            Self::from_dir(path)?
+        } else {
+            Self::from_key_file(tenant, path)?
+        };
+        keys.sealing_key(tenant)?;
         Ok(keys)
     }
 

@@ -177,6 +177,17 @@ pub fn open(
     after_sequence: Option<u64>,
     keys: &dyn KeyProvider,
 ) -> Result<(Header, Vec<u8>), SealError> {
+    open_with(bytes, expected_tenant, after_sequence, keys, None)
+}
+
+/// [`open`], with the zstd dictionary of `[compression] dictionary_path`.
+pub fn open_with(
+    bytes: &[u8],
+    expected_tenant: &str,
+    after_sequence: Option<u64>,
+    keys: &dyn KeyProvider,
+    dictionary: Option<&[u8]>,
+) -> Result<(Header, Vec<u8>), SealError> {
     let mut r = Reader { buf: bytes, pos: 0 };
     if r.take(4)? != MAGIC {
         return Err(SealError::Malformed("bad magic".into()));
@@ -250,7 +261,12 @@ pub fn open(
             });
         }
     }
-    let plain = compress::decompress(header.algorithm, &compressed, header.plain_len as usize)?;
+    let plain = compress::decompress(
+        header.algorithm,
+        &compressed,
+        header.plain_len as usize,
+        dictionary,
+    )?;
     Ok((header, plain))
 }
 

@@ -60,6 +60,7 @@ fn every_algorithm_and_level_round_trips() {
             algorithm,
             level,
             min_size_bytes: 0,
+            dictionary: None,
         };
         let sealed = seal(&batch(7), &plain, &c, &keys).expect("seal");
         let (h, back) = open(&sealed.bytes, "tenant-a", Some(6), &keys).expect("open");
@@ -82,6 +83,7 @@ fn every_algorithm_and_level_round_trips() {
         algorithm: Algorithm::Zstd,
         level: 3,
         min_size_bytes: 512,
+        dictionary: None,
     };
     let sealed = seal(&batch(1), b"tiny", &c, &keys).expect("seal");
     assert_eq!(
@@ -100,6 +102,7 @@ fn flipping_any_bit_is_refused() {
         algorithm: Algorithm::Zstd,
         level: 3,
         min_size_bytes: 0,
+        dictionary: None,
     };
     let sealed = seal(&batch(1), &sample()[..3000], &c, &keys).expect("seal");
     for i in 0..sealed.bytes.len() {
@@ -121,6 +124,7 @@ fn a_batch_cannot_change_tenant_sequence_or_key() {
         algorithm: Algorithm::Lz4,
         level: 0,
         min_size_bytes: 0,
+        dictionary: None,
     };
     let sealed = seal(&batch(5), b"rows of tenant a", &c, &keys).expect("seal");
     // Offered to another tenant's apply.
@@ -168,6 +172,7 @@ fn rotation_seals_with_the_newest_key_and_old_keys_still_open() {
         algorithm: Algorithm::Snappy,
         level: 0,
         min_size_bytes: 0,
+        dictionary: None,
     };
     let before = seal(&batch(1), b"sealed before the rotation", &c, &old).expect("seal");
     let rotated = keys_with(&["2026-08-01", "2026-11-01"]);

@@ -116,7 +116,7 @@ async fn worker(
 ) -> Result<()> {
     let t = &config.tenant;
     let app = format!("heliosdb-tenant-replication/{} copy {id}", t.tenant_id);
-    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     source
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -124,7 +124,7 @@ async fn worker(
         ))
         .await
         .map_err(src("importing the copy snapshot"))?;
-    let mut target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
+    let mut target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
     loop {
         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
         let Some(range) = next else { return Ok(()) };

@@ -78,8 +78,8 @@ pub async fn initial_copy(
 ) -> Result<u64> {
     let t = &config.tenant;
     let app = format!("heliosdb-tenant-replication/{} copy", t.tenant_id);
-    let target = pg::connect(&t.target, &config.network, Side::Target, &app).await?;
-    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     let tables: Vec<Arc<SourceTable>> = tables.iter().cloned().map(Arc::new).collect();
 
     let mut ranges = load_plan(&target, &t.tenant_id, &tables).await?;
@@ -355,7 +355,7 @@ pub async fn resync_tables(
         }
     }
     let app = format!("heliosdb-tenant-replication/{} resync", t.tenant_id);
-    let source = pg::connect(&t.source, &config.network, Side::Source, &app).await?;
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     source
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgcluster::Cluster;
@@ -351,4 +353,167 @@ pub async fn foreign_rows(c: &Client) -> i64 {
         n += row.get::<_, i64>(0);
     }
     n
+}
+
+/// Test certificates made with the openssl CLI.
+pub mod pki {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn openssl(args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A certificate and its private key (mode 0600).
+    #[derive(Debug, Clone)]
+    pub struct Pair {
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    /// A self-signed CA.
+    pub fn ca(dir: &Path, name: &str) -> Pair {
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().expect("utf8"),
+            "-out",
+            cert.to_str().expect("utf8"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Pair { cert, key }
+    }
+
+    /// A certificate signed by `ca` for `sans` (e.g. `DNS:localhost`,
+    /// `IP:127.0.0.1`), usable as server and client certificate.
+    pub fn leaf(dir: &Path, ca: &Pair, name: &str, sans: &[&str]) -> Pair {
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        let csr = dir.join(format!("{name}.csr"));
+        let ext = dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+                sans.join(",")
+            ),
+        )
+        .expect("ext file");
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().expect("utf8"),
+            "-out",
+            csr.to_str().expect("utf8"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().expect("utf8"),
+            "-CA",
+            ca.cert.to_str().expect("utf8"),
+            "-CAkey",
+            ca.key.to_str().expect("utf8"),
+            "-CAcreateserial",
+            "-out",
+            cert.to_str().expect("utf8"),
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().expect("utf8"),
+        ]);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Pair { cert, key }
+    }
+}
+
+/// A tenant key file as `openssl rand -hex 32` writes it (mode 0600).
+pub fn key_file(path: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let out = Command::new("openssl")
+        .args(["rand", "-hex", "32"])
+        .output()
+        .expect("openssl rand");
+    assert!(out.status.success());
+    std::fs::write(path, &out.stdout).expect("write key");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path.to_path_buf()
+}
+
+/// Random small transactions for three tenants until `stop`.
+pub async fn workload(env_url: String, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+    let (client, conn) = tokio_postgres::connect(&env_url, tokio_postgres::NoTls)
+        .await
+        .expect("workload connect");
+    tokio::spawn(conn);
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tenants = ["tenant-123", "tenant-123", "tenant-456", "tenant-789"];
+    let mut txns = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let tenant = tenants[rng.random_range(0..tenants.len())];
+        let base: i64 = rng.random_range(0..2000);
+        let n: i64 = rng.random_range(1..40);
+        let sql = match rng.random_range(0..10) {
+            0..=4 => format!(
+                "INSERT INTO orders SELECT '{tenant}', g, g % 97, 'new', g * 1.01, jsonb_build_object('g', g), now()
+                   FROM generate_series({base}, {base} + {n}) g ON CONFLICT DO NOTHING"
+            ),
+            5..=7 => format!(
+                "UPDATE orders SET status = 'paid', amount = amount + 1, payload = payload || jsonb_build_object('u', {base})
+                   WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n}"
+            ),
+            8 => format!("DELETE FROM orders WHERE tenant_id = '{tenant}' AND id BETWEEN {base} AND {base} + {n} / 4"),
+            _ => format!(
+                "INSERT INTO events SELECT '{tenant}', g, 'k', md5(g::text), now() FROM generate_series({base}, {base} + {n}) g
+                   ON CONFLICT (tenant_id, id) DO UPDATE SET kind = 'again'"
+            ),
+        };
+        if client
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT;"))
+            .await
+            .is_ok()
+        {
+            txns += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
+    }
+    txns
 }

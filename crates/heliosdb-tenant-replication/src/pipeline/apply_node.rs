@@ -1,0 +1,339 @@
+//! The apply node (`[transport] mode = "apply"`): receives sealed batches
+//! from capture nodes over HTTPS and applies them to the target.
+//!
+//! One session per tenant at a time. A session owns a target connection and
+//! an [`Applier`]; a new session drops the old one (PostgreSQL rolls back
+//! whatever it left uncommitted). Each batch is opened (tenant, key,
+//! sequence checked), decoded and applied; when it ends between source
+//! transactions the target transaction commits with the tenant's progress
+//! and the batch sequence, and only then is the batch answered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use rand::RngCore;
+use tokio::sync::Mutex;
+
+use super::Shutdown;
+use crate::apply::schema::SourceCatalog;
+use crate::apply::{Applier, ApplyIdentity, CommitPoint};
+use crate::capture::TxEvent;
+use crate::checkpoint::progress::{self, BatchMark};
+use crate::config::Config;
+use crate::error::{ReplicationError, Result, Side};
+use crate::pg;
+use crate::seal::{self, FileKeys, KeyProvider, SealError};
+use crate::transport::codec::Decoder;
+use crate::transport::server::Refusal;
+use crate::transport::{BatchResponse, RemoteProgress, SessionRequest, SessionResponse};
+
+/// Serves the tenants of its configuration.
+pub struct ApplyNode {
+    config: Arc<Config>,
+    keys: Arc<dyn KeyProvider>,
+    dictionary: Option<Arc<[u8]>>,
+    tenants: HashMap<String, Mutex<TenantState>>,
+}
+
+#[derive(Default)]
+struct TenantState {
+    session: Option<Active>,
+    /// Highest sequence seen by this process (applied or not).
+    highest_seen: u64,
+}
+
+struct Active {
+    id: String,
+    capture_node: String,
+    applier: Applier,
+    decoder: Decoder,
+    last_sequence: u64,
+    in_source_txn: bool,
+    /// The sealing key of the last batch and its batch count.
+    key: Option<(String, u64)>,
+}
+
+/// Run the apply node until shutdown.
+pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> Result<()> {
+    let t = &config.tenant;
+    let key_path = config.seal.key_path.as_deref().ok_or_else(|| {
+        ReplicationError::operator(
+            "[encryption] key_file is not set",
+            "set it to the tenant's key file or keys directory",
+        )
+    })?;
+    let keys = FileKeys::load(&t.tenant_id, key_path)
+        .map_err(|e| ReplicationError::operator(e.to_string(), key_hint()))?;
+    let compression = seal::Compression::from_config(&config.seal)
+        .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
+    let tls = crate::transport::tls::server_config(&config.transport)?;
+    let addr = config.transport.listen_address.ok_or_else(|| {
+        ReplicationError::operator(
+            "[transport] listen_address is not set",
+            "set listen_address = \"0.0.0.0:8443\"",
+        )
+    })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        ReplicationError::operator(
+            format!("cannot listen on {addr}: {e}"),
+            "choose a free [transport] listen_address, or stop what uses it",
+        )
+    })?;
+    let node = Arc::new(ApplyNode {
+        config: config.clone(),
+        keys: Arc::new(keys),
+        dictionary: compression.dictionary,
+        tenants: [(t.tenant_id.clone(), Mutex::new(TenantState::default()))]
+            .into_iter()
+            .collect(),
+    });
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        tenants = node.tenants.len(),
+        "apply node: waiting for capture nodes (TLS 1.3, client certificates required)"
+    );
+    crate::transport::server::serve(listener, tls, node.clone(), shutdown).await;
+    for (tenant, state) in &node.tenants {
+        let mut state = state.lock().await;
+        if let Some(mut active) = state.session.take() {
+            // Batches commit when they end between source transactions;
+            // what is open here is an unfinished source transaction.
+            active.applier.rollback().await;
+            tracing::info!(%tenant, capture_node = %active.capture_node, last_sequence = active.last_sequence, "replication_stop: apply node stopped");
+        }
+    }
+    Ok(())
+}
+
+fn key_hint() -> &'static str {
+    "the apply node needs the same tenant key as the capture node: [encryption] key_file (openssl rand -hex 32, mode 600) or a keys directory <dir>/<tenant>/<key_id>.key"
+}
+
+impl ApplyNode {
+    /// A connection that never became a TLS 1.3 session with a trusted
+    /// client certificate (plaintext, no certificate, another CA).
+    pub fn refused_connection(&self, peer: &str, reason: &str) {
+        tracing::warn!(%peer, %reason, error_type = "transport_tls", "refused a connection");
+    }
+
+    fn tenant(&self, tenant: &str) -> Result<&Mutex<TenantState>, Refusal> {
+        self.tenants.get(tenant).ok_or_else(|| {
+            tracing::warn!(%tenant, error_type = "unknown_tenant", "refused a request for a tenant this node does not serve");
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                "unknown_tenant",
+                format!("tenant '{tenant}' is not served by this apply node"),
+            )
+        })
+    }
+
+    /// Start a session: connect the target, read the tenant's progress.
+    pub async fn open_session(
+        &self,
+        tenant: &str,
+        req: SessionRequest,
+    ) -> Result<SessionResponse, Refusal> {
+        let mut state = self.tenant(tenant)?.lock().await;
+        if let Some(mut old) = state.session.take() {
+            old.applier.rollback().await;
+            tracing::info!(%tenant, old = %old.capture_node, new = %req.capture_node, "a new session replaces the previous one");
+        }
+        let (active, progress) = self
+            .connect(tenant, &req)
+            .await
+            .map_err(|e| Refusal::from_error(&e))?;
+        let applied = progress.as_ref().map(|p| p.batch_sequence).unwrap_or(0);
+        let last = applied.max(state.highest_seen);
+        let response = SessionResponse {
+            session: active.id.clone(),
+            progress: progress.as_ref().map(|p| RemoteProgress {
+                commit_lsn: p.commit_lsn.0,
+                end_lsn: p.end_lsn.0,
+                slot_name: p.slot_name.clone(),
+            }),
+            next_sequence: last + 1,
+            key_batches: progress.and_then(|p| p.seal_key),
+        };
+        tracing::info!(
+            %tenant, capture_node = %req.capture_node, session = %active.id,
+            next_sequence = last + 1, "replication_start: capture node connected"
+        );
+        state.session = Some(Active {
+            last_sequence: last,
+            key: response.key_batches.clone(),
+            ..active
+        });
+        Ok(response)
+    }
+
+    async fn connect(
+        &self,
+        tenant: &str,
+        req: &SessionRequest,
+    ) -> Result<(Active, Option<progress::Progress>)> {
+        let t = &self.config.tenant;
+        let app = format!("heliosdb-tenant-replication/{tenant} apply");
+        let target = pg::connect(t.target()?, &self.config.network, Side::Target, &app).await?;
+        progress::ensure_schema(&target).await?;
+        let recorded = progress::load(&target, tenant).await?;
+        if let Some(p) = &recorded {
+            p.check_source(tenant, &req.source_system_id, &req.slot)?;
+        }
+        if !crate::snapshot::pending_resyncs(&target, tenant)
+            .await?
+            .is_empty()
+        {
+            tracing::warn!(%tenant, "a resync is requested, but an apply node has no source connection: run `resync` and `start` with a configuration that names both databases (mode = \"local\") to perform it");
+        }
+        let applier = Applier::new(
+            target,
+            SourceCatalog::Shipped(HashMap::new()),
+            t.schema_changes,
+            ApplyIdentity {
+                tenant: tenant.to_string(),
+                tenant_column: t.tenant_column.clone(),
+                slot: req.slot.clone(),
+                source_system_id: req.source_system_id.clone(),
+            },
+            self.config.batch.batch_size,
+        )
+        .await?;
+        let mut id = [0u8; 16];
+        rand::rng().fill_bytes(&mut id);
+        let active = Active {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            capture_node: req.capture_node.clone(),
+            applier,
+            decoder: Decoder::new(),
+            last_sequence: 0,
+            in_source_txn: false,
+            key: None,
+        };
+        Ok((active, recorded))
+    }
+
+    /// Open, decode and apply one batch; answer after the target committed.
+    pub async fn apply_batch(
+        &self,
+        tenant: &str,
+        session: &str,
+        envelope: Bytes,
+    ) -> Result<BatchResponse, Refusal> {
+        let mut guard = self.tenant(tenant)?.lock().await;
+        let state = &mut *guard;
+        let Some(active) = state.session.as_mut().filter(|a| a.id == session) else {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "session_unknown",
+                "the session is unknown or was replaced (apply node restarted?): start a new one",
+            )
+            .retry());
+        };
+        let (header, plain) = seal::open_with(
+            &envelope,
+            tenant,
+            Some(active.last_sequence),
+            self.keys.as_ref(),
+            self.dictionary.as_deref(),
+        )
+        .map_err(|e| refuse_envelope(tenant, &e))?;
+        state.highest_seen = state.highest_seen.max(header.sequence);
+        let decoded = match active.decoder.decode(Bytes::from(plain)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(%tenant, sequence = header.sequence, error = %e, error_type = "envelope_invalid", "refused a batch");
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "envelope_invalid",
+                    e.to_string(),
+                ));
+            }
+        };
+        if let SourceCatalog::Shipped(map) = active.applier.source_catalog_mut() {
+            map.extend(decoded.source_columns);
+        }
+        active.last_sequence = header.sequence;
+        active.key = Some(match active.key.take() {
+            Some((id, n)) if id == header.key_id => (id, n + 1),
+            _ => (header.key_id.clone(), 1),
+        });
+        match apply_events(active, decoded.events).await {
+            Ok(committed) => Ok(BatchResponse {
+                sequence: header.sequence,
+                committed_end_lsn: committed.map(|p| p.end_lsn.0),
+            }),
+            Err(e) => {
+                tracing::error!(%tenant, sequence = header.sequence, error = %e, "applying a batch failed; the session ends");
+                if let Some(mut a) = state.session.take() {
+                    a.applier.rollback().await;
+                }
+                Err(Refusal::from_error(&e))
+            }
+        }
+    }
+}
+
+/// Apply a batch's events; commit when it ends between source transactions.
+async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<CommitPoint>> {
+    for event in events {
+        match event {
+            TxEvent::Begin { .. } => {
+                a.in_source_txn = true;
+                a.applier.begin().await?;
+            }
+            TxEvent::Row(change) => a.applier.row(change).await?,
+            TxEvent::Truncate { relations, .. } => a.applier.truncate(&relations).await?,
+            TxEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                a.in_source_txn = false;
+                a.applier.source_commit(CommitPoint {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_us,
+                });
+            }
+            TxEvent::Keepalive { .. } => {}
+        }
+    }
+    if let Some((key_id, key_batches)) = &a.key {
+        a.applier.mark_batch(BatchMark {
+            sequence: a.last_sequence,
+            key_id: key_id.clone(),
+            key_batches: *key_batches,
+        });
+    }
+    if a.in_source_txn || !a.applier.is_open() {
+        return Ok(None);
+    }
+    a.applier.commit().await
+}
+
+fn refuse_envelope(tenant: &str, e: &SealError) -> Refusal {
+    let error_type = e.error_type();
+    tracing::error!(%tenant, error = %e, error_type, "refused a batch; nothing of it was applied");
+    let (status, hint) = match e {
+        SealError::Replay { .. } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "run exactly one capture node per tenant; a replayed batch is never applied twice",
+        ),
+        SealError::CrossTenant { .. } => (
+            StatusCode::BAD_REQUEST,
+            "a capture node must ship each tenant's batches to that tenant's endpoint",
+        ),
+        SealError::Key(_) | SealError::Authentication { .. } => {
+            (StatusCode::BAD_REQUEST, key_hint())
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            "run the same version on both nodes and check [compression] dictionary_path",
+        ),
+    };
+    let mut r = Refusal::new(status, error_type, e.to_string());
+    r.body.hint = Some(hint.into());
+    r
+}

@@ -1,0 +1,347 @@
+//! The capture node (`[transport] mode = "capture"`): reads the tenant's
+//! changes from the source slot and ships them, sealed, to the apply node.
+//!
+//! ```text
+//! slot ─► capture task ─► [queue] ─► Shipper: Encoder ─► seal ─► POST ─► apply node
+//!              ▲                                                    │ answered after commit
+//!              └──────── acknowledged LSN ◄── committed end LSN ◄───┘
+//! ```
+//!
+//! A session starts by asking the apply node where the target stands (its
+//! progress and the next batch sequence); streaming resumes from there, as
+//! in one process. Batches close at `[cdc] batch_size` events (a source
+//! transaction larger than that spans several batches, applied into one
+//! open target transaction), or at a source commit when nothing more is
+//! queued or `batch_timeout_ms` passed. One batch is in flight at a time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::Client;
+
+use super::session::{capture_loop, open_stream, stopped, CheckpointWriter};
+use super::{closed, Shutdown};
+use crate::apply::schema::describe_source_table;
+use crate::capture::assemble::Assembler;
+use crate::capture::TxEvent;
+use crate::config::Config;
+use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
+use crate::pg;
+use crate::provision::preflight;
+use crate::seal::{self, BatchInfo, Compression, FileKeys, KeyProvider};
+use crate::transport::client::{host_name, ApplyClient};
+use crate::transport::codec::Encoder;
+use crate::transport::SessionRequest;
+
+/// What outlives sessions: keys (their batch counts), compression, the
+/// connection to the apply node.
+pub struct CaptureContext {
+    keys: Arc<FileKeys>,
+    compression: Compression,
+    client: ApplyClient,
+}
+
+impl CaptureContext {
+    /// Load keys, dictionary and TLS material; any problem stops start-up.
+    pub fn new(config: &Config) -> Result<Self> {
+        let path = config.seal.key_path.as_deref().ok_or_else(|| {
+            ReplicationError::operator(
+                "[encryption] key_file is not set",
+                "set it to the tenant's key file or keys directory",
+            )
+        })?;
+        let keys = FileKeys::load(&config.tenant.tenant_id, path).map_err(|e| {
+            ReplicationError::operator(
+                e.to_string(),
+                "create the key with `openssl rand -hex 32 > FILE && chmod 600 FILE` and give the apply node the same key",
+            )
+        })?;
+        let compression = Compression::from_config(&config.seal)
+            .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
+        let client = ApplyClient::new(&config.transport, config.network.connect_timeout)?;
+        Ok(Self {
+            keys: Arc::new(keys),
+            compression,
+            client,
+        })
+    }
+}
+
+/// One session of the capture node; ends on shutdown (`Ok`) or an error.
+pub async fn run(config: &Config, ctx: &mut CaptureContext, shutdown: Shutdown) -> Result<()> {
+    let t = &config.tenant;
+    let app = format!("heliosdb-tenant-replication/{} capture", t.tenant_id);
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
+    let report = preflight::check_source(&source, t).await?;
+    let system_id = preflight::system_id(&source).await?;
+
+    let remote = ctx
+        .client
+        .session(
+            &t.tenant_id,
+            &SessionRequest {
+                source_system_id: system_id.clone(),
+                slot: t.slot.clone(),
+                capture_node: host_name(),
+            },
+        )
+        .await?;
+    if remote.progress.is_none() && crate::snapshot::wanted(config, false) {
+        return Err(ReplicationError::operator(
+            format!(
+                "tenant '{}' has no progress on the target and [cdc] start_lsn = 0: its existing rows were never copied",
+                t.tenant_id
+            ),
+            "provision it once from a host that reaches both databases (`heliosdb-tenant-replication --config <file naming source and target> init`), or set [cdc] start_lsn to stream without copying",
+        ));
+    }
+    let sealing = ctx
+        .keys
+        .sealing_key(&t.tenant_id)
+        .map_err(|e| ReplicationError::operator(e.to_string(), "add a key for the tenant"))?;
+    if let Some((id, n)) = &remote.key_batches {
+        if *id == sealing.id {
+            sealing.count_at_least(*n);
+        }
+    }
+    let resume = remote
+        .progress
+        .as_ref()
+        .map(|p| (Lsn(p.commit_lsn), Lsn(p.end_lsn)));
+    let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
+    tracing::info!(
+        tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client.endpoint(),
+        start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
+        "replication_start: streaming to the apply node"
+    );
+
+    let (tx, rx) = mpsc::channel(config.batch.buffer_events);
+    let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
+    let (final_tx, final_rx) = oneshot::channel();
+    let assembler = Assembler::new(resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO));
+    let capture = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
+
+    let mut shipper = Shipper {
+        config,
+        ctx,
+        source,
+        session: remote.session,
+        sequence: remote.next_sequence,
+        enc: Encoder::new(),
+        first_lsn: Lsn::ZERO,
+        last_lsn: Lsn::ZERO,
+        in_source_txn: false,
+        opened_at: None,
+        remote_open: false,
+        rx,
+        ack_tx,
+        acked: opened.ack_lsn,
+        checkpoint: CheckpointWriter::new(opened.file, system_id, config.batch.checkpoint_interval),
+        stats: Stats::default(),
+        last_log: Instant::now(),
+    };
+    let mut shutdown = shutdown;
+    let outcome = shipper.run(&mut shutdown).await;
+    let outcome = match outcome {
+        // Shutdown: ship what ends on a source commit.
+        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => shipper.send().await,
+        other => other,
+    };
+    shipper
+        .checkpoint
+        .write_now(&t.tenant_id, &t.slot, shipper.acked)
+        .await;
+    let _ = final_tx.send(shipper.acked);
+    let captured = tokio::time::timeout(Duration::from_secs(6), capture).await;
+    match outcome {
+        Ok(()) => {
+            tracing::info!(tenant = %t.tenant_id, acknowledged = %shipper.acked, "replication_stop: stopped");
+            Ok(())
+        }
+        // A capture error explains a "queue closed".
+        Err(e) => match captured {
+            Ok(Ok(Err(capture_err))) => Err(capture_err),
+            _ => Err(e),
+        },
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    events: u64,
+    batches: u64,
+    plain_bytes: u64,
+    wire_bytes: u64,
+    events_at_log: u64,
+}
+
+struct Shipper<'a> {
+    config: &'a Config,
+    ctx: &'a mut CaptureContext,
+    /// For the source catalog's view of relations the apply node needs.
+    source: Client,
+    session: String,
+    /// Sequence of the next batch.
+    sequence: u64,
+    enc: Encoder,
+    first_lsn: Lsn,
+    last_lsn: Lsn,
+    in_source_txn: bool,
+    /// When the batch being built got its first record.
+    opened_at: Option<Instant>,
+    /// The apply node holds part of a source transaction uncommitted.
+    remote_open: bool,
+    rx: mpsc::Receiver<TxEvent>,
+    ack_tx: watch::Sender<Lsn>,
+    acked: Lsn,
+    checkpoint: CheckpointWriter,
+    stats: Stats,
+    last_log: Instant,
+}
+
+impl Shipper<'_> {
+    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<()> {
+        let timeout = self.config.batch.batch_timeout;
+        loop {
+            let deadline = self
+                .opened_at
+                .filter(|_| !self.in_source_txn)
+                .map(|at| tokio::time::Instant::from_std(at + timeout));
+            let event = tokio::select! {
+                biased;
+                _ = stopped(shutdown) => return Ok(()),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    self.send().await?;
+                    continue;
+                }
+                ev = self.rx.recv() => ev.ok_or_else(|| closed("the capture queue"))?,
+            };
+            self.handle(event).await?;
+            self.log_progress();
+        }
+    }
+
+    async fn handle(&mut self, event: TxEvent) -> Result<()> {
+        let batch_size = self.config.batch.batch_size as u32;
+        match &event {
+            TxEvent::Keepalive { wal_end } => {
+                if !self.enc.is_empty() && !self.in_source_txn {
+                    self.send().await?;
+                }
+                // Nothing of this tenant is in flight: the slot may move on.
+                if self.enc.is_empty() && !self.remote_open {
+                    self.acknowledge(*wal_end);
+                }
+                return Ok(());
+            }
+            TxEvent::Begin { final_lsn, .. } => {
+                self.in_source_txn = true;
+                if self.enc.is_empty() {
+                    self.first_lsn = *final_lsn;
+                }
+            }
+            TxEvent::Commit { end_lsn, .. } => {
+                self.in_source_txn = false;
+                self.last_lsn = *end_lsn;
+            }
+            TxEvent::Row(_) | TxEvent::Truncate { .. } => {}
+        }
+        for rel in self.enc.unsent_relations(&event) {
+            let columns = describe_source_table(&self.source, &rel).await?;
+            self.enc.relation(&rel, &columns);
+        }
+        self.enc.event(&event);
+        self.opened_at.get_or_insert_with(Instant::now);
+        let full = self.enc.events() >= batch_size;
+        let boundary = matches!(event, TxEvent::Commit { .. })
+            && (self.rx.is_empty()
+                || self
+                    .opened_at
+                    .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout));
+        if full || boundary {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
+    /// Seal the batch, ship it, and acknowledge what the apply node committed.
+    async fn send(&mut self) -> Result<()> {
+        if self.enc.is_empty() {
+            return Ok(());
+        }
+        let t = &self.config.tenant;
+        let events = self.enc.events();
+        let body = self.enc.finish();
+        let info = BatchInfo {
+            tenant: &t.tenant_id,
+            sequence: self.sequence,
+            first_lsn: self.first_lsn,
+            last_lsn: self.last_lsn,
+            events,
+        };
+        let sealed = seal::seal(&info, &body, &self.ctx.compression, self.ctx.keys.as_ref())
+            .map_err(|e| {
+                ReplicationError::operator(
+                    format!("sealing a batch: {e}"),
+                    "add a newer key for the tenant (keys directory) and give it to the apply node too",
+                )
+            })?;
+        let wire = sealed.bytes.len() as u64;
+        let answer = self
+            .ctx
+            .client
+            .batch(&t.tenant_id, &self.session, Bytes::from(sealed.bytes))
+            .await?;
+        self.sequence = answer.sequence + 1;
+        self.remote_open = self.in_source_txn;
+        self.opened_at = None;
+        self.first_lsn = self.last_lsn;
+        self.stats.events += events as u64;
+        self.stats.batches += 1;
+        self.stats.plain_bytes += body.len() as u64;
+        self.stats.wire_bytes += wire;
+        tracing::debug!(
+            sequence = answer.sequence, events, plain = body.len(), wire, ratio = sealed.ratio,
+            committed = ?answer.committed_end_lsn, "batch applied"
+        );
+        if let Some(end) = answer.committed_end_lsn {
+            let end = Lsn(end);
+            self.acknowledge(end);
+            self.checkpoint
+                .after_commit(&t.tenant_id, &t.slot, self.stats.events, end)
+                .await;
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, lsn: Lsn) {
+        if lsn > self.acked {
+            self.acked = lsn;
+            let _ = self.ack_tx.send(lsn);
+        }
+    }
+
+    fn log_progress(&mut self) {
+        let elapsed = self.last_log.elapsed();
+        if elapsed < Duration::from_secs(10) {
+            return;
+        }
+        let s = &self.stats;
+        let rate = (s.events - s.events_at_log) as f64 / elapsed.as_secs_f64();
+        let ratio = if s.wire_bytes == 0 {
+            0.0
+        } else {
+            s.plain_bytes as f64 / s.wire_bytes as f64
+        };
+        tracing::info!(
+            events = s.events, batches = s.batches, events_per_sec = rate as u64,
+            acknowledged = %self.acked, wire_bytes = s.wire_bytes,
+            compression_ratio = format!("{ratio:.2}"), "progress"
+        );
+        self.last_log = Instant::now();
+        self.stats.events_at_log = self.stats.events;
+    }
+}

@@ -1,0 +1,540 @@
+//! Split deployment: a capture node and an apply node as two processes,
+//! shipping sealed batches over TLS 1.3 with client certificates, on real
+//! clusters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+struct Split {
+    capture: PathBuf,
+    apply: PathBuf,
+    port: u16,
+}
+
+/// Drop every line of `text` that starts with `prefix`.
+fn without(text: &str, prefix: &str) -> String {
+    text.lines()
+        .filter(|l| !l.starts_with(prefix))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Certificates, a shared tenant key, and the two nodes' configurations
+/// (the capture node knows only the source, the apply node only the target).
+fn split_configs(env: &Env, batch_size: u32) -> Split {
+    let dir = env.dir.path();
+    let ca = pki::ca(dir, "ca");
+    let apply_cert = pki::leaf(dir, &ca, "apply-node", &["DNS:localhost", "IP:127.0.0.1"]);
+    let capture_cert = pki::leaf(dir, &ca, "capture-node", &["DNS:capture.test"]);
+    let key = key_file(&dir.join("tenant.key"));
+    let port = pgcluster::free_port().expect("port");
+    let base = env
+        .config_text("")
+        .replace("batch_size = 1000", &format!("batch_size = {batch_size}"));
+    let transport = |mode: &str, pair: &pki::Pair, line: &str| {
+        format!(
+            "\n[encryption]\nkey_file = \"{}\"\n\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nrequest_timeout_seconds = 30\n",
+            key.display(),
+            ca.cert.display(),
+            pair.cert.display(),
+            pair.key.display()
+        )
+    };
+    let apply = without(&base, "source_connection")
+        + &transport(
+            "apply",
+            &apply_cert,
+            &format!("listen_address = \"127.0.0.1:{port}\""),
+        );
+    let capture = without(&base, "target_connection")
+        + &transport(
+            "capture",
+            &capture_cert,
+            &format!("apply_url = \"https://127.0.0.1:{port}\""),
+        );
+    Split {
+        capture: env.write_config("capture.toml", &capture),
+        apply: env.write_config("apply.toml", &apply),
+        port,
+    }
+}
+
+fn start(config: &Path, env: &Env, name: &str) -> Daemon {
+    Daemon::start(config, &env.dir.path().join(format!("{name}.log")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capture_and_apply_nodes_over_mutual_tls_lose_and_double_nothing_across_kill_9() {
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    // Small batches: big transactions span several batches, and kills land
+    // between the batches of one source transaction.
+    let configs = split_configs(&env, 200);
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO accounts SELECT 'tenant-123', g, 'n' || g, 'e' || g || '@x', g, now() FROM generate_series(1, 3000) g;
+         INSERT INTO accounts SELECT 'tenant-456', g, 'other', 'o@x', g, now() FROM generate_series(1, 500) g",
+    )
+    .await
+    .expect("rows before start");
+
+    let mut apply = start(&configs.apply, &env, "apply");
+    let mut capture = start(&configs.capture, &env, "capture");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &capture).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(workload(env.source.superuser_url("app"), 7, stop.clone()));
+    // One large transaction that spans many batches, committed while the
+    // kills happen.
+    let big = {
+        let url = env.source.superuser_url("app");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c.batch_execute(
+                "INSERT INTO events SELECT 'tenant-123', 100000 + g, 'bulk', repeat('x', 300), now() FROM generate_series(1, 20000) g",
+            )
+            .await
+            .expect("big transaction");
+        })
+    };
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if round % 2 == 0 {
+            capture.kill9();
+            capture = start(&configs.capture, &env, "capture");
+        } else {
+            apply.kill9();
+            apply = start(&configs.apply, &env, "apply");
+        }
+    }
+    big.await.expect("big");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let txns = writer.await.expect("writer");
+    assert!(txns > 10, "the workload ran ({txns} transactions)");
+
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(120), &capture).await;
+    assert_tenant_equal(&env, &TABLES).await;
+    let dst = env.dst().await;
+    assert_eq!(
+        foreign_rows(&dst).await,
+        0,
+        "another tenant's rows reached the target"
+    );
+
+    // The apply node stored the batch sequence with the data, and the slot
+    // was acknowledged only up to what the target committed.
+    let row = dst
+        .query_one(
+            "SELECT batch_sequence, end_lsn::text, seal_key_id, seal_key_batches FROM heliosdb_replication.progress WHERE tenant_id = $1",
+            &[&TENANT],
+        )
+        .await
+        .expect("progress");
+    let (sequence, end_lsn): (i64, String) = (row.get(0), row.get(1));
+    assert!(sequence > 10, "batch sequence {sequence}");
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("default"));
+    assert!(row.get::<_, Option<i64>>(3).unwrap_or(0) > 0);
+    let slot_ok: bool = src
+        .query_one(
+            "SELECT confirmed_flush_lsn <= $1::text::pg_lsn OR confirmed_flush_lsn <= pg_current_wal_lsn() FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&end_lsn],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(slot_ok);
+
+    let capture_log =
+        std::fs::read_to_string(env.dir.path().join("capture.log")).unwrap_or_default();
+    let apply_log = std::fs::read_to_string(env.dir.path().join("apply.log")).unwrap_or_default();
+    for log in [&capture_log, &apply_log] {
+        assert!(!log.contains("panicked"), "{log}");
+        assert!(!log.contains(&env.source.superuser_url("app")));
+    }
+    // Every restart resumed through a new session.
+    let sessions = apply_log.matches("capture node connected").count();
+    assert!(
+        sessions >= 3,
+        "{sessions} sessions; apply log:\n{apply_log}"
+    );
+    assert!(
+        capture_log.matches("batch applied").count() > 50,
+        "capture log:\n{capture_log}"
+    );
+
+    let (status, _) = capture.terminate();
+    assert!(status.success(), "capture exit {status:?}");
+    let (status, _) = apply.terminate();
+    assert!(status.success(), "apply exit {status:?}");
+}
+
+mod crafted {
+    //! Batches made by hand, as an attacker or a broken node would send them.
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use heliosdb_tenant_replication::capture::pgoutput::{ColumnDesc, RelationDesc, Value};
+    use heliosdb_tenant_replication::capture::{RowChange, RowOp, TxEvent};
+    use heliosdb_tenant_replication::lsn::Lsn;
+    use heliosdb_tenant_replication::seal::{self, Algorithm, BatchInfo, Compression, KeyProvider};
+    use heliosdb_tenant_replication::transport::codec::Encoder;
+
+    fn accounts() -> Arc<RelationDesc> {
+        let col = |name: &str, oid: u32, key: bool| ColumnDesc {
+            is_key: key,
+            name: name.into(),
+            type_oid: oid,
+            type_modifier: -1,
+        };
+        Arc::new(RelationDesc {
+            id: 1,
+            namespace: "public".into(),
+            name: "accounts".into(),
+            replica_identity: b'd',
+            columns: vec![
+                col("tenant_id", 25, true),
+                col("id", 20, true),
+                col("name", 25, false),
+                col("email", 25, false),
+                col("balance", 1700, false),
+                col("updated_at", 1184, false),
+            ],
+        })
+    }
+
+    /// One source transaction inserting account `id` of `tenant`.
+    pub fn batch(
+        tenant: &str,
+        id: i64,
+        sequence: u64,
+        lsn: u64,
+        keys: &dyn KeyProvider,
+    ) -> Vec<u8> {
+        let t = |s: String| Value::Text(Bytes::from(s));
+        let mut enc = Encoder::new();
+        let rel = accounts();
+        enc.relation(&rel, &[]);
+        for ev in [
+            TxEvent::Begin {
+                final_lsn: Lsn(lsn),
+                commit_time_us: 0,
+                xid: 1,
+            },
+            TxEvent::Row(RowChange {
+                relation: rel.clone(),
+                op: RowOp::Insert {
+                    new: vec![
+                        t(tenant.into()),
+                        t(id.to_string()),
+                        t("crafted".into()),
+                        Value::Null,
+                        t("1".into()),
+                        Value::Null,
+                    ],
+                },
+            }),
+            TxEvent::Commit {
+                commit_lsn: Lsn(lsn),
+                end_lsn: Lsn(lsn + 8),
+                commit_time_us: 0,
+            },
+        ] {
+            enc.event(&ev);
+        }
+        let body = enc.finish();
+        let info = BatchInfo {
+            tenant,
+            sequence,
+            first_lsn: Lsn(lsn),
+            last_lsn: Lsn(lsn + 8),
+            events: 1,
+        };
+        let c = Compression {
+            algorithm: Algorithm::Zstd,
+            level: 3,
+            min_size_bytes: 0,
+            dictionary: None,
+        };
+        seal::seal(&info, &body, &c, keys).expect("seal").bytes
+    }
+}
+
+fn keys_dir(root: &Path, files: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, hex) in files {
+        let dir = root.join(TENANT);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let p = dir.join(name);
+        std::fs::write(&p, hex).expect("key");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    root.to_path_buf()
+}
+
+async fn account_ids(env: &Env) -> Vec<i64> {
+    env.dst()
+        .await
+        .query(
+            "SELECT id FROM accounts WHERE tenant_id = $1 ORDER BY id",
+            &[&TENANT],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays_other_tenants_and_retired_keys(
+) {
+    use heliosdb_tenant_replication::config::{Mode, TransportConfig};
+    use heliosdb_tenant_replication::seal::FileKeys;
+    use heliosdb_tenant_replication::transport::client::ApplyClient;
+    use heliosdb_tenant_replication::transport::SessionRequest;
+
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    let split = split_configs(&env, 1000);
+    let dir = env.dir.path();
+    // The apply node's keys: "a-old" retired, "b-new" current.
+    let (old_hex, new_hex) = ("11".repeat(32), "22".repeat(32));
+    let apply_keys = keys_dir(
+        &dir.join("apply-keys"),
+        &[("a-old.retired", &old_hex), ("b-new.key", &new_hex)],
+    );
+    let apply_text = std::fs::read_to_string(&split.apply).expect("apply config");
+    let apply_text = apply_text.replace(
+        &format!("key_file = \"{}\"", dir.join("tenant.key").display()),
+        &format!("key_file = \"{}\"", apply_keys.display()),
+    );
+    let apply_config = env.write_config("apply.toml", &apply_text);
+    let mut apply = start(&apply_config, &env, "apply");
+
+    let client_for = |cert: &pki::Pair, ca: &Path| {
+        ApplyClient::new(
+            &TransportConfig {
+                mode: Mode::Capture,
+                apply_url: Some(format!("https://127.0.0.1:{}", split.port)),
+                listen_address: None,
+                ca_file: Some(ca.to_path_buf()),
+                cert_file: Some(cert.cert.clone()),
+                key_file: Some(cert.key.clone()),
+                request_timeout: Duration::from_secs(20),
+            },
+            Duration::from_secs(5),
+        )
+        .expect("client")
+    };
+    let good_cert = pki::Pair {
+        cert: dir.join("capture-node.pem"),
+        key: dir.join("capture-node.key"),
+    };
+    let mut client = client_for(&good_cert, &dir.join("ca.pem"));
+    let request = SessionRequest {
+        source_system_id: {
+            let row = env
+                .src()
+                .await
+                .query_one(
+                    "SELECT system_identifier::text FROM pg_control_system()",
+                    &[],
+                )
+                .await
+                .expect("system id");
+            row.get(0)
+        },
+        slot: "tenant_123_slot".into(),
+        capture_node: "test".into(),
+    };
+    // Wait for the node to listen.
+    let mut session = None;
+    for _ in 0..200 {
+        match client.session(TENANT, &request).await {
+            Ok(s) => {
+                session = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let session = session.unwrap_or_else(|| panic!("no session:\n{}", apply.log()));
+    let mut seq = session.next_sequence;
+
+    // Plaintext HTTP gets no HTTP answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", split.port))
+            .await
+            .expect("connect");
+        tcp.write_all(b"POST /v1/tenants/tenant-123/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+        assert!(
+            !buf.starts_with(b"HTTP/"),
+            "plaintext was answered: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    // A client certificate from another CA is refused during the handshake.
+    let rogue_ca = pki::ca(dir, "rogue-ca");
+    let rogue = pki::leaf(dir, &rogue_ca, "rogue-node", &["DNS:rogue.test"]);
+    let err = client_for(&rogue, &dir.join("ca.pem"))
+        .session(TENANT, &request)
+        .await
+        .expect_err("rogue certificate accepted");
+    assert!(
+        err.to_string().contains("TLS") || err.to_string().contains("transport"),
+        "{err}"
+    );
+    // The capture node refuses an apply node whose certificate another CA signed.
+    let err = client_for(&good_cert, &rogue_ca.cert)
+        .session(TENANT, &request)
+        .await
+        .expect_err("apply node with a foreign certificate accepted");
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    let current = FileKeys::from_dir(&keys_dir(
+        &dir.join("capture-keys"),
+        &[("b-new.key", &new_hex)],
+    ))
+    .expect("keys");
+    let lsn = 0x100_0000_0000;
+    // A good batch applies.
+    let ok = client
+        .batch(
+            TENANT,
+            &session.session,
+            crafted::batch(TENANT, 1, seq, lsn, &current).into(),
+        )
+        .await
+        .expect("good batch");
+    assert_eq!(ok.committed_end_lsn, Some(lsn + 8));
+    assert_eq!(account_ids(&env).await, vec![1]);
+
+    // Replay: a batch with a sequence already applied.
+    let err = client
+        .batch(
+            TENANT,
+            &session.session,
+            crafted::batch(TENANT, 2, seq, lsn + 100, &current).into(),
+        )
+        .await
+        .expect_err("replay accepted");
+    assert!(err.to_string().contains("replayed"), "{err}");
+    seq += 1;
+    // One flipped bit in the body.
+    let mut tampered = crafted::batch(TENANT, 3, seq, lsn + 200, &current);
+    let last = tampered.len() - 20;
+    tampered[last] ^= 0x04;
+    let err = client
+        .batch(TENANT, &session.session, tampered.into())
+        .await
+        .expect_err("tampered batch accepted");
+    assert!(err.to_string().contains("authentication"), "{err}");
+    // Another tenant's batch offered as this tenant's.
+    let other_dir = dir.join("other-keys");
+    std::fs::create_dir_all(other_dir.join("tenant-456")).expect("mkdir");
+    let other_key = other_dir.join("tenant-456").join("b-new.key");
+    std::fs::write(&other_key, &new_hex).expect("key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+    let other = FileKeys::from_dir(&other_dir).expect("keys");
+    let err = client
+        .batch(
+            TENANT,
+            &session.session,
+            crafted::batch("tenant-456", 4, seq, lsn + 300, &other).into(),
+        )
+        .await
+        .expect_err("cross-tenant batch accepted");
+    assert!(err.to_string().contains("tenant-456"), "{err}");
+    // A batch sealed with the retired key.
+    let retired = FileKeys::from_dir(&keys_dir(&dir.join("old-keys"), &[("a-old.key", &old_hex)]))
+        .expect("keys");
+    let err = client
+        .batch(
+            TENANT,
+            &session.session,
+            crafted::batch(TENANT, 5, seq, lsn + 400, &retired).into(),
+        )
+        .await
+        .expect_err("retired key accepted");
+    assert!(err.to_string().contains("retired"), "{err}");
+    // A tenant this node does not serve.
+    let err = client
+        .session("tenant-999", &request)
+        .await
+        .expect_err("unknown tenant accepted");
+    assert!(err.to_string().contains("not served"), "{err}");
+    // Nothing of the refused batches was applied; the session still works.
+    assert_eq!(account_ids(&env).await, vec![1]);
+    client
+        .batch(
+            TENANT,
+            &session.session,
+            crafted::batch(TENANT, 6, seq, lsn + 500, &current).into(),
+        )
+        .await
+        .expect("good batch after refusals");
+    assert_eq!(account_ids(&env).await, vec![1, 6]);
+
+    // After a kill -9 of the apply node, the applied sequence is still known.
+    apply.kill9();
+    let mut apply = start(&apply_config, &env, "apply");
+    let mut again = None;
+    for _ in 0..200 {
+        match client.session(TENANT, &request).await {
+            Ok(s) => {
+                again = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let again = again.unwrap_or_else(|| panic!("no session after restart:\n{}", apply.log()));
+    assert_eq!(again.next_sequence, seq + 1);
+    assert_eq!(again.progress.as_ref().map(|p| p.end_lsn), Some(lsn + 508));
+    let err = client
+        .batch(
+            TENANT,
+            &again.session,
+            crafted::batch(TENANT, 7, seq, lsn + 600, &current).into(),
+        )
+        .await
+        .expect_err("replay after restart accepted");
+    assert!(err.to_string().contains("replayed"), "{err}");
+    assert_eq!(account_ids(&env).await, vec![1, 6]);
+
+    let log = apply.log() + &std::fs::read_to_string(dir.join("apply.log")).unwrap_or_default();
+    for word in [
+        "envelope_replay",
+        "envelope_authentication",
+        "envelope_cross_tenant",
+        "key",
+        "unknown_tenant",
+        "transport_tls",
+    ] {
+        assert!(log.contains(word), "{word} not logged:\n{log}");
+    }
+    assert!(
+        !log.contains(&new_hex) && !log.contains(&old_hex),
+        "a key reached the log"
+    );
+    let (status, _) = apply.terminate();
+    assert!(status.success());
+}
