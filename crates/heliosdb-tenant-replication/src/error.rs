@@ -118,6 +118,8 @@ impl ReplicationError {
             }
         };
         let class = match code.as_deref() {
+            // A certificate that does not verify stays that way.
+            None if message.contains("invalid peer certificate") => ErrorClass::OperatorAction,
             None => ErrorClass::Retry,
             Some(c) => classify_sqlstate(c),
         };
@@ -178,6 +180,12 @@ fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
         }
         Some("3D000") => format!("check the database name in {var}"),
         Some("42501") => format!("grant the privilege named above to the {side} role"),
+        None if message.contains("UnknownIssuer") => format!(
+            "the {side}'s certificate is not signed by the CA in sslrootcert: point sslrootcert in {var} at the CA that signed the server certificate"
+        ),
+        None if message.contains("NotValidForName") || message.contains("not valid for name") => format!(
+            "the {side}'s certificate does not name the host in {var}: connect by a name the certificate lists (sslmode=verify-full checks it), or use sslmode=verify-ca to check only the CA"
+        ),
         None if message.contains("Connection refused")
             || message.contains("timed out")
             || message.contains("failed to lookup") =>

@@ -264,6 +264,27 @@ impl Cluster {
         self.start_server()
     }
 
+    /// Serve TLS with `cert` and `key` (PEM): both are copied into the data
+    /// directory (owned by the server's user, key mode 0600) and the server
+    /// restarts with `ssl = on`.
+    pub fn enable_ssl(&mut self, cert: &Path, key: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = self.data.join(name);
+            fs::copy(from, &to).map_err(io_err(&to))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(io_err(&to))?;
+            if let Some(user) = self.run_as {
+                std::os::unix::fs::chown(&to, Some(user.uid), Some(user.gid))
+                    .map_err(io_err(&to))?;
+            }
+        }
+        self.reconfigure(&[
+            ("ssl", "on"),
+            ("ssl_cert_file", "'server.crt'"),
+            ("ssl_key_file", "'server.key'"),
+        ])
+    }
+
     /// Change settings and restart the server.
     pub fn reconfigure(&mut self, settings: &[(&str, &str)]) -> Result<()> {
         let conf_path = self.data.join("postgresql.conf");
