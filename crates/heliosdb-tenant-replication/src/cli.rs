@@ -86,6 +86,20 @@ pub enum Command {
     /// Show where the tenant's replication stands: state, applied position,
     /// slot and retained WAL, pending resyncs.
     Status,
+    /// Train a zstd dictionary from the tenant's rows on the source, for
+    /// `[compression] dictionary_path` (both nodes load the same file). It
+    /// holds fragments of tenant data: written with mode 0600.
+    TrainDictionary {
+        /// Where to write it (default: `[compression] dictionary_path`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Sample rows per table.
+        #[arg(long, default_value_t = 20_000)]
+        rows_per_table: usize,
+        /// Largest dictionary size in bytes.
+        #[arg(long, default_value_t = 112_640)]
+        size: usize,
+    },
     /// Check the configuration file and print the effective configuration
     /// (passwords masked) and every key that has no effect in this build.
     CheckConfig,
@@ -139,6 +153,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Init { no_copy } => runtime.block_on(init(config, !no_copy)),
         Command::Resync { table } => runtime.block_on(resync(config, table)),
         Command::Status => runtime.block_on(status(config)),
+        Command::TrainDictionary {
+            out,
+            rows_per_table,
+            size,
+        } => runtime.block_on(train_dictionary(config, out, rows_per_table, size)),
         Command::CheckConfig => ExitCode::SUCCESS,
     }
 }
@@ -186,6 +205,57 @@ async fn resync(config: Arc<Config>, table: Option<String>) -> ExitCode {
                 "resync of {} for tenant '{}' requested: a running daemon performs it within seconds, otherwise the next start does",
                 table.as_deref().unwrap_or("all tables"),
                 t.tenant_id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
+    }
+}
+
+async fn train_dictionary(
+    config: Arc<Config>,
+    out: Option<PathBuf>,
+    rows_per_table: usize,
+    size: usize,
+) -> ExitCode {
+    let Some(out) = out.or_else(|| config.seal.dictionary_path.clone()) else {
+        eprintln!("error: say where to write the dictionary: --out FILE, or set [compression] dictionary_path");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let t = &config.tenant;
+    let result = async {
+        let source = crate::pg::connect(
+            t.source()?,
+            &config.network,
+            crate::error::Side::Source,
+            "heliosdb-tenant-replication train-dictionary",
+        )
+        .await?;
+        let report = crate::provision::preflight::check_source(&source, t).await?;
+        let samples = crate::seal::dictionary::samples(
+            &source,
+            &report.tables,
+            &t.tenant_column,
+            &t.tenant_id,
+            rows_per_table,
+        )
+        .await?;
+        crate::seal::dictionary::train(&samples, size, &out)
+    }
+    .await;
+    match result {
+        Ok(done) => {
+            println!(
+                "wrote {} ({} bytes) trained on {} samples ({} bytes) of tenant '{}'; set [compression] dictionary_path = \"{}\" on the capture and the apply node",
+                out.display(),
+                done.dictionary_bytes,
+                done.samples,
+                done.sample_bytes,
+                t.tenant_id,
+                out.display()
             );
             ExitCode::SUCCESS
         }

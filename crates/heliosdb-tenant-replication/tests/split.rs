@@ -538,3 +538,76 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
     let (status, _) = apply.terminate();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_dictionary_compresses_small_batches_on_both_nodes_and_a_missing_one_is_named() {
+    let (env, local) = Env::provisioned(SCHEMA).await;
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO orders SELECT 'tenant-123', g, g % 50, 'paid', g * 1.5, jsonb_build_object('sku', 'SKU-' || (g % 300), 'qty', g % 7), now() FROM generate_series(1, 3000) g",
+    )
+    .await
+    .expect("rows");
+    let dict = env.dir.path().join("tenant.dict");
+    let out = run(
+        &local,
+        &["train-dictionary", "--out", dict.to_str().expect("utf8")],
+    );
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("dictionary_path"), "{}", out.stdout);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&dict).expect("dictionary written");
+        assert_eq!(
+            meta.mode() & 0o077,
+            0,
+            "the dictionary holds tenant data: mode 600"
+        );
+        assert!(meta.len() > 1000);
+    }
+
+    let split = split_configs(&env, 1000);
+    let with_dict = |p: &Path| {
+        let text = std::fs::read_to_string(p).expect("config")
+            + &format!("\n[compression]\nalgorithm = \"zstd\"\nlevel = 3\nmin_size_bytes = 0\ndictionary_path = \"{}\"\n", dict.display());
+        std::fs::write(p, text).expect("write");
+    };
+    with_dict(&split.capture);
+    let plain_apply = std::fs::read_to_string(&split.apply).expect("config");
+    with_dict(&split.apply);
+    let mut apply = start(&split.apply, &env, "apply");
+    let capture = start(&split.capture, &env, "capture");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &capture).await;
+    for i in 0..20 {
+        src.batch_execute(&format!(
+            "UPDATE orders SET status = 'shipped-{i}' WHERE tenant_id = 'tenant-123' AND id % 20 = {i}"
+        ))
+        .await
+        .expect("update");
+    }
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &capture).await;
+
+    // An apply node without the dictionary names what is missing.
+    apply.kill9();
+    std::fs::write(&split.apply, plain_apply).expect("write");
+    let _apply = start(&split.apply, &env, "apply-plain");
+    src.batch_execute(
+        "UPDATE orders SET status = 'late' WHERE tenant_id = 'tenant-123' AND id < 10",
+    )
+    .await
+    .expect("update");
+    let log = env.dir.path().join("capture.log");
+    wait_until(
+        Duration::from_secs(60),
+        "the capture node to report the missing dictionary",
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("set [compression] dictionary_path")
+            }
+        },
+    )
+    .await;
+}

@@ -16,10 +16,11 @@
 //! before using it, and decompresses to at most the authenticated
 //! `plain_len` (≤ [`MAX_PLAIN_LEN`]). Fuzz target: `fuzz/fuzz_targets/envelope.rs`.
 //!
-//! Sealing is built and tested here; the transport that ships envelopes
-//! between a capture node and an apply node is the next step.
+//! The capture node seals, the apply node opens (`crate::transport`); in
+//! one process (`[transport] mode = "local"`) nothing is sealed.
 
 pub mod compress;
+pub mod dictionary;
 pub mod keys;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
