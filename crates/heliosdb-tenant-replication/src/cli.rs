@@ -299,7 +299,18 @@ async fn init(config: Arc<Config>, copy: bool) -> ExitCode {
 
 async fn start(config: Arc<Config>) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut pipeline = tokio::spawn(crate::pipeline::run_tenant(config.clone(), stop_rx));
+    let telemetry = match start_telemetry(&config, stop_rx.clone()).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_for(&e);
+        }
+    };
+    let mut pipeline = tokio::spawn(crate::pipeline::run_tenant(
+        config.clone(),
+        stop_rx,
+        telemetry,
+    ));
     let signal = wait_for_signal();
     let result = tokio::select! {
         r = &mut pipeline => r,
@@ -326,6 +337,44 @@ async fn start(config: Arc<Config>) -> ExitCode {
             ExitCode::from(EXIT_INTERNAL)
         }
     }
+}
+
+/// The audit log (if enabled) and the monitoring endpoints (unless
+/// `[features] enable_monitoring = false`).
+async fn start_telemetry(
+    config: &Arc<Config>,
+    shutdown: crate::pipeline::Shutdown,
+) -> Result<Arc<crate::telemetry::Telemetry>, ReplicationError> {
+    let audit = match &config.monitoring.audit_log {
+        Some((path, events)) => {
+            let t = &config.tenant;
+            let user = t
+                .target
+                .as_ref()
+                .or(t.source.as_ref())
+                .map(|c| c.user.clone())
+                .unwrap_or_default();
+            let source_ip = t
+                .source
+                .as_ref()
+                .map(|c| c.host.clone())
+                .unwrap_or_default();
+            let log = crate::telemetry::audit::AuditLog::open(path, events, &user, &source_ip)
+                .map_err(|e| {
+                    ReplicationError::operator(
+                        format!("audit log {}: {e}", path.display()),
+                        "make [monitoring] audit_log_path writable by this user (its directory is created if missing)",
+                    )
+                })?;
+            Some(Arc::new(log))
+        }
+        None => None,
+    };
+    let telemetry = crate::telemetry::Telemetry::new(audit);
+    if config.monitoring.enabled {
+        crate::telemetry::server::start(config.clone(), telemetry.clone(), shutdown).await?;
+    }
+    Ok(telemetry)
 }
 
 /// SIGTERM or SIGINT; SIGHUP (systemd's ExecReload) is logged, not fatal.

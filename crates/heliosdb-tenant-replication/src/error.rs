@@ -81,6 +81,25 @@ impl ReplicationError {
         }
     }
 
+    /// The `error_type` label this error is counted under
+    /// (`heliosdb_replication_errors_total`).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Database {
+                side: Side::Source, ..
+            } => "source_database",
+            Self::Database {
+                side: Side::Target, ..
+            } => "target_database",
+            Self::Stream { .. } => "replication_stream",
+            Self::Transport { .. } => "transport",
+            Self::Operator { .. } => "operator_action",
+            Self::Decode(_) => "decode",
+            Self::Checkpoint(_) => "checkpoint",
+            Self::Internal(_) => "internal",
+        }
+    }
+
     pub fn operator(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self::Operator {
             message: message.into(),

@@ -31,4 +31,5 @@ pub mod pipeline;
 pub mod provision;
 pub mod seal;
 pub mod snapshot;
+pub mod telemetry;
 pub mod transport;

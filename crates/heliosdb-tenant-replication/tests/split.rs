@@ -34,9 +34,11 @@ fn split_configs(env: &Env, batch_size: u32) -> Split {
     let capture_cert = pki::leaf(dir, &ca, "capture-node", &["DNS:capture.test"]);
     let key = key_file(&dir.join("tenant.key"));
     let port = pgcluster::free_port().expect("port");
-    let base = env
-        .config_text("")
-        .replace("batch_size = 1000", &format!("batch_size = {batch_size}"));
+    // Each node gets its own monitoring ports (config_text picks free ones).
+    let base = || {
+        env.config_text("")
+            .replace("batch_size = 1000", &format!("batch_size = {batch_size}"))
+    };
     let transport = |mode: &str, pair: &pki::Pair, line: &str| {
         format!(
             "\n[encryption]\nkey_file = \"{}\"\n\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nrequest_timeout_seconds = 30\n",
@@ -46,13 +48,13 @@ fn split_configs(env: &Env, batch_size: u32) -> Split {
             pair.key.display()
         )
     };
-    let apply = without(&base, "source_connection")
+    let apply = without(&base(), "source_connection")
         + &transport(
             "apply",
             &apply_cert,
             &format!("listen_address = \"127.0.0.1:{port}\""),
         );
-    let capture = without(&base, "target_connection")
+    let capture = without(&base(), "target_connection")
         + &transport(
             "capture",
             &capture_cert,
@@ -317,7 +319,16 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
         &format!("key_file = \"{}\"", dir.join("tenant.key").display()),
         &format!("key_file = \"{}\"", apply_keys.display()),
     );
+    let audit_path = dir.join("audit.log");
+    let apply_text = apply_text.replace(
+        "[monitoring]\n",
+        &format!(
+            "[monitoring]\nenable_audit_log = true\naudit_log_path = \"{}\"\n",
+            audit_path.display()
+        ),
+    );
     let apply_config = env.write_config("apply.toml", &apply_text);
+    let (metrics_port, _) = monitoring_ports(&apply_config);
     let mut apply = start(&apply_config, &env, "apply");
 
     let client_for = |cert: &pki::Pair, ca: &Path| {
@@ -492,6 +503,42 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
         .await
         .expect("good batch after refusals");
     assert_eq!(account_ids(&env).await, vec![1, 6]);
+
+    // Every refusal is counted by type, and recorded in the audit log.
+    let (status, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for (error_type, at_least) in [
+        ("envelope_replay", 1.0),
+        ("envelope_authentication", 1.0),
+        ("envelope_cross_tenant", 1.0),
+        ("key", 1.0),
+        ("unknown_tenant", 1.0),
+        ("transport_tls", 2.0),
+    ] {
+        let n = metric_value(
+            &metrics,
+            "heliosdb_replication_errors_total",
+            &[
+                "tenant_id=\"tenant-123\"",
+                &format!("error_type=\"{error_type}\""),
+            ],
+        )
+        .unwrap_or(0.0);
+        assert!(n >= at_least, "{error_type}: {n}\n{metrics}");
+    }
+    assert!(
+        metric_value(
+            &metrics,
+            "heliosdb_replication_events_total",
+            &["table=\"public.accounts\""]
+        ) == Some(2.0),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(&audit_path).expect("audit log");
+    assert!(
+        audit.contains("\"event_type\":\"error\"") && audit.contains("envelope_replay"),
+        "{audit}"
+    );
 
     // After a kill -9 of the apply node, the applied sequence is still known.
     apply.kill9();

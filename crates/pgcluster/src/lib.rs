@@ -19,6 +19,8 @@
 //! loopback; every other role needs its password (`scram-sha-256`), so tests of
 //! credentials and privileges are real.
 
+pub mod pki;
+
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;

@@ -47,6 +47,19 @@ pub struct CommitPoint {
     pub commit_time_us: i64,
 }
 
+/// What one target commit contained (for metrics).
+#[derive(Debug, Default, Clone)]
+pub struct Committed {
+    /// Source commit times (PostgreSQL epoch µs) of the transactions in it.
+    pub commit_times_us: Vec<i64>,
+    /// Row changes and truncates per table (`schema.table`).
+    pub events_by_table: HashMap<String, u64>,
+    /// Bytes of row values (as the source sent them).
+    pub bytes: u64,
+    /// How long the target transaction was open.
+    pub duration: std::time::Duration,
+}
+
 /// Counters for logs.
 #[derive(Debug, Default, Clone)]
 pub struct ApplyStats {
@@ -84,6 +97,10 @@ pub struct Applier {
     pending_commit: Option<CommitPoint>,
     /// The last sealed batch inside the open target transaction (apply node).
     pending_batch: Option<progress::BatchMark>,
+    /// What the open target transaction holds, for metrics.
+    pending: Committed,
+    /// What the last commit held (taken by [`Applier::take_committed`]).
+    committed: Committed,
     pub stats: ApplyStats,
 }
 
@@ -116,6 +133,8 @@ impl Applier {
             pending_events: 0,
             pending_commit: None,
             pending_batch: None,
+            pending: Committed::default(),
+            committed: Committed::default(),
             stats: ApplyStats::default(),
         })
     }
@@ -219,6 +238,18 @@ impl Applier {
         }
         self.stats.events += 1;
         self.pending_events += 1;
+        self.pending.bytes += image
+            .iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len() as u64,
+                _ => 0,
+            })
+            .sum::<u64>();
+        *self
+            .pending
+            .events_by_table
+            .entry(mapping.display.clone())
+            .or_default() += 1;
         if let RowOp::Update {
             old: Some(old),
             new,
@@ -256,14 +287,25 @@ impl Applier {
                 )))?;
             self.stats.events += 1;
             self.pending_events += 1;
+            *self
+                .pending
+                .events_by_table
+                .entry(m.display.clone())
+                .or_default() += 1;
         }
         Ok(())
     }
 
     /// The current source transaction committed on the source.
     pub fn source_commit(&mut self, point: CommitPoint) {
+        self.pending.commit_times_us.push(point.commit_time_us);
         self.pending_commit = Some(point);
         self.stats.transactions += 1;
+    }
+
+    /// What the last commit contained (metrics), leaving it empty.
+    pub fn take_committed(&mut self) -> Committed {
+        std::mem::take(&mut self.committed)
     }
 
     /// Record a sealed batch with the next commit (apply node).
@@ -306,6 +348,9 @@ impl Applier {
             .batch_execute("COMMIT")
             .await
             .map_err(target_err("COMMIT"))?;
+        let mut done = std::mem::take(&mut self.pending);
+        done.duration = self.opened_at.map(|t| t.elapsed()).unwrap_or_default();
+        self.committed = done;
         self.open = false;
         self.opened_at = None;
         self.pending_events = 0;
@@ -317,6 +362,7 @@ impl Applier {
         self.chunk = Chunk::default();
         self.pending_commit = None;
         self.pending_batch = None;
+        self.pending = Committed::default();
         self.pending_events = 0;
         if self.open {
             let _ = self.client.batch_execute("ROLLBACK").await;

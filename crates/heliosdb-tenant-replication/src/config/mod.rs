@@ -132,6 +132,19 @@ pub struct SealConfig {
     pub key_path: Option<PathBuf>,
 }
 
+/// `[monitoring]`: metrics, health, audit log.
+#[derive(Debug, Clone)]
+pub struct MonitoringConfig {
+    /// `false` only with `[features] enable_monitoring = false`.
+    pub enabled: bool,
+    pub bind_address: std::net::IpAddr,
+    pub prometheus_port: u16,
+    pub health_check_port: u16,
+    pub metrics_interval: Duration,
+    /// `enable_audit_log = true`: where, and which events (all when empty).
+    pub audit_log: Option<(PathBuf, Vec<String>)>,
+}
+
 /// Batching and flow control.
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
@@ -165,6 +178,7 @@ pub struct Config {
     pub network: NetworkConfig,
     pub transport: TransportConfig,
     pub seal: SealConfig,
+    pub monitoring: MonitoringConfig,
     pub worker_threads: usize,
     pub notices: Vec<Notice>,
     raw_view: toml::Table,
@@ -649,26 +663,48 @@ fn resolve(
             return Err(c.err("[monitoring] audit_events", format!("'{ev}' is not an audit event: allowed replication_start, replication_stop, failover, conflict_resolved, checkpoint_created, error")));
         }
     }
-    c.range(
+    let metrics_interval = c.range(
         "[monitoring] metrics_interval_seconds",
         m.metrics_interval_seconds,
         10,
         1,
         3600,
     )?;
-    if f.enable_monitoring == Some(true)
-        || m.prometheus_port.is_some()
-        || m.health_check_port.is_some()
-        || m.metrics_interval_seconds.is_some()
-    {
-        notice("[monitoring]", "not yet supported: /metrics and /health are not served in this build; progress is in the logs, the checkpoint file and the target's heliosdb_replication.progress table");
-    }
-    if m.enable_audit_log.is_some() || m.audit_log_path.is_some() || m.audit_events.is_some() {
-        notice(
-            "[monitoring] enable_audit_log",
-            "not yet supported: no audit log is written in this build",
-        );
-    }
+    let bind_address = match m.bind_address.as_deref() {
+        None => std::net::IpAddr::from([0, 0, 0, 0]),
+        Some(a) => a.parse().map_err(|_| {
+            c.err(
+                "[monitoring] bind_address",
+                format!("'{a}' is not an IP address, e.g. 0.0.0.0 or 127.0.0.1"),
+            )
+        })?,
+    };
+    let audit_log = match (m.enable_audit_log, &m.audit_log_path) {
+        (Some(true), Some(p)) if !p.is_empty() => {
+            Some((PathBuf::from(p), m.audit_events.clone().unwrap_or_default()))
+        }
+        (Some(true), _) => Some((
+            PathBuf::from("/var/log/heliosdb/audit.log"),
+            m.audit_events.clone().unwrap_or_default(),
+        )),
+        _ => {
+            if m.audit_log_path.is_some() || m.audit_events.is_some() {
+                notice(
+                    "[monitoring] audit_log_path",
+                    "no effect without enable_audit_log = true",
+                );
+            }
+            None
+        }
+    };
+    let monitoring = MonitoringConfig {
+        enabled: f.enable_monitoring != Some(false),
+        bind_address,
+        prometheus_port: m.prometheus_port.unwrap_or(9090),
+        health_check_port: m.health_check_port.unwrap_or(8080),
+        metrics_interval: Duration::from_secs(metrics_interval),
+        audit_log,
+    };
 
     // --- transport ---
     let tr = &raw.transport;
@@ -945,6 +981,7 @@ fn resolve(
             key_file: tls_key_file,
             request_timeout: Duration::from_secs(request_timeout),
         },
+        monitoring,
         seal: SealConfig {
             compression,
             level: level.map(|l| l as i32).unwrap_or(default_level),

@@ -123,6 +123,8 @@ pub struct MonitoringSection {
     pub audit_log_path: Option<String>,
     pub audit_log_format: Option<String>,
     pub audit_events: Option<Vec<String>>,
+    /// Address the monitoring endpoints listen on (default 0.0.0.0).
+    pub bind_address: Option<String>,
 }
 
 /// `[performance]`, including the keys §8.2 shows there (batching,

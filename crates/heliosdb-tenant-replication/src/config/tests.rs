@@ -75,7 +75,6 @@ fn every_key_of_the_reference_parses() {
         "[compression]",
         "[encryption]",
         "[conflict]",
-        "[monitoring]",
         "[cdc] wal_path",
     ] {
         assert!(
@@ -84,6 +83,19 @@ fn every_key_of_the_reference_parses() {
             c.notices
         );
     }
+    // Monitoring is in effect: the guide's ports and audit log.
+    assert!(c.monitoring.enabled);
+    assert_eq!(
+        (c.monitoring.prometheus_port, c.monitoring.health_check_port),
+        (9090, 8080)
+    );
+    assert_eq!(
+        c.monitoring
+            .audit_log
+            .as_ref()
+            .map(|(p, _)| p.display().to_string()),
+        Some("/var/log/heliosdb/audit.log".to_string())
+    );
     assert!(
         c.tenant.start_lsn.is_zero(),
         "0 = initial copy, then stream"

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg;
 use crate::seal::{self, FileKeys, KeyProvider, SealError};
+use crate::telemetry::{State, TenantTelemetry};
 use crate::transport::codec::Decoder;
 use crate::transport::server::Refusal;
 use crate::transport::{BatchResponse, RemoteProgress, SessionRequest, SessionResponse};
@@ -33,8 +34,13 @@ use crate::transport::{BatchResponse, RemoteProgress, SessionRequest, SessionRes
 pub struct ApplyNode {
     config: Arc<Config>,
     keys: Arc<dyn KeyProvider>,
-    dictionary: Option<Arc<[u8]>>,
-    tenants: HashMap<String, Mutex<TenantState>>,
+    dictionary: Option<Arc<seal::Dictionary>>,
+    tenants: HashMap<String, Tenant>,
+}
+
+struct Tenant {
+    state: Mutex<TenantState>,
+    tel: Arc<TenantTelemetry>,
 }
 
 #[derive(Default)]
@@ -53,10 +59,12 @@ struct Active {
     in_source_txn: bool,
     /// The sealing key of the last batch and its batch count.
     key: Option<(String, u64)>,
+    /// Envelope bytes received since the last commit.
+    wire_uncommitted: u64,
 }
 
 /// Run the apply node until shutdown.
-pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> Result<()> {
+pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemetry>) -> Result<()> {
     let t = &config.tenant;
     let key_path = config.seal.key_path.as_deref().ok_or_else(|| {
         ReplicationError::operator(
@@ -85,18 +93,25 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown) -> Result<()> {
         config: config.clone(),
         keys: Arc::new(keys),
         dictionary: compression.dictionary,
-        tenants: [(t.tenant_id.clone(), Mutex::new(TenantState::default()))]
-            .into_iter()
-            .collect(),
+        tenants: [(
+            t.tenant_id.clone(),
+            Tenant {
+                state: Mutex::new(TenantState::default()),
+                tel: tel.clone(),
+            },
+        )]
+        .into_iter()
+        .collect(),
     });
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         tenants = node.tenants.len(),
         "apply node: waiting for capture nodes (TLS 1.3, client certificates required)"
     );
+    tel.set_state(State::WaitingForCapture);
     crate::transport::server::serve(listener, tls, node.clone(), shutdown).await;
-    for (tenant, state) in &node.tenants {
-        let mut state = state.lock().await;
+    for (tenant, entry) in &node.tenants {
+        let mut state = entry.state.lock().await;
         if let Some(mut active) = state.session.take() {
             // Batches commit when they end between source transactions;
             // what is open here is an unfinished source transaction.
@@ -116,11 +131,18 @@ impl ApplyNode {
     /// client certificate (plaintext, no certificate, another CA).
     pub fn refused_connection(&self, peer: &str, reason: &str) {
         tracing::warn!(%peer, %reason, error_type = "transport_tls", "refused a connection");
+        for t in self.tenants.values() {
+            t.tel.refused("transport_tls", reason);
+        }
     }
 
-    fn tenant(&self, tenant: &str) -> Result<&Mutex<TenantState>, Refusal> {
+    fn tenant(&self, tenant: &str) -> Result<&Tenant, Refusal> {
         self.tenants.get(tenant).ok_or_else(|| {
             tracing::warn!(%tenant, error_type = "unknown_tenant", "refused a request for a tenant this node does not serve");
+            // Counted on the tenants this node serves (never a label chosen by the caller).
+            for t in self.tenants.values() {
+                t.tel.refused("unknown_tenant", "a request for a tenant this node does not serve");
+            }
             Refusal::new(
                 StatusCode::FORBIDDEN,
                 "unknown_tenant",
@@ -135,15 +157,16 @@ impl ApplyNode {
         tenant: &str,
         req: SessionRequest,
     ) -> Result<SessionResponse, Refusal> {
-        let mut state = self.tenant(tenant)?.lock().await;
+        let entry = self.tenant(tenant)?;
+        let mut state = entry.state.lock().await;
         if let Some(mut old) = state.session.take() {
             old.applier.rollback().await;
             tracing::info!(%tenant, old = %old.capture_node, new = %req.capture_node, "a new session replaces the previous one");
         }
-        let (active, progress) = self
-            .connect(tenant, &req)
-            .await
-            .map_err(|e| Refusal::from_error(&e))?;
+        let (active, progress) = self.connect(tenant, &req).await.map_err(|e| {
+            entry.tel.failed(&e, true);
+            Refusal::from_error(&e)
+        })?;
         let applied = progress.as_ref().map(|p| p.batch_sequence).unwrap_or(0);
         let last = applied.max(state.highest_seen);
         let response = SessionResponse {
@@ -165,6 +188,8 @@ impl ApplyNode {
             key: response.key_batches.clone(),
             ..active
         });
+        entry.tel.set_state(State::Running);
+        entry.tel.caught_up();
         Ok(response)
     }
 
@@ -210,6 +235,7 @@ impl ApplyNode {
             last_sequence: 0,
             in_source_txn: false,
             key: None,
+            wire_uncommitted: 0,
         };
         Ok((active, recorded))
     }
@@ -221,7 +247,9 @@ impl ApplyNode {
         session: &str,
         envelope: Bytes,
     ) -> Result<BatchResponse, Refusal> {
-        let mut guard = self.tenant(tenant)?.lock().await;
+        let entry = self.tenant(tenant)?;
+        let tel = &entry.tel;
+        let mut guard = entry.state.lock().await;
         let state = &mut *guard;
         let Some(active) = state.session.as_mut().filter(|a| a.id == session) else {
             return Err(Refusal::new(
@@ -238,11 +266,16 @@ impl ApplyNode {
             self.keys.as_ref(),
             self.dictionary.as_deref(),
         )
-        .map_err(|e| refuse_envelope(tenant, &e))?;
+        .map_err(|e| {
+            tel.refused(e.error_type(), &e.to_string());
+            refuse_envelope(tenant, &e)
+        })?;
+        tel.behind();
         state.highest_seen = state.highest_seen.max(header.sequence);
         let decoded = match active.decoder.decode(Bytes::from(plain)) {
             Ok(d) => d,
             Err(e) => {
+                tel.refused("envelope_invalid", &e.to_string());
                 tracing::error!(%tenant, sequence = header.sequence, error = %e, error_type = "envelope_invalid", "refused a batch");
                 return Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
@@ -259,12 +292,28 @@ impl ApplyNode {
             Some((id, n)) if id == header.key_id => (id, n + 1),
             _ => (header.key_id.clone(), 1),
         });
+        let wire = envelope.len() as u64;
+        tel.m
+            .compression_ratio
+            .set(wire as f64 / f64::from(header.plain_len.max(1)));
         match apply_events(active, decoded.events).await {
-            Ok(committed) => Ok(BatchResponse {
-                sequence: header.sequence,
-                committed_end_lsn: committed.map(|p| p.end_lsn.0),
-            }),
+            Ok(committed) => {
+                tel.m.in_flight.set(active.applier.pending_events() as i64);
+                let wire_total = active.wire_uncommitted + wire;
+                active.wire_uncommitted = wire_total;
+                if let Some(point) = committed {
+                    let c = active.applier.take_committed();
+                    tel.committed(&c, point.end_lsn, Some(wire_total));
+                    active.wire_uncommitted = 0;
+                    tel.caught_up();
+                }
+                Ok(BatchResponse {
+                    sequence: header.sequence,
+                    committed_end_lsn: committed.map(|p| p.end_lsn.0),
+                })
+            }
             Err(e) => {
+                tel.failed(&e, true);
                 tracing::error!(%tenant, sequence = header.sequence, error = %e, "applying a batch failed; the session ends");
                 if let Some(mut a) = state.session.take() {
                     a.applier.rollback().await;

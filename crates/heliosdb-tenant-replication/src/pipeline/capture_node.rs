@@ -24,7 +24,10 @@ use tokio_postgres::Client;
 use super::session::{capture_loop, open_stream, stopped, CheckpointWriter};
 use super::{closed, Shutdown};
 use crate::apply::schema::describe_source_table;
+use crate::apply::Committed;
 use crate::capture::assemble::Assembler;
+use crate::capture::pgoutput::Value;
+use crate::capture::RowOp;
 use crate::capture::TxEvent;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
@@ -32,6 +35,7 @@ use crate::lsn::Lsn;
 use crate::pg;
 use crate::provision::preflight;
 use crate::seal::{self, BatchInfo, Compression, FileKeys, KeyProvider};
+use crate::telemetry::{State, TenantTelemetry};
 use crate::transport::client::{host_name, ApplyClient};
 use crate::transport::codec::Encoder;
 use crate::transport::SessionRequest;
@@ -71,7 +75,12 @@ impl CaptureContext {
 }
 
 /// One session of the capture node; ends on shutdown (`Ok`) or an error.
-pub async fn run(config: &Config, ctx: &mut CaptureContext, shutdown: Shutdown) -> Result<()> {
+pub async fn run(
+    config: &Config,
+    ctx: &mut CaptureContext,
+    shutdown: Shutdown,
+    tel: &Arc<TenantTelemetry>,
+) -> Result<()> {
     let t = &config.tenant;
     let app = format!("heliosdb-tenant-replication/{} capture", t.tenant_id);
     let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
@@ -117,6 +126,7 @@ pub async fn run(config: &Config, ctx: &mut CaptureContext, shutdown: Shutdown) 
         start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
         "replication_start: streaming to the apply node"
     );
+    tel.set_state(State::Running);
 
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
     let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
@@ -139,7 +149,16 @@ pub async fn run(config: &Config, ctx: &mut CaptureContext, shutdown: Shutdown) 
         rx,
         ack_tx,
         acked: opened.ack_lsn,
-        checkpoint: CheckpointWriter::new(opened.file, system_id, config.batch.checkpoint_interval),
+        checkpoint: CheckpointWriter::new(
+            opened.file,
+            system_id,
+            config.batch.checkpoint_interval,
+            tel.clone(),
+        ),
+        tel: tel.clone(),
+        open_txn: Committed::default(),
+        done: Committed::default(),
+        wire_uncommitted: 0,
         stats: Stats::default(),
         last_log: Instant::now(),
     };
@@ -180,6 +199,13 @@ struct Stats {
 
 struct Shipper<'a> {
     config: &'a Config,
+    tel: Arc<TenantTelemetry>,
+    /// Events of the source transaction being shipped (for metrics).
+    open_txn: Committed,
+    /// Shipped, complete transactions not yet confirmed committed.
+    done: Committed,
+    /// Envelope bytes sent since the last confirmed commit.
+    wire_uncommitted: u64,
     ctx: &'a mut CaptureContext,
     /// For the source catalog's view of relations the apply node needs.
     source: Client,
@@ -234,20 +260,49 @@ impl Shipper<'_> {
                 // Nothing of this tenant is in flight: the slot may move on.
                 if self.enc.is_empty() && !self.remote_open {
                     self.acknowledge(*wal_end);
+                    self.tel.caught_up();
                 }
                 return Ok(());
             }
             TxEvent::Begin { final_lsn, .. } => {
                 self.in_source_txn = true;
+                self.tel.behind();
                 if self.enc.is_empty() {
                     self.first_lsn = *final_lsn;
                 }
             }
-            TxEvent::Commit { end_lsn, .. } => {
+            TxEvent::Commit {
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
                 self.in_source_txn = false;
                 self.last_lsn = *end_lsn;
+                let txn = std::mem::take(&mut self.open_txn);
+                for (table, n) in txn.events_by_table {
+                    *self.done.events_by_table.entry(table).or_default() += n;
+                }
+                self.done.bytes += txn.bytes;
+                self.done.commit_times_us.push(*commit_time_us);
             }
-            TxEvent::Row(_) | TxEvent::Truncate { .. } => {}
+            TxEvent::Row(change) => {
+                let rel = &change.relation;
+                *self
+                    .open_txn
+                    .events_by_table
+                    .entry(format!("{}.{}", rel.namespace, rel.name))
+                    .or_default() += 1;
+                self.open_txn.bytes += row_bytes(&change.op);
+            }
+            TxEvent::Truncate { relations, .. } => {
+                for rel in relations {
+                    *self
+                        .open_txn
+                        .events_by_table
+                        .entry(format!("{}.{}", rel.namespace, rel.name))
+                        .or_default() += 1;
+                }
+            }
         }
         for rel in self.enc.unsent_relations(&event) {
             let columns = describe_source_table(&self.source, &rel).await?;
@@ -255,6 +310,10 @@ impl Shipper<'_> {
         }
         self.enc.event(&event);
         self.opened_at.get_or_insert_with(Instant::now);
+        self.tel
+            .m
+            .in_flight
+            .set(self.rx.len() as i64 + i64::from(self.enc.events()));
         let full = self.enc.events() >= batch_size;
         let boundary = matches!(event, TxEvent::Commit { .. })
             && (self.rx.is_empty()
@@ -290,6 +349,8 @@ impl Shipper<'_> {
                 )
             })?;
         let wire = sealed.bytes.len() as u64;
+        self.tel.m.compression_ratio.set(sealed.ratio);
+        let sent_at = Instant::now();
         let answer = self
             .ctx
             .client
@@ -307,8 +368,13 @@ impl Shipper<'_> {
             sequence = answer.sequence, events, plain = body.len(), wire, ratio = sealed.ratio,
             committed = ?answer.committed_end_lsn, "batch applied"
         );
+        self.wire_uncommitted += wire;
         if let Some(end) = answer.committed_end_lsn {
             let end = Lsn(end);
+            let mut done = std::mem::take(&mut self.done);
+            done.duration = sent_at.elapsed();
+            self.tel.committed(&done, end, Some(self.wire_uncommitted));
+            self.wire_uncommitted = 0;
             self.acknowledge(end);
             self.checkpoint
                 .after_commit(&t.tenant_id, &t.slot, self.stats.events, end)
@@ -344,4 +410,18 @@ impl Shipper<'_> {
         self.last_log = Instant::now();
         self.stats.events_at_log = self.stats.events;
     }
+}
+
+/// Bytes of a change's row values, as the source sent them.
+fn row_bytes(op: &RowOp) -> u64 {
+    let t = match op {
+        RowOp::Insert { new } | RowOp::Update { new, .. } => new,
+        RowOp::Delete { old } => old,
+    };
+    t.iter()
+        .map(|v| match v {
+            Value::Text(b) | Value::Binary(b) => b.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }

@@ -27,30 +27,51 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Mode};
 use crate::error::{ErrorClass, ReplicationError, Result};
+use crate::telemetry::{State, Telemetry, TenantTelemetry};
 
 /// The shutdown signal: `true` once shutdown was requested.
 pub type Shutdown = watch::Receiver<bool>;
 
 /// Run one tenant until shutdown or an error a person must fix.
-pub async fn run_tenant(config: Arc<Config>, mut shutdown: Shutdown) -> Result<()> {
+pub async fn run_tenant(
+    config: Arc<Config>,
+    mut shutdown: Shutdown,
+    telemetry: Arc<Telemetry>,
+) -> Result<()> {
+    let tenant = config.tenant.tenant_id.clone();
+    let tel = telemetry.tenant(&tenant);
+    let result = run_sessions(&config, &mut shutdown, &tel).await;
+    match &result {
+        Ok(()) => tel.set_state(State::Stopped),
+        Err(e) => tel.failed(e, false),
+    }
+    result
+}
+
+async fn run_sessions(
+    config: &Arc<Config>,
+    shutdown: &mut Shutdown,
+    tel: &Arc<TenantTelemetry>,
+) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let net = &config.network;
     let mut capture = match config.transport.mode {
         Mode::Local => None,
-        Mode::Capture => Some(capture_node::CaptureContext::new(&config)?),
-        Mode::Apply => return apply_node::run(config.clone(), shutdown).await,
+        Mode::Capture => Some(capture_node::CaptureContext::new(config)?),
+        Mode::Apply => return apply_node::run(config.clone(), shutdown.clone(), tel.clone()).await,
     };
     let mut failures: u32 = 0;
     loop {
         let started = std::time::Instant::now();
         let result = match capture.as_mut() {
-            None => session::run(&config, shutdown.clone()).await,
-            Some(ctx) => capture_node::run(&config, ctx, shutdown.clone()).await,
+            None => session::run(config, shutdown.clone(), tel).await,
+            Some(ctx) => capture_node::run(config, ctx, shutdown.clone(), tel).await,
         };
         let stopping = *shutdown.borrow();
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.class() == ErrorClass::Retry && !stopping => {
+                tel.failed(&e, true);
                 // A session that ran a while before failing starts the count anew.
                 if started.elapsed() > Duration::from_secs(60) {
                     failures = 0;

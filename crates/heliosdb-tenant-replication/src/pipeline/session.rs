@@ -1,6 +1,7 @@
 //! One connected session of a tenant's pipeline.
 
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,9 +20,14 @@ use crate::pg;
 use crate::provision::catalog::SourceTable;
 use crate::provision::preflight;
 use crate::snapshot::{self, Snapshot};
+use crate::telemetry::{State, TenantTelemetry};
 
 /// Run a session until shutdown (`Ok`) or an error.
-pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
+pub async fn run(
+    config: &Config,
+    mut shutdown: Shutdown,
+    tel: &Arc<TenantTelemetry>,
+) -> Result<()> {
     let t = &config.tenant;
     let app = format!("heliosdb-tenant-replication/{}", t.tenant_id);
 
@@ -39,6 +45,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
         p.check_source(&t.tenant_id, &system_id, &t.slot)?;
     }
     if snapshot::wanted(config, recorded.is_some()) {
+        tel.set_state(State::Snapshotting);
         // The slot already exists (made by hand, or a copy was interrupted):
         // copy now, stream from the slot's position, replay converges.
         snapshot::initial_copy(
@@ -53,6 +60,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
     } else {
         let pending = snapshot::pending_resyncs(&target, &t.tenant_id).await?;
         if !pending.is_empty() {
+            tel.set_state(State::Snapshotting);
             snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
         }
     }
@@ -66,6 +74,7 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
         start_lsn = %opened.start_lsn,
         "replication_start: streaming"
     );
+    tel.set_state(State::Running);
 
     let applier = Applier::new(
         target,
@@ -96,7 +105,13 @@ pub async fn run(config: &Config, mut shutdown: Shutdown) -> Result<()> {
         ack_tx,
         acked: ack_lsn,
         in_source_txn: false,
-        checkpoint: CheckpointWriter::new(file, system_id, config.batch.checkpoint_interval),
+        checkpoint: CheckpointWriter::new(
+            file,
+            system_id,
+            config.batch.checkpoint_interval,
+            tel.clone(),
+        ),
+        tel: tel.clone(),
         last_log: Instant::now(),
         events_at_log: 0,
         last_commit_time_us: None,
@@ -278,6 +293,7 @@ pub(super) async fn stopped(shutdown: &mut Shutdown) {
 }
 
 pub(super) struct CheckpointWriter {
+    tel: Arc<TenantTelemetry>,
     file: CheckpointFile,
     system_id: String,
     interval: u64,
@@ -286,8 +302,14 @@ pub(super) struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    pub(super) fn new(file: CheckpointFile, system_id: String, interval: u64) -> Self {
+    pub(super) fn new(
+        file: CheckpointFile,
+        system_id: String,
+        interval: u64,
+        tel: Arc<TenantTelemetry>,
+    ) -> Self {
         Self {
+            tel,
             file,
             system_id,
             interval,
@@ -319,18 +341,24 @@ impl CheckpointWriter {
         match result {
             Ok(Ok(())) => {
                 self.written = Some(lsn);
+                self.tel.checkpoint_written(lsn);
                 tracing::debug!(%lsn, "checkpoint_created");
             }
             Ok(Err(e)) => {
+                self.tel.checkpoint_failed();
                 tracing::error!(error = %e, "checkpoint file not written (replication goes on: the target holds the progress)")
             }
-            Err(e) => tracing::error!(error = %e, "checkpoint writer failed"),
+            Err(e) => {
+                self.tel.checkpoint_failed();
+                tracing::error!(error = %e, "checkpoint writer failed")
+            }
         }
     }
 }
 
 struct ApplyLoop<'a> {
     config: &'a Config,
+    tel: Arc<TenantTelemetry>,
     tables: Vec<SourceTable>,
     last_resync_check: Instant,
     applier: Applier,
@@ -381,6 +409,10 @@ impl ApplyLoop<'_> {
                 Step::Event(ev) => ev.ok_or_else(|| closed("the capture queue"))?,
             };
             self.handle(event).await?;
+            self.tel
+                .m
+                .in_flight
+                .set((self.rx.len() as u64 + self.applier.pending_events()) as i64);
             self.log_progress();
             if !self.in_source_txn && self.last_resync_check.elapsed() >= Duration::from_secs(2) {
                 self.resync_if_requested().await?;
@@ -401,6 +433,7 @@ impl ApplyLoop<'_> {
                     self.commit().await?;
                 }
                 self.in_source_txn = true;
+                self.tel.behind();
                 self.applier.begin().await?;
             }
             TxEvent::Row(change) => self.applier.row(change).await?,
@@ -434,6 +467,7 @@ impl ApplyLoop<'_> {
                 // Everything sent before `wal_end` is committed on the target
                 // (or was another tenant's): the slot may move on.
                 self.acknowledge(wal_end);
+                self.tel.caught_up();
             }
         }
         Ok(())
@@ -448,6 +482,7 @@ impl ApplyLoop<'_> {
             return Ok(());
         }
         self.commit().await?;
+        self.tel.set_state(State::Snapshotting);
         tracing::info!(%tenant, state = "snapshotting", "resync requested: copying again while the stream waits");
         snapshot::resync_tables(
             self.config,
@@ -457,11 +492,17 @@ impl ApplyLoop<'_> {
         )
         .await?;
         tracing::info!(%tenant, state = "streaming", "resync done");
+        self.tel.set_state(State::Running);
         Ok(())
     }
 
     async fn commit(&mut self) -> Result<()> {
         if let Some(point) = self.applier.commit().await? {
+            let committed = self.applier.take_committed();
+            self.tel.committed(&committed, point.end_lsn, None);
+            if self.rx.is_empty() {
+                self.tel.caught_up();
+            }
             self.acknowledge(point.end_lsn);
             let t = &self.config.tenant;
             self.checkpoint

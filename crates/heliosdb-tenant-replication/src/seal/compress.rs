@@ -51,18 +51,42 @@ pub struct Compression {
     /// Bodies smaller than this are not compressed.
     pub min_size_bytes: usize,
     /// A zstd dictionary (both nodes load the same file).
-    pub dictionary: Option<std::sync::Arc<[u8]>>,
+    pub dictionary: Option<std::sync::Arc<Dictionary>>,
+}
+
+/// A zstd dictionary, digested once for compressing and once for
+/// decompressing (digesting it per batch would cost more than the batch).
+pub struct Dictionary {
+    encoder: zstd::dict::EncoderDictionary<'static>,
+    decoder: zstd::dict::DecoderDictionary<'static>,
+    pub len: usize,
+}
+
+impl Dictionary {
+    pub fn new(raw: &[u8], level: i32) -> Self {
+        Self {
+            encoder: zstd::dict::EncoderDictionary::copy(raw, level),
+            decoder: zstd::dict::DecoderDictionary::copy(raw),
+            len: raw.len(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dictionary({} bytes)", self.len)
+    }
 }
 
 impl Compression {
     /// `[compression]` as configured; reads the dictionary file.
     pub fn from_config(c: &crate::config::SealConfig) -> Result<Self, String> {
         let dictionary = match &c.dictionary_path {
-            Some(p) => Some(
-                std::fs::read(p)
-                    .map_err(|e| format!("[compression] dictionary_path {}: {e}", p.display()))?
-                    .into(),
-            ),
+            Some(p) => {
+                let raw = std::fs::read(p)
+                    .map_err(|e| format!("[compression] dictionary_path {}: {e}", p.display()))?;
+                Some(std::sync::Arc::new(Dictionary::new(&raw, c.level)))
+            }
             None => None,
         };
         Ok(Self {
@@ -87,8 +111,11 @@ pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<
         Algorithm::None => plain.to_vec(),
         Algorithm::Zstd => zstd::bulk::compress(plain, c.level).map_err(fail)?,
         Algorithm::ZstdDict => {
-            let dict = c.dictionary.as_deref().unwrap_or_default();
-            zstd::bulk::Compressor::with_dictionary(c.level, dict)
+            let dict = c
+                .dictionary
+                .as_deref()
+                .ok_or_else(|| SealError::Compression("no dictionary".into()))?;
+            zstd::bulk::Compressor::with_prepared_dictionary(&dict.encoder)
                 .and_then(|mut z| z.compress(plain))
                 .map_err(fail)?
         }
@@ -111,7 +138,7 @@ pub(super) fn decompress(
     algorithm: Algorithm,
     body: &[u8],
     plain_len: usize,
-    dictionary: Option<&[u8]>,
+    dictionary: Option<&Dictionary>,
 ) -> Result<Vec<u8>, SealError> {
     let bad = |what: String| SealError::Compression(what);
     let out = match algorithm {
@@ -123,7 +150,7 @@ pub(super) fn decompress(
             let dict = dictionary.ok_or_else(|| {
                 bad("compressed with a zstd dictionary, and this node has none: set [compression] dictionary_path to the capture node's dictionary file".into())
             })?;
-            zstd::bulk::Decompressor::with_dictionary(dict)
+            zstd::bulk::Decompressor::with_prepared_dictionary(&dict.decoder)
                 .and_then(|mut z| z.decompress(body, plain_len))
                 .map_err(|e| {
                     bad(format!(

@@ -23,12 +23,12 @@ pub mod compress;
 pub mod dictionary;
 pub mod keys;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
 
 use crate::lsn::Lsn;
-pub use compress::{Algorithm, Compression};
+pub use compress::{Algorithm, Compression, Dictionary};
 pub use keys::{FileKeys, KeyError, KeyProvider, TenantKey};
 
 const MAGIC: &[u8; 4] = b"HLSB";
@@ -125,7 +125,7 @@ pub fn seal(
     let key_id_len =
         u8::try_from(key.id.len()).map_err(|_| SealError::Malformed("key id too long".into()))?;
     key.use_once(batch.tenant)?;
-    let (algorithm, body) = compress::compress(compression, plain)?;
+    let (algorithm, mut body) = compress::compress(compression, plain)?;
 
     let mut out = Vec::with_capacity(64 + batch.tenant.len() + body.len() + 16);
     out.extend_from_slice(MAGIC);
@@ -148,19 +148,15 @@ pub fn seal(
         .map_err(|_| SealError::Malformed("bad key length".into()))?;
     let nonce_arr =
         Nonce::try_from(&nonce[..]).map_err(|_| SealError::Malformed("nonce".into()))?;
-    let ciphertext = cipher
-        .encrypt(
-            &nonce_arr,
-            Payload {
-                msg: &body,
-                aad: &out,
-            },
-        )
+    // Encrypted in place: no second copy of the batch.
+    let tag = cipher
+        .encrypt_inout_detached(&nonce_arr, &out, body.as_mut_slice().into())
         .map_err(|_| SealError::Malformed("encryption failed".into()))?;
-    let body_len = u32::try_from(ciphertext.len())
+    let body_len = u32::try_from(body.len() + tag.len())
         .map_err(|_| SealError::Malformed("body too long".into()))?;
     out.extend_from_slice(&body_len.to_be_bytes());
-    out.extend_from_slice(&ciphertext);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(tag.as_slice());
     let ratio = if plain.is_empty() {
         1.0
     } else {
@@ -187,7 +183,7 @@ pub fn open_with(
     expected_tenant: &str,
     after_sequence: Option<u64>,
     keys: &dyn KeyProvider,
-    dictionary: Option<&[u8]>,
+    dictionary: Option<&Dictionary>,
 ) -> Result<(Header, Vec<u8>), SealError> {
     let mut r = Reader { buf: bytes, pos: 0 };
     if r.take(4)? != MAGIC {
@@ -247,11 +243,16 @@ pub fn open_with(
     let aad = bytes
         .get(..aad_end)
         .ok_or_else(|| SealError::Malformed("header".into()))?;
-    let compressed = cipher
-        .decrypt(&nonce, Payload { msg: body, aad })
-        .map_err(|_| SealError::Authentication {
-            tenant: header.tenant.clone(),
-        })?;
+    let unauthentic = || SealError::Authentication {
+        tenant: header.tenant.clone(),
+    };
+    let split = body.len().checked_sub(16).ok_or_else(unauthentic)?;
+    let (ciphertext, tag) = body.split_at(split);
+    let tag = Tag::try_from(tag).map_err(|_| unauthentic())?;
+    let mut compressed = ciphertext.to_vec();
+    cipher
+        .decrypt_inout_detached(&nonce, aad, compressed.as_mut_slice().into(), &tag)
+        .map_err(|_| unauthentic())?;
     // Only an authenticated sequence is compared.
     if let Some(last) = after_sequence {
         if header.sequence <= last {

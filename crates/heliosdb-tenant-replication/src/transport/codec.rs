@@ -534,12 +534,22 @@ mod tests {
         #[test]
         fn every_truncation_of_a_valid_body_is_an_error(cut in 0usize..200) {
             let r1 = rel(1);
-            let body = encode(&mut Encoder::new(), &[TxEvent::Row(RowChange {
-                relation: r1,
+            let mut enc = Encoder::new();
+            let body = encode(&mut enc, &[TxEvent::Row(RowChange {
+                relation: r1.clone(),
                 op: RowOp::Insert { new: vec![Value::Text(Bytes::from_static(b"42")), Value::Null] },
             })]);
+            // Record boundaries: empty, after the relation record.
+            let mut rel_only = Encoder::new();
+            rel_only.relation(&r1, &[SourceColumn {
+                name: "v".into(),
+                type_name: "text".into(),
+                missing_value: Some("x".into()),
+                has_default: true,
+            }]);
+            let boundary = rel_only.finish().len();
             let cut = cut % body.len();
-            prop_assert!(Decoder::new().decode(body.slice(..cut)).is_err() || cut == 0);
+            prop_assert!(Decoder::new().decode(body.slice(..cut)).is_err() || cut == 0 || cut == boundary);
         }
     }
 }

@@ -88,11 +88,19 @@ worker_threads = 2
 [network]
 retry_backoff_ms = 200
 connect_timeout_seconds = 5
+
+[monitoring]
+bind_address = "127.0.0.1"
+prometheus_port = {}
+health_check_port = {}
+metrics_interval_seconds = 1
 {extra}
 "#,
             self.source.superuser_url("app"),
             self.target.superuser_url("app"),
-            self.checkpoint_dir().display()
+            self.checkpoint_dir().display(),
+            pgcluster::free_port().expect("port"),
+            pgcluster::free_port().expect("port"),
         )
     }
 
@@ -355,114 +363,8 @@ pub async fn foreign_rows(c: &Client) -> i64 {
     n
 }
 
-/// Test certificates made with the openssl CLI.
-pub mod pki {
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    fn openssl(args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A certificate and its private key (mode 0600).
-    #[derive(Debug, Clone)]
-    pub struct Pair {
-        pub cert: PathBuf,
-        pub key: PathBuf,
-    }
-
-    /// A self-signed CA.
-    pub fn ca(dir: &Path, name: &str) -> Pair {
-        let (cert, key) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().expect("utf8"),
-            "-out",
-            cert.to_str().expect("utf8"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        Pair { cert, key }
-    }
-
-    /// A certificate signed by `ca` for `sans` (e.g. `DNS:localhost`,
-    /// `IP:127.0.0.1`), usable as server and client certificate.
-    pub fn leaf(dir: &Path, ca: &Pair, name: &str, sans: &[&str]) -> Pair {
-        let (cert, key) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        );
-        let csr = dir.join(format!("{name}.csr"));
-        let ext = dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            format!(
-                "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
-                sans.join(",")
-            ),
-        )
-        .expect("ext file");
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key.to_str().expect("utf8"),
-            "-out",
-            csr.to_str().expect("utf8"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            csr.to_str().expect("utf8"),
-            "-CA",
-            ca.cert.to_str().expect("utf8"),
-            "-CAkey",
-            ca.key.to_str().expect("utf8"),
-            "-CAcreateserial",
-            "-out",
-            cert.to_str().expect("utf8"),
-            "-days",
-            "2",
-            "-extfile",
-            ext.to_str().expect("utf8"),
-        ]);
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        Pair { cert, key }
-    }
-}
+#[allow(unused_imports)]
+pub use pgcluster::pki;
 
 /// A tenant key file as `openssl rand -hex 32` writes it (mode 0600).
 pub fn key_file(path: &Path) -> PathBuf {
@@ -516,4 +418,48 @@ pub async fn workload(env_url: String, seed: u64, stop: Arc<AtomicBool>) -> u64 
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
     }
     txns
+}
+
+/// `GET path` on 127.0.0.1:`port`: status code and body (None when nothing listens).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// The `[monitoring]` ports of a config file written by [`Env::config_text`].
+pub fn monitoring_ports(config: &Path) -> (u16, u16) {
+    let text = std::fs::read_to_string(config).expect("config");
+    let port = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_start_matches('=').trim().parse().ok())
+            .expect("port in config")
+    };
+    (port("prometheus_port"), port("health_check_port"))
+}
+
+/// The value of the series `name{labels}` in a Prometheus text exposition
+/// (labels given as `k="v"` pairs in any order).
+pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        (n == name && labels.iter().all(|lab| rest.contains(lab)))
+            .then(|| value.parse().ok())
+            .flatten()
+    })
 }

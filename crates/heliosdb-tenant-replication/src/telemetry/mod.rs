@@ -1,0 +1,305 @@
+//! Telemetry: what operators watch.
+//!
+//! * [`metrics`]: Prometheus metrics (`GET /metrics` on `[monitoring]
+//!   prometheus_port`), the deployment guide's §10.2 names.
+//! * [`health`]: `GET /health` (§4.4 JSON; 200 healthy, 503 not) and
+//!   `GET /ready` on `health_check_port`.
+//! * [`audit`]: the §7.4 audit log, one JSON object per line, hash-chained.
+//! * [`server`]: the plain-HTTP listeners for the above.
+//!
+//! The pipeline reports into a [`TenantTelemetry`] per tenant: state
+//! changes, commits, checkpoints, errors. Nothing here ever holds a secret
+//! or a row value.
+
+pub mod audit;
+pub mod health;
+pub mod metrics;
+pub mod server;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::ReplicationError;
+use crate::lsn::Lsn;
+use metrics::{Metrics, TenantMetrics};
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// Where a tenant's replication stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Snapshotting,
+    /// Streaming changes (the guide's `"running"`).
+    Running,
+    /// A passing failure; retrying with back-off.
+    Reconnecting,
+    /// An apply node with no capture node connected.
+    WaitingForCapture,
+    /// Stopped (shutdown, or an error a person must fix).
+    Stopped,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Snapshotting => "snapshotting",
+            Self::Running => "running",
+            Self::Reconnecting => "reconnecting",
+            Self::WaitingForCapture => "waiting_for_capture",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Does this state count as replication working?
+    pub fn is_up(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Snapshotting | Self::Running | Self::WaitingForCapture
+        )
+    }
+}
+
+/// The process's telemetry: metrics registry, tenants, audit log.
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub audit: Option<Arc<audit::AuditLog>>,
+    started: Instant,
+    tenants: Mutex<Vec<Arc<TenantTelemetry>>>,
+}
+
+impl Telemetry {
+    pub fn new(audit: Option<Arc<audit::AuditLog>>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics: Metrics::new(),
+            audit,
+            started: Instant::now(),
+            tenants: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Telemetry without an audit log (tests, benchmarks).
+    pub fn disabled() -> Arc<Self> {
+        Self::new(None)
+    }
+
+    /// The handle of `tenant` (created on first use).
+    pub fn tenant(self: &Arc<Self>, tenant: &str) -> Arc<TenantTelemetry> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tenants.iter().find(|t| t.m.tenant == tenant) {
+            return t.clone();
+        }
+        let t = Arc::new(TenantTelemetry {
+            m: self.metrics.tenant(tenant),
+            audit: self.audit.clone(),
+            state: Mutex::new(State::Starting),
+            last_checkpoint: Mutex::new(None),
+            caught_up: AtomicBool::new(false),
+            caught_up_at_us: AtomicI64::new(now_us()),
+            applied_commit_us: AtomicI64::new(0),
+        });
+        t.m.up.set(1);
+        tenants.push(t.clone());
+        t
+    }
+
+    pub fn tenants(&self) -> Vec<Arc<TenantTelemetry>> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// Refresh computed gauges, then render the exposition text.
+    pub fn render_metrics(&self) -> String {
+        for t in self.tenants() {
+            t.refresh();
+        }
+        self.metrics.render()
+    }
+}
+
+/// One tenant's telemetry.
+pub struct TenantTelemetry {
+    pub m: TenantMetrics,
+    audit: Option<Arc<audit::AuditLog>>,
+    state: Mutex<State>,
+    last_checkpoint: Mutex<Option<(Lsn, DateTime<Utc>)>>,
+    /// Everything the source sent is applied (idle and streaming).
+    caught_up: AtomicBool,
+    /// Unix µs when the tenant was last known caught up.
+    caught_up_at_us: AtomicI64,
+    /// Unix µs of the source commit of the last applied transaction.
+    applied_commit_us: AtomicI64,
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+impl TenantTelemetry {
+    pub fn tenant(&self) -> &str {
+        &self.m.tenant
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enter `state`; replication_start/stop go to the audit log.
+    pub fn set_state(&self, state: State) {
+        let previous = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *s, state)
+        };
+        self.m.up.set(state.is_up() as i64);
+        if !matches!(state, State::Running) {
+            self.caught_up.store(false, Ordering::Relaxed);
+        }
+        if previous == state {
+            return;
+        }
+        if let Some(audit) = &self.audit {
+            match state {
+                State::Running => audit.record(
+                    "replication_start",
+                    self.tenant(),
+                    serde_json::json!({"state": state.name()}),
+                ),
+                State::Stopped | State::Reconnecting if previous == State::Running => audit.record(
+                    "replication_stop",
+                    self.tenant(),
+                    serde_json::json!({"state": state.name()}),
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    /// A session ended with `e`: counted, audited, state changed.
+    pub fn failed(&self, e: &ReplicationError, retrying: bool) {
+        self.m.error(e.error_type());
+        if let Some(audit) = &self.audit {
+            audit.record(
+                "error",
+                self.tenant(),
+                serde_json::json!({"error_type": e.error_type(), "error": e.to_string(), "retrying": retrying}),
+            );
+        }
+        self.set_state(if retrying {
+            State::Reconnecting
+        } else {
+            State::Stopped
+        });
+    }
+
+    /// A refused batch or connection (apply node) — counted and audited.
+    pub fn refused(&self, error_type: &str, detail: &str) {
+        self.m.error(error_type);
+        if let Some(audit) = &self.audit {
+            audit.record(
+                "error",
+                self.tenant(),
+                serde_json::json!({"error_type": error_type, "error": detail}),
+            );
+        }
+    }
+
+    /// A source transaction committed at `commit_time_us` (PostgreSQL
+    /// epoch) is now committed on the target.
+    pub fn applied(&self, commit_time_us: i64, end_lsn: Lsn) {
+        let now = now_us();
+        let commit_unix = commit_time_us + PG_EPOCH_US;
+        let lag = (now - commit_unix).max(0) as f64 / 1e6;
+        self.m.lag.observe(lag);
+        self.m
+            .vector_clock_drift
+            .set((now - commit_unix) as f64 / 1e6);
+        self.m.transactions.inc();
+        self.m.applied_lsn.set(end_lsn.0 as i64);
+        self.applied_commit_us
+            .fetch_max(commit_unix, Ordering::Relaxed);
+    }
+
+    /// A target transaction committed `c`, ending at source `end_lsn`.
+    /// `wire_bytes`: what crossed the network for it (split deployment).
+    pub fn committed(&self, c: &crate::apply::Committed, end_lsn: Lsn, wire_bytes: Option<u64>) {
+        for t in &c.commit_times_us {
+            self.applied(*t, end_lsn);
+        }
+        for (table, n) in &c.events_by_table {
+            self.m.add_events(table, *n);
+        }
+        self.m.bytes.inc_by(c.bytes);
+        self.m
+            .bytes_replicated
+            .inc_by(wire_bytes.unwrap_or(c.bytes));
+        self.m.batch_seconds.observe(c.duration.as_secs_f64());
+    }
+
+    /// Everything received is applied, and the stream is idle.
+    pub fn caught_up(&self) {
+        self.caught_up_at_us.store(now_us(), Ordering::Relaxed);
+        self.caught_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Work arrived that is not applied yet.
+    pub fn behind(&self) {
+        if self.caught_up.swap(false, Ordering::Relaxed) {
+            self.caught_up_at_us.store(now_us(), Ordering::Relaxed);
+        }
+    }
+
+    /// How far behind the target is now (seconds).
+    pub fn current_lag(&self) -> f64 {
+        if self.caught_up.load(Ordering::Relaxed) && self.state() == State::Running {
+            return 0.0;
+        }
+        let since = self
+            .caught_up_at_us
+            .load(Ordering::Relaxed)
+            .max(self.applied_commit_us.load(Ordering::Relaxed));
+        (now_us() - since).max(0) as f64 / 1e6
+    }
+
+    pub fn checkpoint_written(&self, lsn: Lsn) {
+        self.m.checkpoints.inc();
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((lsn, Utc::now()));
+        if let Some(audit) = &self.audit {
+            audit.record(
+                "checkpoint_created",
+                self.tenant(),
+                serde_json::json!({"lsn": lsn.0, "lsn_text": lsn.to_string()}),
+            );
+        }
+    }
+
+    pub fn checkpoint_failed(&self) {
+        self.m.checkpoint_failures.inc();
+        self.m.error("checkpoint");
+    }
+
+    pub fn last_checkpoint(&self) -> Option<(Lsn, DateTime<Utc>)> {
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recompute the gauge that depends on the clock.
+    pub fn refresh(&self) {
+        self.m.current_lag.set(self.current_lag());
+    }
+}

@@ -1,0 +1,176 @@
+//! Plain-HTTP listeners: `/metrics` on `[monitoring] prometheus_port`,
+//! `/health` and `/ready` on `health_check_port`; and the collector that
+//! refreshes time-based gauges every `metrics_interval_seconds`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::health::Health;
+use super::Telemetry;
+use crate::config::{Config, Mode};
+use crate::error::{ReplicationError, Result, Side};
+use crate::pipeline::Shutdown;
+
+/// Bind both ports (an error names the port) and serve until shutdown.
+pub async fn start(
+    config: Arc<Config>,
+    telemetry: Arc<Telemetry>,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let m = &config.monitoring;
+    let bind = |port: u16| async move {
+        let addr = SocketAddr::new(m.bind_address, port);
+        TcpListener::bind(addr).await.map_err(|e| {
+            ReplicationError::operator(
+                format!("cannot listen on {addr}: {e}"),
+                "choose a free [monitoring] prometheus_port / health_check_port, or stop what uses it",
+            )
+        })
+    };
+    let metrics = bind(m.prometheus_port).await?;
+    let health = bind(m.health_check_port).await?;
+    tracing::info!(
+        metrics = %format!("http://{}/metrics", metrics.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+        health = %format!("http://{}/health", health.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+        "monitoring endpoints"
+    );
+    let checker = Arc::new(Health::new(config.clone(), telemetry.clone()));
+    tokio::spawn(listen(
+        metrics,
+        Endpoints::Metrics(telemetry.clone()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(listen(health, Endpoints::Health(checker), shutdown.clone()));
+    tokio::spawn(collect(config, telemetry, shutdown));
+    Ok(())
+}
+
+#[derive(Clone)]
+enum Endpoints {
+    Metrics(Arc<Telemetry>),
+    Health(Arc<Health>),
+}
+
+async fn listen(listener: TcpListener, endpoints: Endpoints, mut shutdown: Shutdown) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let endpoints = endpoints.clone();
+                async move { Ok::<_, Infallible>(route(&endpoints, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn response(status: u16, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    res
+}
+
+async fn route(endpoints: &Endpoints, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response(405, "text/plain", "use GET\n".into());
+    }
+    let json = "application/json";
+    match (endpoints, req.uri().path()) {
+        (Endpoints::Metrics(t), "/metrics") => response(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            t.render_metrics(),
+        ),
+        (Endpoints::Health(h), "/health") => {
+            let (status, body) = h.report().await;
+            response(status, json, format!("{body:#}\n"))
+        }
+        (Endpoints::Health(h), "/ready") => {
+            let (status, body) = h.ready();
+            response(status, json, format!("{body}\n"))
+        }
+        (Endpoints::Metrics(_), _) => response(404, "text/plain", "see /metrics\n".into()),
+        (Endpoints::Health(_), _) => response(404, "text/plain", "see /health or /ready\n".into()),
+    }
+}
+
+/// Every `metrics_interval_seconds`: throughput per tenant, and the slot's
+/// retained WAL and confirmed position (nodes that reach the source).
+async fn collect(config: Arc<Config>, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
+    let interval = config.monitoring.metrics_interval;
+    let mut source = None;
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        for t in telemetry.tenants() {
+            t.m.update_throughput();
+        }
+        let tc = &config.tenant;
+        let Some(info) = tc
+            .source
+            .as_ref()
+            .filter(|_| config.transport.mode != Mode::Apply)
+        else {
+            continue;
+        };
+        if source.is_none() {
+            source = crate::pg::connect(
+                info,
+                &config.network,
+                Side::Source,
+                "heliosdb-tenant-replication metrics",
+            )
+            .await
+            .ok();
+        }
+        let Some(client) = &source else { continue };
+        let row = client
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint,
+                        (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&tc.slot],
+            )
+            .await;
+        match row {
+            Ok(Some(r)) => {
+                let retained: Option<i64> = r.get(0);
+                let confirmed: Option<i64> = r.get(1);
+                telemetry.tenant(&tc.tenant_id).m.slot(
+                    &tc.slot,
+                    retained.unwrap_or(0),
+                    confirmed.unwrap_or(0).max(0) as u64,
+                );
+            }
+            Ok(None) => {}
+            Err(_) => source = None,
+        }
+    }
+}
