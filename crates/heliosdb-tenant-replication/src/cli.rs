@@ -9,6 +9,7 @@
 //! | 2 | invalid command line or configuration |
 //! | 3 | a database needs an operator's action (the message says which) |
 //! | 4 | a database could not be reached (one-shot commands) |
+//! | 5 | `audit-verify`: the audit log's hash chain is broken |
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,12 +25,13 @@ pub const EXIT_INTERNAL: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_OPERATOR: u8 = 3;
 pub const EXIT_UNREACHABLE: u8 = 4;
+pub const EXIT_TAMPERED: u8 = 5;
 
 /// Replicates one tenant of a multi-tenant PostgreSQL database to another
 /// PostgreSQL, continuously and exactly once.
 #[derive(Debug, Parser)]
 #[command(name = "heliosdb-tenant-replication", version, about, long_about = None,
-    after_help = "Exit codes: 0 ok or stopped by signal; 1 internal error; 2 bad command line or config; 3 database needs an operator's action; 4 database unreachable.\nLogging: RUST_LOG (e.g. info,heliosdb_tenant_replication=debug).")]
+    after_help = "Exit codes: 0 ok or stopped by signal; 1 internal error; 2 bad command line or config; 3 database needs an operator's action; 4 database unreachable; 5 audit log chain broken.\nLogging: RUST_LOG (e.g. info,heliosdb_tenant_replication=debug).")]
 pub struct Cli {
     /// Configuration file (TOML, see docs/configuration.md).
     #[arg(
@@ -100,6 +102,13 @@ pub enum Command {
         #[arg(long, default_value_t = 112_640)]
         size: usize,
     },
+    /// Check the hash chain of the audit log: every record must carry the
+    /// hash of the one before it.
+    AuditVerify {
+        /// The log (default: `[monitoring] audit_log_path` of the config).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
     /// Check the configuration file and print the effective configuration
     /// (passwords masked) and every key that has no effect in this build.
     CheckConfig,
@@ -123,6 +132,9 @@ pub fn init_logging(format: LogFormat) {
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format);
+    if let Command::AuditVerify { path: Some(path) } = &cli.command {
+        return audit_verify(path);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -132,6 +144,15 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     if let Command::CheckConfig = cli.command {
         return check_config(&config);
+    }
+    if let Command::AuditVerify { .. } = cli.command {
+        return match &config.monitoring.audit_log {
+            Some((path, _)) => audit_verify(path),
+            None => {
+                eprintln!("error: {}: the audit log is not enabled ([monitoring] enable_audit_log); give the file with --path", config.file);
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
     }
     for n in &config.notices {
         tracing::warn!(key = %n.key, "{}", n.message);
@@ -158,7 +179,25 @@ pub fn run(cli: Cli) -> ExitCode {
             rows_per_table,
             size,
         } => runtime.block_on(train_dictionary(config, out, rows_per_table, size)),
-        Command::CheckConfig => ExitCode::SUCCESS,
+        Command::CheckConfig | Command::AuditVerify { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn audit_verify(path: &std::path::Path) -> ExitCode {
+    use crate::telemetry::audit::{verify, Verified};
+    match verify(path) {
+        Ok(Verified::Intact { records }) => {
+            println!("{}: intact ({records} records)", path.display());
+            ExitCode::SUCCESS
+        }
+        Ok(Verified::Broken { line, reason }) => {
+            println!("{}: BROKEN at line {line}: {reason}", path.display());
+            ExitCode::from(EXIT_TAMPERED)
+        }
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 

@@ -23,6 +23,37 @@ const BATCH_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Names of every metric family the daemon exports (histograms add
+/// `_bucket`, `_sum`, `_count`). Shipped dashboards and rules may only use
+/// these (checked by `tests/deploy_monitoring.rs`).
+pub const FAMILIES: &[&str] = &[
+    "heliosdb_replication_lag_seconds",
+    "heliosdb_replication_current_lag_seconds",
+    "heliosdb_replication_throughput_events_per_sec",
+    "heliosdb_replication_events_total",
+    "heliosdb_replication_bytes_total",
+    "heliosdb_bytes_replicated_total",
+    "heliosdb_replication_errors_total",
+    "heliosdb_replication_conflicts_total",
+    "heliosdb_checkpoints_total",
+    "heliosdb_checkpoint_failures_total",
+    "heliosdb_compression_ratio",
+    "heliosdb_in_flight_events",
+    "heliosdb_vector_clock_drift_seconds",
+    "heliosdb_replication_transactions_total",
+    "heliosdb_apply_batch_duration_seconds",
+    "heliosdb_replication_applied_lsn",
+    "heliosdb_slot_retained_wal_bytes",
+    "heliosdb_slot_confirmed_flush_lsn",
+    "heliosdb_replication_up",
+];
+
+/// Histogram families (their series carry `_bucket`, `_sum`, `_count`).
+pub const HISTOGRAMS: &[&str] = &[
+    "heliosdb_replication_lag_seconds",
+    "heliosdb_apply_batch_duration_seconds",
+];
+
 /// Every metric family the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -233,5 +264,53 @@ impl TenantMetrics {
                 .set((total.saturating_sub(rate.1)) as f64 / secs);
         }
         *rate = (now, total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_exported_with_the_guide_types_and_labels() {
+        let m = Metrics::new();
+        let t = m.tenant("tenant-123");
+        t.add_events("public.orders", 3);
+        t.error("transport");
+        t.conflict("LastWriteWins");
+        t.slot("tenant_123_slot", 1024, 42);
+        t.lag.observe(0.2);
+        t.batch_seconds.observe(0.01);
+        let text = m.render();
+        for name in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} not exported:\n{text}"
+            );
+        }
+        for (name, kind) in [
+            ("heliosdb_replication_lag_seconds", "histogram"),
+            ("heliosdb_replication_throughput_events_per_sec", "gauge"),
+            ("heliosdb_replication_events_total", "counter"),
+            ("heliosdb_replication_bytes_total", "counter"),
+            ("heliosdb_replication_errors_total", "counter"),
+            ("heliosdb_replication_conflicts_total", "counter"),
+            ("heliosdb_checkpoints_total", "counter"),
+            ("heliosdb_checkpoint_failures_total", "counter"),
+            ("heliosdb_compression_ratio", "gauge"),
+            ("heliosdb_in_flight_events", "gauge"),
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}")),
+                "{name} is not a {kind}"
+            );
+        }
+        assert!(text.contains(r#"heliosdb_replication_events_total{table="public.orders",tenant_id="tenant-123"} 3"#), "{text}");
+        assert!(text.contains(
+            r#"heliosdb_replication_errors_total{error_type="transport",tenant_id="tenant-123"} 1"#
+        ));
+        assert!(text.contains(r#"heliosdb_replication_conflicts_total{strategy="LastWriteWins",tenant_id="tenant-123"} 1"#));
+        assert_eq!(t.events_total(), 3);
+        assert_eq!(t.errors_total(), 1);
     }
 }
