@@ -409,7 +409,18 @@ async fn start_telemetry(
         }
         None => None,
     };
-    let telemetry = crate::telemetry::Telemetry::new(audit);
+    let conflicts = match &config.monitoring.conflict_log {
+        Some(path) => Some(Arc::new(
+            crate::telemetry::audit::ConflictLog::open(path).map_err(|e| {
+                ReplicationError::operator(
+                    format!("conflict log {}: {e}", path.display()),
+                    "make [conflict] conflict_log_path writable by this user",
+                )
+            })?,
+        )),
+        None => None,
+    };
+    let telemetry = crate::telemetry::Telemetry::new(audit, conflicts);
     if config.monitoring.enabled {
         crate::telemetry::server::start(config.clone(), telemetry.clone(), shutdown).await?;
     }

@@ -98,6 +98,11 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing_five_times_in_a_row(
             0,
             "round {round}: other tenants' rows on the target"
         );
+        assert_eq!(
+            conflicts_logged(&env.dst().await).await,
+            0,
+            "round {round}: restarts must not look like conflicts"
+        );
         drop(daemon); // kill -9 again at the end of the round
     }
 }

@@ -161,6 +161,8 @@ async fn kill_9_during_the_copy_resumes_without_copying_finished_ranges_again() 
         .expect("count")
         .get(0);
     assert_eq!(left, 0, "the plan is removed once the copy is done");
+    // The resumed copy converged by replay: that is not a conflict.
+    assert_eq!(conflicts_logged(&dst).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

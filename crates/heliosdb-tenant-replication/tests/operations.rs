@@ -89,6 +89,7 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
     .expect("rows");
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
     assert_eq!(foreign_rows(&env.dst().await).await, 0);
+    assert_eq!(conflicts_logged(&env.dst().await).await, 0);
     let log = daemon.log();
     assert!(
         log.contains("table has a tenant_id column but is not in the publication")

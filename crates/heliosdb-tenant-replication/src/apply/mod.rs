@@ -21,23 +21,25 @@
 //! which reconnects and resumes from the target's progress.
 
 pub mod catalog;
+pub mod conflict;
 pub mod schema;
 pub mod sql;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::batch::{has_unchanged, key_of, Chunk, TablePlan};
+use crate::batch::{has_unchanged, key_of, Chunk, FirstOp, Key, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{RowChange, RowOp};
 use crate::checkpoint::progress;
 use crate::error::{on_target as target_err, ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
 use catalog::TableMapping;
+use conflict::{key_text, returned_key, Conflict, Kind};
 
 /// A source commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub struct Committed {
     pub bytes: u64,
     /// How long the target transaction was open.
     pub duration: std::time::Duration,
+    /// Conflicts found (and recorded in the target's conflict log table).
+    pub conflicts: Vec<Conflict>,
 }
 
 /// Counters for logs.
@@ -101,6 +105,12 @@ pub struct Applier {
     pending: Committed,
     /// What the last commit held (taken by [`Applier::take_committed`]).
     committed: Committed,
+    /// Conflict detection is off for source transactions up to here.
+    converge_until: Lsn,
+    /// Commit LSN of the source transaction being applied.
+    txn_lsn: Lsn,
+    /// The earliest source transaction with a change in the chunk.
+    chunk_lsn: Option<Lsn>,
     pub stats: ApplyStats,
 }
 
@@ -135,6 +145,9 @@ impl Applier {
             pending_batch: None,
             pending: Committed::default(),
             committed: Committed::default(),
+            converge_until: Lsn::ZERO,
+            txn_lsn: Lsn::ZERO,
+            chunk_lsn: None,
             stats: ApplyStats::default(),
         })
     }
@@ -208,8 +221,14 @@ impl Applier {
         Ok(m)
     }
 
-    /// A source transaction begins.
-    pub async fn begin(&mut self) -> Result<()> {
+    /// Source transactions up to `lsn` may replay over a copy: no conflicts.
+    pub fn set_converge_until(&mut self, lsn: Lsn) {
+        self.converge_until = self.converge_until.max(lsn);
+    }
+
+    /// A source transaction (committing at `final_lsn`) begins.
+    pub async fn begin(&mut self, final_lsn: Lsn) -> Result<()> {
+        self.txn_lsn = final_lsn;
         if !self.open {
             self.client
                 .batch_execute("BEGIN")
@@ -260,6 +279,7 @@ impl Applier {
                 return self.move_row(&mapping, old, new).await;
             }
         }
+        self.chunk_lsn.get_or_insert(self.txn_lsn);
         self.chunk.push(mapping, change.op);
         if self.chunk.len() >= self.batch_size {
             self.flush().await?;
@@ -320,6 +340,7 @@ impl Applier {
             return Ok(None);
         }
         self.flush().await?;
+        self.record_conflicts().await?;
         if let Some(p) = self.pending_commit {
             let stmt = self.prepared(progress::UPSERT_SQL.to_string()).await?;
             let batch = self.pending_batch.take();
@@ -363,6 +384,7 @@ impl Applier {
         self.pending_commit = None;
         self.pending_batch = None;
         self.pending = Committed::default();
+        self.chunk_lsn = None;
         self.pending_events = 0;
         if self.open {
             let _ = self.client.batch_execute("ROLLBACK").await;
@@ -393,20 +415,29 @@ impl Applier {
             return Ok(());
         }
         let chunk = std::mem::take(&mut self.chunk);
+        let detect = self
+            .chunk_lsn
+            .take()
+            .is_some_and(|lsn| lsn > self.converge_until);
+        let mut found = Vec::new();
         let plans = chunk.plan()?;
         if chunk.len() == 1 {
-            return match self.apply_plans(&plans).await {
+            return match self.apply_plans(&plans, detect, &mut found).await {
                 Err(e) if e.class() == ErrorClass::OperatorAction => {
                     Err(rejected(&chunk.ops[0], e))
                 }
-                other => other,
+                Err(e) => Err(e),
+                Ok(()) => {
+                    self.pending.conflicts.extend(found);
+                    Ok(())
+                }
             };
         }
         self.client
             .batch_execute("SAVEPOINT heliosdb_chunk")
             .await
             .map_err(target_err("SAVEPOINT"))?;
-        match self.apply_plans(&plans).await {
+        match self.apply_plans(&plans, detect, &mut found).await {
             Ok(()) => {}
             // A constraint the source's order would satisfy; passing errors
             // (deadlock, lost connection) go up and the session retries.
@@ -414,6 +445,7 @@ impl Applier {
                 if e.class() == ErrorClass::OperatorAction =>
             {
                 tracing::debug!(error = %e, "bulk apply failed; replaying the chunk row by row");
+                found.clear();
                 self.client
                     .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
                     .await
@@ -422,7 +454,7 @@ impl Applier {
                     let mut one = Chunk::default();
                     one.push(mapping.clone(), op);
                     let plans = one.plan()?;
-                    if let Err(e) = self.apply_plans(&plans).await {
+                    if let Err(e) = self.apply_plans(&plans, detect, &mut found).await {
                         if e.class() != ErrorClass::OperatorAction {
                             return Err(e);
                         }
@@ -439,12 +471,49 @@ impl Applier {
         self.client
             .batch_execute("RELEASE SAVEPOINT heliosdb_chunk")
             .await
-            .map_err(target_err("RELEASE SAVEPOINT"))
+            .map_err(target_err("RELEASE SAVEPOINT"))?;
+        self.pending.conflicts.extend(found);
+        Ok(())
     }
 
-    async fn apply_plans(&mut self, plans: &[TablePlan]) -> Result<()> {
+    /// Write the open transaction's conflicts to the target's conflict log.
+    async fn record_conflicts(&mut self) -> Result<()> {
+        if self.pending.conflicts.is_empty() {
+            return Ok(());
+        }
+        let stmt = self.prepared(conflict::INSERT_SQL.to_string()).await?;
+        let c = &self.pending.conflicts;
+        let tables: Vec<&str> = c.iter().map(|c| c.table.as_str()).collect();
+        let keys: Vec<String> = c.iter().map(|c| c.primary_key.to_string()).collect();
+        let kinds: Vec<&str> = c.iter().map(|c| c.kind.name()).collect();
+        let strategies: Vec<&str> = c.iter().map(|c| c.strategy).collect();
+        let winners: Vec<&str> = c.iter().map(|c| c.winner).collect();
+        self.client
+            .execute(
+                &stmt,
+                &[
+                    &self.id.tenant,
+                    &tables,
+                    &keys,
+                    &kinds,
+                    &strategies,
+                    &winners,
+                ],
+            )
+            .await
+            .map_err(target_err("recording conflicts"))?;
+        Ok(())
+    }
+
+    async fn apply_plans(
+        &mut self,
+        plans: &[TablePlan],
+        detect: bool,
+        found: &mut Vec<Conflict>,
+    ) -> Result<()> {
         for p in plans.iter().filter(|p| !p.deletes.is_empty()) {
-            let cols: Vec<Vec<Option<&str>>> = (0..p.mapping.key.len())
+            let m = &p.mapping;
+            let cols: Vec<Vec<Option<&str>>> = (0..m.key.len())
                 .map(|k| {
                     p.deletes
                         .iter()
@@ -452,13 +521,44 @@ impl Applier {
                         .collect()
                 })
                 .collect();
-            self.run(sql::delete(&p.mapping), &cols, &p.mapping.display)
-                .await?;
+            let rows = self.run(sql::delete(m), &cols, &m.display).await?;
+            if detect {
+                let gone: HashSet<Vec<String>> = rows
+                    .iter()
+                    .map(|r| returned_key(r, 0, m.key.len()))
+                    .collect();
+                for (key, first) in p.deletes.iter().zip(&p.delete_first) {
+                    let existed = gone.contains(&key_text(key));
+                    let kind = match (first, existed) {
+                        (FirstOp::Insert, true) => Kind::InsertExists,
+                        (FirstOp::Update, false) => Kind::UpdateMissing,
+                        (FirstOp::Delete, false) => Kind::DeleteMissing,
+                        _ => continue,
+                    };
+                    found.push(Conflict::new(m, key, kind, "source"));
+                }
+            }
         }
         for p in plans.iter().filter(|p| !p.upserts.is_empty()) {
-            let cols = columns(&p.upserts, &(0..p.mapping.casts.len()).collect::<Vec<_>>())?;
-            self.run(sql::upsert(&p.mapping), &cols, &p.mapping.display)
-                .await?;
+            let m = &p.mapping;
+            let cols = columns(&p.upserts, &(0..m.casts.len()).collect::<Vec<_>>())?;
+            let rows = self.run(sql::upsert(m), &cols, &m.display).await?;
+            if detect {
+                let inserted: HashMap<Vec<String>, bool> = rows
+                    .iter()
+                    .map(|r| (returned_key(r, 1, m.key.len()), r.get::<_, bool>(0)))
+                    .collect();
+                for (row, first) in p.upserts.iter().zip(&p.upsert_first) {
+                    let key: Key = key_of(m, row)?;
+                    // DO NOTHING (no non-key columns) returns no row on conflict.
+                    let kind = match (first, inserted.get(&key_text(&key))) {
+                        (FirstOp::Insert, Some(false) | None) => Kind::InsertExists,
+                        (FirstOp::Update, Some(true)) => Kind::UpdateMissing,
+                        _ => continue,
+                    };
+                    found.push(Conflict::new(m, &key, kind, "source"));
+                }
+            }
         }
         for p in plans.iter().filter(|p| !p.partial_updates.is_empty()) {
             // Group rows by which columns they carry.
@@ -479,13 +579,32 @@ impl Applier {
                 wanted.extend(&set);
                 let owned: Vec<Tuple> = rows.into_iter().cloned().collect();
                 let cols = columns(&owned, &wanted)?;
-                let n = self
+                let touched = self
                     .run(
                         sql::update_columns(&p.mapping, &set),
                         &cols,
                         &p.mapping.display,
                     )
                     .await?;
+                let n = touched.len() as u64;
+                if detect && (n as usize) < owned.len() {
+                    let updated: HashSet<Vec<String>> = touched
+                        .iter()
+                        .map(|r| returned_key(r, 0, p.mapping.key.len()))
+                        .collect();
+                    for row in &owned {
+                        let key = key_of(&p.mapping, row)?;
+                        if !updated.contains(&key_text(&key)) {
+                            // Its unchanged large values are unknown: the row stays missing.
+                            found.push(Conflict::new(
+                                &p.mapping,
+                                &key,
+                                Kind::UpdateMissing,
+                                "target",
+                            ));
+                        }
+                    }
+                }
                 let missing = owned.len() as u64 - n.min(owned.len() as u64);
                 if missing > 0 {
                     self.stats.updates_of_missing_rows += missing;
@@ -496,12 +615,17 @@ impl Applier {
         Ok(())
     }
 
-    async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
+    async fn run(
+        &mut self,
+        sql: String,
+        cols: &[Vec<Option<&str>>],
+        table: &str,
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let stmt = self.prepared(sql).await?;
         let params: Vec<&(dyn ToSql + Sync)> =
             cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         self.client
-            .execute(&stmt, &params)
+            .query(&stmt, &params)
             .await
             .map_err(target_err(&format!("applying changes to {table}")))
     }
@@ -532,14 +656,32 @@ impl Applier {
                 m.display
             )))?;
         if n == 0 {
+            let detect = self.txn_lsn > self.converge_until;
             if has_unchanged(new) {
                 self.stats.updates_of_missing_rows += 1;
                 tracing::warn!(table = %m.display, "a key-changing update of a row missing on the target; its unchanged large values are unknown");
+                if detect {
+                    self.pending.conflicts.push(Conflict::new(
+                        m,
+                        &old_key,
+                        Kind::UpdateMissing,
+                        "target",
+                    ));
+                }
             } else {
                 let mut one = Chunk::default();
                 one.push(m.clone(), RowOp::Insert { new: new.clone() });
                 let plans = one.plan()?;
-                self.apply_plans(&plans).await?;
+                let mut ignored = Vec::new();
+                self.apply_plans(&plans, false, &mut ignored).await?;
+                if detect {
+                    self.pending.conflicts.push(Conflict::new(
+                        m,
+                        &old_key,
+                        Kind::UpdateMissing,
+                        "source",
+                    ));
+                }
             }
         }
         Ok(())

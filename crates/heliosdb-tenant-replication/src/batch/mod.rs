@@ -31,13 +31,27 @@ pub struct Chunk {
     pub ops: Vec<(Arc<TableMapping>, RowOp)>,
 }
 
+/// The first change to a key in a chunk: what the source expects the
+/// target to hold before it (an insert: no row; an update or delete: the
+/// row). Conflict detection compares the target with this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstOp {
+    Insert,
+    Update,
+    Delete,
+}
+
 /// What one table's rows come to.
 #[derive(Debug)]
 pub struct TablePlan {
     pub mapping: Arc<TableMapping>,
     pub deletes: Vec<Key>,
+    /// The first change of each key in `deletes`.
+    pub delete_first: Vec<FirstOp>,
     /// Full rows.
     pub upserts: Vec<Tuple>,
+    /// The first change of each row in `upserts`.
+    pub upsert_first: Vec<FirstOp>,
     /// Rows with unchanged TOAST columns: update only what was sent.
     pub partial_updates: Vec<Tuple>,
 }
@@ -74,12 +88,14 @@ impl Chunk {
             };
             let table = &mut tables[t];
             match op {
-                RowOp::Insert { new } => {
-                    table.set(key_of(mapping, new)?, Final::Upsert(new.clone()))
-                }
+                RowOp::Insert { new } => table.set(
+                    key_of(mapping, new)?,
+                    Final::Upsert(new.clone()),
+                    FirstOp::Insert,
+                ),
                 RowOp::Delete { old } => {
                     let k = key_of(mapping, old)?;
-                    table.set(k.clone(), Final::Delete(k))
+                    table.set(k.clone(), Final::Delete(k), FirstOp::Delete)
                 }
                 RowOp::Update { old, new } => {
                     let k = key_of(mapping, new)?;
@@ -99,7 +115,7 @@ impl Chunk {
                             _ => Final::Partial(new.clone()),
                         }
                     };
-                    table.set(k, state)
+                    table.set(k, state, FirstOp::Update)
                 }
             }
         }
@@ -110,7 +126,7 @@ impl Chunk {
 /// The final state of each key of one table, in order of first appearance.
 struct TableState {
     mapping: Arc<TableMapping>,
-    entries: Vec<(Key, Final)>,
+    entries: Vec<(Key, Final, FirstOp)>,
     index: HashMap<Key, usize>,
 }
 
@@ -127,12 +143,12 @@ impl TableState {
         self.index.get(key).map(|&i| &self.entries[i].1)
     }
 
-    fn set(&mut self, key: Key, state: Final) {
+    fn set(&mut self, key: Key, state: Final, first: FirstOp) {
         match self.index.get(&key) {
             Some(&i) => self.entries[i].1 = state,
             None => {
                 self.index.insert(key.clone(), self.entries.len());
-                self.entries.push((key, state));
+                self.entries.push((key, state, first));
             }
         }
     }
@@ -141,14 +157,22 @@ impl TableState {
         let mut plan = TablePlan {
             mapping: self.mapping,
             deletes: Vec::new(),
+            delete_first: Vec::new(),
             upserts: Vec::new(),
+            upsert_first: Vec::new(),
             partial_updates: Vec::new(),
         };
-        for (_, state) in self.entries {
+        for (_, state, first) in self.entries {
             match state {
-                Final::Upsert(t) => plan.upserts.push(t),
+                Final::Upsert(t) => {
+                    plan.upserts.push(t);
+                    plan.upsert_first.push(first);
+                }
                 Final::Partial(t) => plan.partial_updates.push(t),
-                Final::Delete(k) => plan.deletes.push(k),
+                Final::Delete(k) => {
+                    plan.deletes.push(k);
+                    plan.delete_first.push(first);
+                }
             }
         }
         plan

@@ -24,7 +24,22 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.progress (
 ALTER TABLE heliosdb_replication.progress
     ADD COLUMN IF NOT EXISTS batch_sequence bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS seal_key_id text,
-    ADD COLUMN IF NOT EXISTS seal_key_batches bigint;
+    ADD COLUMN IF NOT EXISTS seal_key_batches bigint,
+    -- Source transactions up to here may be replays over a copy: no conflicts.
+    ADD COLUMN IF NOT EXISTS converge_until pg_lsn;
+-- Conflicts found at apply (the guide's §5.5 queries this table).
+CREATE TABLE IF NOT EXISTS heliosdb_replication.heliosdb_conflict_log (
+    id                  bigserial PRIMARY KEY,
+    timestamp           timestamptz NOT NULL DEFAULT now(),
+    tenant_id           text NOT NULL,
+    table_name          text NOT NULL,
+    primary_key         jsonb NOT NULL,
+    conflict_type       text NOT NULL,
+    resolution_strategy text NOT NULL,
+    winner              text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS heliosdb_conflict_log_tenant_time
+    ON heliosdb_replication.heliosdb_conflict_log (tenant_id, timestamp);
 CREATE TABLE IF NOT EXISTS heliosdb_replication.copy_state (
     tenant_id  text NOT NULL,
     table_name text NOT NULL,
@@ -76,6 +91,8 @@ pub struct Progress {
     /// Split deployment: the capture node's sealing key and how many
     /// batches it had sealed by that batch.
     pub seal_key: Option<(String, u64)>,
+    /// Transactions up to here may replay over a copy (no conflict detection).
+    pub converge_until: Lsn,
 }
 
 /// What a sealed batch adds to the progress record (apply node).
@@ -106,7 +123,8 @@ pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
     let row = target
         .query_opt(
             "SELECT slot_name, source_system_id, commit_lsn::text, end_lsn::text,
-                    batch_sequence, seal_key_id, seal_key_batches
+                    batch_sequence, seal_key_id, seal_key_batches,
+                    coalesce(converge_until, '0/0')::text
                FROM heliosdb_replication.progress WHERE tenant_id = $1",
             &[&tenant],
         )
@@ -132,6 +150,7 @@ pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
             (Some(id), Some(n)) => Some((id, n.max(0) as u64)),
             _ => None,
         },
+        converge_until: parse(row.get(7))?,
     }))
 }
 
@@ -156,4 +175,19 @@ impl Progress {
         }
         Ok(())
     }
+}
+
+/// After a copy that did not use the slot's exported snapshot: changes the
+/// stream replays up to `lsn` may meet rows in any state.
+pub async fn set_converge_until(target: &Client, tenant: &str, lsn: Lsn) -> Result<()> {
+    target
+        .execute(
+            "UPDATE heliosdb_replication.progress
+                SET converge_until = GREATEST(coalesce(converge_until, '0/0'), $2::text::pg_lsn)
+              WHERE tenant_id = $1",
+            &[&tenant, &lsn.to_string()],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "recording the copy's end", e))?;
+    Ok(())
 }

@@ -143,6 +143,8 @@ pub struct MonitoringConfig {
     pub metrics_interval: Duration,
     /// `enable_audit_log = true`: where, and which events (all when empty).
     pub audit_log: Option<(PathBuf, Vec<String>)>,
+    /// `[conflict] log_conflicts = true`: the conflict log file.
+    pub conflict_log: Option<PathBuf>,
 }
 
 /// Batching and flow control.
@@ -619,12 +621,26 @@ fn resolve(
             return Err(c.err("[conflict] resolution_strategy", format!("'{s}' is not supported: allowed LastWriteWins, SourcePreferred, TargetPreferred, VectorClock")));
         }
     }
-    if raw.conflict.resolution_strategy.is_some()
-        || raw.conflict.log_conflicts.is_some()
-        || raw.conflict.conflict_log_path.is_some()
+    if raw
+        .conflict
+        .resolution_strategy
+        .as_deref()
+        .is_some_and(|s| s != "SourcePreferred")
     {
-        notice("[conflict]", "not yet supported: conflicts are not detected or logged in this build; every change is applied source-wins (upsert by primary key)");
+        notice("[conflict] resolution_strategy", "not yet in effect: conflicts (insert_exists, update_missing, delete_missing) are detected and logged, and resolved SourcePreferred in this build");
     }
+    let conflict_log = match (raw.conflict.log_conflicts, &raw.conflict.conflict_log_path) {
+        (Some(true), Some(p)) if !p.is_empty() => Some(PathBuf::from(p)),
+        (Some(true), _) => Some(PathBuf::from("/var/log/heliosdb/conflicts.log")),
+        (_, Some(_)) => {
+            notice(
+                "[conflict] conflict_log_path",
+                "no effect without log_conflicts = true (conflicts still go to the target's heliosdb_replication.heliosdb_conflict_log table)",
+            );
+            None
+        }
+        _ => None,
+    };
 
     // --- monitoring ---
     let m = &raw.monitoring;
@@ -704,6 +720,7 @@ fn resolve(
         health_check_port: m.health_check_port.unwrap_or(8080),
         metrics_interval: Duration::from_secs(metrics_interval),
         audit_log,
+        conflict_log,
     };
 
     // --- transport ---

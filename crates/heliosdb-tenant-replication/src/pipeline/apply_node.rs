@@ -225,6 +225,10 @@ impl ApplyNode {
             self.config.batch.batch_size,
         )
         .await?;
+        let mut applier = applier;
+        if let Some(p) = &recorded {
+            applier.set_converge_until(p.converge_until);
+        }
         let mut id = [0u8; 16];
         rand::rng().fill_bytes(&mut id);
         let active = Active {
@@ -328,9 +332,9 @@ impl ApplyNode {
 async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<CommitPoint>> {
     for event in events {
         match event {
-            TxEvent::Begin { .. } => {
+            TxEvent::Begin { final_lsn, .. } => {
                 a.in_source_txn = true;
-                a.applier.begin().await?;
+                a.applier.begin(final_lsn).await?;
             }
             TxEvent::Row(change) => a.applier.row(change).await?,
             TxEvent::Truncate { relations, .. } => a.applier.truncate(&relations).await?,

@@ -62,6 +62,7 @@ pub async fn run(
         if !pending.is_empty() {
             tel.set_state(State::Snapshotting);
             snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
+            recorded = progress::load(&target, &t.tenant_id).await?;
         }
     }
     let resume = recorded.as_ref().map(|p| (p.commit_lsn, p.end_lsn));
@@ -89,6 +90,10 @@ pub async fn run(
         config.batch.batch_size,
     )
     .await?;
+    let mut applier = applier;
+    if let Some(p) = &recorded {
+        applier.set_converge_until(p.converge_until);
+    }
 
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
     let (ack_tx, ack_rx) = watch::channel(ack_lsn);
@@ -422,7 +427,7 @@ impl ApplyLoop<'_> {
 
     async fn handle(&mut self, event: TxEvent) -> Result<()> {
         match event {
-            TxEvent::Begin { .. } => {
+            TxEvent::Begin { final_lsn, .. } => {
                 let timeout = self.config.batch.batch_timeout;
                 if self.applier.has_pending_commit()
                     && self
@@ -434,7 +439,7 @@ impl ApplyLoop<'_> {
                 }
                 self.in_source_txn = true;
                 self.tel.behind();
-                self.applier.begin().await?;
+                self.applier.begin(final_lsn).await?;
             }
             TxEvent::Row(change) => self.applier.row(change).await?,
             TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
@@ -484,13 +489,14 @@ impl ApplyLoop<'_> {
         self.commit().await?;
         self.tel.set_state(State::Snapshotting);
         tracing::info!(%tenant, state = "snapshotting", "resync requested: copying again while the stream waits");
-        snapshot::resync_tables(
+        let (_, converge_until) = snapshot::resync_tables(
             self.config,
             self.applier.client_mut(),
             &self.tables,
             &pending,
         )
         .await?;
+        self.applier.set_converge_until(converge_until);
         tracing::info!(%tenant, state = "streaming", "resync done");
         self.tel.set_state(State::Running);
         Ok(())

@@ -93,6 +93,9 @@ pub async fn initial_copy(
         .collect();
     tracing::info!(tenant = %t.tenant_id, state = "snapshotting", ranges = pending.len(), tables = tables.len(), "initial copy");
 
+    // A copy under another snapshot than the slot's converges by replay:
+    // no conflicts are reported for transactions it may overlap.
+    let exact = matches!(snapshot, Snapshot::Exported(_));
     // The snapshot every worker reads under.
     let snapshot_name = match snapshot {
         Snapshot::Exported(name) => {
@@ -122,6 +125,17 @@ pub async fn initial_copy(
     } else {
         copy::run(config, &source, &target, &snapshot_name, pending).await?
     };
+    let converge_until: Option<String> = if exact {
+        None
+    } else {
+        Some(
+            source
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(src("reading the WAL position"))?
+                .get(0),
+        )
+    };
     // `source` holds the snapshot open until every worker is done.
     drop(source);
 
@@ -129,12 +143,13 @@ pub async fn initial_copy(
     let tx = target.transaction().await.map_err(dst("BEGIN"))?;
     tx.execute(
         "INSERT INTO heliosdb_replication.progress
-             (tenant_id, slot_name, source_system_id, commit_lsn, end_lsn, commit_time, updated_at)
-         VALUES ($1, $2, $3, '0/0', $4::text::pg_lsn, NULL, now())
+             (tenant_id, slot_name, source_system_id, commit_lsn, end_lsn, commit_time, updated_at, converge_until)
+         VALUES ($1, $2, $3, '0/0', $4::text::pg_lsn, NULL, now(), $5::text::pg_lsn)
          ON CONFLICT (tenant_id) DO UPDATE SET slot_name = EXCLUDED.slot_name,
              source_system_id = EXCLUDED.source_system_id, commit_lsn = EXCLUDED.commit_lsn,
-             end_lsn = EXCLUDED.end_lsn, commit_time = NULL, updated_at = now()",
-        &[&t.tenant_id, &t.slot, &system_id, &start_point.to_string()],
+             end_lsn = EXCLUDED.end_lsn, commit_time = NULL, updated_at = now(),
+             converge_until = EXCLUDED.converge_until",
+        &[&t.tenant_id, &t.slot, &system_id, &start_point.to_string(), &converge_until],
     )
     .await
     .map_err(dst("recording progress after the initial copy"))?;
@@ -334,7 +349,7 @@ pub async fn resync_tables(
     target: &mut Client,
     tables: &[SourceTable],
     only: &[Option<String>],
-) -> Result<u64> {
+) -> Result<(u64, Lsn)> {
     let t = &config.tenant;
     let all = only.iter().any(Option::is_none);
     let chosen: Vec<&SourceTable> = tables
@@ -414,6 +429,17 @@ pub async fn resync_tables(
         tracing::info!(table = %table.display(), rows = n, "resync: table copied again");
         rows += n;
     }
+    // The stream replays changes made before the copies' snapshot over them:
+    // no conflicts for those.
+    let wal: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(src("reading the WAL position"))?
+        .get(0);
+    let converge_until: Lsn = wal
+        .parse()
+        .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Internal(e.to_string()))?;
+    crate::checkpoint::progress::set_converge_until(target, &t.tenant_id, converge_until).await?;
     // Requests for tables that are not published cannot be fulfilled.
     let published: Vec<String> = tables
         .iter()
@@ -427,5 +453,5 @@ pub async fn resync_tables(
         )
         .await
         .map_err(dst("clearing resync requests"))?;
-    Ok(rows)
+    Ok((rows, converge_until))
 }

@@ -133,6 +133,36 @@ impl AuditLog {
     }
 }
 
+/// The conflict log (`[conflict] log_conflicts`): one JSON object per
+/// conflict, appended and flushed.
+pub struct ConflictLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl ConflictLog {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn record(&self, record: &Value) {
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f
+            .write_all(format!("{record}\n").as_bytes())
+            .and_then(|()| f.flush())
+        {
+            tracing::error!(path = %self.path.display(), error = %e, "conflict log record not written");
+        }
+    }
+}
+
 /// The outcome of checking a file's chain.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verified {

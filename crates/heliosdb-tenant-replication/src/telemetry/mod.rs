@@ -69,15 +69,20 @@ impl State {
 pub struct Telemetry {
     pub metrics: Metrics,
     pub audit: Option<Arc<audit::AuditLog>>,
+    pub conflicts: Option<Arc<audit::ConflictLog>>,
     started: Instant,
     tenants: Mutex<Vec<Arc<TenantTelemetry>>>,
 }
 
 impl Telemetry {
-    pub fn new(audit: Option<Arc<audit::AuditLog>>) -> Arc<Self> {
+    pub fn new(
+        audit: Option<Arc<audit::AuditLog>>,
+        conflicts: Option<Arc<audit::ConflictLog>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             metrics: Metrics::new(),
             audit,
+            conflicts,
             started: Instant::now(),
             tenants: Mutex::new(Vec::new()),
         })
@@ -85,7 +90,7 @@ impl Telemetry {
 
     /// Telemetry without an audit log (tests, benchmarks).
     pub fn disabled() -> Arc<Self> {
-        Self::new(None)
+        Self::new(None, None)
     }
 
     /// The handle of `tenant` (created on first use).
@@ -97,6 +102,7 @@ impl Telemetry {
         let t = Arc::new(TenantTelemetry {
             m: self.metrics.tenant(tenant),
             audit: self.audit.clone(),
+            conflict_log: self.conflicts.clone(),
             state: Mutex::new(State::Starting),
             last_checkpoint: Mutex::new(None),
             caught_up: AtomicBool::new(false),
@@ -132,6 +138,7 @@ impl Telemetry {
 pub struct TenantTelemetry {
     pub m: TenantMetrics,
     audit: Option<Arc<audit::AuditLog>>,
+    conflict_log: Option<Arc<audit::ConflictLog>>,
     state: Mutex<State>,
     last_checkpoint: Mutex<Option<(Lsn, DateTime<Utc>)>>,
     /// Everything the source sent is applied (idle and streaming).
@@ -244,6 +251,46 @@ impl TenantTelemetry {
             .bytes_replicated
             .inc_by(wire_bytes.unwrap_or(c.bytes));
         self.m.batch_seconds.observe(c.duration.as_secs_f64());
+        for conflict in &c.conflicts {
+            self.conflict(conflict);
+        }
+    }
+
+    /// A conflict the target committed: counted, logged with the word
+    /// CONFLICT (the guide's troubleshooting greps for it), written to the
+    /// conflict log and the audit log.
+    pub fn conflict(&self, c: &crate::apply::conflict::Conflict) {
+        self.m.conflict(c.strategy);
+        tracing::warn!(
+            tenant = %self.tenant(), table = %c.table, primary_key = %c.primary_key,
+            conflict_type = c.kind.name(), strategy = c.strategy, winner = c.winner,
+            "CONFLICT {} on {} resolved {} (winner: {})", c.kind.name(), c.table, c.strategy, c.winner
+        );
+        let record = serde_json::json!({
+            "timestamp": Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            "tenant_id": self.tenant(),
+            "table_name": c.table,
+            "primary_key": c.primary_key,
+            "conflict_type": c.kind.name(),
+            "resolution_strategy": c.strategy,
+            "winner": c.winner,
+        });
+        if let Some(log) = &self.conflict_log {
+            log.record(&record);
+        }
+        if let Some(audit) = &self.audit {
+            audit.record(
+                "conflict_resolved",
+                self.tenant(),
+                serde_json::json!({
+                    "table_name": c.table,
+                    "primary_key": c.primary_key,
+                    "conflict_type": c.kind.name(),
+                    "resolution_strategy": c.strategy,
+                    "winner": c.winner,
+                }),
+            );
+        }
     }
 
     /// Everything received is applied, and the stream is idle.

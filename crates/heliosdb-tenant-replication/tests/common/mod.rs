@@ -463,3 +463,14 @@ pub fn metric_value(exposition: &str, name: &str, labels: &[&str]) -> Option<f64
             .flatten()
     })
 }
+
+/// Conflicts recorded on the target (`heliosdb_replication.heliosdb_conflict_log`).
+pub async fn conflicts_logged(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM heliosdb_replication.heliosdb_conflict_log",
+        &[],
+    )
+    .await
+    .expect("conflict log table")
+    .get(0)
+}
