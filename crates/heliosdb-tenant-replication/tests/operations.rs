@@ -426,7 +426,7 @@ fn command_line_basics() {
     assert!(stdout.contains("src:***@source-db:5432/source"), "{stdout}");
     assert!(!stdout.contains("EnvSecret"), "{stdout}");
     assert!(
-        stdout.contains("[encryption]: not yet in effect"),
+        stdout.contains("[encryption]: no effect with [transport] mode = \"local\""),
         "{stdout}"
     );
 }

@@ -74,7 +74,7 @@ fn every_key_of_the_reference_parses() {
     for key in [
         "[compression]",
         "[encryption]",
-        "[conflict]",
+        "[conflict] resolution_strategy",
         "[cdc] wal_path",
     ] {
         assert!(

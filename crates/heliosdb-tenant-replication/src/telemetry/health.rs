@@ -255,3 +255,30 @@ fn disk_percent(dir: &Path) -> Option<f64> {
     let avail = st.f_bavail as f64;
     (used + avail > 0.0).then(|| used / (used + avail) * 100.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_storage_fails_where_nothing_can_be_written_and_passes_elsewhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = checkpoint_storage(&dir.path().join("checkpoints"));
+        assert!(ok.healthy && ok.error.is_none(), "{ok:?}");
+        assert!(!dir
+            .path()
+            .join("checkpoints/.heliosdb-health-probe")
+            .exists());
+        // A file where the directory should be: not writable even for root.
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"x").expect("write");
+        let bad = checkpoint_storage(&file.join("checkpoints"));
+        assert!(!bad.healthy);
+        assert!(
+            bad.error
+                .as_deref()
+                .is_some_and(|e| e.contains("not writable")),
+            "{bad:?}"
+        );
+    }
+}
