@@ -102,6 +102,33 @@ pub enum Command {
         #[arg(long, default_value_t = 112_640)]
         size: usize,
     },
+    /// Try it without setting anything up: two throw-away PostgreSQL
+    /// clusters, several tenants, one replicated through a capture node and
+    /// an apply node (TLS, zstd, AES-256-GCM) under a live workload, then a
+    /// consistency check. Needs PostgreSQL ≥ 15 server binaries and openssl.
+    Demo {
+        /// Seconds of workload.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Row changes per second (all tenants).
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Tenants in the schema (tenant-1 is replicated).
+        #[arg(long, default_value_t = 5)]
+        tenants: usize,
+        /// Leave the clusters running and print how to connect.
+        #[arg(long)]
+        keep: bool,
+        /// Port of /metrics (default 9090, or a free one).
+        #[arg(long)]
+        metrics_port: Option<u16>,
+        /// Port of /health (default 8080, or a free one).
+        #[arg(long)]
+        health_port: Option<u16>,
+    },
+    /// Drive a source with a reproducible mixed workload (inserts, updates,
+    /// deletes of ~500-byte rows across tenants and tables).
+    Load(LoadArgs),
     /// Check the hash chain of the audit log: every record must carry the
     /// hash of the one before it.
     AuditVerify {
@@ -114,10 +141,42 @@ pub enum Command {
     CheckConfig,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Source to load (default: the config's source connection).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Row changes per second over all clients; 0 = as fast as possible.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// Concurrent clients (connections).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Tenants tenant-1 … tenant-N.
+    #[arg(long, default_value_t = 10)]
+    pub tenants: usize,
+    /// Row changes per transaction.
+    #[arg(long, default_value_t = 10)]
+    pub txn_size: usize,
+    /// Seed: the same seed and sizes give the same transactions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Create the accounts/orders/events tables if missing.
+    #[arg(long)]
+    pub create_schema: bool,
+    /// Stop each client after this many transactions (a fixed workload:
+    /// with the same seed, the same rows every time).
+    #[arg(long)]
+    pub transactions: Option<u64>,
+}
+
 /// Set up logging to stderr (the journal under systemd).
-pub fn init_logging(format: LogFormat) {
+pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -131,9 +190,50 @@ pub fn init_logging(format: LogFormat) {
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format);
+    // The demo prints its own view; its log lines are for problems only.
+    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Load(_));
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     if let Command::AuditVerify { path: Some(path) } = &cli.command {
         return audit_verify(path);
+    }
+    if let Command::Demo {
+        duration,
+        rate,
+        tenants,
+        keep,
+        metrics_port,
+        health_port,
+    } = &cli.command
+    {
+        let args = crate::demo::DemoArgs {
+            duration: Duration::from_secs(*duration),
+            rate: *rate,
+            tenants: *tenants,
+            keep: *keep,
+            metrics_port: *metrics_port,
+            health_port: *health_port,
+        };
+        return block_on(async move {
+            match crate::demo::run(args).await {
+                Ok(o) if o.consistent || o.interrupted => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(EXIT_INTERNAL),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit_for(&e)
+                }
+            }
+        });
+    }
+    if let Command::Load(args) = &cli.command {
+        if let Some(url) = &args.source {
+            return match crate::config::ConnInfo::parse(url) {
+                Ok(info) => block_on(load(info, args)),
+                Err(e) => {
+                    eprintln!("error: --source: {}", e.0);
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
+        }
     }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -179,7 +279,119 @@ pub fn run(cli: Cli) -> ExitCode {
             rows_per_table,
             size,
         } => runtime.block_on(train_dictionary(config, out, rows_per_table, size)),
-        Command::CheckConfig | Command::AuditVerify { .. } => ExitCode::SUCCESS,
+        Command::Load(args) => match config.tenant.source() {
+            Ok(info) => runtime.block_on(load(info.clone(), &args)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::CheckConfig | Command::AuditVerify { .. } | Command::Demo { .. } => {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+async fn load(info: crate::config::ConnInfo, args: &LoadArgs) -> ExitCode {
+    use crate::load::{LoadSpec, LoadStats};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let spec = LoadSpec {
+        rate: args.rate,
+        duration: Duration::from_secs(args.duration),
+        clients: args.clients.max(1),
+        tenants: args.tenants.max(1),
+        txn_size: args.txn_size.max(1),
+        seed: args.seed,
+        transactions: args.transactions,
+    };
+    let network = crate::config::NetworkConfig {
+        connect_timeout: Duration::from_secs(10),
+        tcp_keepalive: Duration::from_secs(30),
+        retry_max_attempts: 0,
+        retry_backoff: Duration::from_secs(1),
+    };
+    let connect = || {
+        crate::pg::connect(
+            &info,
+            &network,
+            crate::error::Side::Source,
+            "heliosdb-tenant-replication load",
+        )
+    };
+    if args.create_schema {
+        let created = async {
+            connect()
+                .await?
+                .batch_execute(crate::load::SCHEMA)
+                .await
+                .map_err(crate::error::on_source("creating the schema"))
+        }
+        .await;
+        if let Err(e) = created {
+            eprintln!("error: {e}");
+            return exit_for(&e);
+        }
+    }
+    let stats = Arc::new(LoadStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let bar = indicatif::ProgressBar::new(args.duration);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let ticker = {
+        let (bar, stats) = (bar.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = stats.events.load(Ordering::Relaxed);
+                bar.inc(1);
+                bar.set_message(format!("{n} changes, {} /s", n - last));
+                last = n;
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    let result = tokio::select! {
+        r = crate::load::run(&spec, connect, stats.clone(), stop.clone()) => r,
+        _ = tokio::signal::ctrl_c() => { stop.store(true, Ordering::Relaxed); Ok(()) }
+    };
+    ticker.abort();
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let n = stats.events.load(Ordering::Relaxed);
+    println!(
+        "load: {n} row changes in {} transactions over {secs:.1} s ({:.0}/s; {} clients, {} tenants, {} per transaction, seed {}); {} transactions failed",
+        stats.transactions.load(Ordering::Relaxed),
+        n as f64 / secs.max(0.001),
+        spec.clients,
+        spec.tenants,
+        spec.txn_size,
+        spec.seed,
+        stats.failed.load(Ordering::Relaxed)
+    );
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit_for(&e)
+        }
     }
 }
 

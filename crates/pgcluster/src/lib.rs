@@ -92,6 +92,8 @@ pub struct Cluster {
     bindir: PathBuf,
     run_as: Option<OsUser>,
     running: bool,
+    /// Leave the server running and its files in place when dropped.
+    kept: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +175,7 @@ impl Cluster {
             bindir,
             run_as,
             running: false,
+            kept: false,
         };
         cluster.start_server()?;
         Ok(cluster)
@@ -266,6 +269,17 @@ impl Cluster {
         self.start_server()
     }
 
+    /// Keep the server running and its files after this value is dropped
+    /// (stop it later with `pg_ctl -D <data_dir> stop`, as its OS user).
+    pub fn keep(&mut self) {
+        self.kept = true;
+    }
+
+    /// Whether the server runs as another OS user (`postgres`, when we are root).
+    pub fn runs_as_postgres(&self) -> bool {
+        self.run_as.is_some()
+    }
+
     /// Serve TLS with `cert` and `key` (PEM): both are copied into the data
     /// directory (owned by the server's user, key mode 0600) and the server
     /// restarts with `ssl = on`.
@@ -327,6 +341,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if self.running {
             let _ = self.pg_ctl(
                 &["stop", "-m", "immediate", "-w", "-t", "30"],

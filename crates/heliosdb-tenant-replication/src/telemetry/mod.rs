@@ -108,6 +108,7 @@ impl Telemetry {
             caught_up: AtomicBool::new(false),
             caught_up_at_us: AtomicI64::new(now_us()),
             applied_commit_us: AtomicI64::new(0),
+            recent_lag: Mutex::new(std::collections::VecDeque::new()),
         });
         t.m.up.set(1);
         tenants.push(t.clone());
@@ -147,6 +148,8 @@ pub struct TenantTelemetry {
     caught_up_at_us: AtomicI64,
     /// Unix µs of the source commit of the last applied transaction.
     applied_commit_us: AtomicI64,
+    /// The latest lag observations (for quantiles in the demo's live view).
+    recent_lag: Mutex<std::collections::VecDeque<f64>>,
 }
 
 fn now_us() -> i64 {
@@ -228,6 +231,13 @@ impl TenantTelemetry {
         let commit_unix = commit_time_us + PG_EPOCH_US;
         let lag = (now - commit_unix).max(0) as f64 / 1e6;
         self.m.lag.observe(lag);
+        {
+            let mut recent = self.recent_lag.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= 50_000 {
+                recent.pop_front();
+            }
+            recent.push_back(lag);
+        }
         self.m
             .vector_clock_drift
             .set((now - commit_unix) as f64 / 1e6);
@@ -316,6 +326,24 @@ impl TenantTelemetry {
             .load(Ordering::Relaxed)
             .max(self.applied_commit_us.load(Ordering::Relaxed));
         (now_us() - since).max(0) as f64 / 1e6
+    }
+
+    /// Quantiles (0–1) of the latest lag observations, in seconds.
+    pub fn lag_quantiles(&self, qs: &[f64]) -> Vec<Option<f64>> {
+        let mut v: Vec<f64> = self
+            .recent_lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        v.sort_by(f64::total_cmp);
+        qs.iter()
+            .map(|q| {
+                let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+                v.get(i).copied()
+            })
+            .collect()
     }
 
     pub fn checkpoint_written(&self, lsn: Lsn) {
