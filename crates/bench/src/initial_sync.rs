@@ -140,7 +140,7 @@ async fn check_count(dst: &tokio_postgres::Client, expected: i64) -> Result<()> 
 }
 
 /// `psql -c "COPY (SELECT …) TO STDOUT" | psql -c "COPY t FROM STDIN"`.
-fn copy_pipe(source: &Cluster, target: &Cluster, table: &str) -> Result<()> {
+pub(crate) fn copy_pipe(source: &Cluster, target: &Cluster, table: &str) -> Result<()> {
     let mut out = psql(
         source,
         &format!("COPY (SELECT * FROM {table} WHERE tenant_id = '{TENANT}') TO STDOUT"),

@@ -4,6 +4,8 @@
 //!   `heliosdb-tenant-replication init` next to a plain
 //!   `psql -c "COPY (…) TO STDOUT" | psql -c "COPY … FROM STDIN"` pipe of
 //!   the same rows, between the same two clusters.
+//! * `drain`: a slot backlog of the reference workload drained by
+//!   PostgreSQL's own subscription and by this daemon (scenario 2).
 //! * `seal`: bytes on the wire and compression ratio per algorithm, and
 //!   seal+open time next to the whole pipeline's CPU.
 //!
@@ -12,7 +14,9 @@
 //! Data: the reference workload's schema and generator (`bench_ins`), read
 //! from `../shared/bench/` (`--workload-dir`).
 
+mod drain;
 mod initial_sync;
+mod nodes;
 mod seal;
 
 use std::path::PathBuf;
@@ -43,6 +47,20 @@ enum Cmd {
         workload_dir: PathBuf,
         /// JSON results.
         #[arg(long, default_value = "target/bench/initial-sync.json")]
+        out: PathBuf,
+    },
+    /// Scenario 2 of the benchmark: a backlog of the reference workload
+    /// drained by PostgreSQL's own subscription (streaming off and on) and by
+    /// this daemon, with the capture and apply ceilings.
+    Drain {
+        /// Rows of the reference workload (all tenants; `tenant-1` holds a tenth).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: i64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "../shared/bench")]
+        workload_dir: PathBuf,
+        #[arg(long, default_value = "target/bench/drain.json")]
         out: PathBuf,
     },
     /// Sealing on the reference workload: bytes on the wire per event and
@@ -80,6 +98,12 @@ async fn main() -> Result<()> {
             workload_dir,
             out,
         } => initial_sync::run(rows, runs, &workload_dir, &out).await,
+        Cmd::Drain {
+            rows,
+            runs,
+            workload_dir,
+            out,
+        } => drain::run(rows, runs, &workload_dir, &out).await,
         Cmd::Seal {
             rows,
             runs,

@@ -24,10 +24,10 @@ use heliosdb_tenant_replication::capture::{ChangeSource, TxEvent};
 use heliosdb_tenant_replication::config::Config;
 use heliosdb_tenant_replication::lsn::Lsn;
 use heliosdb_tenant_replication::seal::{self, Algorithm, BatchInfo, Compression, FileKeys};
-use heliosdb_tenant_replication::telemetry::Telemetry;
 use heliosdb_tenant_replication::transport::codec::Encoder;
-use pgcluster::{pki, Cluster};
+use pgcluster::Cluster;
 
+use crate::nodes::{cluster_cpu, config_text, process_cpu, write_key, Split};
 use crate::{cores, median, options, TENANT};
 
 struct Case {
@@ -55,7 +55,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
 
     let work = tempfile::tempdir()?;
     let local = Config::from_toml(
-        &config_text(&source, &target, work.path(), ""),
+        &config_text(&source, &target, work.path(), "bench_slot", "bench_pub", ""),
         "bench.toml",
         |_| None,
     )?;
@@ -221,29 +221,6 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn config_text(source: &Cluster, target: &Cluster, dir: &Path, extra: &str) -> String {
-    format!(
-        "[replication]\ntenant_id = \"{TENANT}\"\nsource_connection = \"{}\"\ntarget_connection = \"{}\"\n\
-         [cdc]\nreplication_slot = \"bench_slot\"\npublication_name = \"bench_pub\"\ncheckpoint_dir = \"{}\"\nstart_lsn = 1\n\
-         [performance]\nworker_threads = 2\n{extra}",
-        source.superuser_url("bench"),
-        target.superuser_url("bench"),
-        dir.display()
-    )
-}
-
-fn write_key(dir: &Path) -> Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join("tenant.key");
-    let hex: String = (0..32)
-        .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
-        .collect();
-    std::fs::write(&path, hex)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(path)
-}
-
 /// The tenant's transaction events from the slot up to `end`, without
 /// acknowledging anything (the slot keeps the backlog).
 async fn read_slot(config: &Config, end: Lsn) -> Result<Vec<TxEvent>> {
@@ -306,51 +283,6 @@ fn bodies(events: &[TxEvent], per_batch: u32) -> Vec<(Bytes, u32)> {
     out
 }
 
-/// CPU seconds this process has used (user + system).
-fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of stat, counted after the ")" (state is field 3).
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// CPU seconds of a cluster: the postmaster, its live children, and the
-/// children that exited (counted into the postmaster's cutime/cstime).
-fn cluster_cpu(cluster: &Cluster) -> f64 {
-    let pid = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
-    let Some(pid) = pid else { return 0.0 };
-    let fields = |p: &str| -> Vec<String> {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        stat.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .map(str::to_string)
-            .collect()
-    };
-    let num = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let own = fields(&pid.to_string());
-    // After ")": state=0 ppid=1 … utime=11 stime=12 cutime=13 cstime=14.
-    let mut ticks = num(&own, 11) + num(&own, 12) + num(&own, 13) + num(&own, 14);
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            let f = fields(&name);
-            if f.get(1).map(String::as_str) == Some(pid.to_string().as_str()) {
-                ticks += num(&f, 11) + num(&f, 12);
-            }
-        }
-    }
-    ticks / 100.0
-}
-
 /// Replicate the backlog with a capture and an apply node in this process;
 /// CPU microseconds per event of the daemon, and of both PostgreSQL servers.
 async fn split_cpu_per_event(
@@ -360,57 +292,10 @@ async fn split_cpu_per_event(
     end: Lsn,
     events: usize,
 ) -> Result<(f64, f64)> {
-    let ca = pki::ca(dir, "ca");
-    let node = pki::leaf(dir, &ca, "node", &["DNS:localhost", "IP:127.0.0.1"]);
-    let port = pgcluster::free_port()?;
-    let key = dir.join("keys").join("tenant.key");
-    let transport = |mode: &str, line: &str| {
-        format!(
-            "[encryption]\nkey_file = \"{}\"\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            key.display(),
-            ca.cert.display(),
-            node.cert.display(),
-            node.key.display()
-        )
-    };
-    let apply = Config::from_toml(
-        &config_text(
-            source,
-            target,
-            dir,
-            &transport("apply", &format!("listen_address = \"127.0.0.1:{port}\"")),
-        ),
-        "apply.toml",
-        |_| None,
-    )?;
-    let capture = Config::from_toml(
-        &config_text(
-            source,
-            target,
-            dir,
-            &transport(
-                "capture",
-                &format!("apply_url = \"https://127.0.0.1:{port}\""),
-            ),
-        ),
-        "capture.toml",
-        |_| None,
-    )?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let cpu0 = process_cpu();
     let servers0 = cluster_cpu(source) + cluster_cpu(target);
     let started = Instant::now();
-    let apply_task = tokio::spawn(heliosdb_tenant_replication::pipeline::run_tenant(
-        Arc::new(apply),
-        stop_rx.clone(),
-        Telemetry::disabled(),
-    ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let capture_task = tokio::spawn(heliosdb_tenant_replication::pipeline::run_tenant(
-        Arc::new(capture),
-        stop_rx,
-        Telemetry::disabled(),
-    ));
+    let nodes = Split::start(source, target, dir, "bench_slot", "bench_pub").await?;
     let dst = target.connect("bench").await?;
     loop {
         let done: Option<bool> = dst
@@ -431,9 +316,7 @@ async fn split_cpu_per_event(
     let cpu = process_cpu() - cpu0;
     let servers = cluster_cpu(source) + cluster_cpu(target) - servers0;
     let secs = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(true);
-    let _ = capture_task.await;
-    let _ = apply_task.await;
+    nodes.stop().await;
     eprintln!(
         "  {events} changes in {secs:.1} s ({:.0} events/s), daemon {cpu:.2} CPU s, PostgreSQL servers {servers:.2} CPU s",
         events as f64 / secs

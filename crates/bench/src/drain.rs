@@ -1,0 +1,334 @@
+//! `cargo run --release -p bench -- drain`: scenario 2 of issue 3 — a slot
+//! backlog of the reference workload drained by PostgreSQL's own logical
+//! replication and by this daemon, in the same run, on the same clusters.
+//!
+//! * The backlog: `CALL bench_run(rows, 100, true)` (inserts, then updates
+//!   and deletes, 100-row transactions; `tenant-1` holds a tenth) made while
+//!   every consumer's slot already exists and nothing consumes it.
+//! * PostgreSQL: a subscription on the target to the same row-filtered
+//!   publication, `streaming = off` and `on` (the better one is the baseline),
+//!   enabled once the backlog is there.
+//! * This daemon: a capture node and an apply node in this process, TLS on
+//!   loopback, zstd-3 and AES-256-GCM.
+//! * References: the capture ceiling (`pg_recvlogical` decoding the same
+//!   backlog to /dev/null over the replication protocol) and the apply
+//!   ceiling (a `COPY … TO STDOUT | COPY … FROM STDIN` pipe of the tenant's
+//!   final rows).
+//!
+//! A drain ends when the target's rows of the tenant equal the source's
+//! (counts, then md5 of the rows in key order), polled every 100 ms. Each
+//! system drains its own slot; runs alternate the order of the systems.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pgcluster::Cluster;
+use tokio_postgres::Client;
+
+use crate::nodes::{config_text, process_cpu, Split};
+use crate::{cores, median, options, TABLES, TENANT};
+
+const PUBLICATION: &str = "tenant_1_pub";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum System {
+    NativeStreamingOff,
+    NativeStreamingOn,
+    Ours,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            Self::NativeStreamingOff => "PostgreSQL subscription (streaming = off)",
+            Self::NativeStreamingOn => "PostgreSQL subscription (streaming = on)",
+            Self::Ours => "heliosdb capture → apply (zstd, AES-256-GCM, TLS)",
+        }
+    }
+}
+
+async fn tenant_state(c: &Client) -> Result<Vec<(i64, String)>> {
+    let mut out = Vec::new();
+    for t in TABLES {
+        let r = c
+            .query_one(
+                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {t} t WHERE tenant_id = $1"),
+                &[&TENANT],
+            )
+            .await?;
+        out.push((r.get(0), r.get(1)));
+    }
+    Ok(out)
+}
+
+async fn counts(c: &Client) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for t in TABLES {
+        out.push(
+            c.query_one(
+                &format!("SELECT count(*) FROM {t} WHERE tenant_id = $1"),
+                &[&TENANT],
+            )
+            .await?
+            .get(0),
+        );
+    }
+    Ok(out)
+}
+
+/// Poll until the target holds `expected`; the time it took.
+async fn wait_drained(dst: &Client, expected: &[(i64, String)], started: Instant) -> Result<f64> {
+    let want: Vec<i64> = expected.iter().map(|e| e.0).collect();
+    loop {
+        if counts(dst).await? == want && tenant_state(dst).await? == expected {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("not drained after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn reset_target(dst: &Client) -> Result<()> {
+    dst.batch_execute(
+        "TRUNCATE accounts, orders, events; DROP SCHEMA IF EXISTS heliosdb_replication CASCADE; CHECKPOINT;",
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
+    let schema = std::fs::read_to_string(dir.join("schema.sql")).with_context(|| {
+        format!(
+            "reading {} (set --workload-dir)",
+            dir.join("schema.sql").display()
+        )
+    })?;
+    let workload = std::fs::read_to_string(dir.join("workload.sql"))?;
+    let source = Cluster::start_with(options())?;
+    let target = Cluster::start_with(options())?;
+    for c in [&source, &target] {
+        c.create_database("bench").await?;
+        c.connect("bench").await?.batch_execute(&schema).await?;
+    }
+    let (src, dst) = (
+        source.connect("bench").await?,
+        target.connect("bench").await?,
+    );
+    src.batch_execute(&workload).await?;
+    let work = tempfile::tempdir()?;
+
+    // Every consumer's slot exists before the backlog is made.
+    for r in 0..runs {
+        let text = config_text(
+            &source,
+            &target,
+            work.path(),
+            &format!("ours_{r}"),
+            PUBLICATION,
+            "",
+        );
+        let config =
+            heliosdb_tenant_replication::config::Config::from_toml(&text, "bench.toml", |_| None)?;
+        heliosdb_tenant_replication::provision::init(&config, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        src.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&format!("ceiling_{r}")],
+        )
+        .await?;
+        for (mode, name) in [("off", "native_off"), ("on", "native_on")] {
+            dst.batch_execute(&format!(
+                "CREATE SUBSCRIPTION {name}_{r} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=bench'
+                   PUBLICATION {PUBLICATION} WITH (copy_data = false, enabled = false, streaming = {mode}, slot_name = '{name}_{r}')",
+                source.port()
+            ))
+            .await?;
+        }
+    }
+    reset_target(&dst).await?;
+
+    eprintln!("making the backlog: CALL bench_run({rows}, 100, true) …");
+    let t = Instant::now();
+    src.batch_execute(&format!("CALL bench_run({rows}, 100, true)"))
+        .await?;
+    let end: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let expected = tenant_state(&src).await?;
+    let changes = rows + rows / 5 + rows / 20;
+    let tenant_changes = changes / 10;
+    eprintln!(
+        "  {changes} changes ({tenant_changes} of {TENANT}) in {:.1} s; WAL up to {end}",
+        t.elapsed().as_secs_f64()
+    );
+
+    let systems = [
+        System::NativeStreamingOff,
+        System::NativeStreamingOn,
+        System::Ours,
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut our_cpu = Vec::new();
+    let mut wire_per_event = Vec::new();
+    let mut capture_ceiling = Vec::new();
+    let mut apply_ceiling = Vec::new();
+    for r in 0..runs {
+        for k in 0..systems.len() {
+            let i = (k + r) % systems.len();
+            let system = systems[i];
+            reset_target(&dst).await?;
+            let started = Instant::now();
+            let secs = match system {
+                System::Ours => {
+                    let cpu0 = process_cpu();
+                    let nodes = Split::start(
+                        &source,
+                        &target,
+                        work.path(),
+                        &format!("ours_{r}"),
+                        PUBLICATION,
+                    )
+                    .await?;
+                    let secs = wait_drained(&dst, &expected, started).await?;
+                    our_cpu.push(process_cpu() - cpu0);
+                    let t = nodes.apply.tenants();
+                    if let Some(t) = t.first() {
+                        wire_per_event.push(
+                            t.m.bytes_replicated.get() as f64 / t.m.events_total().max(1) as f64,
+                        );
+                    }
+                    nodes.stop().await;
+                    src.execute(
+                        "SELECT pg_drop_replication_slot($1)",
+                        &[&format!("ours_{r}")],
+                    )
+                    .await?;
+                    secs
+                }
+                native => {
+                    let name = if native == System::NativeStreamingOff {
+                        "native_off"
+                    } else {
+                        "native_on"
+                    };
+                    dst.batch_execute(&format!("ALTER SUBSCRIPTION {name}_{r} ENABLE"))
+                        .await?;
+                    let secs = wait_drained(&dst, &expected, started).await?;
+                    dst.batch_execute(&format!("DROP SUBSCRIPTION {name}_{r}"))
+                        .await?;
+                    secs
+                }
+            };
+            eprintln!(
+                "  run {}: {:<52} {secs:>7.2} s  {:>8.0} changes/s",
+                r + 1,
+                system.label(),
+                tenant_changes as f64 / secs
+            );
+            times[i].push(secs);
+        }
+        // Capture ceiling: the same backlog decoded to nowhere.
+        let t = Instant::now();
+        let status = Command::new(source.bindir().join("pg_recvlogical"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "bench", "-p"])
+            .arg(source.port().to_string())
+            .args([
+                "--slot",
+                &format!("ceiling_{r}"),
+                "--start",
+                "-o",
+                "proto_version=1",
+            ])
+            .args([
+                "-o",
+                &format!("publication_names={PUBLICATION}"),
+                "-E",
+                &end,
+                "-f",
+                "/dev/null",
+                "--no-loop",
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("pg_recvlogical failed");
+        }
+        capture_ceiling.push(t.elapsed().as_secs_f64());
+        src.execute(
+            "SELECT pg_drop_replication_slot($1)",
+            &[&format!("ceiling_{r}")],
+        )
+        .await?;
+        // Apply ceiling: the tenant's final rows through a COPY pipe.
+        reset_target(&dst).await?;
+        let t = Instant::now();
+        for table in TABLES {
+            crate::initial_sync::copy_pipe(&source, &target, table)?;
+        }
+        apply_ceiling.push(t.elapsed().as_secs_f64());
+    }
+
+    let best_native = median(&mut times[0].clone()).min(median(&mut times[1].clone()));
+    let rate = |secs: f64| tenant_changes as f64 / secs;
+    println!(
+        "\nbacklog drain, reference workload: {tenant_changes} changes of {TENANT} in {changes} (100-row transactions), median of {runs} runs, {} cores",
+        cores()
+    );
+    println!(
+        "  {:<56} {:>9} {:>12} {:>8}",
+        "", "seconds", "changes/s", "ratio"
+    );
+    for (i, s) in systems.iter().enumerate() {
+        let m = median(&mut times[i].clone());
+        println!(
+            "  {:<56} {m:>9.2} {:>12.0} {:>7.2}x",
+            s.label(),
+            rate(m),
+            best_native / m
+        );
+    }
+    let cc = median(&mut capture_ceiling.clone());
+    println!(
+        "  {:<56} {cc:>9.2} {:>12.0} {:>7.2}x",
+        "capture ceiling (pg_recvlogical → /dev/null)",
+        rate(cc),
+        best_native / cc
+    );
+    let ac = median(&mut apply_ceiling.clone());
+    let final_rows: i64 = expected.iter().map(|e| e.0).sum();
+    println!(
+        "  {:<56} {ac:>9.2} {:>12.0} {:>8}",
+        "apply ceiling (COPY pipe of the final rows)",
+        final_rows as f64 / ac,
+        "rows/s"
+    );
+    let ours = median(&mut times[2].clone());
+    println!(
+        "  ours vs capture ceiling: {:.2}; daemon CPU {:.2} s per drain; {:.1} bytes on the wire per change",
+        cc / ours,
+        median(&mut our_cpu.clone()),
+        median(&mut wire_per_event.clone())
+    );
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "benchmark": "drain-reference", "rows": rows, "changes": changes, "tenant_changes": tenant_changes,
+            "runs": runs, "cores": cores(),
+            "native_streaming_off_seconds": times[0], "native_streaming_on_seconds": times[1],
+            "ours_seconds": times[2], "capture_ceiling_seconds": capture_ceiling,
+            "apply_ceiling_seconds": apply_ceiling, "apply_ceiling_rows": final_rows,
+            "ours_cpu_seconds": our_cpu, "ours_wire_bytes_per_change": wire_per_event,
+            "ratio_ours_to_best_native": best_native / ours,
+        }))?,
+    )?;
+    eprintln!("raw numbers: {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! What several benchmarks share: the daemon's nodes in this process,
+//! their configurations, and CPU accounting from `/proc`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use heliosdb_tenant_replication::config::Config;
+use heliosdb_tenant_replication::telemetry::Telemetry;
+use pgcluster::{pki, Cluster};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::TENANT;
+
+/// A configuration for the benchmark tenant; `extra` is appended.
+pub fn config_text(
+    source: &Cluster,
+    target: &Cluster,
+    dir: &Path,
+    slot: &str,
+    publication: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[replication]\ntenant_id = \"{TENANT}\"\nsource_connection = \"{}\"\ntarget_connection = \"{}\"\n\
+         [cdc]\nreplication_slot = \"{slot}\"\npublication_name = \"{publication}\"\ncheckpoint_dir = \"{}\"\nstart_lsn = 1\n\
+         [performance]\nworker_threads = 2\n[features]\nenable_monitoring = false\n{extra}",
+        source.superuser_url("bench"),
+        target.superuser_url("bench"),
+        dir.display()
+    )
+}
+
+pub fn write_key(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("tenant.key");
+    let hex: String = (0..32)
+        .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+        .collect();
+    std::fs::write(&path, hex)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}
+
+/// CPU seconds this process has used (user + system).
+pub fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat, counted after the ")" (state is field 3).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of a cluster: the postmaster, its live children, and the
+/// children that exited (counted into the postmaster's cutime/cstime).
+pub fn cluster_cpu(cluster: &Cluster) -> f64 {
+    let pid = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+    let Some(pid) = pid else { return 0.0 };
+    let fields = |p: &str| -> Vec<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        stat.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let num = |f: &[String], i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let own = fields(&pid.to_string());
+    // After ")": state=0 ppid=1 … utime=11 stime=12 cutime=13 cstime=14.
+    let mut ticks = num(&own, 11) + num(&own, 12) + num(&own, 13) + num(&own, 14);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let f = fields(&name);
+            if f.get(1).map(String::as_str) == Some(pid.to_string().as_str()) {
+                ticks += num(&f, 11) + num(&f, 12);
+            }
+        }
+    }
+    ticks / 100.0
+}
+
+/// A capture node and an apply node (TLS on loopback, zstd-3, AES-256-GCM)
+/// running in this process.
+pub struct Split {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<heliosdb_tenant_replication::error::Result<()>>>,
+    pub apply: Arc<Telemetry>,
+}
+
+impl Split {
+    pub async fn start(
+        source: &Cluster,
+        target: &Cluster,
+        dir: &Path,
+        slot: &str,
+        publication: &str,
+    ) -> Result<Split> {
+        let (ca, node) = certs(dir)?;
+        let key = write_key(&dir.join("keys"))?;
+        let port = pgcluster::free_port()?;
+        let transport = |mode: &str, line: &str| {
+            format!(
+                "[encryption]\nkey_file = \"{}\"\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                key.display(),
+                ca.cert.display(),
+                node.cert.display(),
+                node.key.display()
+            )
+        };
+        let config = |mode: &str, line: String| {
+            Config::from_toml(
+                &config_text(
+                    source,
+                    target,
+                    dir,
+                    slot,
+                    publication,
+                    &transport(mode, &line),
+                ),
+                &format!("{mode}.toml"),
+                |_| None,
+            )
+        };
+        let apply = config("apply", format!("listen_address = \"127.0.0.1:{port}\""))?;
+        let capture = config(
+            "capture",
+            format!("apply_url = \"https://127.0.0.1:{port}\""),
+        )?;
+        let (stop, stop_rx) = watch::channel(false);
+        let apply_tel = Telemetry::disabled();
+        let mut tasks = vec![tokio::spawn(
+            heliosdb_tenant_replication::pipeline::run_tenant(
+                Arc::new(apply),
+                stop_rx.clone(),
+                apply_tel.clone(),
+            ),
+        )];
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tasks.push(tokio::spawn(
+            heliosdb_tenant_replication::pipeline::run_tenant(
+                Arc::new(capture),
+                stop_rx,
+                Telemetry::disabled(),
+            ),
+        ));
+        Ok(Split {
+            stop,
+            tasks,
+            apply: apply_tel,
+        })
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+    }
+}
+
+/// A CA and a node certificate in `dir` (made once, reused).
+fn certs(dir: &Path) -> Result<(pki::Pair, pki::Pair)> {
+    let pair = |name: &str| pki::Pair {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    let (ca, node) = (pair("ca"), pair("node"));
+    if !node.cert.exists() {
+        let ca = pki::try_ca(dir, "ca").map_err(anyhow::Error::msg)?;
+        pki::try_leaf(dir, &ca, "node", &["DNS:localhost", "IP:127.0.0.1"])
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok((ca, node))
+}
