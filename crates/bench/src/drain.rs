@@ -23,12 +23,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use pgcluster::Cluster;
+use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::nodes::{config_text, process_cpu, Split};
-use crate::{cores, median, options, TABLES, TENANT};
+use crate::{cores, median, TABLES, TENANT};
 
 const PUBLICATION: &str = "tenant_1_pub";
 
@@ -101,24 +100,11 @@ async fn reset_target(dst: &Client) -> Result<()> {
 }
 
 pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
-    let schema = std::fs::read_to_string(dir.join("schema.sql")).with_context(|| {
-        format!(
-            "reading {} (set --workload-dir)",
-            dir.join("schema.sql").display()
-        )
-    })?;
-    let workload = std::fs::read_to_string(dir.join("workload.sql"))?;
-    let source = Cluster::start_with(options())?;
-    let target = Cluster::start_with(options())?;
-    for c in [&source, &target] {
-        c.create_database("bench").await?;
-        c.connect("bench").await?.batch_execute(&schema).await?;
-    }
+    let (source, target) = crate::nodes::clusters(dir).await?;
     let (src, dst) = (
         source.connect("bench").await?,
         target.connect("bench").await?,
     );
-    src.batch_execute(&workload).await?;
     let work = tempfile::tempdir()?;
 
     // Every consumer's slot exists before the backlog is made.

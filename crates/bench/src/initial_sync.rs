@@ -7,24 +7,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use pgcluster::Cluster;
 
-use crate::{cores, median, options, TABLES, TENANT};
+use crate::{cores, median, TABLES, TENANT};
 
 pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
-    let schema = std::fs::read_to_string(dir.join("schema.sql")).with_context(|| {
-        format!(
-            "reading {} (set --workload-dir)",
-            dir.join("schema.sql").display()
-        )
-    })?;
-    let workload = std::fs::read_to_string(dir.join("workload.sql"))?;
-    let source = Cluster::start_with(options())?;
-    let target = Cluster::start_with(options())?;
-    for c in [&source, &target] {
-        c.create_database("bench").await?;
-        c.connect("bench").await?.batch_execute(&schema).await?;
-    }
+    let (source, target) = crate::nodes::clusters(dir).await?;
     let src = source.connect("bench").await?;
-    src.batch_execute(&workload).await?;
     eprintln!("generating {rows} rows with the reference workload …");
     let t = Instant::now();
     src.execute("SELECT bench_ins(1, $1)", &[&rows]).await?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use heliosdb_tenant_replication::config::Config;
 use heliosdb_tenant_replication::telemetry::Telemetry;
 use pgcluster::{pki, Cluster};
@@ -13,6 +13,29 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::TENANT;
+
+/// Source and target clusters (durable settings) with database `bench`,
+/// the reference schema on both and the workload generators on the source
+/// (from `dir`, normally `../shared/bench`).
+pub async fn clusters(dir: &Path) -> Result<(Cluster, Cluster)> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {} (set --workload-dir)", dir.join(name).display()))
+    };
+    let (schema, workload) = (read("schema.sql")?, read("workload.sql")?);
+    let source = Cluster::start_with(crate::options())?;
+    let target = Cluster::start_with(crate::options())?;
+    for c in [&source, &target] {
+        c.create_database("bench").await?;
+        c.connect("bench").await?.batch_execute(&schema).await?;
+    }
+    source
+        .connect("bench")
+        .await?
+        .batch_execute(&workload)
+        .await?;
+    Ok((source, target))
+}
 
 /// A configuration for the benchmark tenant; `extra` is appended.
 pub fn config_text(
@@ -47,12 +70,7 @@ pub fn write_key(dir: &Path) -> Result<PathBuf> {
 
 /// CPU seconds this process has used (user + system).
 pub fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of stat, counted after the ")" (state is field 3).
-    (ticks(11) + ticks(12)) / 100.0
+    heliosdb_tenant_replication::telemetry::health::process_cpu_seconds()
 }
 
 /// CPU seconds of a cluster: the postmaster, its live children, and the

@@ -28,7 +28,7 @@ use heliosdb_tenant_replication::transport::codec::Encoder;
 use pgcluster::Cluster;
 
 use crate::nodes::{cluster_cpu, config_text, process_cpu, write_key, Split};
-use crate::{cores, median, options, TENANT};
+use crate::{cores, median, TENANT};
 
 struct Case {
     label: String,
@@ -37,21 +37,8 @@ struct Case {
 }
 
 pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
-    let schema = std::fs::read_to_string(dir.join("schema.sql")).with_context(|| {
-        format!(
-            "reading {} (set --workload-dir)",
-            dir.join("schema.sql").display()
-        )
-    })?;
-    let workload = std::fs::read_to_string(dir.join("workload.sql"))?;
-    let source = Cluster::start_with(options())?;
-    let target = Cluster::start_with(options())?;
-    for c in [&source, &target] {
-        c.create_database("bench").await?;
-        c.connect("bench").await?.batch_execute(&schema).await?;
-    }
+    let (source, target) = crate::nodes::clusters(dir).await?;
     let src = source.connect("bench").await?;
-    src.batch_execute(&workload).await?;
 
     let work = tempfile::tempdir()?;
     let local = Config::from_toml(

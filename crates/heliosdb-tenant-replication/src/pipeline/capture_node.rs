@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Client;
 
-use super::session::{capture_loop, open_stream, stopped, CheckpointWriter};
+use super::session::{capture_loop, open_stream, stopped, Acknowledger, CheckpointWriter};
 use super::{closed, Shutdown};
 use crate::apply::schema::describe_source_table;
 use crate::apply::Committed;
@@ -147,8 +147,7 @@ pub async fn run(
         opened_at: None,
         remote_open: false,
         rx,
-        ack_tx,
-        acked: opened.ack_lsn,
+        acked: Acknowledger::new(ack_tx, opened.ack_lsn),
         checkpoint: CheckpointWriter::new(
             opened.file,
             system_id,
@@ -171,13 +170,13 @@ pub async fn run(
     };
     shipper
         .checkpoint
-        .write_now(&t.tenant_id, &t.slot, shipper.acked)
+        .write_now(&t.tenant_id, &t.slot, shipper.acked.position())
         .await;
-    let _ = final_tx.send(shipper.acked);
+    let _ = final_tx.send(shipper.acked.position());
     let captured = tokio::time::timeout(Duration::from_secs(6), capture).await;
     match outcome {
         Ok(()) => {
-            tracing::info!(tenant = %t.tenant_id, acknowledged = %shipper.acked, "replication_stop: stopped");
+            tracing::info!(tenant = %t.tenant_id, acknowledged = %shipper.acked.position(), "replication_stop: stopped");
             Ok(())
         }
         // A capture error explains a "queue closed".
@@ -221,8 +220,7 @@ struct Shipper<'a> {
     /// The apply node holds part of a source transaction uncommitted.
     remote_open: bool,
     rx: mpsc::Receiver<TxEvent>,
-    ack_tx: watch::Sender<Lsn>,
-    acked: Lsn,
+    acked: Acknowledger,
     checkpoint: CheckpointWriter,
     stats: Stats,
     last_log: Instant,
@@ -384,10 +382,7 @@ impl Shipper<'_> {
     }
 
     fn acknowledge(&mut self, lsn: Lsn) {
-        if lsn > self.acked {
-            self.acked = lsn;
-            let _ = self.ack_tx.send(lsn);
-        }
+        self.acked.advance(lsn);
     }
 
     fn log_progress(&mut self) {
@@ -404,7 +399,7 @@ impl Shipper<'_> {
         };
         tracing::info!(
             events = s.events, batches = s.batches, events_per_sec = rate as u64,
-            acknowledged = %self.acked, wire_bytes = s.wire_bytes,
+            acknowledged = %self.acked.position(), wire_bytes = s.wire_bytes,
             compression_ratio = format!("{ratio:.2}"), "progress"
         );
         self.last_log = Instant::now();

@@ -107,8 +107,7 @@ pub async fn run(
         last_resync_check: Instant::now(),
         applier,
         rx,
-        ack_tx,
-        acked: ack_lsn,
+        acked: Acknowledger::new(ack_tx, ack_lsn),
         in_source_txn: false,
         checkpoint: CheckpointWriter::new(
             file,
@@ -134,11 +133,11 @@ pub async fn run(
             };
             apply
                 .checkpoint
-                .write_now(&t.tenant_id, &t.slot, apply.acked)
+                .write_now(&t.tenant_id, &t.slot, apply.acked.position())
                 .await;
-            let _ = final_tx.send(apply.acked);
+            let _ = final_tx.send(apply.acked.position());
             let _ = tokio::time::timeout(Duration::from_secs(6), capture).await;
-            tracing::info!(tenant = %t.tenant_id, acknowledged = %apply.acked, "replication_stop: stopped");
+            tracing::info!(tenant = %t.tenant_id, acknowledged = %apply.acked.position(), "replication_stop: stopped");
             finish
         }
         Err(e) => {
@@ -297,6 +296,33 @@ pub(super) async fn stopped(shutdown: &mut Shutdown) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
+/// What apply has let the slot release: only ever moves forward, and is
+/// sent to the capture task (which tells the walsender).
+pub(super) struct Acknowledger {
+    position: Lsn,
+    tx: watch::Sender<Lsn>,
+}
+
+impl Acknowledger {
+    pub(super) fn new(tx: watch::Sender<Lsn>, start: Lsn) -> Self {
+        Self {
+            position: start,
+            tx,
+        }
+    }
+
+    pub(super) fn advance(&mut self, lsn: Lsn) {
+        if lsn > self.position {
+            self.position = lsn;
+            let _ = self.tx.send(lsn);
+        }
+    }
+
+    pub(super) fn position(&self) -> Lsn {
+        self.position
+    }
+}
+
 pub(super) struct CheckpointWriter {
     tel: Arc<TenantTelemetry>,
     file: CheckpointFile,
@@ -368,8 +394,7 @@ struct ApplyLoop<'a> {
     last_resync_check: Instant,
     applier: Applier,
     rx: mpsc::Receiver<TxEvent>,
-    ack_tx: watch::Sender<Lsn>,
-    acked: Lsn,
+    acked: Acknowledger,
     in_source_txn: bool,
     checkpoint: CheckpointWriter,
     last_log: Instant,
@@ -524,10 +549,7 @@ impl ApplyLoop<'_> {
     }
 
     fn acknowledge(&mut self, lsn: Lsn) {
-        if lsn > self.acked {
-            self.acked = lsn;
-            let _ = self.ack_tx.send(lsn);
-        }
+        self.acked.advance(lsn);
     }
 
     fn log_progress(&mut self) {
@@ -546,7 +568,7 @@ impl ApplyLoop<'_> {
             .map(|us| us / 1000);
         tracing::info!(
             events = s.events, transactions = s.transactions, events_per_sec = rate as u64,
-            acknowledged = %self.acked, lag_ms, foreign_rows_dropped = s.foreign_rows_dropped,
+            acknowledged = %self.acked.position(), lag_ms, foreign_rows_dropped = s.foreign_rows_dropped,
             "progress"
         );
         self.last_log = Instant::now();
