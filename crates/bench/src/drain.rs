@@ -29,7 +29,7 @@ use tokio_postgres::Client;
 use crate::nodes::{config_text, process_cpu, Split};
 use crate::{cores, median, TABLES, TENANT};
 
-const PUBLICATION: &str = "tenant_1_pub";
+pub(crate) const PUBLICATION: &str = "tenant_1_pub";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
@@ -48,7 +48,7 @@ impl System {
     }
 }
 
-async fn tenant_state(c: &Client) -> Result<Vec<(i64, String)>> {
+pub(crate) async fn tenant_state(c: &Client) -> Result<Vec<(i64, String)>> {
     let mut out = Vec::new();
     for t in TABLES {
         let r = c
@@ -78,7 +78,11 @@ async fn counts(c: &Client) -> Result<Vec<i64>> {
 }
 
 /// Poll until the target holds `expected`; the time it took.
-async fn wait_drained(dst: &Client, expected: &[(i64, String)], started: Instant) -> Result<f64> {
+pub(crate) async fn wait_drained(
+    dst: &Client,
+    expected: &[(i64, String)],
+    started: Instant,
+) -> Result<f64> {
     let want: Vec<i64> = expected.iter().map(|e| e.0).collect();
     loop {
         if counts(dst).await? == want && tenant_state(dst).await? == expected {
@@ -91,7 +95,7 @@ async fn wait_drained(dst: &Client, expected: &[(i64, String)], started: Instant
     }
 }
 
-async fn reset_target(dst: &Client) -> Result<()> {
+pub(crate) async fn reset_target(dst: &Client) -> Result<()> {
     dst.batch_execute(
         "TRUNCATE accounts, orders, events; DROP SCHEMA IF EXISTS heliosdb_replication CASCADE; CHECKPOINT;",
     )

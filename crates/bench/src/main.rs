@@ -6,6 +6,7 @@
 //!   the same rows, between the same two clusters.
 //! * `drain`: a slot backlog of the reference workload drained by
 //!   PostgreSQL's own subscription and by this daemon (scenario 2).
+//! * `big-txn`: one large transaction, commit to visible (scenario 3).
 //! * `seal`: bytes on the wire and compression ratio per algorithm, and
 //!   seal+open time next to the whole pipeline's CPU.
 //!
@@ -14,6 +15,7 @@
 //! Data: the reference workload's schema and generator (`bench_ins`), read
 //! from `../shared/bench/` (`--workload-dir`).
 
+mod big_txn;
 mod drain;
 mod initial_sync;
 mod nodes;
@@ -63,6 +65,18 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/drain.json")]
         out: PathBuf,
     },
+    /// Scenario 3: one transaction of the reference workload, from its
+    /// commit until it is visible on the target.
+    BigTxn {
+        #[arg(long, default_value_t = 800_000)]
+        rows: i64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "../shared/bench")]
+        workload_dir: PathBuf,
+        #[arg(long, default_value = "target/bench/big-txn.json")]
+        out: PathBuf,
+    },
     /// Sealing on the reference workload: bytes on the wire per event and
     /// compression ratio per algorithm (with and without a dictionary), and
     /// seal+open time next to the whole pipeline's CPU.
@@ -104,6 +118,12 @@ async fn main() -> Result<()> {
             workload_dir,
             out,
         } => drain::run(rows, runs, &workload_dir, &out).await,
+        Cmd::BigTxn {
+            rows,
+            runs,
+            workload_dir,
+            out,
+        } => big_txn::run(rows, runs, &workload_dir, &out).await,
         Cmd::Seal {
             rows,
             runs,

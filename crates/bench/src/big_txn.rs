@@ -1,0 +1,140 @@
+//! `cargo run --release -p bench -- big-txn`: scenario 3 of issue 3 — one
+//! transaction of the reference workload (`CALL bench_run(rows, 100,
+//! false)`: 1.25 × rows changes, a tenth of them `tenant-1`'s) made while
+//! the consumer runs; measured from the moment its COMMIT returns on the
+//! source until the target holds the tenant's rows. PostgreSQL's
+//! subscription with `streaming = on` applies the transaction while it is
+//! still running; `off` and this daemon (pgoutput proto_version 1) receive it
+//! only after the commit. One consumer at a time, a fresh slot each.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use tokio_postgres::Client;
+
+use crate::drain::{reset_target, tenant_state, wait_drained, PUBLICATION};
+use crate::nodes::{config_text, Split};
+use crate::{cores, median, TENANT};
+
+async fn wait_slot_active(src: &Client, slot: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let active: Option<bool> = src
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if active == Some(true) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("slot {slot} did not become active");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
+    let (source, target) = crate::nodes::clusters(dir).await?;
+    let (src, dst) = (
+        source.connect("bench").await?,
+        target.connect("bench").await?,
+    );
+    let work = tempfile::tempdir()?;
+    let labels = [
+        "PostgreSQL subscription (streaming = off)",
+        "PostgreSQL subscription (streaming = on)",
+        "heliosdb capture → apply (zstd, AES-256-GCM, TLS)",
+    ];
+    // The row-filtered publication every consumer reads (made by `init`).
+    let setup = config_text(&source, &target, work.path(), "big_setup", PUBLICATION, "");
+    let setup = heliosdb_tenant_replication::config::Config::from_toml(&setup, "bench.toml", |_| None)?;
+    heliosdb_tenant_replication::provision::init(&setup, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    src.execute("SELECT pg_drop_replication_slot('big_setup')", &[]).await?;
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); labels.len()];
+    let changes = rows + rows / 5 + rows / 20;
+    for r in 0..runs {
+        for k in 0..labels.len() {
+            let i = (k + r) % labels.len();
+            src.batch_execute("TRUNCATE accounts, orders, events")
+                .await?;
+            reset_target(&dst).await?;
+            let slot = format!("big_{i}_{r}");
+            let mut nodes = None;
+            if i < 2 {
+                dst.batch_execute(&format!(
+                    "CREATE SUBSCRIPTION {slot} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=bench'
+                       PUBLICATION {PUBLICATION} WITH (copy_data = false, streaming = {}, slot_name = '{slot}')",
+                    source.port(),
+                    if i == 1 { "on" } else { "off" }
+                ))
+                .await?;
+            } else {
+                let text = config_text(&source, &target, work.path(), &slot, PUBLICATION, "");
+                let config = heliosdb_tenant_replication::config::Config::from_toml(
+                    &text,
+                    "bench.toml",
+                    |_| None,
+                )?;
+                heliosdb_tenant_replication::provision::init(&config, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                dst.batch_execute("DROP SCHEMA IF EXISTS heliosdb_replication CASCADE")
+                    .await?;
+                nodes =
+                    Some(Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?);
+            }
+            wait_slot_active(&src, &slot).await?;
+            src.batch_execute(&format!("CALL bench_run({rows}, 100, false)"))
+                .await?;
+            let committed = Instant::now();
+            let expected = tenant_state(&src).await?;
+            let secs = wait_drained(&dst, &expected, committed).await?;
+            eprintln!(
+                "  run {}: {:<52} visible {secs:>7.2} s after COMMIT",
+                r + 1,
+                labels[i]
+            );
+            times[i].push(secs);
+            match nodes {
+                Some(n) => {
+                    n.stop().await;
+                    src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                        .await?;
+                }
+                None => {
+                    dst.batch_execute(&format!("DROP SUBSCRIPTION {slot}"))
+                        .await?
+                }
+            }
+        }
+    }
+    let best_native = median(&mut times[0].clone()).min(median(&mut times[1].clone()));
+    println!(
+        "\none transaction of {changes} changes ({} of {TENANT}): commit to visible on the target, median of {runs} runs, {} cores",
+        changes / 10,
+        cores()
+    );
+    for (i, l) in labels.iter().enumerate() {
+        let m = median(&mut times[i].clone());
+        println!("  {l:<56} {m:>8.2} s  {:>6.2}x", best_native / m);
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "benchmark": "big-transaction", "rows": rows, "changes": changes, "runs": runs, "cores": cores(),
+            "native_streaming_off_seconds": times[0], "native_streaming_on_seconds": times[1],
+            "ours_seconds": times[2], "ratio_ours_to_best_native": best_native / median(&mut times[2].clone()),
+        }))?,
+    )?;
+    eprintln!("raw numbers: {}", out.display());
+    Ok(())
+}
