@@ -51,11 +51,13 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     ];
     // The row-filtered publication every consumer reads (made by `init`).
     let setup = config_text(&source, &target, work.path(), "big_setup", PUBLICATION, "");
-    let setup = heliosdb_tenant_replication::config::Config::from_toml(&setup, "bench.toml", |_| None)?;
+    let setup =
+        heliosdb_tenant_replication::config::Config::from_toml(&setup, "bench.toml", |_| None)?;
     heliosdb_tenant_replication::provision::init(&setup, false)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    src.execute("SELECT pg_drop_replication_slot('big_setup')", &[]).await?;
+    src.execute("SELECT pg_drop_replication_slot('big_setup')", &[])
+        .await?;
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); labels.len()];
     let changes = rows + rows / 5 + rows / 20;
     for r in 0..runs {
