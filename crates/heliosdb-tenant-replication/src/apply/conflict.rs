@@ -75,16 +75,16 @@ impl Conflict {
 }
 
 /// The key of a row a statement returned (its first `n` text columns from `from`).
-pub fn returned_key(row: &tokio_postgres::Row, from: usize, n: usize) -> Vec<String> {
+pub fn returned_key(row: &tokio_postgres::Row, from: usize, n: usize) -> Vec<&str> {
     (from..from + n)
-        .map(|i| row.get::<_, Option<String>>(i).unwrap_or_default())
+        .map(|i| row.get::<_, Option<&str>>(i).unwrap_or_default())
         .collect()
 }
 
-/// A key as text, for comparing with returned keys.
-pub fn key_text(key: &Key) -> Vec<String> {
+/// A key as text, for comparing with returned keys (borrowed, no copy).
+pub fn key_text(key: &Key) -> Vec<&str> {
     key.iter()
-        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .map(|b| std::str::from_utf8(b).unwrap_or_default())
         .collect()
 }
 

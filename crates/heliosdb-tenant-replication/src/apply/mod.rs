@@ -32,7 +32,7 @@ use std::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::batch::{has_unchanged, key_of, Chunk, FirstOp, Key, TablePlan};
+use crate::batch::{has_unchanged, key_of, row_bytes, Chunk, FirstOp, Key, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{RowChange, RowOp};
 use crate::checkpoint::progress;
@@ -62,6 +62,18 @@ pub struct Committed {
     pub duration: std::time::Duration,
     /// Conflicts found (and recorded in the target's conflict log table).
     pub conflicts: Vec<Conflict>,
+}
+
+impl Committed {
+    /// `n` more events of `table` (allocates the name only the first time).
+    pub fn count(&mut self, table: &str, n: u64) {
+        match self.events_by_table.get_mut(table) {
+            Some(c) => *c += n,
+            None => {
+                self.events_by_table.insert(table.to_string(), n);
+            }
+        }
+    }
 }
 
 /// Counters for logs.
@@ -257,18 +269,8 @@ impl Applier {
         }
         self.stats.events += 1;
         self.pending_events += 1;
-        self.pending.bytes += image
-            .iter()
-            .map(|v| match v {
-                Value::Text(b) | Value::Binary(b) => b.len() as u64,
-                _ => 0,
-            })
-            .sum::<u64>();
-        *self
-            .pending
-            .events_by_table
-            .entry(mapping.display.clone())
-            .or_default() += 1;
+        self.pending.bytes += row_bytes(&change.op);
+        self.pending.count(&mapping.display, 1);
         if let RowOp::Update {
             old: Some(old),
             new,
@@ -307,11 +309,7 @@ impl Applier {
                 )))?;
             self.stats.events += 1;
             self.pending_events += 1;
-            *self
-                .pending
-                .events_by_table
-                .entry(m.display.clone())
-                .or_default() += 1;
+            self.pending.count(&m.display, 1);
         }
         Ok(())
     }
@@ -523,7 +521,7 @@ impl Applier {
                 .collect();
             let rows = self.run(sql::delete(m), &cols, &m.display).await?;
             if detect {
-                let gone: HashSet<Vec<String>> = rows
+                let gone: HashSet<Vec<&str>> = rows
                     .iter()
                     .map(|r| returned_key(r, 0, m.key.len()))
                     .collect();
@@ -544,7 +542,7 @@ impl Applier {
             let cols = columns(&p.upserts, &(0..m.casts.len()).collect::<Vec<_>>())?;
             let rows = self.run(sql::upsert(m), &cols, &m.display).await?;
             if detect {
-                let inserted: HashMap<Vec<String>, bool> = rows
+                let inserted: HashMap<Vec<&str>, bool> = rows
                     .iter()
                     .map(|r| (returned_key(r, 1, m.key.len()), r.get::<_, bool>(0)))
                     .collect();
@@ -588,7 +586,7 @@ impl Applier {
                     .await?;
                 let n = touched.len() as u64;
                 if detect && (n as usize) < owned.len() {
-                    let updated: HashSet<Vec<String>> = touched
+                    let updated: HashSet<Vec<&str>> = touched
                         .iter()
                         .map(|r| returned_key(r, 0, p.mapping.key.len()))
                         .collect();

@@ -179,6 +179,21 @@ impl TableState {
     }
 }
 
+/// Bytes of a change's row values, as the source sent them (the image the
+/// change writes, or the key image of a delete).
+pub fn row_bytes(op: &RowOp) -> u64 {
+    let t = match op {
+        RowOp::Insert { new } | RowOp::Update { new, .. } => new,
+        RowOp::Delete { old } => old,
+    };
+    t.iter()
+        .map(|v| match v {
+            Value::Text(b) | Value::Binary(b) => b.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Does the row carry unchanged-TOAST markers?
 pub fn has_unchanged(t: &Tuple) -> bool {
     t.iter().any(|v| matches!(v, Value::UnchangedToast))

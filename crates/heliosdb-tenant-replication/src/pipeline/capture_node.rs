@@ -25,9 +25,9 @@ use super::session::{capture_loop, open_stream, stopped, Acknowledger, Checkpoin
 use super::{closed, Shutdown};
 use crate::apply::schema::describe_source_table;
 use crate::apply::Committed;
+use crate::batch::row_bytes;
 use crate::capture::assemble::Assembler;
-use crate::capture::pgoutput::Value;
-use crate::capture::RowOp;
+use crate::capture::pgoutput::RelationDesc;
 use crate::capture::TxEvent;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
@@ -158,6 +158,7 @@ pub async fn run(
         open_txn: Committed::default(),
         done: Committed::default(),
         wire_uncommitted: 0,
+        names: TableNames::default(),
         stats: Stats::default(),
         last_log: Instant::now(),
     };
@@ -205,6 +206,7 @@ struct Shipper<'a> {
     done: Committed,
     /// Envelope bytes sent since the last confirmed commit.
     wire_uncommitted: u64,
+    names: TableNames,
     ctx: &'a mut CaptureContext,
     /// For the source catalog's view of relations the apply node needs.
     source: Client,
@@ -277,28 +279,21 @@ impl Shipper<'_> {
                 self.in_source_txn = false;
                 self.last_lsn = *end_lsn;
                 let txn = std::mem::take(&mut self.open_txn);
-                for (table, n) in txn.events_by_table {
-                    *self.done.events_by_table.entry(table).or_default() += n;
+                for (table, n) in &txn.events_by_table {
+                    self.done.count(table, *n);
                 }
                 self.done.bytes += txn.bytes;
                 self.done.commit_times_us.push(*commit_time_us);
             }
             TxEvent::Row(change) => {
-                let rel = &change.relation;
-                *self
-                    .open_txn
-                    .events_by_table
-                    .entry(format!("{}.{}", rel.namespace, rel.name))
-                    .or_default() += 1;
+                let name = self.names.of(&change.relation);
+                self.open_txn.count(name, 1);
                 self.open_txn.bytes += row_bytes(&change.op);
             }
             TxEvent::Truncate { relations, .. } => {
                 for rel in relations {
-                    *self
-                        .open_txn
-                        .events_by_table
-                        .entry(format!("{}.{}", rel.namespace, rel.name))
-                        .or_default() += 1;
+                    let name = self.names.of(rel);
+                    self.open_txn.count(name, 1);
                 }
             }
         }
@@ -407,16 +402,20 @@ impl Shipper<'_> {
     }
 }
 
-/// Bytes of a change's row values, as the source sent them.
-fn row_bytes(op: &RowOp) -> u64 {
-    let t = match op {
-        RowOp::Insert { new } | RowOp::Update { new, .. } => new,
-        RowOp::Delete { old } => old,
-    };
-    t.iter()
-        .map(|v| match v {
-            Value::Text(b) | Value::Binary(b) => b.len() as u64,
-            _ => 0,
-        })
-        .sum()
+/// `schema.table` of each relation, formatted once per definition rather
+/// than once per row.
+#[derive(Default)]
+struct TableNames(std::collections::HashMap<u32, (Arc<RelationDesc>, String)>);
+
+impl TableNames {
+    fn of(&mut self, rel: &Arc<RelationDesc>) -> &str {
+        let entry = self
+            .0
+            .entry(rel.id)
+            .or_insert_with(|| (rel.clone(), String::new()));
+        if entry.1.is_empty() || !Arc::ptr_eq(&entry.0, rel) {
+            *entry = (rel.clone(), format!("{}.{}", rel.namespace, rel.name));
+        }
+        &entry.1
+    }
 }
