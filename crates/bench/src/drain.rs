@@ -51,13 +51,7 @@ impl System {
 pub(crate) async fn tenant_state(c: &Client) -> Result<Vec<(i64, String)>> {
     let mut out = Vec::new();
     for t in TABLES {
-        let r = c
-            .query_one(
-                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {t} t WHERE tenant_id = $1"),
-                &[&TENANT],
-            )
-            .await?;
-        out.push((r.get(0), r.get(1)));
+        out.push(heliosdb_tenant_replication::load::tenant_digest(c, t, TENANT).await?);
     }
     Ok(out)
 }

@@ -317,12 +317,7 @@ async fn load(info: crate::config::ConnInfo, args: &LoadArgs) -> ExitCode {
         seed: args.seed,
         transactions: args.transactions,
     };
-    let network = crate::config::NetworkConfig {
-        connect_timeout: Duration::from_secs(10),
-        tcp_keepalive: Duration::from_secs(30),
-        retry_max_attempts: 0,
-        retry_backoff: Duration::from_secs(1),
-    };
+    let network = crate::config::NetworkConfig::default();
     let connect = || {
         crate::pg::connect(
             &info,

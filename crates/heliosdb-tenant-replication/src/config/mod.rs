@@ -171,6 +171,19 @@ pub struct NetworkConfig {
     pub retry_backoff: Duration,
 }
 
+/// The `[network]` defaults: for one-shot connections made without a config
+/// file (`demo`, `load --source`).
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(30),
+            retry_max_attempts: 3,
+            retry_backoff: Duration::from_millis(1000),
+        }
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -159,7 +159,7 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
         let (stats, stop_load, spec) = (stats.clone(), stop_load.clone(), spec.clone());
         tokio::spawn(async move {
             let info = crate::config::ConnInfo::parse(&url).map_err(|e| fail("source URL", e.0))?;
-            let network = configs_network();
+            let network = crate::config::NetworkConfig::default();
             load::run(
                 &spec,
                 || {
@@ -231,15 +231,6 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
         consistent,
         interrupted,
     })
-}
-
-fn configs_network() -> crate::config::NetworkConfig {
-    crate::config::NetworkConfig {
-        connect_timeout: Duration::from_secs(10),
-        tcp_keepalive: Duration::from_secs(30),
-        retry_max_attempts: 0,
-        retry_backoff: Duration::from_millis(200),
-    }
 }
 
 async fn connect(c: &Cluster) -> Result<Client, ReplicationError> {
@@ -430,13 +421,9 @@ fn human_bytes(n: u64) -> String {
 }
 
 async fn digest(c: &Client, table: &str, tenant: &str) -> (i64, String) {
-    c.query_one(
-        &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {table} t WHERE tenant_id = $1"),
-        &[&tenant],
-    )
-    .await
-    .map(|r| (r.get(0), r.get(1)))
-    .unwrap_or((-1, String::new()))
+    load::tenant_digest(c, table, tenant)
+        .await
+        .unwrap_or((-1, String::new()))
 }
 
 async fn wait_equal(src: &Client, dst: &Client, timeout: Duration) {

@@ -60,6 +60,25 @@ pub struct LoadStats {
     pub failed: AtomicU64,
 }
 
+/// Row count and md5 of `tenant`'s rows of `table`, in key order: equal on
+/// two databases when the tenant's rows are.
+pub async fn tenant_digest(
+    c: &Client,
+    table: &str,
+    tenant: &str,
+) -> Result<(i64, String), tokio_postgres::Error> {
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {} t WHERE tenant_id = $1",
+                crate::pg::quote_ident(table)
+            ),
+            &[&tenant],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
 /// Tenant names the workload uses.
 pub fn tenant_names(n: usize) -> Vec<String> {
     (1..=n.max(1)).map(|i| format!("tenant-{i}")).collect()

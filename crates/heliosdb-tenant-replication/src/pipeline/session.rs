@@ -561,10 +561,7 @@ impl ApplyLoop<'_> {
         let rate = (s.events - self.events_at_log) as f64 / elapsed.as_secs_f64();
         let lag_ms = self
             .last_commit_time_us
-            .map(|us| {
-                let pg_epoch_us = 946_684_800_000_000i64;
-                chrono::Utc::now().timestamp_micros() - (us + pg_epoch_us)
-            })
+            .map(|us| chrono::Utc::now().timestamp_micros() - (us + crate::telemetry::PG_EPOCH_US))
             .map(|us| us / 1000);
         tracing::info!(
             events = s.events, transactions = s.transactions, events_per_sec = rate as u64,

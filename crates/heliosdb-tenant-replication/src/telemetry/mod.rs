@@ -27,7 +27,7 @@ use crate::lsn::Lsn;
 use metrics::{Metrics, TenantMetrics};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// Where a tenant's replication stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
