@@ -8,34 +8,13 @@
 //! only after the commit. One consumer at a time, a fresh slot each.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Result};
-use tokio_postgres::Client;
+use anyhow::Result;
 
 use crate::drain::{reset_target, tenant_state, wait_drained, PUBLICATION};
-use crate::nodes::{config_text, Split};
+use crate::nodes::{config_text, drop_slot, wait_slot, Split};
 use crate::{cores, median, TENANT};
-
-async fn wait_slot_active(src: &Client, slot: &str) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        let active: Option<bool> = src
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?
-            .map(|r| r.get(0));
-        if active == Some(true) {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("slot {slot} did not become active");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     let (source, target) = crate::nodes::clusters(dir).await?;
@@ -91,7 +70,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
                 nodes =
                     Some(Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?);
             }
-            wait_slot_active(&src, &slot).await?;
+            wait_slot(&src, &slot, true).await?;
             src.batch_execute(&format!("CALL bench_run({rows}, 100, false)"))
                 .await?;
             let committed = Instant::now();
@@ -106,8 +85,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
             match nodes {
                 Some(n) => {
                     n.stop().await;
-                    src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                        .await?;
+                    drop_slot(&src, &slot).await?;
                 }
                 None => {
                     dst.batch_execute(&format!("DROP SUBSCRIPTION {slot}"))

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::nodes::{config_text, process_cpu, Split};
+use crate::nodes::{config_text, drop_slot, process_cpu, Split};
 use crate::{cores, median, TABLES, TENANT};
 
 pub(crate) const PUBLICATION: &str = "tenant_1_pub";
@@ -188,11 +188,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
                         );
                     }
                     nodes.stop().await;
-                    src.execute(
-                        "SELECT pg_drop_replication_slot($1)",
-                        &[&format!("ours_{r}")],
-                    )
-                    .await?;
+                    drop_slot(&src, &format!("ours_{r}")).await?;
                     secs
                 }
                 native => {

@@ -68,6 +68,39 @@ pub fn write_key(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Wait until `slot` is (or is no longer) in use by a walsender.
+pub async fn wait_slot(src: &tokio_postgres::Client, slot: &str, active: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let now: Option<bool> = src
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if now == Some(active) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!(
+                "slot {slot} did not become {}",
+                if active { "active" } else { "inactive" }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drop `slot` once its walsender has let go of it (a consumer that just
+/// stopped may hold it for a moment).
+pub async fn drop_slot(src: &tokio_postgres::Client, slot: &str) -> Result<()> {
+    wait_slot(src, slot, false).await?;
+    src.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    Ok(())
+}
+
 /// CPU seconds this process has used (user + system).
 pub fn process_cpu() -> f64 {
     heliosdb_tenant_replication::telemetry::health::process_cpu_seconds()
