@@ -21,7 +21,7 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
             audit_file.display()
         ),
     ) + &format!(
-        "\n[conflict]\nresolution_strategy = \"SourcePreferred\"\nlog_conflicts = true\nconflict_log_path = \"{}\"\n",
+        "\n[conflict]\nresolution_strategy = \"SourcePreferred\"\nlog_conflicts = true\nconflict_log_path = \"{}\"\nsensitive_tables = [\"orders\"]\n",
         conflicts_file.display()
     );
     let config = env.write_config("replication.toml", &text);
@@ -43,7 +43,8 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
     dst.batch_execute(
         "DELETE FROM accounts WHERE tenant_id = 'tenant-123' AND id IN (1, 2);
          INSERT INTO accounts VALUES ('tenant-123', 100, 'made on the replica', 'x', 0, now());
-         UPDATE accounts SET name = 'edited on the replica' WHERE tenant_id = 'tenant-123' AND id = 3",
+         UPDATE accounts SET name = 'edited on the replica' WHERE tenant_id = 'tenant-123' AND id = 3;
+         INSERT INTO orders VALUES ('tenant-123', 7, 1, 'replica', 1, '{}', now());",
     )
     .await
     .expect("direct writes");
@@ -54,6 +55,7 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
          DELETE FROM accounts WHERE tenant_id = 'tenant-123' AND id = 2;
          INSERT INTO accounts VALUES ('tenant-123', 100, 'made on the source', 'y', 5, now());
          UPDATE accounts SET balance = 42 WHERE tenant_id = 'tenant-123' AND id = 3;
+         INSERT INTO orders VALUES ('tenant-123', 7, 1, 'source', 2, '{}', now());
          COMMIT;",
     )
     .await
@@ -64,7 +66,8 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
     let rows = dst
         .query(
             "SELECT table_name, primary_key::text, conflict_type, resolution_strategy, winner
-               FROM heliosdb_replication.heliosdb_conflict_log WHERE tenant_id = $1 ORDER BY conflict_type",
+               FROM heliosdb_replication.heliosdb_conflict_log WHERE tenant_id = $1
+              ORDER BY conflict_type, table_name",
             &[&TENANT],
         )
         .await
@@ -76,7 +79,12 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
     let pk = |id: i32| format!("{{\"id\": \"{id}\", \"tenant_id\": \"tenant-123\"}}");
     let expect = |id, kind: &str| {
         (
-            "public.accounts".to_string(),
+            if id == 7 {
+                "public.orders"
+            } else {
+                "public.accounts"
+            }
+            .to_string(),
             pk(id),
             kind.to_string(),
             "SourcePreferred".to_string(),
@@ -88,23 +96,58 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
         vec![
             expect(2, "delete_missing"),
             expect(100, "insert_exists"),
+            expect(7, "insert_exists"),
             expect(1, "update_missing"),
+            expect(3, "update_origin_differs"),
         ],
-        "an update of a row that is still there (id 3) is not a conflict this build can see"
     );
+    // Both row images, except for the table marked sensitive.
+    let images: Vec<(String, Option<String>, Option<String>)> = dst
+        .query(
+            "SELECT table_name || ':' || conflict_type, source_row::text, target_row::text
+               FROM heliosdb_replication.heliosdb_conflict_log ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("images")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let image = |what: &str| {
+        images
+            .iter()
+            .find(|(w, ..)| w == what)
+            .cloned()
+            .unwrap_or_else(|| panic!("{what} in {images:?}"))
+    };
+    let (_, source_row, target_row) = image("public.accounts:insert_exists");
+    assert!(source_row.is_some_and(|r| r.contains("made on the source")));
+    assert!(target_row.is_some_and(|r| r.contains("made on the replica")));
+    let (_, source_row, target_row) = image("public.accounts:update_origin_differs");
+    assert!(source_row.is_some_and(|r| r.contains("\"balance\": \"42\"")));
+    assert!(target_row.is_some_and(|r| r.contains("edited on the replica")));
+    assert_eq!(image("public.orders:insert_exists").1, None);
+    assert_eq!(image("public.orders:insert_exists").2, None);
+    // SourcePreferred: the source's rows are on the target.
+    let name: String = dst
+        .query_one("SELECT name FROM accounts WHERE id = 3", &[])
+        .await
+        .expect("row 3")
+        .get(0);
+    assert_eq!(name, "n3", "the source's row won");
     // §5.5's query works as written (with the daemon's schema on the search path).
     dst.batch_execute("SET search_path = heliosdb_replication, public")
         .await
         .expect("search_path");
     let n: i64 = dst
-        .query_one(
+        .query(
             "SELECT COUNT(*) FROM heliosdb_conflict_log WHERE timestamp > NOW() - INTERVAL '1 hour' GROUP BY table_name ORDER BY COUNT(*) DESC",
             &[],
         )
         .await
-        .expect("the guide's query")
+        .expect("the guide's query")[0]
         .get(0);
-    assert_eq!(n, 3);
+    assert_eq!(n, 4);
 
     // The conflict log file, the journal line, the metric, the audit log.
     wait_until(Duration::from_secs(10), "the conflict log file", || async {
@@ -112,24 +155,28 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
             .unwrap_or_default()
             .lines()
             .count()
-            == 3
+            == 5
     })
     .await;
     let file = std::fs::read_to_string(&conflicts_file).expect("conflict log");
     for line in file.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
         assert_eq!(v["tenant_id"], TENANT);
-        assert_eq!(v["table_name"], "public.accounts");
+        assert!(v["table_name"] == "public.accounts" || v["table_name"] == "public.orders");
         assert_eq!(v["resolution_strategy"], "SourcePreferred");
         assert!(v["primary_key"]["id"].is_string() && v["timestamp"].is_string());
     }
     assert!(
-        !file.contains("made on the source"),
-        "row values stay out of the log"
+        file.contains("made on the source") && !file.contains("\"status\""),
+        "row images in the conflict log, except the sensitive table's: {file}"
+    );
+    assert!(
+        !daemon.log().contains("made on the source"),
+        "row values stay out of the daemon's log"
     );
     assert_eq!(
         daemon.log().matches("CONFLICT").count(),
-        3,
+        5,
         "{}",
         daemon.log()
     );
@@ -140,7 +187,7 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
             "heliosdb_replication_conflicts_total",
             &["strategy=\"SourcePreferred\"", "tenant_id=\"tenant-123\""]
         ),
-        Some(3.0),
+        Some(5.0),
         "{metrics}"
     );
     let audit = std::fs::read_to_string(&audit_file).expect("audit log");
@@ -149,7 +196,11 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["event_type"] == "conflict_resolved")
         .collect();
-    assert_eq!(resolved.len(), 3, "{audit}");
+    assert_eq!(resolved.len(), 5, "{audit}");
+    assert!(
+        !audit.contains("made on the"),
+        "row values stay out of the audit log"
+    );
     for r in &resolved {
         for key in [
             "timestamp",
@@ -163,5 +214,186 @@ async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_pr
         ] {
             assert!(r.get(key).is_some(), "{key} missing: {r}");
         }
+    }
+}
+
+/// Each conflict kind under each strategy, on a one-way replica written to
+/// directly: the exact row the target ends with and the log entry.
+///
+/// Per strategy, keys `base+1..=base+6` and `base+10` diverge while the daemon
+/// is stopped: the replica is written first ("early", before the source's
+/// changes) for 1-4 and 10, the source changes all of them, then the replica
+/// is written again ("late", after the source) for 5 and 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_under_every_strategy_ends_with_the_expected_row() {
+    let env = Env::new(SCHEMA).await;
+    let base_text = env.config_text("").replace(
+        "[replication]\n",
+        "[replication]\nnode_id = \"replica-region\"\n",
+    );
+    let config = env.write_config("replication.toml", &base_text);
+    env.init(&config);
+    let (src, dst) = (env.src().await, env.dst().await);
+    let strategies = [
+        "SourcePreferred",
+        "TargetPreferred",
+        "LastWriteWins",
+        "VectorClock",
+    ];
+    for (n, strategy) in strategies.iter().enumerate() {
+        let base = 1000 * (n as i64 + 1);
+        let config = env.write_config(
+            "replication.toml",
+            &format!("{base_text}\n[conflict]\nresolution_strategy = \"{strategy}\"\n"),
+        );
+        let mut daemon = env.start_daemon(&config);
+        src.execute(
+            "INSERT INTO accounts SELECT 'tenant-123', $1::bigint + g, 'n', 'e', 1, now() FROM generate_series(1, 6) g",
+            &[&base],
+        )
+        .await
+        .expect("rows");
+        wait_until(Duration::from_secs(30), "rows replicated", || async {
+            dst.query_one(
+                "SELECT count(*) FROM accounts WHERE id BETWEEN $1 AND $1 + 6",
+                &[&base],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+                == 6
+        })
+        .await;
+        assert!(daemon.terminate().0.success());
+
+        let k = |i: i64| base + i;
+        dst.batch_execute(&format!(
+            "DELETE FROM accounts WHERE id IN ({}, {});
+             UPDATE accounts SET name = 'early-local' WHERE id IN ({}, {});
+             INSERT INTO accounts VALUES ('tenant-123', {}, 'early-local', 'x', 0, now());",
+            k(1),
+            k(2),
+            k(3),
+            k(4),
+            k(10)
+        ))
+        .await
+        .expect("early local writes");
+        src.batch_execute(&format!(
+            "BEGIN;
+             UPDATE accounts SET name = 'source', balance = 42 WHERE id IN ({}, {}, {});
+             DELETE FROM accounts WHERE id IN ({}, {}, {});
+             INSERT INTO accounts VALUES ('tenant-123', {}, 'source', 'y', 5, now());
+             COMMIT;",
+            k(1),
+            k(3),
+            k(5),
+            k(2),
+            k(4),
+            k(6),
+            k(10)
+        ))
+        .await
+        .expect("source changes");
+        dst.batch_execute(&format!(
+            "UPDATE accounts SET name = 'late-local' WHERE id IN ({}, {})",
+            k(5),
+            k(6)
+        ))
+        .await
+        .expect("late local writes");
+        // A marker after everything: once it is on the target, all is applied.
+        src.execute(
+            "INSERT INTO events VALUES ('tenant-123', $1, 'marker', '', now())",
+            &[&base],
+        )
+        .await
+        .expect("marker");
+        let daemon = env.start_daemon(&config);
+        wait_until(Duration::from_secs(30), "the marker", || async {
+            dst.query_opt("SELECT 1 FROM events WHERE id = $1", &[&base])
+                .await
+                .expect("marker")
+                .is_some()
+        })
+        .await;
+
+        // What each key ends as: None = absent, Some(name).
+        let source_wins_early = *strategy != "TargetPreferred";
+        let source_wins_late = *strategy == "SourcePreferred";
+        let (early, late) = (
+            |src_row: Option<&'static str>, local: Option<&'static str>| {
+                if source_wins_early {
+                    src_row
+                } else {
+                    local
+                }
+            },
+            |src_row: Option<&'static str>, local: Option<&'static str>| {
+                if source_wins_late {
+                    src_row
+                } else {
+                    local
+                }
+            },
+        );
+        let expected: Vec<(i64, Option<&str>)> = vec![
+            (k(1), early(Some("source"), None)), // update_missing
+            (k(2), None),                        // delete_missing
+            (k(3), early(Some("source"), Some("early-local"))), // update_origin_differs
+            (k(4), early(None, Some("early-local"))), // delete_origin_differs
+            (k(5), late(Some("source"), Some("late-local"))), // update_origin_differs
+            (k(6), late(None, Some("late-local"))), // delete_origin_differs
+            (k(10), early(Some("source"), Some("early-local"))), // insert_exists
+        ];
+        for (id, want) in &expected {
+            let got: Option<String> = dst
+                .query_opt("SELECT name FROM accounts WHERE id = $1", &[id])
+                .await
+                .expect("row")
+                .map(|r| r.get(0));
+            assert_eq!(
+                got.as_deref(),
+                *want,
+                "{strategy}: row {id}\n{}",
+                daemon.log()
+            );
+        }
+        let logged: Vec<(String, String, String, String)> = dst
+            .query(
+                "SELECT primary_key->>'id', conflict_type, resolution_strategy, winner
+                   FROM heliosdb_replication.heliosdb_conflict_log
+                  WHERE (primary_key->>'id')::bigint BETWEEN $1 AND $1 + 10
+                  ORDER BY (primary_key->>'id')::bigint",
+                &[&base],
+            )
+            .await
+            .expect("conflict log")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let winner = |source: bool| if source { "source" } else { "target" };
+        let want: Vec<(String, String, String, String)> = [
+            (1, "update_missing", source_wins_early),
+            (2, "delete_missing", source_wins_early),
+            (3, "update_origin_differs", source_wins_early),
+            (4, "delete_origin_differs", source_wins_early),
+            (5, "update_origin_differs", source_wins_late),
+            (6, "delete_origin_differs", source_wins_late),
+            (10, "insert_exists", source_wins_early),
+        ]
+        .iter()
+        .map(|(i, kind, s)| {
+            (
+                k(*i).to_string(),
+                kind.to_string(),
+                strategy.to_string(),
+                winner(*s).to_string(),
+            )
+        })
+        .collect();
+        assert_eq!(logged, want, "{strategy}\n{}", daemon.log());
+        let mut daemon = daemon;
+        assert!(daemon.terminate().0.success());
     }
 }

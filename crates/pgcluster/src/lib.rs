@@ -146,6 +146,8 @@ impl Cluster {
                 format!("'{}'", root.display()),
             ),
             ("wal_level".into(), "logical".into()),
+            // Commit times of local writes (conflict resolution by time).
+            ("track_commit_timestamp".into(), "on".into()),
             ("max_wal_senders".into(), "20".into()),
             ("max_replication_slots".into(), "20".into()),
             ("max_connections".into(), "60".into()),

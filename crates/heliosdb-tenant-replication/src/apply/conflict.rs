@@ -1,15 +1,17 @@
 //! Conflicts: the target did not hold what a source change expected.
 //!
-//! The first change to a key within a chunk says what the source had before
-//! it: an insert, no row; an update or a delete, the row. The apply
-//! statements return the keys they touched (and whether an upsert inserted),
-//! so the target's state is known without an extra query. Kinds follow
-//! PostgreSQL 18's names. Resolution today is `SourcePreferred`: the source's
-//! change is applied (an update of a missing row inserts the full row when
-//! the change carries it). Conflicts are written to
+//! Per key of a flush, the applier reads whether the target has the row and
+//! the row's stored version (see [`super::version`]) in one statement, then
+//! [`super::version::decide`] names the kind and the winner by the
+//! configured strategy. Kinds follow PostgreSQL 18's names:
+//! `insert_exists`, `update_missing`, `update_origin_differs`,
+//! `delete_missing`, `delete_origin_differs`, plus `insert_deleted` (an
+//! insert met a concurrent delete of its key, which PostgreSQL does not
+//! detect). Conflicts are written to
 //! `heliosdb_replication.heliosdb_conflict_log` in the same target
-//! transaction, and reported to the conflict log file, the metrics and the
-//! audit log after it commits.
+//! transaction, with both row images unless the table is listed in
+//! `[conflict] sensitive_tables`, and reported to the conflict log file, the
+//! metrics and the audit log after it commits.
 //!
 //! Changes replayed while a copy converges (after `resync`, or a copy made
 //! without the slot's exported snapshot) are expected to find rows in any
@@ -19,7 +21,9 @@
 use serde_json::{Map, Value};
 
 use super::catalog::TableMapping;
+use super::version::{Strategy, Winner};
 use crate::batch::Key;
+use crate::capture::pgoutput::{Tuple, Value as TupleValue};
 
 /// What kind of divergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,13 @@ pub enum Kind {
     UpdateMissing,
     /// A delete found no row with its key.
     DeleteMissing,
+    /// An update found a row changed by someone other than this stream
+    /// since it was last replicated (the change had not seen that write).
+    UpdateOriginDiffers,
+    /// A delete found such a row.
+    DeleteOriginDiffers,
+    /// An insert met a concurrent delete of its key on the target.
+    InsertDeleted,
 }
 
 impl Kind {
@@ -38,12 +49,14 @@ impl Kind {
             Self::InsertExists => "insert_exists",
             Self::UpdateMissing => "update_missing",
             Self::DeleteMissing => "delete_missing",
+            Self::UpdateOriginDiffers => "update_origin_differs",
+            Self::DeleteOriginDiffers => "delete_origin_differs",
+            Self::InsertDeleted => "insert_deleted",
         }
     }
 }
 
-/// One detected and resolved conflict. Carries the primary key, never the
-/// row's other values.
+/// One detected and resolved conflict.
 #[derive(Debug, Clone)]
 pub struct Conflict {
     pub table: String,
@@ -52,10 +65,20 @@ pub struct Conflict {
     pub strategy: &'static str,
     /// `source` (the change was applied) or `target` (the target's state stays).
     pub winner: &'static str,
+    /// The change's row (column → text) and the target's row as it was;
+    /// `None` for a sensitive table, a delete, or a missing row.
+    pub source_row: Option<Value>,
+    pub target_row: Option<Value>,
 }
 
 impl Conflict {
-    pub fn new(m: &TableMapping, key: &Key, kind: Kind, winner: &'static str) -> Self {
+    pub fn new(
+        m: &TableMapping,
+        key: &Key,
+        kind: Kind,
+        strategy: Strategy,
+        winner: Winner,
+    ) -> Self {
         let mut pk = Map::new();
         for (k, &i) in m.key.iter().enumerate() {
             let v = key
@@ -68,31 +91,35 @@ impl Conflict {
             table: m.display.clone(),
             primary_key: Value::Object(pk),
             kind,
-            strategy: "SourcePreferred",
-            winner,
+            strategy: strategy.name(),
+            winner: winner.name(),
+            source_row: None,
+            target_row: None,
         }
     }
 }
 
-/// The key of a row a statement returned (its first `n` text columns from `from`).
-pub fn returned_key(row: &tokio_postgres::Row, from: usize, n: usize) -> Vec<&str> {
-    (from..from + n)
-        .map(|i| row.get::<_, Option<&str>>(i).unwrap_or_default())
-        .collect()
-}
-
-/// A key as text, for comparing with returned keys (borrowed, no copy).
-pub fn key_text(key: &Key) -> Vec<&str> {
-    key.iter()
-        .map(|b| std::str::from_utf8(b).unwrap_or_default())
-        .collect()
+/// A row image as a JSON object of the columns' text values.
+pub fn image(m: &TableMapping, t: &Tuple) -> Value {
+    let mut o = Map::new();
+    for (i, v) in t.iter().enumerate() {
+        let v = match v {
+            TupleValue::Null => Value::Null,
+            TupleValue::Text(b) => Value::String(String::from_utf8_lossy(b).into_owned()),
+            TupleValue::Binary(_) | TupleValue::UnchangedToast => continue,
+        };
+        o.insert(m.column_name(i).to_string(), v);
+    }
+    Value::Object(o)
 }
 
 /// Record conflicts in the target's conflict log table (inside the apply
 /// transaction). Parameters: tenant, then arrays of table, key (jsonb text),
-/// kind, strategy, winner.
+/// kind, strategy, winner, source row, target row (jsonb text or null).
 pub const INSERT_SQL: &str = "
 INSERT INTO heliosdb_replication.heliosdb_conflict_log
-    (tenant_id, table_name, primary_key, conflict_type, resolution_strategy, winner)
-SELECT $1, t, k::jsonb, c, s, w
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS v(t, k, c, s, w)";
+    (tenant_id, table_name, primary_key, conflict_type, resolution_strategy, winner,
+     source_row, target_row)
+SELECT $1, t, k::jsonb, c, s, w, sr::jsonb, tr::jsonb
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+       AS v(t, k, c, s, w, sr, tr)";

@@ -24,6 +24,8 @@ pub mod catalog;
 pub mod conflict;
 pub mod schema;
 pub mod sql;
+pub mod tracking;
+pub mod version;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,12 +36,13 @@ use tokio_postgres::{Client, Statement};
 
 use crate::batch::{has_unchanged, key_of, row_bytes, Chunk, FirstOp, Key, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
-use crate::capture::{RowChange, RowOp};
+use crate::capture::{Announced, RowChange, RowOp};
 use crate::checkpoint::progress;
 use crate::error::{on_target as target_err, ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
 use catalog::TableMapping;
-use conflict::{key_text, returned_key, Conflict, Kind};
+use conflict::{Conflict, Kind};
+use version::{decide, TargetRow, VClock, Version, Winner};
 
 /// A source commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +95,7 @@ pub struct ApplyIdentity {
     pub tenant_column: String,
     pub slot: String,
     pub source_system_id: String,
+    pub conflict: crate::config::ConflictConfig,
 }
 
 /// Applies one tenant's changes through one target connection.
@@ -123,6 +127,14 @@ pub struct Applier {
     txn_lsn: Lsn,
     /// The earliest source transaction with a change in the chunk.
     chunk_lsn: Option<Lsn>,
+    /// Commit time of the source transaction being applied.
+    txn_time_us: i64,
+    /// Versions the source announced for rows still to come, by table and key.
+    announced: HashMap<(String, Vec<String>), Version>,
+    /// Tables whose local-write triggers this session installed (or may not).
+    tracked: HashSet<String>,
+    /// Does the target record commit timestamps (local write times)?
+    commit_timestamps: bool,
     pub stats: ApplyStats,
 }
 
@@ -140,6 +152,23 @@ impl Applier {
                 "the target role may not set session_replication_role; target triggers and foreign keys will fire for replicated rows"
             ),
             Err(e) => return Err(target_err("setting session_replication_role")(e)),
+        }
+        if !tracking::tag_session(&client, &id.tenant).await? {
+            tracing::warn!(
+                "the target role may not use replication origins: changes this daemon applies cannot be told apart from local writes, so do not replicate this target back to the source (active-active); GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text) TO <daemon role>, or run as a superuser"
+            );
+        }
+        let commit_timestamps = tracking::commit_timestamps(&client).await?;
+        if !commit_timestamps
+            && matches!(
+                id.conflict.strategy,
+                version::Strategy::LastWriteWins | version::Strategy::VectorClock
+            )
+        {
+            tracing::warn!(
+                strategy = id.conflict.strategy.name(),
+                "track_commit_timestamp is off on the target: local writes are dated by their transaction's start, not its commit; set track_commit_timestamp = on (restart) so both regions compare commit times"
+            );
         }
         Ok(Self {
             client,
@@ -160,6 +189,10 @@ impl Applier {
             converge_until: Lsn::ZERO,
             txn_lsn: Lsn::ZERO,
             chunk_lsn: None,
+            txn_time_us: 0,
+            announced: HashMap::new(),
+            tracked: HashSet::new(),
+            commit_timestamps,
             stats: ApplyStats::default(),
         })
     }
@@ -229,8 +262,60 @@ impl Applier {
         let m = Arc::new(
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
         );
+        if self.tracked.insert(m.display.clone()) {
+            self.track(&m).await?;
+        }
         self.mappings.insert(relation.id, m.clone());
         Ok(m)
+    }
+
+    /// Install the local-write triggers of a table (see [`tracking`]); a
+    /// role that may not create triggers replicates without them.
+    async fn track(&mut self, m: &TableMapping) -> Result<()> {
+        self.client
+            .batch_execute("SAVEPOINT heliosdb_track")
+            .await
+            .map_err(target_err("SAVEPOINT"))?;
+        match tracking::install(
+            &self.client,
+            &m.into(),
+            &self.id.tenant,
+            &self.id.conflict.node_id,
+        )
+        .await
+        {
+            Ok(()) => self
+                .client
+                .batch_execute("RELEASE SAVEPOINT heliosdb_track")
+                .await
+                .map_err(target_err("RELEASE SAVEPOINT")),
+            Err(e) if e.class() == ErrorClass::OperatorAction => {
+                tracing::warn!(error = %e, "local writes to this table are not tracked: changes made directly on the target are seen only when a row is missing or already there");
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_track")
+                    .await
+                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A source's version trigger announced the version of a row change
+    /// that follows in this transaction.
+    pub fn version(&mut self, note: &[u8]) {
+        let Some(a) = Announced::parse(note).filter(|a| a.tenant == self.id.tenant) else {
+            tracing::debug!("ignored a version note that is not this tenant's");
+            return;
+        };
+        self.announced.insert(
+            (a.table, a.pk),
+            Version {
+                node: a.node,
+                time_us: self.txn_time_us,
+                vclock: VClock(a.vclock),
+                deleted: a.deleted,
+            },
+        );
     }
 
     /// Source transactions up to `lsn` may replay over a copy: no conflicts.
@@ -238,9 +323,11 @@ impl Applier {
         self.converge_until = self.converge_until.max(lsn);
     }
 
-    /// A source transaction (committing at `final_lsn`) begins.
-    pub async fn begin(&mut self, final_lsn: Lsn) -> Result<()> {
+    /// A source transaction (committing at `final_lsn`, at `commit_time_us`)
+    /// begins.
+    pub async fn begin(&mut self, final_lsn: Lsn, commit_time_us: i64) -> Result<()> {
         self.txn_lsn = final_lsn;
+        self.txn_time_us = commit_time_us;
         if !self.open {
             self.client
                 .batch_execute("BEGIN")
@@ -282,7 +369,7 @@ impl Applier {
             }
         }
         self.chunk_lsn.get_or_insert(self.txn_lsn);
-        self.chunk.push(mapping, change.op);
+        self.chunk.push_at(mapping, change.op, self.txn_time_us);
         if self.chunk.len() >= self.batch_size {
             self.flush().await?;
         }
@@ -316,6 +403,8 @@ impl Applier {
 
     /// The current source transaction committed on the source.
     pub fn source_commit(&mut self, point: CommitPoint) {
+        // Notes whose row never came (e.g. `ON CONFLICT DO NOTHING`).
+        self.announced.clear();
         self.pending.commit_times_us.push(point.commit_time_us);
         self.pending_commit = Some(point);
         self.stats.transactions += 1;
@@ -384,6 +473,9 @@ impl Applier {
         self.pending = Committed::default();
         self.chunk_lsn = None;
         self.pending_events = 0;
+        self.announced.clear();
+        // Triggers installed in the abandoned transaction are gone with it.
+        self.tracked.clear();
         if self.open {
             let _ = self.client.batch_execute("ROLLBACK").await;
             self.open = false;
@@ -405,9 +497,10 @@ impl Applier {
     }
 
     /// Write the chunk into the open transaction: coalesced, many rows per
-    /// statement. If that fails on a constraint that row-by-row order would
-    /// satisfy (a unique value moving between rows, foreign keys), replay the
-    /// chunk one change at a time in source order.
+    /// statement, after resolving conflicts. If that fails on a constraint
+    /// that row-by-row order would satisfy (a unique value moving between
+    /// rows, foreign keys), replay the chunk one change at a time in source
+    /// order.
     async fn flush(&mut self) -> Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
@@ -418,9 +511,9 @@ impl Applier {
             .take()
             .is_some_and(|lsn| lsn > self.converge_until);
         let mut found = Vec::new();
-        let plans = chunk.plan()?;
+        let mut plans = chunk.plan()?;
         if chunk.len() == 1 {
-            return match self.apply_plans(&plans, detect, &mut found).await {
+            return match self.resolve_and_apply(&mut plans, detect, &mut found).await {
                 Err(e) if e.class() == ErrorClass::OperatorAction => {
                     Err(rejected(&chunk.ops[0], e))
                 }
@@ -435,7 +528,9 @@ impl Applier {
             .batch_execute("SAVEPOINT heliosdb_chunk")
             .await
             .map_err(target_err("SAVEPOINT"))?;
-        match self.apply_plans(&plans, detect, &mut found).await {
+        // Versions are consumed by resolving; the replay needs them again.
+        let announced = self.announced.clone();
+        match self.resolve_and_apply(&mut plans, detect, &mut found).await {
             Ok(()) => {}
             // A constraint the source's order would satisfy; passing errors
             // (deadlock, lost connection) go up and the session retries.
@@ -444,15 +539,16 @@ impl Applier {
             {
                 tracing::debug!(error = %e, "bulk apply failed; replaying the chunk row by row");
                 found.clear();
+                self.announced = announced;
                 self.client
                     .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
                     .await
                     .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
-                for (mapping, op) in chunk.ops {
+                for ((mapping, op), time) in chunk.ops.into_iter().zip(chunk.times) {
                     let mut one = Chunk::default();
-                    one.push(mapping.clone(), op);
-                    let plans = one.plan()?;
-                    if let Err(e) = self.apply_plans(&plans, detect, &mut found).await {
+                    one.push_at(mapping.clone(), op, time);
+                    let mut plans = one.plan()?;
+                    if let Err(e) = self.resolve_and_apply(&mut plans, detect, &mut found).await {
                         if e.class() != ErrorClass::OperatorAction {
                             return Err(e);
                         }
@@ -474,6 +570,212 @@ impl Applier {
         Ok(())
     }
 
+    async fn resolve_and_apply(
+        &mut self,
+        plans: &mut [TablePlan],
+        detect: bool,
+        found: &mut Vec<Conflict>,
+    ) -> Result<()> {
+        if detect {
+            for p in plans.iter_mut() {
+                self.resolve(p, found).await?;
+            }
+        }
+        self.apply_plans(plans).await
+    }
+
+    /// Decide each key of a table's plan against the target's row and its
+    /// stored version: drop the changes the target wins, store the versions
+    /// of what the rows now are, and note the conflicts (with row images).
+    async fn resolve(&mut self, p: &mut TablePlan, found: &mut Vec<Conflict>) -> Result<()> {
+        let m = p.mapping.clone();
+        enum Slot {
+            Upsert(usize),
+            Partial(usize),
+            Delete(usize),
+        }
+        let mut entries: Vec<(Key, FirstOp, Slot, i64)> = Vec::new();
+        for (i, row) in p.upserts.iter().enumerate() {
+            let (first, time) = (p.upsert_first[i], p.upsert_time[i]);
+            entries.push((key_of(&m, row)?, first, Slot::Upsert(i), time));
+        }
+        for (i, row) in p.partial_updates.iter().enumerate() {
+            let (first, time) = (p.partial_first[i], p.partial_time[i]);
+            entries.push((key_of(&m, row)?, first, Slot::Partial(i), time));
+        }
+        for (i, key) in p.deletes.iter().enumerate() {
+            let (first, time) = (p.delete_first[i], p.delete_time[i]);
+            entries.push((key.clone(), first, Slot::Delete(i), time));
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let texts: Vec<Vec<String>> = entries
+            .iter()
+            .map(|(k, ..)| {
+                k.iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect()
+            })
+            .collect();
+        let key_cols: Vec<Vec<&str>> = (0..m.key.len())
+            .map(|k| texts.iter().map(|t| t[k].as_str()).collect())
+            .collect();
+        let stmt = self.prepared(tracking::lookup_sql(&m)).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&self.id.tenant, &m.display, &self.commit_timestamps];
+        params.extend(key_cols.iter().map(|c| c as &(dyn ToSql + Sync)));
+        let rows = self
+            .client
+            .query(&stmt, &params)
+            .await
+            .map_err(target_err(&format!(
+                "reading row versions of {}",
+                m.display
+            )))?;
+        if rows.len() != entries.len() {
+            return Err(ReplicationError::Internal(format!(
+                "row version lookup of {} returned {} rows for {} keys",
+                m.display,
+                rows.len(),
+                entries.len()
+            )));
+        }
+
+        let strategy = self.id.conflict.strategy;
+        let sensitive = self.id.conflict.sensitive_tables.contains(&m.display);
+        let source_node = format!("source-{}", self.id.source_system_id);
+        let (mut keep_upsert, mut keep_partial, mut keep_delete) = (
+            vec![true; p.upserts.len()],
+            vec![true; p.partial_updates.len()],
+            vec![true; p.deletes.len()],
+        );
+        let mut stores: Vec<(usize, Version)> = Vec::new();
+        let mut conflicted: Vec<(usize, Conflict)> = Vec::new();
+        for (n, ((key, first, slot, time), row)) in entries.iter().zip(&rows).enumerate() {
+            let present: bool = row.get(0);
+            let stored = row.get::<_, Option<String>>(1).map(|node| Version {
+                node,
+                time_us: row.get(2),
+                vclock: VClock::from_json(row.get::<_, &str>(3)).unwrap_or_default(),
+                deleted: row.get(4),
+            });
+            let deletes = matches!(slot, Slot::Delete(_));
+            let announced = self
+                .announced
+                .remove(&(m.display.clone(), texts[n].clone()));
+            let explicit = announced.is_some();
+            let incoming = announced
+                .unwrap_or_else(|| version::derived(&source_node, *time, deletes, stored.as_ref()));
+            let target = TargetRow {
+                present,
+                stored: stored.as_ref(),
+            };
+            let mut d = decide(strategy, *first, target, &incoming, explicit);
+            if let (Slot::Partial(_), false, Winner::Source) = (slot, present, d.winner) {
+                // Its unchanged large values are unknown: the row stays missing.
+                self.stats.updates_of_missing_rows += 1;
+                d.winner = Winner::Target;
+                d.store = None;
+            }
+            if d.winner == Winner::Target {
+                match slot {
+                    Slot::Upsert(i) => keep_upsert[*i] = false,
+                    Slot::Partial(i) => keep_partial[*i] = false,
+                    Slot::Delete(i) => keep_delete[*i] = false,
+                }
+            }
+            if let Some(kind) = d.kind {
+                let mut c = Conflict::new(&m, key, kind, strategy, d.winner);
+                if !sensitive {
+                    c.source_row = match slot {
+                        Slot::Upsert(i) => Some(conflict::image(&m, &p.upserts[*i])),
+                        Slot::Partial(i) => Some(conflict::image(&m, &p.partial_updates[*i])),
+                        Slot::Delete(_) => None,
+                    };
+                }
+                if present && !sensitive {
+                    conflicted.push((n, c));
+                } else {
+                    found.push(c);
+                }
+            }
+            if let Some(v) = d.store {
+                stores.push((n, v));
+            }
+        }
+
+        // The target's images of conflicting rows, before they change.
+        if !conflicted.is_empty() {
+            let cols: Vec<Vec<&str>> = (0..m.key.len())
+                .map(|k| {
+                    conflicted
+                        .iter()
+                        .map(|(n, _)| texts[*n][k].as_str())
+                        .collect()
+                })
+                .collect();
+            let stmt = self.prepared(tracking::image_sql(&m)).await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            let images = self
+                .client
+                .query(&stmt, &params)
+                .await
+                .map_err(target_err(&format!(
+                    "reading conflicting rows of {}",
+                    m.display
+                )))?;
+            for ((_, mut c), image) in conflicted.into_iter().zip(images) {
+                c.target_row = image
+                    .get::<_, Option<&str>>(0)
+                    .and_then(|t| serde_json::from_str(t).ok());
+                found.push(c);
+            }
+        }
+
+        if !stores.is_empty() {
+            let pks: Vec<String> = stores
+                .iter()
+                .map(|(n, _)| serde_json::to_string(&texts[*n]).unwrap_or_default())
+                .collect();
+            let nodes: Vec<&str> = stores.iter().map(|(_, v)| v.node.as_str()).collect();
+            let times: Vec<i64> = stores.iter().map(|(_, v)| v.time_us).collect();
+            let clocks: Vec<String> = stores.iter().map(|(_, v)| v.vclock.to_json()).collect();
+            let deleted: Vec<bool> = stores.iter().map(|(_, v)| v.deleted).collect();
+            let stmt = self.prepared(tracking::STORE_SQL.to_string()).await?;
+            self.client
+                .execute(
+                    &stmt,
+                    &[
+                        &self.id.tenant,
+                        &m.display,
+                        &pks,
+                        &nodes,
+                        &times,
+                        &clocks,
+                        &deleted,
+                    ],
+                )
+                .await
+                .map_err(target_err(&format!(
+                    "storing row versions of {}",
+                    m.display
+                )))?;
+        }
+
+        retain(&mut p.upserts, &keep_upsert);
+        retain(&mut p.upsert_first, &keep_upsert);
+        retain(&mut p.upsert_time, &keep_upsert);
+        retain(&mut p.partial_updates, &keep_partial);
+        retain(&mut p.partial_first, &keep_partial);
+        retain(&mut p.partial_time, &keep_partial);
+        retain(&mut p.deletes, &keep_delete);
+        retain(&mut p.delete_first, &keep_delete);
+        retain(&mut p.delete_time, &keep_delete);
+        Ok(())
+    }
+
     /// Write the open transaction's conflicts to the target's conflict log.
     async fn record_conflicts(&mut self) -> Result<()> {
         if self.pending.conflicts.is_empty() {
@@ -486,6 +788,14 @@ impl Applier {
         let kinds: Vec<&str> = c.iter().map(|c| c.kind.name()).collect();
         let strategies: Vec<&str> = c.iter().map(|c| c.strategy).collect();
         let winners: Vec<&str> = c.iter().map(|c| c.winner).collect();
+        let source_rows: Vec<Option<String>> = c
+            .iter()
+            .map(|c| c.source_row.as_ref().map(|v| v.to_string()))
+            .collect();
+        let target_rows: Vec<Option<String>> = c
+            .iter()
+            .map(|c| c.target_row.as_ref().map(|v| v.to_string()))
+            .collect();
         self.client
             .execute(
                 &stmt,
@@ -496,6 +806,8 @@ impl Applier {
                     &kinds,
                     &strategies,
                     &winners,
+                    &source_rows,
+                    &target_rows,
                 ],
             )
             .await
@@ -503,12 +815,7 @@ impl Applier {
         Ok(())
     }
 
-    async fn apply_plans(
-        &mut self,
-        plans: &[TablePlan],
-        detect: bool,
-        found: &mut Vec<Conflict>,
-    ) -> Result<()> {
+    async fn apply_plans(&mut self, plans: &[TablePlan]) -> Result<()> {
         for p in plans.iter().filter(|p| !p.deletes.is_empty()) {
             let m = &p.mapping;
             let cols: Vec<Vec<Option<&str>>> = (0..m.key.len())
@@ -519,44 +826,12 @@ impl Applier {
                         .collect()
                 })
                 .collect();
-            let rows = self.run(sql::delete(m), &cols, &m.display).await?;
-            if detect {
-                let gone: HashSet<Vec<&str>> = rows
-                    .iter()
-                    .map(|r| returned_key(r, 0, m.key.len()))
-                    .collect();
-                for (key, first) in p.deletes.iter().zip(&p.delete_first) {
-                    let existed = gone.contains(&key_text(key));
-                    let kind = match (first, existed) {
-                        (FirstOp::Insert, true) => Kind::InsertExists,
-                        (FirstOp::Update, false) => Kind::UpdateMissing,
-                        (FirstOp::Delete, false) => Kind::DeleteMissing,
-                        _ => continue,
-                    };
-                    found.push(Conflict::new(m, key, kind, "source"));
-                }
-            }
+            self.run(sql::delete(m), &cols, &m.display).await?;
         }
         for p in plans.iter().filter(|p| !p.upserts.is_empty()) {
             let m = &p.mapping;
             let cols = columns(&p.upserts, &(0..m.casts.len()).collect::<Vec<_>>())?;
-            let rows = self.run(sql::upsert(m), &cols, &m.display).await?;
-            if detect {
-                let inserted: HashMap<Vec<&str>, bool> = rows
-                    .iter()
-                    .map(|r| (returned_key(r, 1, m.key.len()), r.get::<_, bool>(0)))
-                    .collect();
-                for (row, first) in p.upserts.iter().zip(&p.upsert_first) {
-                    let key: Key = key_of(m, row)?;
-                    // DO NOTHING (no non-key columns) returns no row on conflict.
-                    let kind = match (first, inserted.get(&key_text(&key))) {
-                        (FirstOp::Insert, Some(false) | None) => Kind::InsertExists,
-                        (FirstOp::Update, Some(true)) => Kind::UpdateMissing,
-                        _ => continue,
-                    };
-                    found.push(Conflict::new(m, &key, kind, "source"));
-                }
-            }
+            self.run(sql::upsert(m), &cols, &m.display).await?;
         }
         for p in plans.iter().filter(|p| !p.partial_updates.is_empty()) {
             // Group rows by which columns they carry.
@@ -577,32 +852,13 @@ impl Applier {
                 wanted.extend(&set);
                 let owned: Vec<Tuple> = rows.into_iter().cloned().collect();
                 let cols = columns(&owned, &wanted)?;
-                let touched = self
+                let n = self
                     .run(
                         sql::update_columns(&p.mapping, &set),
                         &cols,
                         &p.mapping.display,
                     )
                     .await?;
-                let n = touched.len() as u64;
-                if detect && (n as usize) < owned.len() {
-                    let updated: HashSet<Vec<&str>> = touched
-                        .iter()
-                        .map(|r| returned_key(r, 0, p.mapping.key.len()))
-                        .collect();
-                    for row in &owned {
-                        let key = key_of(&p.mapping, row)?;
-                        if !updated.contains(&key_text(&key)) {
-                            // Its unchanged large values are unknown: the row stays missing.
-                            found.push(Conflict::new(
-                                &p.mapping,
-                                &key,
-                                Kind::UpdateMissing,
-                                "target",
-                            ));
-                        }
-                    }
-                }
                 let missing = owned.len() as u64 - n.min(owned.len() as u64);
                 if missing > 0 {
                     self.stats.updates_of_missing_rows += missing;
@@ -613,17 +869,12 @@ impl Applier {
         Ok(())
     }
 
-    async fn run(
-        &mut self,
-        sql: String,
-        cols: &[Vec<Option<&str>>],
-        table: &str,
-    ) -> Result<Vec<tokio_postgres::Row>> {
+    async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
         let stmt = self.prepared(sql).await?;
         let params: Vec<&(dyn ToSql + Sync)> =
             cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         self.client
-            .query(&stmt, &params)
+            .execute(&stmt, &params)
             .await
             .map_err(target_err(&format!("applying changes to {table}")))
     }
@@ -663,21 +914,22 @@ impl Applier {
                         m,
                         &old_key,
                         Kind::UpdateMissing,
-                        "target",
+                        self.id.conflict.strategy,
+                        Winner::Target,
                     ));
                 }
             } else {
                 let mut one = Chunk::default();
                 one.push(m.clone(), RowOp::Insert { new: new.clone() });
                 let plans = one.plan()?;
-                let mut ignored = Vec::new();
-                self.apply_plans(&plans, false, &mut ignored).await?;
+                self.apply_plans(&plans).await?;
                 if detect {
                     self.pending.conflicts.push(Conflict::new(
                         m,
                         &old_key,
                         Kind::UpdateMissing,
-                        "source",
+                        self.id.conflict.strategy,
+                        Winner::Source,
                     ));
                 }
             }
@@ -708,6 +960,12 @@ fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> 
         ),
         "make the target table's constraints match the source's (the source accepted this change)",
     )
+}
+
+/// Keep the items whose flag is set.
+fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    v.retain(|_| *flags.next().unwrap_or(&true));
 }
 
 fn text(v: &Value) -> Result<Option<&str>> {

@@ -35,23 +35,13 @@ pub fn upsert(m: &TableMapping) -> String {
         format!("DO UPDATE SET {}", updates.join(", "))
     };
     format!(
-        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({}) {action} RETURNING x.xmax = 0, {}",
+        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
         m.target,
         cols.join(", "),
         select.join(", "),
         unnest(n, |i| format!("c{i}")),
         key.join(", "),
-        returning_key(m),
     )
-}
-
-/// The target row's key columns as text (which rows a statement touched).
-fn returning_key(m: &TableMapping) -> String {
-    m.key
-        .iter()
-        .map(|&i| format!("x.{}::text", quote_ident(m.column_name(i))))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn key_match(m: &TableMapping, alias: &str) -> String {
@@ -72,11 +62,10 @@ fn key_match(m: &TableMapping, alias: &str) -> String {
 /// Delete by primary key. Parameters: one array per key column.
 pub fn delete(m: &TableMapping) -> String {
     format!(
-        "DELETE FROM {} AS x USING {} WHERE {} RETURNING {}",
+        "DELETE FROM {} AS x USING {} WHERE {}",
         m.target,
         unnest(m.key.len(), |k| format!("k{k}")),
         key_match(m, "x"),
-        returning_key(m),
     )
 }
 
@@ -90,7 +79,7 @@ pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
         .map(|(j, &i)| format!("{} = v.c{j}::{}", quote_ident(m.column_name(i)), m.casts[i]))
         .collect();
     format!(
-        "UPDATE {} AS x SET {} FROM {} WHERE {} RETURNING {}",
+        "UPDATE {} AS x SET {} FROM {} WHERE {}",
         m.target,
         assignments.join(", "),
         unnest(nk + set.len(), |p| if p < nk {
@@ -99,7 +88,6 @@ pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
             format!("c{}", p - nk)
         }),
         key_match(m, "x"),
-        returning_key(m),
     )
 }
 
@@ -186,11 +174,11 @@ mod tests {
         let m = m();
         assert_eq!(
             upsert(&m),
-            "INSERT INTO \"public\".\"we\"\"ird\" AS x (\"tenant_id\", \"id\", \"Note\") SELECT v.c0::text, v.c1::bigint, v.c2::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(c0, c1, c2) ON CONFLICT (\"tenant_id\", \"id\") DO UPDATE SET \"Note\" = EXCLUDED.\"Note\" RETURNING x.xmax = 0, x.\"tenant_id\"::text, x.\"id\"::text"
+            "INSERT INTO \"public\".\"we\"\"ird\" AS x (\"tenant_id\", \"id\", \"Note\") SELECT v.c0::text, v.c1::bigint, v.c2::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(c0, c1, c2) ON CONFLICT (\"tenant_id\", \"id\") DO UPDATE SET \"Note\" = EXCLUDED.\"Note\""
         );
         assert_eq!(
             delete(&m),
-            "DELETE FROM \"public\".\"we\"\"ird\" AS x USING unnest($1::text[], $2::text[]) AS v(k0, k1) WHERE x.\"tenant_id\" = v.k0::text AND x.\"id\" = v.k1::bigint RETURNING x.\"tenant_id\"::text, x.\"id\"::text"
+            "DELETE FROM \"public\".\"we\"\"ird\" AS x USING unnest($1::text[], $2::text[]) AS v(k0, k1) WHERE x.\"tenant_id\" = v.k0::text AND x.\"id\" = v.k1::bigint"
         );
         assert!(update_columns(&m, &[2]).contains("SET \"Note\" = v.c0::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(k0, k1, c0)"));
         assert_eq!(

@@ -29,6 +29,8 @@ pub type Key = Vec<Bytes>;
 #[derive(Debug, Default)]
 pub struct Chunk {
     pub ops: Vec<(Arc<TableMapping>, RowOp)>,
+    /// Source commit time of each op's transaction (µs, PostgreSQL epoch).
+    pub times: Vec<i64>,
 }
 
 /// The first change to a key in a chunk: what the source expects the
@@ -54,6 +56,12 @@ pub struct TablePlan {
     pub upsert_first: Vec<FirstOp>,
     /// Rows with unchanged TOAST columns: update only what was sent.
     pub partial_updates: Vec<Tuple>,
+    /// The first change of each row in `partial_updates`.
+    pub partial_first: Vec<FirstOp>,
+    /// Source commit time of each key's last change, per list.
+    pub upsert_time: Vec<i64>,
+    pub partial_time: Vec<i64>,
+    pub delete_time: Vec<i64>,
 }
 
 enum Final {
@@ -72,13 +80,20 @@ impl Chunk {
     }
 
     pub fn push(&mut self, mapping: Arc<TableMapping>, op: RowOp) {
+        self.push_at(mapping, op, 0);
+    }
+
+    /// A change of a source transaction that committed at `time_us`.
+    pub fn push_at(&mut self, mapping: Arc<TableMapping>, op: RowOp, time_us: i64) {
         self.ops.push((mapping, op));
+        self.times.push(time_us);
     }
 
     /// Final state per key, per table in order of first appearance.
     pub fn plan(&self) -> Result<Vec<TablePlan>> {
         let mut tables: Vec<TableState> = Vec::new();
-        for (mapping, op) in &self.ops {
+        for (n, (mapping, op)) in self.ops.iter().enumerate() {
+            let time = self.times.get(n).copied().unwrap_or(0);
             let t = match tables.iter().position(|t| Arc::ptr_eq(&t.mapping, mapping)) {
                 Some(i) => i,
                 None => {
@@ -92,10 +107,11 @@ impl Chunk {
                     key_of(mapping, new)?,
                     Final::Upsert(new.clone()),
                     FirstOp::Insert,
+                    time,
                 ),
                 RowOp::Delete { old } => {
                     let k = key_of(mapping, old)?;
-                    table.set(k.clone(), Final::Delete(k), FirstOp::Delete)
+                    table.set(k.clone(), Final::Delete(k), FirstOp::Delete, time)
                 }
                 RowOp::Update { old, new } => {
                     let k = key_of(mapping, new)?;
@@ -115,7 +131,7 @@ impl Chunk {
                             _ => Final::Partial(new.clone()),
                         }
                     };
-                    table.set(k, state, FirstOp::Update)
+                    table.set(k, state, FirstOp::Update, time)
                 }
             }
         }
@@ -126,7 +142,8 @@ impl Chunk {
 /// The final state of each key of one table, in order of first appearance.
 struct TableState {
     mapping: Arc<TableMapping>,
-    entries: Vec<(Key, Final, FirstOp)>,
+    /// Key, final state, first change, time of the last change.
+    entries: Vec<(Key, Final, FirstOp, i64)>,
     index: HashMap<Key, usize>,
 }
 
@@ -143,12 +160,15 @@ impl TableState {
         self.index.get(key).map(|&i| &self.entries[i].1)
     }
 
-    fn set(&mut self, key: Key, state: Final, first: FirstOp) {
+    fn set(&mut self, key: Key, state: Final, first: FirstOp, time: i64) {
         match self.index.get(&key) {
-            Some(&i) => self.entries[i].1 = state,
+            Some(&i) => {
+                self.entries[i].1 = state;
+                self.entries[i].3 = time;
+            }
             None => {
                 self.index.insert(key.clone(), self.entries.len());
-                self.entries.push((key, state, first));
+                self.entries.push((key, state, first, time));
             }
         }
     }
@@ -161,17 +181,27 @@ impl TableState {
             upserts: Vec::new(),
             upsert_first: Vec::new(),
             partial_updates: Vec::new(),
+            partial_first: Vec::new(),
+            upsert_time: Vec::new(),
+            partial_time: Vec::new(),
+            delete_time: Vec::new(),
         };
-        for (_, state, first) in self.entries {
+        for (_, state, first, time) in self.entries {
             match state {
                 Final::Upsert(t) => {
                     plan.upserts.push(t);
                     plan.upsert_first.push(first);
+                    plan.upsert_time.push(time);
                 }
-                Final::Partial(t) => plan.partial_updates.push(t),
+                Final::Partial(t) => {
+                    plan.partial_updates.push(t);
+                    plan.partial_first.push(first);
+                    plan.partial_time.push(time);
+                }
                 Final::Delete(k) => {
                     plan.deletes.push(k);
                     plan.delete_first.push(first);
+                    plan.delete_time.push(time);
                 }
             }
         }

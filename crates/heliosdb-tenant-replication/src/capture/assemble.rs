@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::pgoutput::{Message, RelationDesc};
-use super::{RowChange, RowOp, SourceEvent, TxEvent};
+use super::{Announced, RowChange, RowOp, SourceEvent, TxEvent};
+use crate::apply::tracking::{ORIGIN_PREFIX, VERSION_PREFIX};
 use crate::error::{ReplicationError, Result};
 use crate::lsn::Lsn;
 
@@ -19,18 +20,28 @@ pub struct Assembler {
     applied_commit_lsn: Lsn,
     in_txn: bool,
     skipping: bool,
+    /// The open transaction was written by a daemon's applier (its origin
+    /// starts with `heliosdb_`): its changes are not sent back.
+    foreign_origin: bool,
+    /// Version notes are passed on for this tenant only.
+    tenant: String,
     /// Transactions dropped as already applied (for logs and tests).
     pub skipped_transactions: u64,
+    /// Transactions of the daemon's own appliers whose changes were dropped.
+    pub origin_transactions_dropped: u64,
 }
 
 impl Assembler {
-    pub fn new(applied_commit_lsn: Lsn) -> Self {
+    pub fn new(applied_commit_lsn: Lsn, tenant: &str) -> Self {
         Self {
             relations: HashMap::new(),
             applied_commit_lsn,
             in_txn: false,
             skipping: false,
+            foreign_origin: false,
+            tenant: tenant.to_string(),
             skipped_transactions: 0,
+            origin_transactions_dropped: 0,
         }
     }
 
@@ -75,6 +86,7 @@ impl Assembler {
                     return Err(protocol("Commit without Begin"));
                 }
                 self.in_txn = false;
+                self.foreign_origin = false;
                 if std::mem::take(&mut self.skipping) {
                     return Ok(None);
                 }
@@ -88,11 +100,34 @@ impl Assembler {
                 self.relations.insert(desc.id, Arc::new(desc));
                 Ok(None)
             }
-            // Origins matter for active-active (later); types are resolved
-            // on the target by column type.
-            Message::Origin { .. } | Message::Type { .. } | Message::LogicalMessage { .. } => {
+            // A change a daemon applied here goes no further (no loops in
+            // active-active). Other origins (e.g. PostgreSQL's own
+            // subscriptions) pass, as with `origin = any`.
+            Message::Origin { name, .. } => {
+                self.require_txn()?;
+                if name.starts_with(ORIGIN_PREFIX) && !self.skipping {
+                    self.foreign_origin = true;
+                    self.origin_transactions_dropped += 1;
+                }
                 Ok(None)
             }
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == VERSION_PREFIX => {
+                self.require_txn()?;
+                if self.skipping || self.foreign_origin {
+                    return Ok(None);
+                }
+                // Another tenant's keys never leave for this tenant's target.
+                Ok(Announced::parse(&content)
+                    .filter(|a| a.tenant == self.tenant)
+                    .map(|_| TxEvent::Version(content)))
+            }
+            // Types are resolved on the target by column type.
+            Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
             Message::Insert { relation_id, new } => self.row(relation_id, RowOp::Insert { new }),
             Message::Update {
                 relation_id,
@@ -114,7 +149,7 @@ impl Assembler {
                 relation_ids,
             } => {
                 self.require_txn()?;
-                if self.skipping {
+                if self.skipping || self.foreign_origin {
                     return Ok(None);
                 }
                 let relations = relation_ids
@@ -148,7 +183,7 @@ impl Assembler {
 
     fn row(&mut self, relation_id: u32, op: RowOp) -> Result<Option<TxEvent>> {
         self.require_txn()?;
-        if self.skipping {
+        if self.skipping || self.foreign_origin {
             return Ok(None);
         }
         let relation = self.relation(relation_id)?;

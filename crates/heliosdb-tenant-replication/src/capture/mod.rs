@@ -84,6 +84,10 @@ pub enum TxEvent {
         xid: u32,
     },
     Row(RowChange),
+    /// The version of a row change that follows in the same transaction,
+    /// announced by the source's version trigger (active-active; see
+    /// `apply::tracking`). The body is the message as the source wrote it.
+    Version(bytes::Bytes),
     Truncate {
         relations: Vec<Arc<RelationDesc>>,
         cascade: bool,
@@ -100,4 +104,23 @@ pub enum TxEvent {
     Keepalive {
         wal_end: Lsn,
     },
+}
+
+/// A row version a source's trigger announced (`pg_logical_emit_message`
+/// with prefix `heliosdb_version`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Announced {
+    pub tenant: String,
+    pub table: String,
+    pub pk: Vec<String>,
+    pub node: String,
+    pub vclock: std::collections::BTreeMap<String, u64>,
+    pub deleted: bool,
+}
+
+impl Announced {
+    /// Parse a message body (outside bytes: `None`, never a panic).
+    pub fn parse(content: &[u8]) -> Option<Self> {
+        serde_json::from_slice(content).ok()
+    }
 }

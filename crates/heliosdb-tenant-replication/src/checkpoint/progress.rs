@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.heliosdb_conflict_log (
     resolution_strategy text NOT NULL,
     winner              text NOT NULL
 );
+-- Both row images (absent for tables marked sensitive).
+ALTER TABLE heliosdb_replication.heliosdb_conflict_log
+    ADD COLUMN IF NOT EXISTS source_row jsonb,
+    ADD COLUMN IF NOT EXISTS target_row jsonb;
 CREATE INDEX IF NOT EXISTS heliosdb_conflict_log_tenant_time
     ON heliosdb_replication.heliosdb_conflict_log (tenant_id, timestamp);
 CREATE TABLE IF NOT EXISTS heliosdb_replication.copy_state (
@@ -105,7 +109,10 @@ pub struct BatchMark {
 
 /// Create the daemon's schema and tables where missing.
 pub async fn ensure_schema(target: &Client) -> Result<()> {
-    let batch = format!("BEGIN; SET LOCAL client_min_messages = warning; {SCHEMA_DDL} COMMIT;");
+    let batch = format!(
+        "BEGIN; SET LOCAL client_min_messages = warning; {SCHEMA_DDL} {} COMMIT;",
+        crate::apply::tracking::VERSION_DDL
+    );
     target.batch_execute(&batch).await.map_err(|e| {
         if e.code().map(|c| c.code()) == Some("42501") {
             ReplicationError::operator(

@@ -132,6 +132,27 @@ pub struct SealConfig {
     pub key_path: Option<PathBuf>,
 }
 
+/// `[conflict]` and `[replication] node_id`: how divergent rows are resolved.
+#[derive(Debug, Clone)]
+pub struct ConflictConfig {
+    pub strategy: crate::apply::version::Strategy,
+    /// The region of the target database this daemon applies to: the name
+    /// its local writes carry in version vectors.
+    pub node_id: String,
+    /// Tables (`schema.table`) whose row images stay out of the conflict log.
+    pub sensitive_tables: Vec<String>,
+}
+
+impl Default for ConflictConfig {
+    fn default() -> Self {
+        Self {
+            strategy: crate::apply::version::Strategy::SourcePreferred,
+            node_id: crate::transport::client::host_name(),
+            sensitive_tables: Vec::new(),
+        }
+    }
+}
+
 /// `[monitoring]`: metrics, health, audit log.
 #[derive(Debug, Clone)]
 pub struct MonitoringConfig {
@@ -194,6 +215,7 @@ pub struct Config {
     pub transport: TransportConfig,
     pub seal: SealConfig,
     pub monitoring: MonitoringConfig,
+    pub conflict: ConflictConfig,
     pub worker_threads: usize,
     pub notices: Vec<Notice>,
     raw_view: toml::Table,
@@ -626,22 +648,41 @@ fn resolve(
     }
 
     // --- conflict ---
-    if let Some(s) = raw.conflict.resolution_strategy.as_deref() {
-        if !matches!(
-            s,
-            "LastWriteWins" | "SourcePreferred" | "TargetPreferred" | "VectorClock"
-        ) {
-            return Err(c.err("[conflict] resolution_strategy", format!("'{s}' is not supported: allowed LastWriteWins, SourcePreferred, TargetPreferred, VectorClock")));
+    let strategy = match raw.conflict.resolution_strategy.as_deref() {
+        None => crate::apply::version::Strategy::default(),
+        Some(s) => crate::apply::version::Strategy::parse(s).ok_or_else(|| {
+            c.err("[conflict] resolution_strategy", format!("'{s}' is not supported: allowed LastWriteWins, SourcePreferred, TargetPreferred, VectorClock"))
+        })?,
+    };
+    let node_id = match raw.replication.node_id.as_deref() {
+        None => crate::transport::client::host_name(),
+        Some(n) if n.is_empty() || n.len() > 63 || n.chars().any(|ch| ch.is_control()) => {
+            return Err(c.err(
+                "[replication] node_id",
+                "must be 1-63 printable characters naming this region, e.g. \"eu-west-1\"",
+            ))
         }
-    }
-    if raw
+        Some(n) => n.to_string(),
+    };
+    let sensitive_tables = raw
         .conflict
-        .resolution_strategy
-        .as_deref()
-        .is_some_and(|s| s != "SourcePreferred")
-    {
-        notice("[conflict] resolution_strategy", "not yet in effect: conflicts (insert_exists, update_missing, delete_missing) are detected and logged, and resolved SourcePreferred in this build");
-    }
+        .sensitive_tables
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| {
+            if t.contains('.') {
+                t
+            } else {
+                format!("public.{t}")
+            }
+        })
+        .collect();
+    let conflict = ConflictConfig {
+        strategy,
+        node_id,
+        sensitive_tables,
+    };
     let conflict_log = match (raw.conflict.log_conflicts, &raw.conflict.conflict_log_path) {
         (Some(true), Some(p)) if !p.is_empty() => Some(PathBuf::from(p)),
         (Some(true), _) => Some(PathBuf::from("/var/log/heliosdb/conflicts.log")),
@@ -1012,6 +1053,7 @@ fn resolve(
             request_timeout: Duration::from_secs(request_timeout),
         },
         monitoring,
+        conflict,
         seal: SealConfig {
             compression,
             level: level.map(|l| l as i32).unwrap_or(default_level),

@@ -42,6 +42,9 @@ pub struct ReplicationSection {
     pub tenant_id: Option<String>,
     pub source_connection: Option<String>,
     pub target_connection: Option<String>,
+    /// The region of the target this daemon applies to (version vectors,
+    /// origins); default: the host name.
+    pub node_id: Option<String>,
 }
 
 /// `[source]` / `[target]` (§7.2).
@@ -111,6 +114,9 @@ pub struct ConflictSection {
     pub resolution_strategy: Option<String>,
     pub log_conflicts: Option<bool>,
     pub conflict_log_path: Option<String>,
+    /// Tables (`schema.table` or `table` for public) whose row images never
+    /// reach the conflict log.
+    pub sensitive_tables: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -74,7 +74,6 @@ fn every_key_of_the_reference_parses() {
     for key in [
         "[compression]",
         "[encryption]",
-        "[conflict] resolution_strategy",
         "[cdc] wal_path",
     ] {
         assert!(

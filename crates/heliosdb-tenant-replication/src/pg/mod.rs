@@ -46,8 +46,14 @@ pub async fn connect(
         )
         .keepalives(true)
         .keepalives_idle(network.tcp_keepalive)
-        // Text output the apply side relies on, whatever the server default.
-        .options("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c client_encoding=UTF8");
+        // Text output the apply side relies on, whatever the server default;
+        // on a target, the daemon's writes are not local writes (the version
+        // triggers skip them, see apply::tracking).
+        .options(if side == Side::Target {
+            "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c client_encoding=UTF8 -c heliosdb.applying=on"
+        } else {
+            "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c client_encoding=UTF8"
+        });
     if let Some(p) = &info.password {
         cfg.password(p.expose());
     }

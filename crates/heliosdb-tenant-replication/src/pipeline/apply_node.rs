@@ -221,6 +221,7 @@ impl ApplyNode {
                 tenant_column: t.tenant_column.clone(),
                 slot: req.slot.clone(),
                 source_system_id: req.source_system_id.clone(),
+                conflict: self.config.conflict.clone(),
             },
             self.config.batch.batch_size,
         )
@@ -332,11 +333,16 @@ impl ApplyNode {
 async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<CommitPoint>> {
     for event in events {
         match event {
-            TxEvent::Begin { final_lsn, .. } => {
+            TxEvent::Begin {
+                final_lsn,
+                commit_time_us,
+                ..
+            } => {
                 a.in_source_txn = true;
-                a.applier.begin(final_lsn).await?;
+                a.applier.begin(final_lsn, commit_time_us).await?;
             }
             TxEvent::Row(change) => a.applier.row(change).await?,
+            TxEvent::Version(note) => a.applier.version(&note),
             TxEvent::Truncate { relations, .. } => a.applier.truncate(&relations).await?,
             TxEvent::Commit {
                 commit_lsn,

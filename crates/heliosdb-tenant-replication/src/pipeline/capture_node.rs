@@ -131,7 +131,10 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
     let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
     let (final_tx, final_rx) = oneshot::channel();
-    let assembler = Assembler::new(resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO));
+    let assembler = Assembler::new(
+        resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
+        &config.tenant.tenant_id,
+    );
     let capture = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
 
     let mut shipper = Shipper {
@@ -290,6 +293,7 @@ impl Shipper<'_> {
                 self.open_txn.count(name, 1);
                 self.open_txn.bytes += row_bytes(&change.op);
             }
+            TxEvent::Version(_) => {}
             TxEvent::Truncate { relations, .. } => {
                 for rel in relations {
                     let name = self.names.of(rel);

@@ -65,6 +65,17 @@ pub async fn run(
             recorded = progress::load(&target, &t.tenant_id).await?;
         }
     }
+    // Local writes to the target are versioned from here on.
+    let tracked = crate::apply::tracking::install_published(
+        &source,
+        &target,
+        &t.publication,
+        &t.tenant_id,
+        &t.tenant_column,
+        &config.conflict.node_id,
+    )
+    .await?;
+    tracing::debug!(tables = tracked, node_id = %config.conflict.node_id, "version tracking installed on the target");
     let resume = recorded.as_ref().map(|p| (p.commit_lsn, p.end_lsn));
     let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
     let (stream, file, ack_lsn) = (opened.stream, opened.file, opened.ack_lsn);
@@ -86,6 +97,7 @@ pub async fn run(
             tenant_column: t.tenant_column.clone(),
             slot: t.slot.clone(),
             source_system_id: system_id.clone(),
+            conflict: config.conflict.clone(),
         },
         config.batch.batch_size,
     )
@@ -98,7 +110,10 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
     let (ack_tx, ack_rx) = watch::channel(ack_lsn);
     let (final_tx, final_rx) = oneshot::channel();
-    let assembler = Assembler::new(recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO));
+    let assembler = Assembler::new(
+        recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
+        &config.tenant.tenant_id,
+    );
     let capture = tokio::spawn(capture_loop(stream, assembler, tx, ack_rx, final_rx));
 
     let mut apply = ApplyLoop {
@@ -452,7 +467,11 @@ impl ApplyLoop<'_> {
 
     async fn handle(&mut self, event: TxEvent) -> Result<()> {
         match event {
-            TxEvent::Begin { final_lsn, .. } => {
+            TxEvent::Begin {
+                final_lsn,
+                commit_time_us,
+                ..
+            } => {
                 let timeout = self.config.batch.batch_timeout;
                 if self.applier.has_pending_commit()
                     && self
@@ -464,9 +483,10 @@ impl ApplyLoop<'_> {
                 }
                 self.in_source_txn = true;
                 self.tel.behind();
-                self.applier.begin(final_lsn).await?;
+                self.applier.begin(final_lsn, commit_time_us).await?;
             }
             TxEvent::Row(change) => self.applier.row(change).await?,
+            TxEvent::Version(note) => self.applier.version(&note),
             TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
             TxEvent::Commit {
                 commit_lsn,

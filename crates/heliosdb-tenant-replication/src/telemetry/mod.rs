@@ -276,7 +276,7 @@ impl TenantTelemetry {
             conflict_type = c.kind.name(), strategy = c.strategy, winner = c.winner,
             "CONFLICT {} on {} resolved {} (winner: {})", c.kind.name(), c.table, c.strategy, c.winner
         );
-        let record = serde_json::json!({
+        let mut record = serde_json::json!({
             "timestamp": Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
             "tenant_id": self.tenant(),
             "table_name": c.table,
@@ -285,6 +285,11 @@ impl TenantTelemetry {
             "resolution_strategy": c.strategy,
             "winner": c.winner,
         });
+        for (field, row) in [("source_row", &c.source_row), ("target_row", &c.target_row)] {
+            if let Some(row) = row {
+                record[field] = row.clone();
+            }
+        }
         if let Some(log) = &self.conflict_log {
             log.record(&record);
         }

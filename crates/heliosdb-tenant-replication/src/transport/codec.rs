@@ -2,13 +2,14 @@
 //! order, before sealing (and after opening).
 //!
 //! ```text
-//! record := 'R' relation | 'B' begin | 'I' | 'U' | 'D' row | 'T' truncate | 'C' commit
+//! record := 'R' relation | 'B' begin | 'I' | 'U' | 'D' row | 'V' version | 'T' truncate | 'C' commit
 //! relation := id u32, namespace str, name str, replica_identity u8,
 //!             ncols u16, (is_key u8, name str, type_oid u32, typmod i32)*,
 //!             nsource u16, (name str, type str, has_missing u8, [missing str], has_default u8)*
 //! begin    := final_lsn u64, commit_time i64, xid u32
 //! 'I'      := relation u32, tuple          'D' := relation u32, tuple
 //! 'U'      := relation u32, has_old u8, [tuple], tuple
+//! version  := len u32, bytes (the source trigger's message, as sent)
 //! truncate := flags u8 (1 cascade, 2 restart identity), n u16, relation u32 * n
 //! commit   := commit_lsn u64, end_lsn u64, commit_time i64
 //! tuple    := n u16, ('n' | 'u' | 't' len u32 bytes | 'b' len u32 bytes)*
@@ -185,6 +186,11 @@ impl Encoder {
                 b.put_u64(end_lsn.0);
                 b.put_i64(*commit_time_us);
             }
+            TxEvent::Version(content) => {
+                b.put_u8(b'V');
+                b.put_u32(content.len() as u32);
+                b.put_slice(content);
+            }
             TxEvent::Keepalive { .. } => {}
         }
     }
@@ -291,6 +297,7 @@ impl Decoder {
                         restart_identity: flags & 2 != 0,
                     });
                 }
+                b'V' => out.events.push(TxEvent::Version(r.bytes("version")?)),
                 b'C' => out.events.push(TxEvent::Commit {
                     commit_lsn: Lsn(r.u64("commit lsn")?),
                     end_lsn: Lsn(r.u64("end lsn")?),
@@ -473,6 +480,7 @@ mod tests {
                 commit_time_us: -5,
                 xid: 7,
             },
+            TxEvent::Version(Bytes::from_static(b"{\"tenant\":\"t\"}")),
             TxEvent::Row(RowChange {
                 relation: r1.clone(),
                 op: RowOp::Insert {
@@ -517,12 +525,12 @@ mod tests {
             Some("x")
         );
         // The next batch of the same session does not describe r1 again.
-        let second = encode(&mut enc, &events[1..2]);
+        let second = encode(&mut enc, &events[2..3]);
         assert_eq!(second[0], b'I');
         assert!(dec.decode(second).is_ok());
         // A new session (decoder) must be told: a row of an unknown relation is an error.
         let mut fresh = Decoder::new();
-        assert!(fresh.decode(encode(&mut enc, &events[1..2])).is_err());
+        assert!(fresh.decode(encode(&mut enc, &events[2..3])).is_err());
     }
 
     proptest! {

@@ -1,0 +1,387 @@
+//! Version tracking on a target, and tagging the daemon's own writes.
+//!
+//! * **Local writes.** For each replicated table the daemon installs two
+//!   row triggers (per tenant) on the target. A `BEFORE` trigger announces
+//!   the row's next version in the WAL (`pg_logical_emit_message`,
+//!   transactional, prefix [`VERSION_PREFIX`]) right before the row change,
+//!   so a daemon reading this database as its source ships the version with
+//!   the change; an `AFTER` trigger stores that version in
+//!   `heliosdb_replication.row_version` (a row that was not written, e.g.
+//!   `INSERT … ON CONFLICT DO NOTHING`, stores nothing). The triggers skip
+//!   the daemon's own writes: those run with `session_replication_role =
+//!   replica` (ordinary triggers do not fire) or, for a role that may not
+//!   set it, with `heliosdb.applying = on`.
+//! * **Commit times.** A local write's version time is its transaction's
+//!   commit timestamp (`track_commit_timestamp = on`), read from the
+//!   `row_version` tuple's xmin, the same value the other region receives
+//!   with the change. Without the setting, the write's transaction start time
+//!   stands in (the daemon warns: LastWriteWins then compares start times).
+//! * **Loops.** The applier's session is tagged with a replication origin
+//!   (`heliosdb_<tenant>`); pgoutput sends an Origin message for such
+//!   transactions (PostgreSQL 15 has no `origin = none` option), and the
+//!   capture side drops transactions whose origin starts with `heliosdb_`.
+
+use tokio_postgres::Client;
+
+use super::catalog::TableMapping;
+use crate::error::{on_target as target_err, ReplicationError, Result, Side};
+use crate::pg::{quote_ident, quote_literal};
+
+/// Prefix of the logical decoding messages that carry a row's version.
+pub const VERSION_PREFIX: &str = "heliosdb_version";
+
+/// Replication origins the daemon tags its writes with start with this.
+pub const ORIGIN_PREFIX: &str = "heliosdb_";
+
+/// The daemon's tables and functions for row versions (part of the schema
+/// DDL, idempotent).
+pub const VERSION_DDL: &str = "
+CREATE TABLE IF NOT EXISTS heliosdb_replication.row_version (
+    tenant_id  text NOT NULL,
+    table_name text NOT NULL,
+    pk         text[] NOT NULL,
+    node       text NOT NULL,
+    -- Source commit time, µs since 2000-01-01 (local writes: see local_write).
+    time_us    bigint NOT NULL,
+    vclock     jsonb NOT NULL,
+    deleted    boolean NOT NULL DEFAULT false,
+    -- Written by the local-write trigger: the time is the commit timestamp
+    -- of this tuple's xmin (when track_commit_timestamp is on).
+    local_write boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (tenant_id, table_name, pk)
+);
+CREATE OR REPLACE FUNCTION heliosdb_replication.next_vclock(p_tenant text, p_table text, p_pk text[], p_node text)
+RETURNS jsonb LANGUAGE sql STABLE AS $f$
+    SELECT COALESCE(v.vclock, '{}'::jsonb)
+           || jsonb_build_object(p_node, COALESCE((v.vclock ->> p_node)::bigint, 0) + 1)
+      FROM (SELECT 1) AS one
+      LEFT JOIN heliosdb_replication.row_version v
+        ON v.tenant_id = p_tenant AND v.table_name = p_table AND v.pk = p_pk
+$f$;
+CREATE OR REPLACE FUNCTION heliosdb_replication.announce_version(p_tenant text, p_table text, p_pk text[], p_node text, p_deleted boolean)
+RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM pg_logical_emit_message(true, 'heliosdb_version', jsonb_build_object(
+        'tenant', p_tenant, 'table', p_table, 'pk', to_jsonb(p_pk), 'node', p_node,
+        'vclock', heliosdb_replication.next_vclock(p_tenant, p_table, p_pk, p_node),
+        'deleted', p_deleted)::text);
+END
+$f$;
+CREATE OR REPLACE FUNCTION heliosdb_replication.record_version(p_tenant text, p_table text, p_pk text[], p_node text, p_deleted boolean)
+RETURNS void LANGUAGE sql AS $f$
+    INSERT INTO heliosdb_replication.row_version AS v
+           (tenant_id, table_name, pk, node, time_us, vclock, deleted, local_write)
+    VALUES (p_tenant, p_table, p_pk, p_node,
+            (extract(epoch FROM now() - timestamptz '2000-01-01 00:00:00+00') * 1000000)::bigint,
+            heliosdb_replication.next_vclock(p_tenant, p_table, p_pk, p_node), p_deleted, true)
+    ON CONFLICT (tenant_id, table_name, pk) DO UPDATE SET
+           node = EXCLUDED.node, time_us = EXCLUDED.time_us, vclock = EXCLUDED.vclock,
+           deleted = EXCLUDED.deleted, local_write = true
+$f$;
+";
+
+/// A target table as the triggers need it.
+pub struct Tracked<'a> {
+    /// `schema.table`.
+    pub display: &'a str,
+    /// `"schema"."table"`.
+    pub target: &'a str,
+    pub tenant_column: &'a str,
+    /// Primary key columns in key order.
+    pub key: Vec<&'a str>,
+}
+
+impl<'a> From<&'a TableMapping> for Tracked<'a> {
+    fn from(m: &'a TableMapping) -> Self {
+        Self {
+            display: &m.display,
+            target: &m.target,
+            tenant_column: m.column_name(m.tenant),
+            key: m.key.iter().map(|&i| m.column_name(i)).collect(),
+        }
+    }
+}
+
+/// The trigger function of one table (its key columns inlined) and the
+/// two triggers of one tenant on it.
+pub fn trigger_sql(m: &Tracked<'_>, tenant: &str, node: &str) -> String {
+    let tenant_col = quote_ident(m.tenant_column);
+    let key = |rec: &str| {
+        let parts: Vec<String> = m
+            .key
+            .iter()
+            .map(|c| format!("{rec}.{}::text", quote_ident(c)))
+            .collect();
+        format!("ARRAY[{}]", parts.join(", "))
+    };
+    let function = format!(
+        "heliosdb_replication.{}",
+        quote_ident(&format!("track_{}", short_hash(m.display)))
+    );
+    let table = quote_literal(m.display);
+    let name = |when: &str| {
+        // BEFORE triggers fire in name order: ours last, after any that may
+        // change or skip the row.
+        quote_ident(&format!("zz_heliosdb_{}_{when}", short_hash(tenant)))
+    };
+    let args = format!("{}, {}", quote_literal(node), quote_literal(tenant));
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    old_pk text[];
+    new_pk text[];
+BEGIN
+    IF current_setting('heliosdb.applying', true) = 'on' THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    IF TG_OP <> 'INSERT' AND OLD.{tenant_col}::text = TG_ARGV[1] THEN old_pk := {old}; END IF;
+    IF TG_OP <> 'DELETE' AND NEW.{tenant_col}::text = TG_ARGV[1] THEN new_pk := {new}; END IF;
+    IF TG_WHEN = 'BEFORE' THEN
+        IF new_pk IS NOT NULL THEN
+            PERFORM heliosdb_replication.announce_version(TG_ARGV[1], {table}, new_pk, TG_ARGV[0], false);
+        ELSIF old_pk IS NOT NULL THEN
+            PERFORM heliosdb_replication.announce_version(TG_ARGV[1], {table}, old_pk, TG_ARGV[0], true);
+        END IF;
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+    IF old_pk IS NOT NULL AND old_pk IS DISTINCT FROM new_pk THEN
+        PERFORM heliosdb_replication.record_version(TG_ARGV[1], {table}, old_pk, TG_ARGV[0], true);
+    END IF;
+    IF new_pk IS NOT NULL THEN
+        PERFORM heliosdb_replication.record_version(TG_ARGV[1], {table}, new_pk, TG_ARGV[0], false);
+    END IF;
+    RETURN NULL;
+END
+$f$;
+CREATE OR REPLACE TRIGGER {before} BEFORE INSERT OR UPDATE OR DELETE ON {target}
+    FOR EACH ROW EXECUTE FUNCTION {function}({args});
+CREATE OR REPLACE TRIGGER {after} AFTER INSERT OR UPDATE OR DELETE ON {target}
+    FOR EACH ROW EXECUTE FUNCTION {function}({args});",
+        old = key("OLD"),
+        new = key("NEW"),
+        before = name("b"),
+        after = name("a"),
+        target = m.target,
+    )
+}
+
+/// Install (or refresh) the local-write triggers of one table. Runs inside
+/// the apply transaction, so the table is tracked from this change on.
+pub async fn install(client: &Client, m: &Tracked<'_>, tenant: &str, node: &str) -> Result<()> {
+    client
+        .batch_execute(&trigger_sql(m, tenant, node))
+        .await
+        .map_err(|e| {
+            if e.code().map(|c| c.code()) == Some("42501") {
+                ReplicationError::operator(
+                    format!("target: the role may not create triggers on {} (permission denied)", m.display),
+                    format!("run the daemon as the table's owner, or: GRANT TRIGGER ON {} TO <daemon role>", m.display),
+                )
+            } else {
+                ReplicationError::db(
+                    Side::Target,
+                    format!("installing version tracking on {}", m.display),
+                    e,
+                )
+            }
+        })
+}
+
+/// Install the local-write triggers on every table of the tenant's
+/// publication that the target has (at start, so local writes are tracked
+/// before the first replicated change of a table arrives).
+pub async fn install_published(
+    source: &Client,
+    target: &Client,
+    publication: &str,
+    tenant: &str,
+    tenant_column: &str,
+    node: &str,
+) -> Result<usize> {
+    let tables = source
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+              WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Source, "listing the publication's tables", e))?;
+    let mut n = 0;
+    for t in tables {
+        let (schema, name): (String, String) = (t.get(0), t.get(1));
+        let key: Vec<String> = target
+            .query(
+                "SELECT a.attname::text
+                   FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+                  WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+                  ORDER BY array_position(i.indkey::int2[], a.attnum)",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(target_err("reading a table's primary key"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if key.is_empty() {
+            // Apply names the missing table or key when its rows come.
+            continue;
+        }
+        let display = format!("{schema}.{name}");
+        let target_name = crate::pg::qualified(&schema, &name);
+        let m = Tracked {
+            display: &display,
+            target: &target_name,
+            tenant_column,
+            key: key.iter().map(String::as_str).collect(),
+        };
+        match install(target, &m, tenant, node).await {
+            Ok(()) => n += 1,
+            Err(e) if e.class() == crate::error::ErrorClass::OperatorAction => {
+                tracing::warn!(error = %e, "local writes to this table are not tracked");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Tag this session's writes with the tenant's replication origin, so a
+/// daemon reading this database drops them. `Ok(false)`: the role may not
+/// (then the daemon's writes look like local writes to a reverse stream).
+pub async fn tag_session(client: &Client, tenant: &str) -> Result<bool> {
+    let origin = origin_name(tenant);
+    let r = client
+        .execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS
+                 (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&origin],
+        )
+        .await;
+    let r = match r {
+        Ok(_) => client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
+        Err(e) => Err(target_err(
+            "tagging the apply session with its replication origin",
+        )(e)),
+    }
+}
+
+/// The replication origin of a tenant's apply session.
+pub fn origin_name(tenant: &str) -> String {
+    format!("{ORIGIN_PREFIX}{tenant}")
+}
+
+/// Is `track_commit_timestamp` on (so local writes have commit times)?
+pub async fn commit_timestamps(client: &Client) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('track_commit_timestamp') = 'on'",
+            &[],
+        )
+        .await
+        .map_err(target_err("reading track_commit_timestamp"))?;
+    Ok(row.get(0))
+}
+
+/// Stored versions and presence of a batch of keys of one table.
+/// Parameters: `$1` tenant, `$2` table name, `$3` whether commit timestamps
+/// are on, then one `text[]` per key column. Returns, per key in order:
+/// present, node, time_us, vclock, deleted.
+pub fn lookup_sql(m: &TableMapping) -> String {
+    let nk = m.key.len();
+    let params: Vec<String> = (0..nk).map(|k| format!("${}::text[]", k + 4)).collect();
+    let aliases: Vec<String> = (0..nk).map(|k| format!("k{k}")).collect();
+    let pk: Vec<String> = aliases.iter().map(|a| format!("k.{a}")).collect();
+    let matches: Vec<String> = m
+        .key
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            format!(
+                "x.{} = k.k{k}::{}",
+                quote_ident(m.column_name(i)),
+                m.casts[i]
+            )
+        })
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches}),
+                v.node,
+                CASE WHEN v.local_write AND $3 THEN
+                     COALESCE((extract(epoch FROM pg_xact_commit_timestamp(v.xmin)
+                               - timestamptz '2000-01-01 00:00:00+00') * 1000000)::bigint, v.time_us)
+                     ELSE v.time_us END,
+                v.vclock::text,
+                v.deleted
+           FROM unnest({params}) WITH ORDINALITY AS k({aliases}, ord)
+           LEFT JOIN heliosdb_replication.row_version v
+                  ON v.tenant_id = $1 AND v.table_name = $2 AND v.pk = ARRAY[{pk}]
+          ORDER BY k.ord",
+        target = m.target,
+        matches = matches.join(" AND "),
+        params = params.join(", "),
+        aliases = aliases.join(", "),
+        pk = pk.join(", "),
+    )
+}
+
+/// Store versions (inside the apply transaction). Parameters: tenant, table,
+/// then arrays of pk (JSON text arrays), node, time_us, vclock, deleted.
+pub const STORE_SQL: &str = "
+INSERT INTO heliosdb_replication.row_version AS v
+       (tenant_id, table_name, pk, node, time_us, vclock, deleted, local_write)
+SELECT $1, $2, ARRAY(SELECT jsonb_array_elements_text(p::jsonb)), n, t, c::jsonb, d, false
+  FROM unnest($3::text[], $4::text[], $5::bigint[], $6::text[], $7::bool[]) AS s(p, n, t, c, d)
+ON CONFLICT (tenant_id, table_name, pk) DO UPDATE SET
+       node = EXCLUDED.node, time_us = EXCLUDED.time_us, vclock = EXCLUDED.vclock,
+       deleted = EXCLUDED.deleted, local_write = false";
+
+/// Target rows as JSON (the conflict log's target image). Parameters: one
+/// `text[]` per key column.
+pub fn image_sql(m: &TableMapping) -> String {
+    let nk = m.key.len();
+    let params: Vec<String> = (0..nk).map(|k| format!("${}::text[]", k + 1)).collect();
+    let aliases: Vec<String> = (0..nk).map(|k| format!("k{k}")).collect();
+    let matches: Vec<String> = m
+        .key
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            format!(
+                "x.{} = k.k{k}::{}",
+                quote_ident(m.column_name(i)),
+                m.casts[i]
+            )
+        })
+        .collect();
+    format!(
+        "SELECT (SELECT to_jsonb(x)::text FROM {} x WHERE {})
+           FROM unnest({}) WITH ORDINALITY AS k({}, ord) ORDER BY k.ord",
+        m.target,
+        matches.join(" AND "),
+        params.join(", "),
+        aliases.join(", "),
+    )
+}
+
+/// A stable short name for identifiers (FNV-1a, 64 bits, hex).
+fn short_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
