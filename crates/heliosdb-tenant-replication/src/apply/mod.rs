@@ -403,8 +403,6 @@ impl Applier {
 
     /// The current source transaction committed on the source.
     pub fn source_commit(&mut self, point: CommitPoint) {
-        // Notes whose row never came (e.g. `ON CONFLICT DO NOTHING`).
-        self.announced.clear();
         self.pending.commit_times_us.push(point.commit_time_us);
         self.pending_commit = Some(point);
         self.stats.transactions += 1;
@@ -427,6 +425,8 @@ impl Applier {
             return Ok(None);
         }
         self.flush().await?;
+        // Notes whose row never came (e.g. `INSERT … ON CONFLICT DO NOTHING`).
+        self.announced.clear();
         self.record_conflicts().await?;
         if let Some(p) = self.pending_commit {
             let stmt = self.prepared(progress::UPSERT_SQL.to_string()).await?;
@@ -576,18 +576,65 @@ impl Applier {
         detect: bool,
         found: &mut Vec<Conflict>,
     ) -> Result<()> {
+        let mut versions = Vec::new();
         if detect {
             for p in plans.iter_mut() {
-                self.resolve(p, found).await?;
+                let stores = self.resolve(p, found).await?;
+                if !stores.is_empty() {
+                    versions.push((p.mapping.display.clone(), stores));
+                }
             }
         }
-        self.apply_plans(plans).await
+        self.apply_plans(plans).await?;
+        // After the rows, as the local-write trigger does (row, then its
+        // version): the same lock order, so no deadlock with local writers.
+        for (table, stores) in versions {
+            self.store_versions(&table, &stores).await?;
+        }
+        Ok(())
+    }
+
+    /// Store row versions (keys as text, the version) of `table`.
+    async fn store_versions(
+        &mut self,
+        table: &str,
+        stores: &[(Vec<String>, Version)],
+    ) -> Result<()> {
+        let pks: Vec<String> = stores
+            .iter()
+            .map(|(k, _)| serde_json::to_string(k).unwrap_or_default())
+            .collect();
+        let nodes: Vec<&str> = stores.iter().map(|(_, v)| v.node.as_str()).collect();
+        let times: Vec<i64> = stores.iter().map(|(_, v)| v.time_us).collect();
+        let clocks: Vec<String> = stores.iter().map(|(_, v)| v.vclock.to_json()).collect();
+        let deleted: Vec<bool> = stores.iter().map(|(_, v)| v.deleted).collect();
+        let stmt = self.prepared(tracking::STORE_SQL.to_string()).await?;
+        self.client
+            .execute(
+                &stmt,
+                &[
+                    &self.id.tenant,
+                    &table,
+                    &pks,
+                    &nodes,
+                    &times,
+                    &clocks,
+                    &deleted,
+                ],
+            )
+            .await
+            .map_err(target_err(&format!("storing row versions of {table}")))?;
+        Ok(())
     }
 
     /// Decide each key of a table's plan against the target's row and its
-    /// stored version: drop the changes the target wins, store the versions
-    /// of what the rows now are, and note the conflicts (with row images).
-    async fn resolve(&mut self, p: &mut TablePlan, found: &mut Vec<Conflict>) -> Result<()> {
+    /// stored version: drop the changes the target wins, note the conflicts
+    /// (with row images), and return the versions the rows will have.
+    async fn resolve(
+        &mut self,
+        p: &mut TablePlan,
+        found: &mut Vec<Conflict>,
+    ) -> Result<Vec<(Vec<String>, Version)>> {
         let m = p.mapping.clone();
         enum Slot {
             Upsert(usize),
@@ -608,9 +655,9 @@ impl Applier {
             entries.push((key.clone(), first, Slot::Delete(i), time));
         }
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let texts: Vec<Vec<String>> = entries
+        let mut texts: Vec<Vec<String>> = entries
             .iter()
             .map(|(k, ..)| {
                 k.iter()
@@ -734,36 +781,6 @@ impl Applier {
             }
         }
 
-        if !stores.is_empty() {
-            let pks: Vec<String> = stores
-                .iter()
-                .map(|(n, _)| serde_json::to_string(&texts[*n]).unwrap_or_default())
-                .collect();
-            let nodes: Vec<&str> = stores.iter().map(|(_, v)| v.node.as_str()).collect();
-            let times: Vec<i64> = stores.iter().map(|(_, v)| v.time_us).collect();
-            let clocks: Vec<String> = stores.iter().map(|(_, v)| v.vclock.to_json()).collect();
-            let deleted: Vec<bool> = stores.iter().map(|(_, v)| v.deleted).collect();
-            let stmt = self.prepared(tracking::STORE_SQL.to_string()).await?;
-            self.client
-                .execute(
-                    &stmt,
-                    &[
-                        &self.id.tenant,
-                        &m.display,
-                        &pks,
-                        &nodes,
-                        &times,
-                        &clocks,
-                        &deleted,
-                    ],
-                )
-                .await
-                .map_err(target_err(&format!(
-                    "storing row versions of {}",
-                    m.display
-                )))?;
-        }
-
         retain(&mut p.upserts, &keep_upsert);
         retain(&mut p.upsert_first, &keep_upsert);
         retain(&mut p.upsert_time, &keep_upsert);
@@ -773,7 +790,10 @@ impl Applier {
         retain(&mut p.deletes, &keep_delete);
         retain(&mut p.delete_first, &keep_delete);
         retain(&mut p.delete_time, &keep_delete);
-        Ok(())
+        Ok(stores
+            .into_iter()
+            .map(|(n, v)| (std::mem::take(&mut texts[n]), v))
+            .collect())
     }
 
     /// Write the open transaction's conflicts to the target's conflict log.

@@ -316,8 +316,11 @@ pub fn lookup_sql(m: &TableMapping) -> String {
             )
         })
         .collect();
+    // Locks: the target row, then its version, the order the local-write
+    // trigger takes them in, so no local write slips in between this read
+    // and the apply (a deadlock, if any, is retried like any other).
     format!(
-        "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches}),
+        "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches} FOR UPDATE),
                 v.node,
                 CASE WHEN v.local_write AND $3 THEN
                      COALESCE((extract(epoch FROM pg_xact_commit_timestamp(v.xmin)
@@ -326,8 +329,11 @@ pub fn lookup_sql(m: &TableMapping) -> String {
                 v.vclock::text,
                 v.deleted
            FROM unnest({params}) WITH ORDINALITY AS k({aliases}, ord)
-           LEFT JOIN heliosdb_replication.row_version v
-                  ON v.tenant_id = $1 AND v.table_name = $2 AND v.pk = ARRAY[{pk}]
+           LEFT JOIN LATERAL (
+                SELECT r.node, r.local_write, r.xmin, r.time_us, r.vclock, r.deleted
+                  FROM heliosdb_replication.row_version r
+                 WHERE r.tenant_id = $1 AND r.table_name = $2 AND r.pk = ARRAY[{pk}]
+                   FOR UPDATE) v ON true
           ORDER BY k.ord",
         target = m.target,
         matches = matches.join(" AND "),

@@ -25,6 +25,12 @@ pub struct Assembler {
     foreign_origin: bool,
     /// Version notes are passed on for this tenant only.
     tenant: String,
+    /// A Begin not passed on yet: PostgreSQL sends a transaction's Origin
+    /// right after its Begin, and a transaction of the daemon's own
+    /// appliers is dropped whole.
+    begin: Option<TxEvent>,
+    /// An event that follows the Begin just returned (see [`Self::take_held`]).
+    held: Option<TxEvent>,
     /// Transactions dropped as already applied (for logs and tests).
     pub skipped_transactions: u64,
     /// Transactions of the daemon's own appliers whose changes were dropped.
@@ -40,6 +46,8 @@ impl Assembler {
             skipping: false,
             foreign_origin: false,
             tenant: tenant.to_string(),
+            begin: None,
+            held: None,
             skipped_transactions: 0,
             origin_transactions_dropped: 0,
         }
@@ -70,11 +78,12 @@ impl Assembler {
                     tracing::debug!(%final_lsn, xid, "skipping a transaction the target already has");
                     return Ok(None);
                 }
-                Ok(Some(TxEvent::Begin {
+                self.begin = Some(TxEvent::Begin {
                     final_lsn,
                     commit_time_us,
                     xid,
-                }))
+                });
+                Ok(None)
             }
             Message::Commit {
                 commit_lsn,
@@ -86,11 +95,13 @@ impl Assembler {
                     return Err(protocol("Commit without Begin"));
                 }
                 self.in_txn = false;
-                self.foreign_origin = false;
+                if std::mem::take(&mut self.foreign_origin) {
+                    return Ok(None);
+                }
                 if std::mem::take(&mut self.skipping) {
                     return Ok(None);
                 }
-                Ok(Some(TxEvent::Commit {
+                Ok(self.emit(TxEvent::Commit {
                     commit_lsn,
                     end_lsn,
                     commit_time_us,
@@ -107,6 +118,7 @@ impl Assembler {
                 self.require_txn()?;
                 if name.starts_with(ORIGIN_PREFIX) && !self.skipping {
                     self.foreign_origin = true;
+                    self.begin = None;
                     self.origin_transactions_dropped += 1;
                 }
                 Ok(None)
@@ -122,9 +134,10 @@ impl Assembler {
                     return Ok(None);
                 }
                 // Another tenant's keys never leave for this tenant's target.
-                Ok(Announced::parse(&content)
-                    .filter(|a| a.tenant == self.tenant)
-                    .map(|_| TxEvent::Version(content)))
+                match Announced::parse(&content) {
+                    Some(a) if a.tenant == self.tenant => Ok(self.emit(TxEvent::Version(content))),
+                    _ => Ok(None),
+                }
             }
             // Types are resolved on the target by column type.
             Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
@@ -156,7 +169,7 @@ impl Assembler {
                     .iter()
                     .map(|id| self.relation(*id))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(Some(TxEvent::Truncate {
+                Ok(self.emit(TxEvent::Truncate {
                     relations,
                     cascade,
                     restart_identity,
@@ -201,7 +214,23 @@ impl Assembler {
                 relation.namespace, relation.name
             )));
         }
-        Ok(Some(TxEvent::Row(RowChange { relation, op })))
+        Ok(self.emit(TxEvent::Row(RowChange { relation, op })))
+    }
+
+    /// Pass `event` on, after the transaction's Begin if that is still held.
+    fn emit(&mut self, event: TxEvent) -> Option<TxEvent> {
+        match self.begin.take() {
+            Some(begin) => {
+                self.held = Some(event);
+                Some(begin)
+            }
+            None => Some(event),
+        }
+    }
+
+    /// The event to pass on after the one [`Self::push`] just returned.
+    pub fn take_held(&mut self) -> Option<TxEvent> {
+        self.held.take()
     }
 }
 

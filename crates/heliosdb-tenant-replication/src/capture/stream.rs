@@ -130,8 +130,20 @@ impl ChangeSource for PgwireSource {
                 ReplicationEvent::XLogData { data, .. } => {
                     SourceEvent::Message(pgoutput::decode(&data)?)
                 }
-                // Logical messages and stop markers carry nothing to apply.
-                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => continue,
+                // The client decodes logical messages itself (row versions
+                // travel in them, see apply::tracking).
+                ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => SourceEvent::Message(Message::LogicalMessage {
+                    transactional,
+                    lsn: lsn.into(),
+                    prefix,
+                    content,
+                }),
+                ReplicationEvent::StoppedAt { .. } => continue,
             };
             return Ok(Some(out));
         }

@@ -71,11 +71,7 @@ fn every_key_of_the_reference_parses() {
     assert_eq!(c.network.retry_max_attempts, 3);
     assert_eq!(c.tenant.source().expect("source").dbname, "production");
     // Features that are not built yet are reported, not ignored.
-    for key in [
-        "[compression]",
-        "[encryption]",
-        "[cdc] wal_path",
-    ] {
+    for key in ["[compression]", "[encryption]", "[cdc] wal_path"] {
         assert!(
             c.notices.iter().any(|n| n.key == key),
             "no notice for {key}: {:?}",

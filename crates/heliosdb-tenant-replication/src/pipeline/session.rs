@@ -247,36 +247,40 @@ pub(super) async fn capture_loop(
     mut final_ack: oneshot::Receiver<Lsn>,
 ) -> Result<()> {
     let result = loop {
-        let next = tokio::select! {
-            biased;
-            f = &mut final_ack => {
-                if let Ok(lsn) = f {
-                    source.acknowledge(lsn);
+        let item = if let Some(held) = assembler.take_held() {
+            held
+        } else {
+            let next = tokio::select! {
+                biased;
+                f = &mut final_ack => {
+                    if let Ok(lsn) = f {
+                        source.acknowledge(lsn);
+                    }
+                    break Ok(());
                 }
-                break Ok(());
-            }
-            changed = ack.changed() => {
-                if changed.is_ok() {
-                    source.acknowledge(*ack.borrow_and_update());
+                changed = ack.changed() => {
+                    if changed.is_ok() {
+                        source.acknowledge(*ack.borrow_and_update());
+                    }
+                    continue;
                 }
-                continue;
+                ev = source.recv() => ev,
+            };
+            let event = match next {
+                Ok(Some(ev)) => ev,
+                Ok(None) => {
+                    break Err(ReplicationError::Stream {
+                        message: "the source ended the replication stream".into(),
+                        class: crate::error::ErrorClass::Retry,
+                    })
+                }
+                Err(e) => break Err(e),
+            };
+            match assembler.push(event) {
+                Ok(Some(item)) => item,
+                Ok(None) => continue,
+                Err(e) => break Err(e),
             }
-            ev = source.recv() => ev,
-        };
-        let event = match next {
-            Ok(Some(ev)) => ev,
-            Ok(None) => {
-                break Err(ReplicationError::Stream {
-                    message: "the source ended the replication stream".into(),
-                    class: crate::error::ErrorClass::Retry,
-                })
-            }
-            Err(e) => break Err(e),
-        };
-        let item = match assembler.push(event) {
-            Ok(Some(item)) => item,
-            Ok(None) => continue,
-            Err(e) => break Err(e),
         };
         // While the queue is full, keep acknowledging (back-pressure must not
         // hold the slot back) and keep listening for the end.
