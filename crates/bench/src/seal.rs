@@ -224,7 +224,7 @@ async fn read_slot(config: &Config, end: Lsn) -> Result<Vec<TxEvent>> {
     let mut stream = PgwireSource::start(conn, &spec)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut assembler = Assembler::new(Lsn::ZERO);
+    let mut assembler = Assembler::new(Lsn::ZERO, &t.tenant_id);
     let mut out = Vec::new();
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(60), stream.recv())
@@ -232,16 +232,21 @@ async fn read_slot(config: &Config, end: Lsn) -> Result<Vec<TxEvent>> {
             .context("the slot went quiet before the end of the workload")?
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .context("stream ended")?;
-        match assembler.push(ev).map_err(|e| anyhow::anyhow!("{e}"))? {
-            Some(TxEvent::Keepalive { wal_end }) if wal_end >= end => break,
-            Some(TxEvent::Keepalive { .. }) | None => {}
-            Some(e @ TxEvent::Commit { end_lsn, .. }) => {
-                out.push(e);
-                if end_lsn >= end {
-                    break;
+        let first = assembler.push(ev).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let held = assembler.take_held();
+        let mut done = false;
+        for e in first.into_iter().chain(held) {
+            match e {
+                TxEvent::Keepalive { wal_end } => done |= wal_end >= end,
+                TxEvent::Commit { end_lsn, .. } => {
+                    done |= end_lsn >= end;
+                    out.push(e);
                 }
+                e => out.push(e),
             }
-            Some(e) => out.push(e),
+        }
+        if done {
+            break;
         }
     }
     stream.close().await;
