@@ -98,6 +98,21 @@ async fn writer(c: Client, seed: u64, duration: Duration) -> u64 {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
     }
+    // Both regions insert the same new keys at the same moment.
+    for id in 100..300i64 {
+        let value = format!("first-w{seed}");
+        match c
+            .execute(
+                "INSERT INTO accounts VALUES ('tenant-123', $1, $2, 'e', 0, now()) ON CONFLICT DO NOTHING",
+                &[&id, &value],
+            )
+            .await
+        {
+            Ok(_) => n += 1,
+            Err(e) if e.code().map(|c| c.code()) == Some("40P01") => {}
+            Err(e) => panic!("insert: {e}"),
+        }
+    }
     n
 }
 

@@ -528,8 +528,6 @@ impl Applier {
             .batch_execute("SAVEPOINT heliosdb_chunk")
             .await
             .map_err(target_err("SAVEPOINT"))?;
-        // Versions are consumed by resolving; the replay needs them again.
-        let announced = self.announced.clone();
         match self.resolve_and_apply(&mut plans, detect, &mut found).await {
             Ok(()) => {}
             // A constraint the source's order would satisfy; passing errors
@@ -539,7 +537,6 @@ impl Applier {
             {
                 tracing::debug!(error = %e, "bulk apply failed; replaying the chunk row by row");
                 found.clear();
-                self.announced = announced;
                 self.client
                     .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
                     .await
@@ -576,22 +573,75 @@ impl Applier {
         detect: bool,
         found: &mut Vec<Conflict>,
     ) -> Result<()> {
-        let mut versions = Vec::new();
-        if detect {
-            for p in plans.iter_mut() {
-                let stores = self.resolve(p, found).await?;
-                if !stores.is_empty() {
-                    versions.push((p.mapping.display.clone(), stores));
-                }
+        let mut retry = self
+            .resolve_and_apply_once(plans, detect, found, true)
+            .await?;
+        // Rows read as absent that a local writer inserted meanwhile:
+        // decide them again against what is there now.
+        for round in 1..=3 {
+            if retry.is_empty() {
+                break;
             }
-        }
-        self.apply_plans(plans).await?;
-        // After the rows, as the local-write trigger does (row, then its
-        // version): the same lock order, so no deadlock with local writers.
-        for (table, stores) in versions {
-            self.store_versions(&table, &stores).await?;
+            tracing::debug!(
+                rows = retry.iter().map(|p| p.upserts.len()).sum::<usize>(),
+                "rows inserted concurrently on the target; resolving them again"
+            );
+            retry = self
+                .resolve_and_apply_once(&mut retry, detect, found, round < 3)
+                .await?;
         }
         Ok(())
+    }
+
+    /// One round: resolve, apply, store versions. Returns the rows read as
+    /// absent whose insert met a row a local writer inserted in between
+    /// (when `guard`; otherwise they overwrite it).
+    async fn resolve_and_apply_once(
+        &mut self,
+        plans: &mut [TablePlan],
+        detect: bool,
+        found: &mut Vec<Conflict>,
+        guard: bool,
+    ) -> Result<Vec<TablePlan>> {
+        let mut resolved = Vec::new();
+        if detect {
+            for p in plans.iter_mut() {
+                let r = self.resolve(p).await?;
+                resolved.push((p.mapping.display.clone(), r));
+            }
+        }
+        let collided = self.apply_plans(plans, guard).await?;
+        let mut again: HashSet<(String, Vec<String>)> = HashSet::new();
+        for p in &collided {
+            for row in &p.upserts {
+                let key = key_of(&p.mapping, row)?
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect();
+                again.insert((p.mapping.display.clone(), key));
+            }
+        }
+        // After the rows, as the local-write trigger does (row, then its
+        // version): the same lock order, so no deadlock with local writers.
+        for (table, r) in resolved {
+            let stores: Vec<(Vec<String>, Version)> = r
+                .stores
+                .into_iter()
+                .filter(|(k, _)| again.is_empty() || !again.contains(&(table.clone(), k.clone())))
+                .collect();
+            if !stores.is_empty() {
+                self.store_versions(&table, &stores).await?;
+            }
+            found.extend(
+                r.conflicts
+                    .into_iter()
+                    .filter(|(k, _)| {
+                        again.is_empty() || !again.contains(&(table.clone(), k.clone()))
+                    })
+                    .map(|(_, c)| c),
+            );
+        }
+        Ok(collided)
     }
 
     /// Store row versions (keys as text, the version) of `table`.
@@ -628,13 +678,9 @@ impl Applier {
     }
 
     /// Decide each key of a table's plan against the target's row and its
-    /// stored version: drop the changes the target wins, note the conflicts
-    /// (with row images), and return the versions the rows will have.
-    async fn resolve(
-        &mut self,
-        p: &mut TablePlan,
-        found: &mut Vec<Conflict>,
-    ) -> Result<Vec<(Vec<String>, Version)>> {
+    /// stored version: drop the changes the target wins, and return the
+    /// conflicts (with row images) and the versions the rows will have.
+    async fn resolve(&mut self, p: &mut TablePlan) -> Result<Resolved> {
         let m = p.mapping.clone();
         enum Slot {
             Upsert(usize),
@@ -655,7 +701,7 @@ impl Applier {
             entries.push((key.clone(), first, Slot::Delete(i), time));
         }
         if entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Resolved::default());
         }
         let mut texts: Vec<Vec<String>> = entries
             .iter()
@@ -699,8 +745,13 @@ impl Applier {
         );
         let mut stores: Vec<(usize, Version)> = Vec::new();
         let mut conflicted: Vec<(usize, Conflict)> = Vec::new();
+        let mut conflicts: Vec<(Vec<String>, Conflict)> = Vec::new();
+        let mut upsert_present = vec![false; p.upserts.len()];
         for (n, ((key, first, slot, time), row)) in entries.iter().zip(&rows).enumerate() {
             let present: bool = row.get(0);
+            if let Slot::Upsert(i) = slot {
+                upsert_present[*i] = present;
+            }
             let stored = row.get::<_, Option<String>>(1).map(|node| Version {
                 node,
                 time_us: row.get(2),
@@ -708,9 +759,14 @@ impl Applier {
                 deleted: row.get(4),
             });
             let deletes = matches!(slot, Slot::Delete(_));
-            let announced = self
-                .announced
-                .remove(&(m.display.clone(), texts[n].clone()));
+            // Kept until the target commit: a collided insert is decided again.
+            let announced = if self.announced.is_empty() {
+                None
+            } else {
+                self.announced
+                    .get(&(m.display.clone(), texts[n].clone()))
+                    .cloned()
+            };
             let explicit = announced.is_some();
             let incoming = announced
                 .unwrap_or_else(|| version::derived(&source_node, *time, deletes, stored.as_ref()));
@@ -744,7 +800,7 @@ impl Applier {
                 if present && !sensitive {
                     conflicted.push((n, c));
                 } else {
-                    found.push(c);
+                    conflicts.push((texts[n].clone(), c));
                 }
             }
             if let Some(v) = d.store {
@@ -773,27 +829,32 @@ impl Applier {
                     "reading conflicting rows of {}",
                     m.display
                 )))?;
-            for ((_, mut c), image) in conflicted.into_iter().zip(images) {
+            for ((n, mut c), image) in conflicted.into_iter().zip(images) {
                 c.target_row = image
                     .get::<_, Option<&str>>(0)
                     .and_then(|t| serde_json::from_str(t).ok());
-                found.push(c);
+                conflicts.push((texts[n].clone(), c));
             }
         }
 
         retain(&mut p.upserts, &keep_upsert);
         retain(&mut p.upsert_first, &keep_upsert);
         retain(&mut p.upsert_time, &keep_upsert);
+        retain(&mut upsert_present, &keep_upsert);
+        p.upsert_present = upsert_present;
         retain(&mut p.partial_updates, &keep_partial);
         retain(&mut p.partial_first, &keep_partial);
         retain(&mut p.partial_time, &keep_partial);
         retain(&mut p.deletes, &keep_delete);
         retain(&mut p.delete_first, &keep_delete);
         retain(&mut p.delete_time, &keep_delete);
-        Ok(stores
-            .into_iter()
-            .map(|(n, v)| (std::mem::take(&mut texts[n]), v))
-            .collect())
+        Ok(Resolved {
+            stores: stores
+                .into_iter()
+                .map(|(n, v)| (std::mem::take(&mut texts[n]), v))
+                .collect(),
+            conflicts,
+        })
     }
 
     /// Write the open transaction's conflicts to the target's conflict log.
@@ -835,7 +896,11 @@ impl Applier {
         Ok(())
     }
 
-    async fn apply_plans(&mut self, plans: &[TablePlan]) -> Result<()> {
+    /// Apply the plans. With `guard`, rows the resolver read as absent are
+    /// inserted only if still absent; the ones a local writer inserted in
+    /// between come back (as plans) to be decided again.
+    async fn apply_plans(&mut self, plans: &[TablePlan], guard: bool) -> Result<Vec<TablePlan>> {
+        let mut collided = Vec::new();
         for p in plans.iter().filter(|p| !p.deletes.is_empty()) {
             let m = &p.mapping;
             let cols: Vec<Vec<Option<&str>>> = (0..m.key.len())
@@ -850,8 +915,55 @@ impl Applier {
         }
         for p in plans.iter().filter(|p| !p.upserts.is_empty()) {
             let m = &p.mapping;
-            let cols = columns(&p.upserts, &(0..m.casts.len()).collect::<Vec<_>>())?;
-            self.run(sql::upsert(m), &cols, &m.display).await?;
+            let all: Vec<usize> = (0..m.casts.len()).collect();
+            let absent: Vec<usize> = if guard && p.upsert_present.len() == p.upserts.len() {
+                (0..p.upserts.len())
+                    .filter(|&i| !p.upsert_present[i])
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if absent.is_empty() {
+                let cols = columns(&p.upserts, &all)?;
+                self.run(sql::upsert(m), &cols, &m.display).await?;
+                continue;
+            }
+            let present: Vec<Tuple> = (0..p.upserts.len())
+                .filter(|&i| p.upsert_present[i])
+                .map(|i| p.upserts[i].clone())
+                .collect();
+            if !present.is_empty() {
+                let cols = columns(&present, &all)?;
+                self.run(sql::upsert(m), &cols, &m.display).await?;
+            }
+            let fresh: Vec<Tuple> = absent.iter().map(|&i| p.upserts[i].clone()).collect();
+            let cols = columns(&fresh, &all)?;
+            let stmt = self.prepared(sql::insert_new(m)).await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            let inserted: HashSet<Vec<String>> = self
+                .client
+                .query(&stmt, &params)
+                .await
+                .map_err(target_err(&format!("applying changes to {}", m.display)))?
+                .iter()
+                .map(|r| (0..m.key.len()).map(|k| r.get::<_, String>(k)).collect())
+                .collect();
+            if inserted.len() < absent.len() {
+                let mut again = TablePlan::new(m.clone());
+                for &i in &absent {
+                    let key: Vec<String> = key_of(m, &p.upserts[i])?
+                        .iter()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect();
+                    if !inserted.contains(&key) {
+                        again.upserts.push(p.upserts[i].clone());
+                        again.upsert_first.push(p.upsert_first[i]);
+                        again.upsert_time.push(p.upsert_time[i]);
+                    }
+                }
+                collided.push(again);
+            }
         }
         for p in plans.iter().filter(|p| !p.partial_updates.is_empty()) {
             // Group rows by which columns they carry.
@@ -886,7 +998,7 @@ impl Applier {
                 }
             }
         }
-        Ok(())
+        Ok(collided)
     }
 
     async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
@@ -942,7 +1054,7 @@ impl Applier {
                 let mut one = Chunk::default();
                 one.push(m.clone(), RowOp::Insert { new: new.clone() });
                 let plans = one.plan()?;
-                self.apply_plans(&plans).await?;
+                self.apply_plans(&plans, false).await?;
                 if detect {
                     self.pending.conflicts.push(Conflict::new(
                         m,
@@ -980,6 +1092,14 @@ fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> 
         ),
         "make the target table's constraints match the source's (the source accepted this change)",
     )
+}
+
+/// What resolving a table's plan found: versions to store and conflicts,
+/// each with its key (as text).
+#[derive(Default)]
+struct Resolved {
+    stores: Vec<(Vec<String>, Version)>,
+    conflicts: Vec<(Vec<String>, Conflict)>,
 }
 
 /// Keep the items whose flag is set.

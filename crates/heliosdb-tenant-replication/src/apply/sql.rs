@@ -59,6 +59,29 @@ fn key_match(m: &TableMapping, alias: &str) -> String {
         .join(" AND ")
 }
 
+/// Insert full rows whose key is absent; returns the keys (as text) of the
+/// rows it inserted. Parameters: one array per source column.
+pub fn insert_new(m: &TableMapping) -> String {
+    let n = m.casts.len();
+    let cols: Vec<String> = (0..n).map(|i| quote_ident(m.column_name(i))).collect();
+    let select: Vec<String> = (0..n).map(|i| format!("v.c{i}::{}", m.casts[i])).collect();
+    let key: Vec<String> = m
+        .key
+        .iter()
+        .map(|&i| quote_ident(m.column_name(i)))
+        .collect();
+    let returning: Vec<String> = key.iter().map(|k| format!("x.{k}::text")).collect();
+    format!(
+        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING RETURNING {}",
+        m.target,
+        cols.join(", "),
+        select.join(", "),
+        unnest(n, |i| format!("c{i}")),
+        key.join(", "),
+        returning.join(", "),
+    )
+}
+
 /// Delete by primary key. Parameters: one array per key column.
 pub fn delete(m: &TableMapping) -> String {
     format!(

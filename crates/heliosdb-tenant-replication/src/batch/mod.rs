@@ -62,6 +62,27 @@ pub struct TablePlan {
     pub upsert_time: Vec<i64>,
     pub partial_time: Vec<i64>,
     pub delete_time: Vec<i64>,
+    /// Set by conflict resolution: was each upsert's row on the target?
+    /// (Empty: not known.)
+    pub upsert_present: Vec<bool>,
+}
+
+impl TablePlan {
+    pub fn new(mapping: Arc<TableMapping>) -> Self {
+        Self {
+            mapping,
+            deletes: Vec::new(),
+            delete_first: Vec::new(),
+            upserts: Vec::new(),
+            upsert_first: Vec::new(),
+            partial_updates: Vec::new(),
+            partial_first: Vec::new(),
+            upsert_time: Vec::new(),
+            partial_time: Vec::new(),
+            delete_time: Vec::new(),
+            upsert_present: Vec::new(),
+        }
+    }
 }
 
 enum Final {
@@ -174,18 +195,7 @@ impl TableState {
     }
 
     fn into_plan(self) -> TablePlan {
-        let mut plan = TablePlan {
-            mapping: self.mapping,
-            deletes: Vec::new(),
-            delete_first: Vec::new(),
-            upserts: Vec::new(),
-            upsert_first: Vec::new(),
-            partial_updates: Vec::new(),
-            partial_first: Vec::new(),
-            upsert_time: Vec::new(),
-            partial_time: Vec::new(),
-            delete_time: Vec::new(),
-        };
+        let mut plan = TablePlan::new(self.mapping);
         for (_, state, first, time) in self.entries {
             match state {
                 Final::Upsert(t) => {
