@@ -7,6 +7,8 @@
 //! * `drain`: a slot backlog of the reference workload drained by
 //!   PostgreSQL's own subscription and by this daemon (scenario 2).
 //! * `big-txn`: one large transaction, commit to visible (scenario 3).
+//! * `live`: small transactions from 4 clients at a fixed rate and at full
+//!   speed: lag p50/p99/p999 per row and the source's slowdown (scenario 4).
 //! * `seal`: bytes on the wire and compression ratio per algorithm, and
 //!   seal+open time next to the whole pipeline's CPU.
 //!
@@ -18,6 +20,7 @@
 mod big_txn;
 mod drain;
 mod initial_sync;
+mod live;
 mod nodes;
 mod seal;
 
@@ -77,6 +80,23 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/big-txn.json")]
         out: PathBuf,
     },
+    /// Scenario 4: pgbench-txn.sql from 4 clients at a fixed rate and at full
+    /// speed, replicated by PostgreSQL's subscription and by this daemon.
+    Live {
+        /// Transactions per second of the fixed-rate phase (12.5 events each,
+        /// a tenth of them the replicated tenant's): 800 ≈ 10,000 events/s.
+        #[arg(long, default_value_t = 800)]
+        tps: u32,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "../shared/bench")]
+        workload_dir: PathBuf,
+        #[arg(long, default_value = "target/bench/live.json")]
+        out: PathBuf,
+    },
     /// Sealing on the reference workload: bytes on the wire per event and
     /// compression ratio per algorithm (with and without a dictionary), and
     /// seal+open time next to the whole pipeline's CPU.
@@ -124,6 +144,13 @@ async fn main() -> Result<()> {
             workload_dir,
             out,
         } => big_txn::run(rows, runs, &workload_dir, &out).await,
+        Cmd::Live {
+            tps,
+            seconds,
+            runs,
+            workload_dir,
+            out,
+        } => live::run(tps, seconds, runs, &workload_dir, &out).await,
         Cmd::Seal {
             rows,
             runs,

@@ -1,0 +1,417 @@
+//! `cargo run --release -p bench -- live`: scenario 4 of issue 3 — many
+//! small transactions from 4 concurrent clients (`pgbench` with the reference
+//! workload's `pgbench-txn.sql`), at a fixed rate and as fast as the source
+//! goes, replicated by PostgreSQL's own subscription and by this daemon, one
+//! after the other on the same clusters.
+//!
+//! * Lag is measured per row, the same way for both systems: a poller reads
+//!   new rows of the tenant's `events` table on the target every 5 ms and
+//!   notes when each became visible; the source row's commit time comes from
+//!   `pg_xact_commit_timestamp` (`track_commit_timestamp = on`, one machine
+//!   clock). Only events rows pgbench never updates or deletes afterwards
+//!   (id mod 10 in 5..8) count, so the source's commit time is the insert's.
+//!   (Commit timestamps on the target cannot be used: a replicated
+//!   transaction records its origin's time.)
+//! * Source slowdown: pgbench's transactions per second at full speed with
+//!   the system replicating, against the same with nothing replicating.
+//! * Peak resident memory of this process (capture and apply node run in
+//!   it), read from `/proc/self/status` (VmHWM) after our runs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pgcluster::Cluster;
+use tokio_postgres::Client;
+
+use crate::drain::PUBLICATION;
+use crate::nodes::{config_text, drop_slot, Split};
+use crate::{cores, median, TABLES, TENANT};
+
+/// Events per pgbench transaction of `pgbench-txn.sql` (10 inserts, 2
+/// updates, 0.5 deletes), all tenants.
+const EVENTS_PER_TXN: f64 = 12.5;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum System {
+    Native,
+    Ours,
+}
+
+impl System {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Native => "PostgreSQL subscription",
+            Self::Ours => "heliosdb capture → apply (zstd, AES-256-GCM, TLS)",
+        }
+    }
+}
+
+/// pgbench for `seconds` with 4 clients, at `tps` (None: as fast as it
+/// goes); the transactions per second it reports.
+#[derive(Clone)]
+struct Pgbench {
+    bin: std::path::PathBuf,
+    port: u16,
+    script: std::path::PathBuf,
+}
+
+impl Pgbench {
+    fn new(source: &Cluster, dir: &Path) -> Self {
+        Self {
+            bin: source.bindir().join("pgbench"),
+            port: source.port(),
+            script: dir.join("pgbench-txn.sql"),
+        }
+    }
+
+    /// Run in a blocking thread (the pollers keep running meanwhile).
+    async fn run(&self, tps: Option<u32>, seconds: u32) -> Result<f64> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || pgbench(&me, tps, seconds)).await?
+    }
+}
+
+fn pgbench(p: &Pgbench, tps: Option<u32>, seconds: u32) -> Result<f64> {
+    let mut cmd = Command::new(&p.bin);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-n",
+        "-c",
+        "4",
+        "-j",
+        "4",
+    ])
+    .arg("-p")
+    .arg(p.port.to_string())
+    .arg("-T")
+    .arg(seconds.to_string())
+    .arg("-f")
+    .arg(&p.script);
+    if let Some(r) = tps {
+        cmd.arg("-R").arg(r.to_string());
+    }
+    cmd.arg("bench");
+    let out = cmd.output().context("running pgbench")?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .with_context(|| format!("no tps in pgbench output: {text}"))
+}
+
+/// Source commit time (µs since the Unix epoch) of the tenant's events rows
+/// inserted since `since_us` that pgbench leaves alone afterwards.
+async fn source_times(c: &Client, since_us: i64) -> Result<HashMap<i64, i64>> {
+    let rows = c
+        .query(
+            "SELECT id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6)::bigint
+               FROM events WHERE tenant_id = $1 AND id >= 0 AND id % 10 BETWEEN 5 AND 8
+                AND (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6)::bigint >= $2",
+            &[&TENANT, &since_us],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Polls the target's events rows of the tenant; when each id first showed.
+struct Poller {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<HashMap<i64, i64>>>,
+}
+
+impl Poller {
+    async fn start(target: &Cluster) -> Result<Poller> {
+        let c = target.connect("bench").await?;
+        let last: i64 = c
+            .query_one(
+                "SELECT coalesce(max(id), 0) FROM events WHERE tenant_id = $1",
+                &[&TENANT],
+            )
+            .await?
+            .get(0);
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let stmt = c
+                .prepare("SELECT id FROM events WHERE tenant_id = $1 AND id > $2")
+                .await?;
+            let mut seen = HashMap::new();
+            let mut last = last;
+            loop {
+                let rows = c.query(&stmt, &[&TENANT, &last]).await?;
+                let now = now_us();
+                for r in rows {
+                    let id: i64 = r.get(0);
+                    last = last.max(id);
+                    seen.entry(id).or_insert(now);
+                }
+                if *rx.borrow() {
+                    return Ok(seen);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    _ = rx.changed() => {}
+                }
+            }
+        });
+        Ok(Poller { stop, task })
+    }
+
+    async fn finish(self) -> Result<HashMap<i64, i64>> {
+        let _ = self.stop.send(true);
+        self.task.await?
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Insert a marker row and wait until the target has it (everything the
+/// source committed before it is applied).
+async fn wait_caught_up(src: &Client, dst: &Client, marker: i64) -> Result<()> {
+    src.execute(
+        "INSERT INTO events VALUES ($1, $2, 'marker', '', now())",
+        &[&TENANT, &marker],
+    )
+    .await?;
+    let started = Instant::now();
+    while dst
+        .query_opt(
+            "SELECT 1 FROM events WHERE tenant_id = $1 AND id = $2",
+            &[&TENANT, &marker],
+        )
+        .await?
+        .is_none()
+    {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the target did not catch up within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Lags (seconds) of the rows the source committed since `since_us`.
+async fn lags(src: &Client, seen: &HashMap<i64, i64>, since_us: i64) -> Result<Vec<f64>> {
+    let s = source_times(src, since_us).await?;
+    let mut out: Vec<f64> = s
+        .iter()
+        .filter_map(|(id, t0)| seen.get(id).map(|t1| (t1 - t0) as f64 / 1e6))
+        .collect();
+    if out.len() < s.len() * 9 / 10 {
+        bail!("only {} of {} rows were seen arriving", out.len(), s.len());
+    }
+    out.sort_by(|a, b| a.total_cmp(b));
+    Ok(out)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Peak resident set size of this process, MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) -> Result<()> {
+    let (source, target) = crate::nodes::clusters(dir).await?;
+    let (src, dst) = (
+        source.connect("bench").await?,
+        target.connect("bench").await?,
+    );
+    let work = tempfile::tempdir()?;
+    let pg = Pgbench::new(&source, dir);
+    // Rows the updates and deletes of pgbench-txn.sql refer to.
+    pg.run(None, 3).await?;
+    // The tenant's publication, and the target equal to the source.
+    let text = config_text(&source, &target, work.path(), "live_init", PUBLICATION, "");
+    let config =
+        heliosdb_tenant_replication::config::Config::from_toml(&text, "bench.toml", |_| None)?;
+    heliosdb_tenant_replication::provision::init(&config, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    src.execute("SELECT pg_drop_replication_slot('live_init')", &[])
+        .await?;
+    for table in TABLES {
+        crate::initial_sync::copy_pipe(&source, &target, table)?;
+    }
+
+    let mut none_tps = Vec::new();
+    let mut fixed: HashMap<&str, Vec<Vec<f64>>> = HashMap::new();
+    let mut full: HashMap<&str, Vec<(f64, Vec<f64>)>> = HashMap::new();
+    let mut marker = -1_000_000i64;
+    for r in 0..runs {
+        none_tps.push(pg.run(None, seconds).await?);
+        eprintln!("  run {}: no replication: {:.0} tps", r + 1, none_tps[r]);
+        for system in [System::Native, System::Ours] {
+            let slot = format!(
+                "live_{}_{r}",
+                if system == System::Ours {
+                    "ours"
+                } else {
+                    "native"
+                }
+            );
+            let mut nodes = None;
+            match system {
+                System::Native => {
+                    dst.batch_execute(&format!(
+                        "CREATE SUBSCRIPTION {slot} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=bench'
+                           PUBLICATION {PUBLICATION} WITH (copy_data = false, slot_name = '{slot}')",
+                        source.port()
+                    ))
+                    .await?;
+                }
+                System::Ours => {
+                    let text = config_text(&source, &target, work.path(), &slot, PUBLICATION, "");
+                    let config = heliosdb_tenant_replication::config::Config::from_toml(
+                        &text,
+                        "bench.toml",
+                        |_| None,
+                    )?;
+                    heliosdb_tenant_replication::provision::init(&config, false)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    nodes = Some(
+                        Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?,
+                    );
+                }
+            }
+            marker -= 1;
+            wait_caught_up(&src, &dst, marker).await?;
+
+            let since = now_us();
+            let poller = Poller::start(&target).await?;
+            pg.run(Some(tps), seconds).await?;
+            marker -= 1;
+            wait_caught_up(&src, &dst, marker).await?;
+            let fixed_lags = lags(&src, &poller.finish().await?, since).await?;
+
+            let since = now_us();
+            let poller = Poller::start(&target).await?;
+            let max_tps = pg.run(None, seconds).await?;
+            marker -= 1;
+            wait_caught_up(&src, &dst, marker).await?;
+            let full_lags = lags(&src, &poller.finish().await?, since).await?;
+            eprintln!(
+                "  run {}: {:<52} at {tps} tps: lag p50 {:.3} s p99 {:.3} s p999 {:.3} s; full speed {max_tps:.0} tps, lag p99 {:.3} s",
+                r + 1,
+                system.label(),
+                quantile(&fixed_lags, 0.5),
+                quantile(&fixed_lags, 0.99),
+                quantile(&fixed_lags, 0.999),
+                quantile(&full_lags, 0.99),
+            );
+            fixed.entry(system.label()).or_default().push(fixed_lags);
+            full.entry(system.label())
+                .or_default()
+                .push((max_tps, full_lags));
+            match system {
+                System::Native => {
+                    dst.batch_execute(&format!("DROP SUBSCRIPTION {slot}"))
+                        .await?;
+                }
+                System::Ours => {
+                    if let Some(n) = nodes.take() {
+                        n.stop().await;
+                    }
+                    drop_slot(&src, &slot).await?;
+                }
+            }
+        }
+    }
+
+    let tps0 = median(&mut none_tps.clone());
+    println!(
+        "\nlive: pgbench-txn.sql from 4 clients, {tps} tps fixed (~{:.0} events/s, ~{:.0} of {TENANT}) and full speed, {seconds} s per phase, median of {runs} runs, {} cores",
+        tps as f64 * EVENTS_PER_TXN,
+        tps as f64 * EVENTS_PER_TXN / 10.0,
+        cores()
+    );
+    println!(
+        "  {:<52} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9}",
+        "", "p50 s", "p99 s", "p999 s", "full tps", "slowdown", "p99 full"
+    );
+    println!(
+        "  {:<52} {:>8} {:>8} {:>8} {tps0:>10.0} {:>9} {:>9}",
+        "no replication", "", "", "", "", ""
+    );
+    let mut json = serde_json::Map::new();
+    let mut slowdowns = HashMap::new();
+    for system in [System::Native, System::Ours] {
+        let label = system.label();
+        let q = |qq: f64| {
+            let mut v: Vec<f64> = fixed[label].iter().map(|l| quantile(l, qq)).collect();
+            median(&mut v)
+        };
+        let mut tpss: Vec<f64> = full[label].iter().map(|(t, _)| *t).collect();
+        let t = median(&mut tpss);
+        let mut p99full: Vec<f64> = full[label].iter().map(|(_, l)| quantile(l, 0.99)).collect();
+        let slowdown = tps0 / t - 1.0;
+        slowdowns.insert(label, slowdown);
+        println!(
+            "  {label:<52} {:>8.3} {:>8.3} {:>8.3} {t:>10.0} {:>8.0}% {:>9.3}",
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            slowdown * 100.0,
+            median(&mut p99full)
+        );
+        json.insert(
+            label.into(),
+            serde_json::json!({
+                "fixed_rate_lag_p50_s": q(0.5), "fixed_rate_lag_p99_s": q(0.99), "fixed_rate_lag_p999_s": q(0.999),
+                "full_speed_tps": tpss, "full_speed_lag_p99_s": p99full, "source_slowdown": slowdown,
+            }),
+        );
+    }
+    let peak = peak_rss_mb();
+    println!(
+        "  source slowdown, ours vs PostgreSQL's: {:.2}; peak resident memory of this process (capture + apply nodes): {peak:.0} MB",
+        slowdowns[System::Ours.label()] / slowdowns[System::Native.label()].max(1e-9),
+    );
+    json.insert("no_replication_tps".into(), serde_json::json!(none_tps));
+    json.insert("fixed_tps".into(), serde_json::json!(tps));
+    json.insert("seconds".into(), serde_json::json!(seconds));
+    json.insert("runs".into(), serde_json::json!(runs));
+    json.insert("cores".into(), serde_json::json!(cores()));
+    json.insert("peak_rss_mb".into(), serde_json::json!(peak));
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    eprintln!("raw numbers: {}", out.display());
+    Ok(())
+}
