@@ -97,7 +97,54 @@ pub(crate) async fn reset_target(dst: &Client) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
+/// Which backlog a drain replays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Scenario 2: the reference workload (~500-byte rows, a tenth of them
+    /// the replicated tenant's).
+    Reference,
+    /// Scenario 1: ~2 KB text/jsonb rows, nine in ten the replicated
+    /// tenant's (inserts, then updates of 20% and deletes of 5%, 100-row
+    /// transactions).
+    Wide,
+}
+
+/// The wide-row generator (scenario 1), created on the source.
+const WIDE_SQL: &str = "
+CREATE OR REPLACE PROCEDURE wide_run(n bigint) LANGUAGE plpgsql AS $$
+DECLARE lo bigint := 1;
+BEGIN
+  WHILE lo <= n LOOP
+    INSERT INTO events
+      SELECT CASE WHEN g % 10 = 0 THEN 'tenant-2' ELSE 'tenant-1' END, g, 'wide-' || (g % 7),
+             (SELECT string_agg(md5((g * 64 + i)::text), ' ') FROM generate_series(1, 60) i),
+             now()
+        FROM generate_series(lo, least(lo + 99, n)) g WHERE g % 2 = 0;
+    INSERT INTO orders
+      SELECT CASE WHEN g % 10 = 1 THEN 'tenant-2' ELSE 'tenant-1' END, g, g % 1000, 'new', g % 997,
+             (SELECT jsonb_object_agg('k' || i, md5((g * 32 + i)::text)) FROM generate_series(1, 40) i),
+             now()
+        FROM generate_series(lo, least(lo + 99, n)) g WHERE g % 2 = 1;
+    COMMIT;
+    lo := lo + 100;
+  END LOOP;
+  lo := 1;
+  WHILE lo <= n LOOP
+    UPDATE events SET body = upper(body) WHERE id BETWEEN lo AND lo + 499 AND id % 10 = 2;
+    UPDATE orders SET status = 'paid', payload = payload || jsonb_build_object('paid', true) WHERE id BETWEEN lo AND lo + 499 AND id % 10 = 3;
+    COMMIT;
+    lo := lo + 500;
+  END LOOP;
+  lo := 1;
+  WHILE lo <= n LOOP
+    DELETE FROM events WHERE id BETWEEN lo AND lo + 1999 AND id % 20 = 4;
+    DELETE FROM orders WHERE id BETWEEN lo AND lo + 1999 AND id % 20 = 5;
+    COMMIT;
+    lo := lo + 2000;
+  END LOOP;
+END $$;";
+
+pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     let (source, target) = crate::nodes::clusters(dir).await?;
     let (src, dst) = (
         source.connect("bench").await?,
@@ -136,17 +183,26 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     }
     reset_target(&dst).await?;
 
-    eprintln!("making the backlog: CALL bench_run({rows}, 100, true) …");
+    let call = match backlog {
+        Backlog::Reference => format!("CALL bench_run({rows}, 100, true)"),
+        Backlog::Wide => {
+            src.batch_execute(WIDE_SQL).await?;
+            format!("CALL wide_run({rows})")
+        }
+    };
+    eprintln!("making the backlog: {call} …");
     let t = Instant::now();
-    src.batch_execute(&format!("CALL bench_run({rows}, 100, true)"))
-        .await?;
+    src.batch_execute(&call).await?;
     let end: String = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
         .get(0);
     let expected = tenant_state(&src).await?;
     let changes = rows + rows / 5 + rows / 20;
-    let tenant_changes = changes / 10;
+    let tenant_changes = match backlog {
+        Backlog::Reference => changes / 10,
+        Backlog::Wide => changes * 9 / 10,
+    };
     eprintln!(
         "  {changes} changes ({tenant_changes} of {TENANT}) in {:.1} s; WAL up to {end}",
         t.elapsed().as_secs_f64()
@@ -256,7 +312,8 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     let best_native = median(&mut times[0].clone()).min(median(&mut times[1].clone()));
     let rate = |secs: f64| tenant_changes as f64 / secs;
     println!(
-        "\nbacklog drain, reference workload: {tenant_changes} changes of {TENANT} in {changes} (100-row transactions), median of {runs} runs, {} cores",
+        "\nbacklog drain, {}: {tenant_changes} changes of {TENANT} in {changes} (100-row transactions), median of {runs} runs, {} cores",
+        if backlog == Backlog::Wide { "~2 KB rows (scenario 1)" } else { "reference workload (scenario 2)" },
         cores()
     );
     println!(
@@ -300,7 +357,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
     std::fs::write(
         out,
         serde_json::to_string_pretty(&serde_json::json!({
-            "benchmark": "drain-reference", "rows": rows, "changes": changes, "tenant_changes": tenant_changes,
+            "benchmark": if backlog == Backlog::Wide { "drain-wide" } else { "drain-reference" }, "rows": rows, "changes": changes, "tenant_changes": tenant_changes,
             "runs": runs, "cores": cores(),
             "native_streaming_off_seconds": times[0], "native_streaming_on_seconds": times[1],
             "ours_seconds": times[2], "capture_ceiling_seconds": capture_ceiling,

@@ -714,7 +714,8 @@ impl Applier {
         let key_cols: Vec<Vec<&str>> = (0..m.key.len())
             .map(|k| texts.iter().map(|t| t[k].as_str()).collect())
             .collect();
-        let stmt = self.prepared(tracking::lookup_sql(&m)).await?;
+        let lock = !self.announced.is_empty();
+        let stmt = self.prepared(tracking::lookup_sql(&m, lock)).await?;
         let mut params: Vec<&(dyn ToSql + Sync)> =
             vec![&self.id.tenant, &m.display, &self.commit_timestamps];
         params.extend(key_cols.iter().map(|c| c as &(dyn ToSql + Sync)));

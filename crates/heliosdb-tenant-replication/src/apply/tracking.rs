@@ -299,7 +299,15 @@ pub async fn commit_timestamps(client: &Client) -> Result<bool> {
 /// Parameters: `$1` tenant, `$2` table name, `$3` whether commit timestamps
 /// are on, then one `text[]` per key column. Returns, per key in order:
 /// present, node, time_us, vclock, deleted.
-pub fn lookup_sql(m: &TableMapping) -> String {
+///
+/// With `lock`, the target row and then its version are locked, the order
+/// the local-write trigger takes them in, so no local write slips in between
+/// this read and the apply (a deadlock, if any, is retried like any other).
+/// Used when the source announces versions (active-active), where a lost
+/// local write would make the regions diverge; a one-way stream skips the
+/// locks (writing lock marks into every applied row costs ~15% on wide rows)
+/// and at worst reports a later change of such a row as a conflict.
+pub fn lookup_sql(m: &TableMapping, lock: bool) -> String {
     let nk = m.key.len();
     let params: Vec<String> = (0..nk).map(|k| format!("${}::text[]", k + 4)).collect();
     let aliases: Vec<String> = (0..nk).map(|k| format!("k{k}")).collect();
@@ -316,11 +324,9 @@ pub fn lookup_sql(m: &TableMapping) -> String {
             )
         })
         .collect();
-    // Locks: the target row, then its version, the order the local-write
-    // trigger takes them in, so no local write slips in between this read
-    // and the apply (a deadlock, if any, is retried like any other).
+    let lock = if lock { "FOR UPDATE" } else { "" };
     format!(
-        "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches} FOR UPDATE),
+        "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches} {lock}),
                 v.node,
                 CASE WHEN v.local_write AND $3 THEN
                      COALESCE((extract(epoch FROM pg_xact_commit_timestamp(v.xmin)
@@ -333,7 +339,7 @@ pub fn lookup_sql(m: &TableMapping) -> String {
                 SELECT r.node, r.local_write, r.xmin, r.time_us, r.vclock, r.deleted
                   FROM heliosdb_replication.row_version r
                  WHERE r.tenant_id = $1 AND r.table_name = $2 AND r.pk = ARRAY[{pk}]
-                   FOR UPDATE) v ON true
+                   {lock}) v ON true
           ORDER BY k.ord",
         target = m.target,
         matches = matches.join(" AND "),

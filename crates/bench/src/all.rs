@@ -1,0 +1,175 @@
+//! `cargo run --release -p bench -- all`: the four scenarios of the
+//! benchmark one after the other (each on fresh clusters, each next to
+//! PostgreSQL's own logical replication in the same run), then one table of
+//! ratios against the goals. Raw numbers of each scenario stay in its JSON
+//! file; the table is also written as `summary.json`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{big_txn, drain, live, median};
+
+/// Sizes of one `all` run.
+pub struct Sizes {
+    pub wide_rows: i64,
+    pub drain_rows: i64,
+    pub big_txn_rows: i64,
+    pub live_seconds: u32,
+    pub runs: usize,
+}
+
+fn read(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn med(v: &Value, key: &str) -> f64 {
+    let mut xs: Vec<f64> = v[key]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    median(&mut xs)
+}
+
+pub async fn run(sizes: Sizes, dir: &Path, out_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    let (wide, drain_json, big, live_json) = (
+        out_dir.join("wide.json"),
+        out_dir.join("drain.json"),
+        out_dir.join("big-txn.json"),
+        out_dir.join("live.json"),
+    );
+    eprintln!("== scenario 1: backlog drain, ~2 KB rows");
+    drain::run(
+        drain::Backlog::Wide,
+        sizes.wide_rows,
+        sizes.runs,
+        dir,
+        &wide,
+    )
+    .await?;
+    eprintln!("== scenario 2: backlog drain, reference workload");
+    drain::run(
+        drain::Backlog::Reference,
+        sizes.drain_rows,
+        sizes.runs,
+        dir,
+        &drain_json,
+    )
+    .await?;
+    eprintln!("== scenario 3: one big transaction");
+    big_txn::run(sizes.big_txn_rows, sizes.runs, dir, &big).await?;
+    eprintln!("== scenario 4: live");
+    live::run(800, sizes.live_seconds, sizes.runs, dir, &live_json).await?;
+
+    let (w, d, b, l) = (
+        read(&wide)?,
+        read(&drain_json)?,
+        read(&big)?,
+        read(&live_json)?,
+    );
+    let ceiling = |v: &Value| med(v, "capture_ceiling_seconds") / med(v, "ours_seconds");
+    let ours = &l["heliosdb capture → apply (zstd, AES-256-GCM, TLS)"];
+    let native = &l["PostgreSQL subscription"];
+    let slowdown_ratio = ours["source_slowdown"].as_f64().unwrap_or(f64::NAN)
+        / native["source_slowdown"].as_f64().unwrap_or(f64::NAN);
+    let rows: Vec<(&str, String, &str, bool)> = vec![
+        (
+            "1 wide-row drain, vs PostgreSQL",
+            format!(
+                "{:.2}x",
+                w["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
+            ),
+            ">= 2x",
+            w["ratio_ours_to_best_native"].as_f64().unwrap_or(0.0) >= 2.0,
+        ),
+        (
+            "2 ~500-byte drain, vs PostgreSQL",
+            format!(
+                "{:.2}x",
+                d["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
+            ),
+            ">= 0.9x",
+            d["ratio_ours_to_best_native"].as_f64().unwrap_or(0.0) >= 0.9,
+        ),
+        (
+            "2 ~500-byte drain, of the capture ceiling",
+            format!("{:.2}", ceiling(&d)),
+            ">= 0.8",
+            ceiling(&d) >= 0.8,
+        ),
+        (
+            "3 big transaction, time vs PostgreSQL",
+            format!(
+                "{:.2}x",
+                1.0 / b["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
+            ),
+            "<= 0.5x",
+            1.0 / b["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN) <= 0.5,
+        ),
+        (
+            "4 live 10k events/s, lag p99",
+            format!(
+                "{:.3} s",
+                ours["fixed_rate_lag_p99_s"].as_f64().unwrap_or(f64::NAN)
+            ),
+            "< 0.25 s",
+            ours["fixed_rate_lag_p99_s"].as_f64().unwrap_or(9.0) < 0.25,
+        ),
+        (
+            "4 live 10k events/s, lag p999",
+            format!(
+                "{:.3} s",
+                ours["fixed_rate_lag_p999_s"].as_f64().unwrap_or(f64::NAN)
+            ),
+            "< 1 s",
+            ours["fixed_rate_lag_p999_s"].as_f64().unwrap_or(9.0) < 1.0,
+        ),
+        (
+            "4 source slowdown, ours / PostgreSQL's",
+            format!("{slowdown_ratio:.2}"),
+            "<= 0.5",
+            slowdown_ratio <= 0.5,
+        ),
+        (
+            "4 peak resident memory (capture + apply)",
+            format!("{:.0} MB", l["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)),
+            "< 150 MB",
+            l["peak_rss_mb"].as_f64().unwrap_or(1e9) < 150.0,
+        ),
+        (
+            "2 wire bytes per change (pgoutput ~458)",
+            format!("{:.1}", med(&d, "ours_wire_bytes_per_change")),
+            "<= 114.5",
+            med(&d, "ours_wire_bytes_per_change") <= 114.5,
+        ),
+    ];
+    println!(
+        "\nsummary (medians of {} runs, {} cores)",
+        sizes.runs,
+        crate::cores()
+    );
+    println!("  {:<44} {:>10} {:>10}  met", "", "measured", "goal");
+    for (what, got, goal, met) in &rows {
+        println!(
+            "  {what:<44} {got:>10} {goal:>10}  {}",
+            if *met { "yes" } else { "no" }
+        );
+    }
+    let summary: Vec<Value> = rows
+        .iter()
+        .map(|(w, g, goal, met)| serde_json::json!({"what": w, "measured": g, "goal": goal, "met": met}))
+        .collect();
+    std::fs::write(
+        out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    eprintln!("raw numbers: {}", out_dir.display());
+    Ok(())
+}
