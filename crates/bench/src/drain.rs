@@ -242,6 +242,11 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                         wire_per_event.push(
                             t.m.bytes_replicated.get() as f64 / t.m.events_total().max(1) as f64,
                         );
+                        eprintln!(
+                            "    apply node: {:.2} s in {} target transactions",
+                            t.m.batch_seconds.get_sample_sum(),
+                            t.m.batch_seconds.get_sample_count()
+                        );
                     }
                     nodes.stop().await;
                     drop_slot(&src, &format!("ours_{r}")).await?;

@@ -40,6 +40,7 @@ use crate::capture::{Announced, RowChange, RowOp};
 use crate::checkpoint::progress;
 use crate::error::{on_target as target_err, ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
+use crate::pg::quote_ident;
 use catalog::TableMapping;
 use conflict::{Conflict, Kind};
 use version::{decide, TargetRow, VClock, Version, Winner};
@@ -76,6 +77,18 @@ impl Committed {
                 self.events_by_table.insert(table.to_string(), n);
             }
         }
+    }
+}
+
+impl Committed {
+    /// Add what `other` holds (transactions confirmed together later).
+    pub fn absorb(&mut self, other: Committed) {
+        self.commit_times_us.extend(other.commit_times_us);
+        for (table, n) in other.events_by_table {
+            *self.events_by_table.entry(table).or_insert(0) += n;
+        }
+        self.bytes += other.bytes;
+        self.conflicts.extend(other.conflicts);
     }
 }
 
@@ -938,6 +951,9 @@ impl Applier {
                 self.run(sql::upsert(m), &cols, &m.display).await?;
             }
             let fresh: Vec<Tuple> = absent.iter().map(|&i| p.upserts[i].clone()).collect();
+            if fresh.len() >= COPY_MIN_ROWS && self.copy_new(m, &fresh).await? {
+                continue;
+            }
             let cols = columns(&fresh, &all)?;
             let stmt = self.prepared(sql::insert_new(m)).await?;
             let params: Vec<&(dyn ToSql + Sync)> =
@@ -1000,6 +1016,64 @@ impl Applier {
             }
         }
         Ok(collided)
+    }
+
+    /// Rows known absent, many of them: `COPY … FROM STDIN` (several times
+    /// faster than `INSERT … ON CONFLICT` for wide rows), in a savepoint.
+    /// `Ok(false)`: a row appeared meanwhile (unique violation), nothing was
+    /// written; the caller inserts them one statement at a time instead.
+    async fn copy_new(&mut self, m: &TableMapping, rows: &[Tuple]) -> Result<bool> {
+        use futures_util::SinkExt;
+        let mut buf = bytes::BytesMut::with_capacity(rows.len() * 256);
+        for row in rows {
+            for (i, v) in row.iter().enumerate() {
+                if i > 0 {
+                    buf.extend_from_slice(b"\t");
+                }
+                match v {
+                    Value::Null => buf.extend_from_slice(b"\\N"),
+                    Value::Text(b) => copy_escape(&mut buf, b),
+                    Value::UnchangedToast | Value::Binary(_) => {
+                        return Err(ReplicationError::Internal(
+                            "a full row to insert carries an unchanged or binary value".into(),
+                        ))
+                    }
+                }
+            }
+            buf.extend_from_slice(b"\n");
+        }
+        let cols: Vec<String> = (0..m.casts.len())
+            .map(|i| quote_ident(m.column_name(i)))
+            .collect();
+        let sql = format!("COPY {} ({}) FROM STDIN", m.target, cols.join(", "));
+        self.client
+            .batch_execute("SAVEPOINT heliosdb_copy")
+            .await
+            .map_err(target_err("SAVEPOINT"))?;
+        let copied = async {
+            let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
+            let mut sink = std::pin::pin!(sink);
+            sink.send(buf.freeze()).await?;
+            sink.as_mut().finish().await
+        }
+        .await;
+        match copied {
+            Ok(_) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT heliosdb_copy")
+                    .await
+                    .map_err(target_err("RELEASE SAVEPOINT"))?;
+                Ok(true)
+            }
+            Err(e) if e.code().map(|c| c.code()) == Some("23505") => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_copy")
+                    .await
+                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
+                Ok(false)
+            }
+            Err(e) => Err(target_err(&format!("applying changes to {}", m.display))(e)),
+        }
     }
 
     async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
@@ -1101,6 +1175,27 @@ fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> 
 struct Resolved {
     stores: Vec<(Vec<String>, Version)>,
     conflicts: Vec<(Vec<String>, Conflict)>,
+}
+
+/// Below this many new rows a multi-row INSERT is as fast as COPY.
+const COPY_MIN_ROWS: usize = 64;
+
+/// A value in COPY's text format.
+fn copy_escape(out: &mut bytes::BytesMut, value: &[u8]) {
+    let mut start = 0;
+    for (i, &b) in value.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&value[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&value[start..]);
 }
 
 /// Keep the items whose flag is set.

@@ -45,7 +45,16 @@ use crate::transport::SessionRequest;
 pub struct CaptureContext {
     keys: Arc<FileKeys>,
     compression: Compression,
-    client: ApplyClient,
+    /// `None` only while a batch is on the wire (the request owns it).
+    client: Option<ApplyClient>,
+}
+
+impl CaptureContext {
+    fn client(&mut self) -> Result<&mut ApplyClient> {
+        self.client
+            .as_mut()
+            .ok_or_else(|| ReplicationError::Internal("the apply client is in use".into()))
+    }
 }
 
 impl CaptureContext {
@@ -69,7 +78,7 @@ impl CaptureContext {
         Ok(Self {
             keys: Arc::new(keys),
             compression,
-            client,
+            client: Some(client),
         })
     }
 }
@@ -88,7 +97,7 @@ pub async fn run(
     let system_id = preflight::system_id(&source).await?;
 
     let remote = ctx
-        .client
+        .client()?
         .session(
             &t.tenant_id,
             &SessionRequest {
@@ -122,7 +131,7 @@ pub async fn run(
         .map(|p| (Lsn(p.commit_lsn), Lsn(p.end_lsn)));
     let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
     tracing::info!(
-        tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client.endpoint(),
+        tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
         start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
         "replication_start: streaming to the apply node"
     );
@@ -149,6 +158,7 @@ pub async fn run(
         in_source_txn: false,
         opened_at: None,
         remote_open: false,
+        in_flight: None,
         rx,
         acked: Acknowledger::new(ack_tx, opened.ack_lsn),
         checkpoint: CheckpointWriter::new(
@@ -169,7 +179,13 @@ pub async fn run(
     let outcome = shipper.run(&mut shutdown).await;
     let outcome = match outcome {
         // Shutdown: ship what ends on a source commit.
-        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => shipper.send().await,
+        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => {
+            match shipper.send().await {
+                Ok(()) => shipper.settle().await,
+                Err(e) => Err(e),
+            }
+        }
+        Ok(()) => shipper.settle().await,
         other => other,
     };
     shipper
@@ -200,6 +216,23 @@ struct Stats {
     events_at_log: u64,
 }
 
+/// A batch sent and not answered yet.
+struct InFlight {
+    request: tokio::task::JoinHandle<(ApplyClient, Result<crate::transport::BatchResponse>)>,
+    /// Fires when the request has its answer.
+    answered: tokio::sync::oneshot::Receiver<()>,
+    sequence: u64,
+    events: u32,
+    plain: usize,
+    wire: u64,
+    ratio: f64,
+    sent_at: Instant,
+    /// The batch ends inside a source transaction.
+    open: bool,
+    /// Complete transactions shipped up to this batch, not yet confirmed.
+    done: Committed,
+}
+
 struct Shipper<'a> {
     config: &'a Config,
     tel: Arc<TenantTelemetry>,
@@ -224,6 +257,8 @@ struct Shipper<'a> {
     opened_at: Option<Instant>,
     /// The apply node holds part of a source transaction uncommitted.
     remote_open: bool,
+    /// The batch on the wire: the next one is sealed while it is applied.
+    in_flight: Option<InFlight>,
     rx: mpsc::Receiver<TxEvent>,
     acked: Acknowledger,
     checkpoint: CheckpointWriter,
@@ -239,9 +274,22 @@ impl Shipper<'_> {
                 .opened_at
                 .filter(|_| !self.in_source_txn)
                 .map(|at| tokio::time::Instant::from_std(at + timeout));
+            let flight = self.in_flight.as_mut();
+            let answered = async move {
+                match flight {
+                    Some(f) => {
+                        let _ = (&mut f.answered).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
                 _ = stopped(shutdown) => return Ok(()),
+                _ = answered => {
+                    self.settle().await?;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     self.send().await?;
                     continue;
@@ -260,6 +308,7 @@ impl Shipper<'_> {
                 if !self.enc.is_empty() && !self.in_source_txn {
                     self.send().await?;
                 }
+                self.settle().await?;
                 // Nothing of this tenant is in flight: the slot may move on.
                 if self.enc.is_empty() && !self.remote_open {
                     self.acknowledge(*wal_end);
@@ -311,7 +360,12 @@ impl Shipper<'_> {
             .m
             .in_flight
             .set(self.rx.len() as i64 + i64::from(self.enc.events()));
-        let full = self.enc.events() >= batch_size;
+        // A full batch waits for the end of the source transaction it is in,
+        // so the apply node can commit it (cutting right before a Commit,
+        // batch after batch, would keep one target transaction open for a
+        // whole backlog); a transaction larger than a batch spans batches.
+        let events = self.enc.events();
+        let full = events >= batch_size && (!self.in_source_txn || events >= 2 * batch_size);
         let boundary = matches!(event, TxEvent::Commit { .. })
             && (self.rx.is_empty()
                 || self
@@ -323,7 +377,9 @@ impl Shipper<'_> {
         Ok(())
     }
 
-    /// Seal the batch, ship it, and acknowledge what the apply node committed.
+    /// Seal the batch and put it on the wire; the answer to the previous
+    /// one is awaited first (one request at a time, in sequence order), so
+    /// sealing this batch overlapped applying that one.
     async fn send(&mut self) -> Result<()> {
         if self.enc.is_empty() {
             return Ok(());
@@ -345,37 +401,84 @@ impl Shipper<'_> {
                     "add a newer key for the tenant (keys directory) and give it to the apply node too",
                 )
             })?;
-        let wire = sealed.bytes.len() as u64;
-        self.tel.m.compression_ratio.set(sealed.ratio);
-        let sent_at = Instant::now();
-        let answer = self
+        self.settle().await?;
+        let mut client = self
             .ctx
             .client
-            .batch(&t.tenant_id, &self.session, Bytes::from(sealed.bytes))
-            .await?;
-        self.sequence = answer.sequence + 1;
-        self.remote_open = self.in_source_txn;
+            .take()
+            .ok_or_else(|| ReplicationError::Internal("the apply client is in use".into()))?;
+        let (tenant, session) = (t.tenant_id.clone(), self.session.clone());
+        let wire = sealed.bytes.len() as u64;
+        let envelope = Bytes::from(sealed.bytes);
+        let (tx, answered) = tokio::sync::oneshot::channel();
+        let request = tokio::spawn(async move {
+            let answer = client.batch(&tenant, &session, envelope).await;
+            let _ = tx.send(());
+            (client, answer)
+        });
+        self.in_flight = Some(InFlight {
+            request,
+            answered,
+            sequence: self.sequence,
+            events,
+            plain: body.len(),
+            wire,
+            ratio: sealed.ratio,
+            sent_at: Instant::now(),
+            open: self.in_source_txn,
+            done: std::mem::take(&mut self.done),
+        });
+        self.sequence += 1;
         self.opened_at = None;
         self.first_lsn = self.last_lsn;
-        self.stats.events += events as u64;
+        Ok(())
+    }
+
+    /// Wait for the batch on the wire to be answered, and acknowledge what
+    /// the apply node committed.
+    async fn settle(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let (client, answer) = f
+            .request
+            .await
+            .map_err(|e| ReplicationError::Internal(format!("batch request task: {e}")))?;
+        self.ctx.client = Some(client);
+        let answer = answer?;
+        if answer.sequence != f.sequence {
+            return Err(ReplicationError::Internal(format!(
+                "the apply node answered batch {} for batch {}",
+                answer.sequence, f.sequence
+            )));
+        }
+        let t = &self.config.tenant;
+        self.tel.m.compression_ratio.set(f.ratio);
+        self.remote_open = f.open;
+        self.stats.events += f.events as u64;
         self.stats.batches += 1;
-        self.stats.plain_bytes += body.len() as u64;
-        self.stats.wire_bytes += wire;
+        self.stats.plain_bytes += f.plain as u64;
+        self.stats.wire_bytes += f.wire;
         tracing::debug!(
-            sequence = answer.sequence, events, plain = body.len(), wire, ratio = sealed.ratio,
+            sequence = answer.sequence, events = f.events, plain = f.plain, wire = f.wire, ratio = f.ratio,
             committed = ?answer.committed_end_lsn, "batch applied"
         );
-        self.wire_uncommitted += wire;
-        if let Some(end) = answer.committed_end_lsn {
-            let end = Lsn(end);
-            let mut done = std::mem::take(&mut self.done);
-            done.duration = sent_at.elapsed();
-            self.tel.committed(&done, end, Some(self.wire_uncommitted));
-            self.wire_uncommitted = 0;
-            self.acknowledge(end);
-            self.checkpoint
-                .after_commit(&t.tenant_id, &t.slot, self.stats.events, end)
-                .await;
+        self.wire_uncommitted += f.wire;
+        match answer.committed_end_lsn {
+            Some(end) => {
+                let end = Lsn(end);
+                let mut done = f.done;
+                done.duration = f.sent_at.elapsed();
+                self.tel.committed(&done, end, Some(self.wire_uncommitted));
+                self.wire_uncommitted = 0;
+                self.acknowledge(end);
+                self.checkpoint
+                    .after_commit(&t.tenant_id, &t.slot, self.stats.events, end)
+                    .await;
+            }
+            // Still open on the apply node: its transactions commit with a
+            // later batch.
+            None => self.done.absorb(f.done),
         }
         Ok(())
     }
