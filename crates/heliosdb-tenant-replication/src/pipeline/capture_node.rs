@@ -12,7 +12,9 @@
 //! in one process. Batches close at `[cdc] batch_size` events (a source
 //! transaction larger than that spans several batches, applied into one
 //! open target transaction), or at a source commit when nothing more is
-//! queued or `batch_timeout_ms` passed. One batch is in flight at a time.
+//! queued or `batch_timeout_ms` passed; a full batch waits for the end of
+//! its source transaction so the apply node can commit it. One batch is on
+//! the wire at a time; the next one is encoded and sealed meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,12 +181,10 @@ pub async fn run(
     let outcome = shipper.run(&mut shutdown).await;
     let outcome = match outcome {
         // Shutdown: ship what ends on a source commit.
-        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => {
-            match shipper.send().await {
-                Ok(()) => shipper.settle().await,
-                Err(e) => Err(e),
-            }
-        }
+        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => match shipper.send().await {
+            Ok(()) => shipper.settle().await,
+            Err(e) => Err(e),
+        },
         Ok(()) => shipper.settle().await,
         other => other,
     };
