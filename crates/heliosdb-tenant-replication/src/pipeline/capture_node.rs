@@ -186,7 +186,12 @@ pub async fn run(
             Err(e) => Err(e),
         },
         Ok(()) => shipper.settle().await,
-        other => other,
+        // The request on the wire still owns the apply client: get it back
+        // for the next session (its answer no longer matters).
+        Err(e) => {
+            let _ = shipper.settle().await;
+            Err(e)
+        }
     };
     shipper
         .checkpoint
