@@ -8,49 +8,72 @@
 use super::catalog::TableMapping;
 use crate::pg::quote_ident;
 
+/// `$first::text[], …`: `n` array parameters.
+pub(super) fn text_arrays(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `k0, k1, …`: the names of `n` key columns in an unnest alias list.
+pub(super) fn key_aliases(n: usize) -> String {
+    (0..n)
+        .map(|k| format!("k{k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn unnest(n: usize, names: impl Fn(usize) -> String) -> String {
-    let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
     let aliases: Vec<String> = (0..n).map(names).collect();
-    format!("unnest({}) AS v({})", params.join(", "), aliases.join(", "))
+    format!("unnest({}) AS v({})", text_arrays(1, n), aliases.join(", "))
+}
+
+/// `INSERT INTO t AS x (cols) SELECT … FROM unnest(…) ON CONFLICT (key)`:
+/// full rows, one array parameter per source column.
+fn insert_rows(m: &TableMapping) -> String {
+    let n = m.casts.len();
+    let cols: Vec<String> = (0..n).map(|i| quote_ident(m.column_name(i))).collect();
+    let select: Vec<String> = (0..n).map(|i| format!("v.c{i}::{}", m.casts[i])).collect();
+    format!(
+        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({})",
+        m.target,
+        cols.join(", "),
+        select.join(", "),
+        unnest(n, |i| format!("c{i}")),
+        key_columns(m).join(", "),
+    )
+}
+
+fn key_columns(m: &TableMapping) -> Vec<String> {
+    m.key
+        .iter()
+        .map(|&i| quote_ident(m.column_name(i)))
+        .collect()
 }
 
 /// Insert full rows, or overwrite the row with the same primary key.
 /// Parameters: one array per source column.
 pub fn upsert(m: &TableMapping) -> String {
-    let n = m.casts.len();
-    let cols: Vec<String> = (0..n).map(|i| quote_ident(m.column_name(i))).collect();
-    let select: Vec<String> = (0..n).map(|i| format!("v.c{i}::{}", m.casts[i])).collect();
-    let key: Vec<String> = m
-        .key
-        .iter()
-        .map(|&i| quote_ident(m.column_name(i)))
-        .collect();
-    let updates: Vec<String> = (0..n)
+    let updates: Vec<String> = (0..m.casts.len())
         .filter(|i| !m.key.contains(i))
         .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(m.column_name(i))))
         .collect();
-    let action = if updates.is_empty() {
-        "DO NOTHING".to_string()
+    if updates.is_empty() {
+        format!("{} DO NOTHING", insert_rows(m))
     } else {
-        format!("DO UPDATE SET {}", updates.join(", "))
-    };
-    format!(
-        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({}) {action}",
-        m.target,
-        cols.join(", "),
-        select.join(", "),
-        unnest(n, |i| format!("c{i}")),
-        key.join(", "),
-    )
+        format!("{} DO UPDATE SET {}", insert_rows(m), updates.join(", "))
+    }
 }
 
-fn key_match(m: &TableMapping, alias: &str) -> String {
+/// `alias.<key column> = values.k0::<type> AND …`
+pub(super) fn key_match(m: &TableMapping, alias: &str, values: &str) -> String {
     m.key
         .iter()
         .enumerate()
         .map(|(k, &i)| {
             format!(
-                "{alias}.{} = v.k{k}::{}",
+                "{alias}.{} = {values}.k{k}::{}",
                 quote_ident(m.column_name(i)),
                 m.casts[i]
             )
@@ -62,23 +85,14 @@ fn key_match(m: &TableMapping, alias: &str) -> String {
 /// Insert full rows whose key is absent; returns the keys (as text) of the
 /// rows it inserted. Parameters: one array per source column.
 pub fn insert_new(m: &TableMapping) -> String {
-    let n = m.casts.len();
-    let cols: Vec<String> = (0..n).map(|i| quote_ident(m.column_name(i))).collect();
-    let select: Vec<String> = (0..n).map(|i| format!("v.c{i}::{}", m.casts[i])).collect();
-    let key: Vec<String> = m
-        .key
+    let returning: Vec<String> = key_columns(m)
         .iter()
-        .map(|&i| quote_ident(m.column_name(i)))
+        .map(|k| format!("x.{k}::text"))
         .collect();
-    let returning: Vec<String> = key.iter().map(|k| format!("x.{k}::text")).collect();
     format!(
-        "INSERT INTO {} AS x ({}) SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING RETURNING {}",
-        m.target,
-        cols.join(", "),
-        select.join(", "),
-        unnest(n, |i| format!("c{i}")),
-        key.join(", "),
-        returning.join(", "),
+        "{} DO NOTHING RETURNING {}",
+        insert_rows(m),
+        returning.join(", ")
     )
 }
 
@@ -88,7 +102,7 @@ pub fn delete(m: &TableMapping) -> String {
         "DELETE FROM {} AS x USING {} WHERE {}",
         m.target,
         unnest(m.key.len(), |k| format!("k{k}")),
-        key_match(m, "x"),
+        key_match(m, "x", "v"),
     )
 }
 
@@ -110,7 +124,7 @@ pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
         } else {
             format!("c{}", p - nk)
         }),
-        key_match(m, "x"),
+        key_match(m, "x", "v"),
     )
 }
 

@@ -24,6 +24,7 @@
 use tokio_postgres::Client;
 
 use super::catalog::TableMapping;
+use super::sql::{key_aliases, key_match, text_arrays};
 use crate::error::{on_target as target_err, ReplicationError, Result, Side};
 use crate::pg::{quote_ident, quote_literal};
 
@@ -308,22 +309,7 @@ pub async fn commit_timestamps(client: &Client) -> Result<bool> {
 /// locks (writing lock marks into every applied row costs ~15% on wide rows)
 /// and at worst reports a later change of such a row as a conflict.
 pub fn lookup_sql(m: &TableMapping, lock: bool) -> String {
-    let nk = m.key.len();
-    let params: Vec<String> = (0..nk).map(|k| format!("${}::text[]", k + 4)).collect();
-    let aliases: Vec<String> = (0..nk).map(|k| format!("k{k}")).collect();
-    let pk: Vec<String> = aliases.iter().map(|a| format!("k.{a}")).collect();
-    let matches: Vec<String> = m
-        .key
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            format!(
-                "x.{} = k.k{k}::{}",
-                quote_ident(m.column_name(i)),
-                m.casts[i]
-            )
-        })
-        .collect();
+    let pk: Vec<String> = (0..m.key.len()).map(|k| format!("k.k{k}")).collect();
     let lock = if lock { "FOR UPDATE" } else { "" };
     format!(
         "SELECT EXISTS (SELECT 1 FROM {target} x WHERE {matches} {lock}),
@@ -342,9 +328,9 @@ pub fn lookup_sql(m: &TableMapping, lock: bool) -> String {
                    {lock}) v ON true
           ORDER BY k.ord",
         target = m.target,
-        matches = matches.join(" AND "),
-        params = params.join(", "),
-        aliases = aliases.join(", "),
+        matches = key_match(m, "x", "k"),
+        params = text_arrays(4, m.key.len()),
+        aliases = key_aliases(m.key.len()),
         pk = pk.join(", "),
     )
 }
@@ -363,28 +349,13 @@ ON CONFLICT (tenant_id, table_name, pk) DO UPDATE SET
 /// Target rows as JSON (the conflict log's target image). Parameters: one
 /// `text[]` per key column.
 pub fn image_sql(m: &TableMapping) -> String {
-    let nk = m.key.len();
-    let params: Vec<String> = (0..nk).map(|k| format!("${}::text[]", k + 1)).collect();
-    let aliases: Vec<String> = (0..nk).map(|k| format!("k{k}")).collect();
-    let matches: Vec<String> = m
-        .key
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            format!(
-                "x.{} = k.k{k}::{}",
-                quote_ident(m.column_name(i)),
-                m.casts[i]
-            )
-        })
-        .collect();
     format!(
         "SELECT (SELECT to_jsonb(x)::text FROM {} x WHERE {})
            FROM unnest({}) WITH ORDINALITY AS k({}, ord) ORDER BY k.ord",
         m.target,
-        matches.join(" AND "),
-        params.join(", "),
-        aliases.join(", "),
+        key_match(m, "x", "k"),
+        text_arrays(1, m.key.len()),
+        key_aliases(m.key.len()),
     )
 }
 
