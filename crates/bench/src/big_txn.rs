@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::drain::{reset_target, tenant_state, wait_drained, PUBLICATION};
-use crate::nodes::{config_text, drop_slot, wait_slot, Split};
+use crate::nodes::{drop_slot, wait_slot, Split};
 use crate::{cores, median, TENANT};
 
 pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
@@ -29,12 +29,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
         "heliosdb capture → apply (zstd, AES-256-GCM, TLS)",
     ];
     // The row-filtered publication every consumer reads (made by `init`).
-    let setup = config_text(&source, &target, work.path(), "big_setup", PUBLICATION, "");
-    let setup =
-        heliosdb_tenant_replication::config::Config::from_toml(&setup, "bench.toml", |_| None)?;
-    heliosdb_tenant_replication::provision::init(&setup, false)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::nodes::init_slot(&source, &target, work.path(), "big_setup").await?;
     src.execute("SELECT pg_drop_replication_slot('big_setup')", &[])
         .await?;
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); labels.len()];
@@ -56,15 +51,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
                 ))
                 .await?;
             } else {
-                let text = config_text(&source, &target, work.path(), &slot, PUBLICATION, "");
-                let config = heliosdb_tenant_replication::config::Config::from_toml(
-                    &text,
-                    "bench.toml",
-                    |_| None,
-                )?;
-                heliosdb_tenant_replication::provision::init(&config, false)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                crate::nodes::init_slot(&source, &target, work.path(), &slot).await?;
                 dst.batch_execute("DROP SCHEMA IF EXISTS heliosdb_replication CASCADE")
                     .await?;
                 nodes =

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::nodes::{config_text, drop_slot, process_cpu, Split};
+use crate::nodes::{drop_slot, process_cpu, Split};
 use crate::{cores, median, TABLES, TENANT};
 
 pub(crate) const PUBLICATION: &str = "tenant_1_pub";
@@ -154,19 +154,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
 
     // Every consumer's slot exists before the backlog is made.
     for r in 0..runs {
-        let text = config_text(
-            &source,
-            &target,
-            work.path(),
-            &format!("ours_{r}"),
-            PUBLICATION,
-            "",
-        );
-        let config =
-            heliosdb_tenant_replication::config::Config::from_toml(&text, "bench.toml", |_| None)?;
-        heliosdb_tenant_replication::provision::init(&config, false)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::nodes::init_slot(&source, &target, work.path(), &format!("ours_{r}")).await?;
         src.execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&format!("ceiling_{r}")],

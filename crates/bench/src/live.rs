@@ -27,7 +27,7 @@ use pgcluster::Cluster;
 use tokio_postgres::Client;
 
 use crate::drain::PUBLICATION;
-use crate::nodes::{config_text, drop_slot, Split};
+use crate::nodes::{drop_slot, Split};
 use crate::{cores, median, TABLES, TENANT};
 
 /// Events per pgbench transaction of `pgbench-txn.sql` (10 inserts, 2
@@ -253,12 +253,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     // Rows the updates and deletes of pgbench-txn.sql refer to.
     pg.run(None, 3).await?;
     // The tenant's publication, and the target equal to the source.
-    let text = config_text(&source, &target, work.path(), "live_init", PUBLICATION, "");
-    let config =
-        heliosdb_tenant_replication::config::Config::from_toml(&text, "bench.toml", |_| None)?;
-    heliosdb_tenant_replication::provision::init(&config, false)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::nodes::init_slot(&source, &target, work.path(), "live_init").await?;
     src.execute("SELECT pg_drop_replication_slot('live_init')", &[])
         .await?;
     for table in TABLES {
@@ -292,15 +287,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
                     .await?;
                 }
                 System::Ours => {
-                    let text = config_text(&source, &target, work.path(), &slot, PUBLICATION, "");
-                    let config = heliosdb_tenant_replication::config::Config::from_toml(
-                        &text,
-                        "bench.toml",
-                        |_| None,
-                    )?;
-                    heliosdb_tenant_replication::provision::init(&config, false)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    crate::nodes::init_slot(&source, &target, work.path(), &slot).await?;
                     nodes = Some(
                         Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?,
                     );

@@ -56,6 +56,17 @@ pub fn config_text(
     )
 }
 
+/// `init` for `slot` (the tenant's row-filtered publication and the slot,
+/// no copy: the configs start at the slot's position).
+pub async fn init_slot(source: &Cluster, target: &Cluster, dir: &Path, slot: &str) -> Result<()> {
+    let text = config_text(source, target, dir, slot, crate::drain::PUBLICATION, "");
+    let config = Config::from_toml(&text, "bench.toml", |_| None)?;
+    heliosdb_tenant_replication::provision::init(&config, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 pub fn write_key(dir: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;

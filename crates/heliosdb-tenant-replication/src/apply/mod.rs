@@ -34,7 +34,7 @@ use std::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::batch::{has_unchanged, key_of, row_bytes, Chunk, FirstOp, Key, TablePlan};
+use crate::batch::{has_unchanged, key_of, key_texts, row_bytes, Chunk, FirstOp, Key, TablePlan};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{Announced, RowChange, RowOp};
 use crate::checkpoint::progress;
@@ -78,9 +78,7 @@ impl Committed {
             }
         }
     }
-}
 
-impl Committed {
     /// Add what `other` holds (transactions confirmed together later).
     pub fn absorb(&mut self, other: Committed) {
         self.commit_times_us.extend(other.commit_times_us);
@@ -627,11 +625,10 @@ impl Applier {
         let mut again: HashSet<(String, Vec<String>)> = HashSet::new();
         for p in &collided {
             for row in &p.upserts {
-                let key = key_of(&p.mapping, row)?
-                    .iter()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .collect();
-                again.insert((p.mapping.display.clone(), key));
+                again.insert((
+                    p.mapping.display.clone(),
+                    key_texts(&key_of(&p.mapping, row)?),
+                ));
             }
         }
         // After the rows, as the local-write trigger does (row, then its
@@ -716,14 +713,7 @@ impl Applier {
         if entries.is_empty() {
             return Ok(Resolved::default());
         }
-        let mut texts: Vec<Vec<String>> = entries
-            .iter()
-            .map(|(k, ..)| {
-                k.iter()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .collect()
-            })
-            .collect();
+        let mut texts: Vec<Vec<String>> = entries.iter().map(|(k, ..)| key_texts(k)).collect();
         let key_cols: Vec<Vec<&str>> = (0..m.key.len())
             .map(|k| texts.iter().map(|t| t[k].as_str()).collect())
             .collect();
@@ -969,11 +959,7 @@ impl Applier {
             if inserted.len() < absent.len() {
                 let mut again = TablePlan::new(m.clone());
                 for &i in &absent {
-                    let key: Vec<String> = key_of(m, &p.upserts[i])?
-                        .iter()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
-                        .collect();
-                    if !inserted.contains(&key) {
+                    if !inserted.contains(&key_texts(&key_of(m, &p.upserts[i])?)) {
                         again.upserts.push(p.upserts[i].clone());
                         again.upsert_first.push(p.upsert_first[i]);
                         again.upsert_time.push(p.upsert_time[i]);
@@ -1153,12 +1139,7 @@ fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> 
         RowOp::Delete { old } => old,
     };
     let key = key_of(mapping, t)
-        .map(|k| {
-            k.iter()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
+        .map(|k| key_texts(&k).join(", "))
         .unwrap_or_default();
     ReplicationError::operator(
         format!(

@@ -234,6 +234,14 @@ pub fn row_bytes(op: &RowOp) -> u64 {
         .sum()
 }
 
+/// A key's values as text (lossy for bytes that are not UTF-8, which the
+/// text protocol does not send).
+pub fn key_texts(key: &Key) -> Vec<String> {
+    key.iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect()
+}
+
 /// Does the row carry unchanged-TOAST markers?
 pub fn has_unchanged(t: &Tuple) -> bool {
     t.iter().any(|v| matches!(v, Value::UnchangedToast))

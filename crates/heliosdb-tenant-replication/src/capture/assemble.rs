@@ -33,8 +33,6 @@ pub struct Assembler {
     held: Option<TxEvent>,
     /// Transactions dropped as already applied (for logs and tests).
     pub skipped_transactions: u64,
-    /// Transactions of the daemon's own appliers whose changes were dropped.
-    pub origin_transactions_dropped: u64,
 }
 
 impl Assembler {
@@ -49,7 +47,6 @@ impl Assembler {
             begin: None,
             held: None,
             skipped_transactions: 0,
-            origin_transactions_dropped: 0,
         }
     }
 
@@ -119,7 +116,6 @@ impl Assembler {
                 if name.starts_with(ORIGIN_PREFIX) && !self.skipping {
                     self.foreign_origin = true;
                     self.begin = None;
-                    self.origin_transactions_dropped += 1;
                 }
                 Ok(None)
             }

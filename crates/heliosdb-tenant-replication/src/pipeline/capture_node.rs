@@ -53,10 +53,17 @@ pub struct CaptureContext {
 
 impl CaptureContext {
     fn client(&mut self) -> Result<&mut ApplyClient> {
-        self.client
-            .as_mut()
-            .ok_or_else(|| ReplicationError::Internal("the apply client is in use".into()))
+        self.client.as_mut().ok_or_else(client_in_use)
     }
+
+    /// Hand the client to a request on the wire.
+    fn take_client(&mut self) -> Result<ApplyClient> {
+        self.client.take().ok_or_else(client_in_use)
+    }
+}
+
+fn client_in_use() -> ReplicationError {
+    ReplicationError::Internal("the apply client is in use".into())
 }
 
 impl CaptureContext {
@@ -407,11 +414,7 @@ impl Shipper<'_> {
                 )
             })?;
         self.settle().await?;
-        let mut client = self
-            .ctx
-            .client
-            .take()
-            .ok_or_else(|| ReplicationError::Internal("the apply client is in use".into()))?;
+        let mut client = self.ctx.take_client()?;
         let (tenant, session) = (t.tenant_id.clone(), self.session.clone());
         let wire = sealed.bytes.len() as u64;
         let envelope = Bytes::from(sealed.bytes);
