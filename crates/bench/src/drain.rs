@@ -203,6 +203,8 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
     ];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     let mut our_cpu = Vec::new();
+    let mut our_peak_mb = Vec::new();
+    let mut pgoutput_per_change = Vec::new();
     let mut wire_per_event = Vec::new();
     let mut capture_ceiling = Vec::new();
     let mut apply_ceiling = Vec::new();
@@ -215,6 +217,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
             let secs = match system {
                 System::Ours => {
                     let cpu0 = process_cpu();
+                    crate::reset_peak_rss();
                     let nodes = Split::start(
                         &source,
                         &target,
@@ -225,6 +228,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                     .await?;
                     let secs = wait_drained(&dst, &expected, started).await?;
                     our_cpu.push(process_cpu() - cpu0);
+                    our_peak_mb.push(crate::peak_rss_mb());
                     let t = nodes.apply.tenants();
                     if let Some(t) = t.first() {
                         wire_per_event.push(
@@ -262,7 +266,9 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
             );
             times[i].push(secs);
         }
-        // Capture ceiling: the same backlog decoded to nowhere.
+        // Capture ceiling: the same backlog decoded and written to a file
+        // (its size: pgoutput's bytes for the tenant's changes).
+        let decoded = work.path().join("pgoutput.bin");
         let t = Instant::now();
         let status = Command::new(source.bindir().join("pg_recvlogical"))
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "bench", "-p"])
@@ -280,7 +286,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                 "-E",
                 &end,
                 "-f",
-                "/dev/null",
+                decoded.to_str().unwrap_or("/dev/null"),
                 "--no-loop",
             ])
             .status()?;
@@ -288,6 +294,9 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
             bail!("pg_recvlogical failed");
         }
         capture_ceiling.push(t.elapsed().as_secs_f64());
+        let bytes = std::fs::metadata(&decoded).map(|m| m.len()).unwrap_or(0);
+        pgoutput_per_change.push(bytes as f64 / tenant_changes as f64);
+        let _ = std::fs::remove_file(&decoded);
         src.execute(
             "SELECT pg_drop_replication_slot($1)",
             &[&format!("ceiling_{r}")],
@@ -339,10 +348,12 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
     );
     let ours = median(&mut times[2].clone());
     println!(
-        "  ours vs capture ceiling: {:.2}; daemon CPU {:.2} s per drain; {:.1} bytes on the wire per change",
+        "  ours vs capture ceiling: {:.2}; daemon CPU {:.2} s per drain; peak memory {:.0} MB; {:.1} bytes on the wire per change (pgoutput: {:.1})",
         cc / ours,
         median(&mut our_cpu.clone()),
-        median(&mut wire_per_event.clone())
+        median(&mut our_peak_mb.clone()),
+        median(&mut wire_per_event.clone()),
+        median(&mut pgoutput_per_change.clone())
     );
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
@@ -356,6 +367,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
             "ours_seconds": times[2], "capture_ceiling_seconds": capture_ceiling,
             "apply_ceiling_seconds": apply_ceiling, "apply_ceiling_rows": final_rows,
             "ours_cpu_seconds": our_cpu, "ours_wire_bytes_per_change": wire_per_event,
+            "ours_peak_rss_mb": our_peak_mb, "pgoutput_bytes_per_change": pgoutput_per_change,
             "ratio_ours_to_best_native": best_native / ours,
         }))?,
     )?;

@@ -206,18 +206,43 @@ async fn wait_caught_up(src: &Client, dst: &Client, marker: i64) -> Result<()> {
     Ok(())
 }
 
-/// Lags (seconds) of the rows the source committed since `since_us`.
-async fn lags(src: &Client, seen: &HashMap<i64, i64>, since_us: i64) -> Result<Vec<f64>> {
+/// Lags of the rows the source committed since `since_us`: sorted (s),
+/// and the p99 per half second of source commit time (seconds since
+/// `since_us`, lag ms) for the chart.
+async fn lags(
+    src: &Client,
+    seen: &HashMap<i64, i64>,
+    since_us: i64,
+) -> Result<(Vec<f64>, Vec<(f64, f64)>)> {
     let s = source_times(src, since_us).await?;
-    let mut out: Vec<f64> = s
+    let pairs: Vec<(i64, f64)> = s
         .iter()
-        .filter_map(|(id, t0)| seen.get(id).map(|t1| (t1 - t0) as f64 / 1e6))
+        .filter_map(|(id, t0)| {
+            seen.get(id)
+                .map(|t1| (t0 - since_us, (t1 - t0) as f64 / 1e6))
+        })
         .collect();
-    if out.len() < s.len() * 9 / 10 {
-        bail!("only {} of {} rows were seen arriving", out.len(), s.len());
+    if pairs.len() < s.len() * 9 / 10 {
+        bail!(
+            "only {} of {} rows were seen arriving",
+            pairs.len(),
+            s.len()
+        );
     }
+    let mut buckets: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+    for (t, lag) in &pairs {
+        buckets.entry(t / 500_000).or_default().push(*lag);
+    }
+    let series = buckets
+        .into_iter()
+        .map(|(b, mut v)| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            (b as f64 * 0.5, quantile(&v, 0.99) * 1000.0)
+        })
+        .collect();
+    let mut out: Vec<f64> = pairs.into_iter().map(|(_, l)| l).collect();
     out.sort_by(|a, b| a.total_cmp(b));
-    Ok(out)
+    Ok((out, series))
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -225,21 +250,6 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
-}
-
-/// Peak resident set size of this process, MB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmHWM:")
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) -> Result<()> {
@@ -263,7 +273,12 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     let mut none_tps = Vec::new();
     let mut fixed: HashMap<&str, Vec<Vec<f64>>> = HashMap::new();
     let mut full: HashMap<&str, Vec<(f64, Vec<f64>)>> = HashMap::new();
+    // Lag over time of the last run, per system: (fixed rate, full speed).
+    type Series = Vec<(f64, f64)>;
+    let mut over_time: HashMap<&str, (Series, Series)> = HashMap::new();
     let mut marker = -1_000_000i64;
+    // Peak resident memory while our nodes ran (the largest of the runs).
+    let mut peak = 0.0f64;
     for r in 0..runs {
         none_tps.push(pg.run(None, seconds).await?);
         eprintln!("  run {}: no replication: {:.0} tps", r + 1, none_tps[r]);
@@ -288,6 +303,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
                 }
                 System::Ours => {
                     crate::nodes::init_slot(&source, &target, work.path(), &slot).await?;
+                    crate::reset_peak_rss();
                     nodes = Some(
                         Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?,
                     );
@@ -301,14 +317,15 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
             pg.run(Some(tps), seconds).await?;
             marker -= 1;
             wait_caught_up(&src, &dst, marker).await?;
-            let fixed_lags = lags(&src, &poller.finish().await?, since).await?;
+            let (fixed_lags, fixed_series) = lags(&src, &poller.finish().await?, since).await?;
 
             let since = now_us();
             let poller = Poller::start(&target).await?;
             let max_tps = pg.run(None, seconds).await?;
             marker -= 1;
             wait_caught_up(&src, &dst, marker).await?;
-            let full_lags = lags(&src, &poller.finish().await?, since).await?;
+            let (full_lags, full_series) = lags(&src, &poller.finish().await?, since).await?;
+            over_time.insert(system.label(), (fixed_series, full_series));
             eprintln!(
                 "  run {}: {:<52} at {tps} tps: lag p50 {:.3} s p99 {:.3} s p999 {:.3} s; full speed {max_tps:.0} tps, lag p99 {:.3} s",
                 r + 1,
@@ -328,6 +345,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
                         .await?;
                 }
                 System::Ours => {
+                    peak = peak.max(crate::peak_rss_mb());
                     if let Some(n) = nodes.take() {
                         n.stop().await;
                     }
@@ -378,10 +396,11 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
             serde_json::json!({
                 "fixed_rate_lag_p50_s": q(0.5), "fixed_rate_lag_p99_s": q(0.99), "fixed_rate_lag_p999_s": q(0.999),
                 "full_speed_tps": tpss, "full_speed_lag_p99_s": p99full, "source_slowdown": slowdown,
+                "fixed_rate_lag_p99_ms_per_half_second": over_time.get(label).map(|s| &s.0),
+                "full_speed_lag_p99_ms_per_half_second": over_time.get(label).map(|s| &s.1),
             }),
         );
     }
-    let peak = peak_rss_mb();
     println!(
         "  source slowdown, ours vs PostgreSQL's: {:.2}; peak resident memory of this process (capture + apply nodes): {peak:.0} MB",
         slowdowns[System::Ours.label()] / slowdowns[System::Native.label()].max(1e-9),

@@ -22,6 +22,7 @@
 
 mod all;
 mod big_txn;
+mod chart;
 mod drain;
 mod initial_sync;
 mod live;
@@ -59,6 +60,12 @@ enum Cmd {
         #[arg(long, default_value = "../shared/bench")]
         workload_dir: PathBuf,
         /// Where the JSON files go.
+        #[arg(long, default_value = "target/bench")]
+        out_dir: PathBuf,
+    },
+    /// Draw `chart.png` again from the JSON files of a run (lag over time
+    /// in the live scenario, throughput per system and scenario).
+    Chart {
         #[arg(long, default_value = "target/bench")]
         out_dir: PathBuf,
     },
@@ -180,6 +187,11 @@ async fn main() -> Result<()> {
             };
             all::run(sizes, &workload_dir, &out_dir).await
         }
+        Cmd::Chart { out_dir } => {
+            let path = chart::draw(&out_dir)?;
+            println!("chart: {}", path.display());
+            Ok(())
+        }
         Cmd::InitialSync {
             rows,
             runs,
@@ -231,6 +243,29 @@ pub(crate) fn options() -> ClusterOptions {
     // dropped: a benchmark artefact that would make PostgreSQL look slower.
     .set("wal_retrieve_retry_interval", "'100ms'")
     .set("max_wal_size", "'4GB'")
+}
+
+/// Peak resident set size of this process (MB) since the last
+/// [`reset_peak_rss`]: the capture and apply nodes run in it, the rest of
+/// the benchmark process holds a few MB.
+pub(crate) fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Start measuring the peak resident set size afresh (Linux: writing 5 to
+/// `/proc/self/clear_refs` resets VmHWM to the current size).
+pub(crate) fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {

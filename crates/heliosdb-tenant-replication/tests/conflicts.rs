@@ -397,3 +397,107 @@ async fn every_kind_under_every_strategy_ends_with_the_expected_row() {
         assert!(daemon.terminate().0.success());
     }
 }
+
+/// Replica rows written where no version is kept (a restore or a fix-up
+/// run with `session_replication_role = replica`, so the daemon's triggers
+/// never saw them): the chunk is applied without a prior read, the
+/// statements show the rows were not where the source had them, and the
+/// chunk is rolled back and resolved. TargetPreferred: the replica's rows
+/// stay, the rest of the same source transaction is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergence_without_stored_versions_is_still_detected_and_rolled_back() {
+    let env = Env::new(SCHEMA).await;
+    let text = env.config_text("") + "\n[conflict]\nresolution_strategy = \"TargetPreferred\"\n";
+    let config = env.write_config("replication.toml", &text);
+    env.init(&config);
+    let daemon = env.start_daemon(&config);
+    let (src, dst) = (env.src().await, env.dst().await);
+    src.batch_execute("INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', 1, now() FROM generate_series(1, 20) g")
+        .await
+        .expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+
+    dst.batch_execute(
+        "SET session_replication_role = replica;
+         DELETE FROM accounts WHERE id IN (1, 2);
+         INSERT INTO accounts VALUES ('tenant-123', 100, 'restored on the replica', 'x', 0, now());
+         RESET session_replication_role;",
+    )
+    .await
+    .expect("untracked writes");
+    let versions: i64 = dst
+        .query_one("SELECT count(*) FROM heliosdb_replication.row_version", &[])
+        .await
+        .expect("versions")
+        .get(0);
+    assert_eq!(versions, 0, "nothing recorded a version of these writes");
+    src.batch_execute(
+        "BEGIN;
+         UPDATE accounts SET name = 'source' WHERE id BETWEEN 1 AND 10 AND id <> 2;
+         DELETE FROM accounts WHERE id IN (2, 11);
+         INSERT INTO accounts VALUES ('tenant-123', 100, 'made on the source', 'y', 5, now());
+         INSERT INTO accounts SELECT 'tenant-123', g, 'new', 'e', 1, now() FROM generate_series(200, 249) g;
+         COMMIT;
+         INSERT INTO events VALUES ('tenant-123', 1, 'marker', '', now());",
+    )
+    .await
+    .expect("source changes");
+    wait_until(Duration::from_secs(30), "the marker", || async {
+        dst.query_opt("SELECT 1 FROM events WHERE id = 1", &[])
+            .await
+            .expect("marker")
+            .is_some()
+    })
+    .await;
+
+    let names: Vec<(i64, String)> = dst
+        .query(
+            "SELECT id, name FROM accounts WHERE id < 200 ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut want: Vec<(i64, String)> = (3..=10).map(|i| (i, "source".into())).collect();
+    want.extend((12..=20).map(|i| (i, "n".into())));
+    want.push((100, "restored on the replica".into()));
+    assert_eq!(names, want, "{}", daemon.log());
+    let new: i64 = dst
+        .query_one("SELECT count(*) FROM accounts WHERE id >= 200", &[])
+        .await
+        .expect("new rows")
+        .get(0);
+    assert_eq!(new, 50, "the transaction's other rows are applied");
+    let logged: Vec<(String, String, String, Option<String>)> = dst
+        .query(
+            "SELECT primary_key->>'id', conflict_type, winner, target_row->>'name'
+               FROM heliosdb_replication.heliosdb_conflict_log
+              ORDER BY (primary_key->>'id')::bigint",
+            &[],
+        )
+        .await
+        .expect("conflict log")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let row = |id: &str, kind: &str, image: Option<&str>| {
+        (
+            id.to_string(),
+            kind.to_string(),
+            "target".to_string(),
+            image.map(str::to_string),
+        )
+    };
+    assert_eq!(
+        logged,
+        vec![
+            row("1", "update_missing", None),
+            row("2", "delete_missing", None),
+            row("100", "insert_exists", Some("restored on the replica")),
+        ],
+        "{}",
+        daemon.log()
+    );
+}

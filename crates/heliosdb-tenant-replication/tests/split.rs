@@ -319,6 +319,11 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
         &format!("key_file = \"{}\"", dir.join("tenant.key").display()),
         &format!("key_file = \"{}\"", apply_keys.display()),
     );
+    // How long a batch waits for the one before it.
+    let apply_text = apply_text.replace(
+        "request_timeout_seconds = 30",
+        "request_timeout_seconds = 3",
+    );
     let audit_path = dir.join("audit.log");
     let apply_text = apply_text.replace(
         "[monitoring]\n",
@@ -566,6 +571,48 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
         .expect_err("replay after restart accepted");
     assert!(err.to_string().contains("replayed"), "{err}");
     assert_eq!(account_ids(&env).await, vec![1, 6]);
+
+    // Two batches on the wire on two connections, the later one first: it
+    // waits for its predecessor, and both apply in sequence order.
+    let mut second = client_for(&good_cert, &dir.join("ca.pem"));
+    let later = {
+        let (session, batch) = (
+            again.session.clone(),
+            crafted::batch(TENANT, 9, seq + 2, lsn + 800, &current),
+        );
+        tokio::spawn(async move { second.batch(TENANT, &session, batch.into()).await })
+    };
+    wait_until(Duration::from_secs(10), "the later batch waits", || async {
+        apply
+            .log()
+            .contains(&format!("batch {} waits for batch {}", seq + 2, seq + 1))
+    })
+    .await;
+    assert!(!later.is_finished(), "the later batch was answered first");
+    let earlier = client
+        .batch(
+            TENANT,
+            &again.session,
+            crafted::batch(TENANT, 8, seq + 1, lsn + 700, &current).into(),
+        )
+        .await
+        .expect("earlier batch");
+    assert_eq!(earlier.committed_end_lsn, Some(lsn + 708));
+    let later = later.await.expect("task").expect("later batch");
+    assert_eq!(later.committed_end_lsn, Some(lsn + 808));
+    assert_eq!(account_ids(&env).await, vec![1, 6, 8, 9]);
+    // A batch whose predecessor never comes is refused once the wait ends
+    // (the capture node then starts a new session); nothing of it applies.
+    let err = client
+        .batch(
+            TENANT,
+            &again.session,
+            crafted::batch(TENANT, 11, seq + 4, lsn + 1000, &current).into(),
+        )
+        .await
+        .expect_err("a batch after a gap was applied");
+    assert!(err.to_string().contains("did not"), "{err}");
+    assert_eq!(account_ids(&env).await, vec![1, 6, 8, 9]);
 
     let log = apply.log() + &std::fs::read_to_string(dir.join("apply.log")).unwrap_or_default();
     for word in [

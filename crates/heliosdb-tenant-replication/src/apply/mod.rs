@@ -97,6 +97,9 @@ pub struct ApplyStats {
     pub transactions: u64,
     pub foreign_rows_dropped: u64,
     pub updates_of_missing_rows: u64,
+    /// Chunks applied without a prior read that met a conflict and were
+    /// rolled back and resolved against the target instead.
+    pub chunks_resolved_again: u64,
 }
 
 /// Who the applier writes for.
@@ -144,6 +147,8 @@ pub struct Applier {
     announced: HashMap<(String, Vec<String>), Version>,
     /// Tables whose local-write triggers this session installed (or may not).
     tracked: HashSet<String>,
+    /// Tables known to hold stored row versions of the tenant.
+    versioned: HashSet<String>,
     /// Does the target record commit timestamps (local write times)?
     commit_timestamps: bool,
     pub stats: ApplyStats,
@@ -203,6 +208,7 @@ impl Applier {
             txn_time_us: 0,
             announced: HashMap::new(),
             tracked: HashSet::new(),
+            versioned: HashSet::new(),
             commit_timestamps,
             stats: ApplyStats::default(),
         })
@@ -539,7 +545,7 @@ impl Applier {
             .batch_execute("SAVEPOINT heliosdb_chunk")
             .await
             .map_err(target_err("SAVEPOINT"))?;
-        match self.resolve_and_apply(&mut plans, detect, &mut found).await {
+        match self.apply_chunk(&mut plans, detect, &mut found).await {
             Ok(()) => {}
             // A constraint the source's order would satisfy; passing errors
             // (deadlock, lost connection) go up and the session retries.
@@ -576,6 +582,124 @@ impl Applier {
             .map_err(target_err("RELEASE SAVEPOINT"))?;
         self.pending.conflicts.extend(found);
         Ok(())
+    }
+
+    /// Apply a chunk inside its savepoint. Where nothing can be decided
+    /// against a stored version (none kept for its tables, none announced),
+    /// apply it straight away and check from what the statements return
+    /// that every row was where the source had it; only a chunk with a
+    /// conflict is rolled back and resolved row by row against the target.
+    async fn apply_chunk(
+        &mut self,
+        plans: &mut [TablePlan],
+        detect: bool,
+        found: &mut Vec<Conflict>,
+    ) -> Result<()> {
+        if detect && self.announced.is_empty() && !self.versioned(plans).await? {
+            if self.apply_optimistic(plans).await? {
+                return Ok(());
+            }
+            self.stats.chunks_resolved_again += 1;
+            self.client
+                .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
+                .await
+                .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
+        }
+        self.resolve_and_apply(plans, detect, found).await
+    }
+
+    /// Do any of the plans' tables hold stored versions of the tenant's rows
+    /// (local writes, earlier conflicts)? A table that does always will
+    /// (tombstones stay), so only the others are asked again.
+    async fn versioned(&mut self, plans: &[TablePlan]) -> Result<bool> {
+        let unknown: Vec<&str> = plans
+            .iter()
+            .map(|p| p.mapping.display.as_str())
+            .filter(|t| !self.versioned.contains(*t))
+            .collect();
+        if unknown.len() < plans.len() {
+            return Ok(true);
+        }
+        let stmt = self.prepared(tracking::VERSIONED_SQL.to_string()).await?;
+        let rows = self
+            .client
+            .query(&stmt, &[&self.id.tenant, &unknown])
+            .await
+            .map_err(target_err("reading which tables hold row versions"))?;
+        for r in &rows {
+            self.versioned.insert(r.get(0));
+        }
+        Ok(!rows.is_empty())
+    }
+
+    /// Apply the plans without reading the target first. `Ok(false)`: a row
+    /// was not where the source had it (present for an update or delete,
+    /// absent for an insert): a conflict, to be resolved after a rollback.
+    async fn apply_optimistic(&mut self, plans: &[TablePlan]) -> Result<bool> {
+        let expects_row = |first: &FirstOp| *first != FirstOp::Insert;
+        for p in plans {
+            let m = &p.mapping;
+            if !p.deletes.is_empty() {
+                let sql = format!("{}{}", sql::delete(m), sql::returning_keys(m));
+                let deleted = self.returned(sql, &key_columns(m, &p.deletes), m).await?;
+                for (key, first) in p.deletes.iter().zip(&p.delete_first) {
+                    if deleted.contains_key(&key_texts(key)) != expects_row(first) {
+                        return Ok(false);
+                    }
+                }
+            }
+            if !p.upserts.is_empty() {
+                let all: Vec<usize> = (0..m.casts.len()).collect();
+                let sql = format!("{}{}, (x.xmax = 0)", sql::upsert(m), sql::returning_keys(m));
+                let inserted = self.returned(sql, &columns(&p.upserts, &all)?, m).await?;
+                for (row, first) in p.upserts.iter().zip(&p.upsert_first) {
+                    // Not returned: an existing row that `DO NOTHING` kept.
+                    let present = inserted.get(&key_texts(&key_of(m, row)?)) != Some(&true);
+                    if present != expects_row(first) {
+                        return Ok(false);
+                    }
+                }
+            }
+            for (set, rows) in column_groups(p) {
+                let mut wanted = m.key.clone();
+                wanted.extend(&set);
+                let sql = format!("{}{}", sql::update_columns(m, &set), sql::returning_keys(m));
+                let owned: Vec<Tuple> = rows.iter().map(|(t, _)| (*t).clone()).collect();
+                let updated = self.returned(sql, &columns(&owned, &wanted)?, m).await?;
+                for (row, first) in rows {
+                    if updated.contains_key(&key_texts(&key_of(m, row)?)) != expects_row(&first) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Run a statement that returns key columns as text (and optionally one
+    /// boolean after them): the keys it touched, with that boolean.
+    async fn returned(
+        &mut self,
+        sql: String,
+        cols: &[Vec<Option<&str>>],
+        m: &TableMapping,
+    ) -> Result<HashMap<Vec<String>, bool>> {
+        let stmt = self.prepared(sql).await?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = self
+            .client
+            .query(&stmt, &params)
+            .await
+            .map_err(target_err(&format!("applying changes to {}", m.display)))?;
+        let n = m.key.len();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let key = (0..n).map(|k| r.get::<_, String>(k)).collect();
+                (key, r.len() > n && r.get::<_, bool>(n))
+            })
+            .collect())
     }
 
     async fn resolve_and_apply(
@@ -907,15 +1031,8 @@ impl Applier {
         let mut collided = Vec::new();
         for p in plans.iter().filter(|p| !p.deletes.is_empty()) {
             let m = &p.mapping;
-            let cols: Vec<Vec<Option<&str>>> = (0..m.key.len())
-                .map(|k| {
-                    p.deletes
-                        .iter()
-                        .map(|key| std::str::from_utf8(&key[k]).ok())
-                        .collect()
-                })
-                .collect();
-            self.run(sql::delete(m), &cols, &m.display).await?;
+            self.run(sql::delete(m), &key_columns(m, &p.deletes), &m.display)
+                .await?;
         }
         for p in plans.iter().filter(|p| !p.upserts.is_empty()) {
             let m = &p.mapping;
@@ -945,21 +1062,11 @@ impl Applier {
                 continue;
             }
             let cols = columns(&fresh, &all)?;
-            let stmt = self.prepared(sql::insert_new(m)).await?;
-            let params: Vec<&(dyn ToSql + Sync)> =
-                cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            let inserted: HashSet<Vec<String>> = self
-                .client
-                .query(&stmt, &params)
-                .await
-                .map_err(target_err(&format!("applying changes to {}", m.display)))?
-                .iter()
-                .map(|r| (0..m.key.len()).map(|k| r.get::<_, String>(k)).collect())
-                .collect();
+            let inserted = self.returned(sql::insert_new(m), &cols, m).await?;
             if inserted.len() < absent.len() {
                 let mut again = TablePlan::new(m.clone());
                 for &i in &absent {
-                    if !inserted.contains(&key_texts(&key_of(m, &p.upserts[i])?)) {
+                    if !inserted.contains_key(&key_texts(&key_of(m, &p.upserts[i])?)) {
                         again.upserts.push(p.upserts[i].clone());
                         again.upsert_first.push(p.upsert_first[i]);
                         again.upsert_time.push(p.upsert_time[i]);
@@ -969,23 +1076,10 @@ impl Applier {
             }
         }
         for p in plans.iter().filter(|p| !p.partial_updates.is_empty()) {
-            // Group rows by which columns they carry.
-            let mut groups: Vec<(Vec<usize>, Vec<&Tuple>)> = Vec::new();
-            for t in &p.partial_updates {
-                let set: Vec<usize> = (0..t.len())
-                    .filter(|i| {
-                        !p.mapping.key.contains(i) && !matches!(t[*i], Value::UnchangedToast)
-                    })
-                    .collect();
-                match groups.iter_mut().find(|(s, _)| *s == set) {
-                    Some((_, rows)) => rows.push(t),
-                    None => groups.push((set, vec![t])),
-                }
-            }
-            for (set, rows) in groups {
+            for (set, rows) in column_groups(p) {
                 let mut wanted = p.mapping.key.clone();
                 wanted.extend(&set);
-                let owned: Vec<Tuple> = rows.into_iter().cloned().collect();
+                let owned: Vec<Tuple> = rows.into_iter().map(|(t, _)| t.clone()).collect();
                 let cols = columns(&owned, &wanted)?;
                 let n = self
                     .run(
@@ -1180,6 +1274,36 @@ fn copy_escape(out: &mut bytes::BytesMut, value: &[u8]) {
 }
 
 /// Keep the items whose flag is set.
+/// Columns carried (source indices), and the rows that carry exactly them.
+type ColumnGroup<'a> = (Vec<usize>, Vec<(&'a Tuple, FirstOp)>);
+
+/// A plan's partial updates grouped by the columns they carry (the rest
+/// are unchanged large values), each with its first operation.
+fn column_groups(p: &TablePlan) -> Vec<ColumnGroup<'_>> {
+    let mut groups: Vec<ColumnGroup<'_>> = Vec::new();
+    for (t, first) in p.partial_updates.iter().zip(&p.partial_first) {
+        let set: Vec<usize> = (0..t.len())
+            .filter(|i| !p.mapping.key.contains(i) && !matches!(t[*i], Value::UnchangedToast))
+            .collect();
+        match groups.iter_mut().find(|(s, _)| *s == set) {
+            Some((_, rows)) => rows.push((t, *first)),
+            None => groups.push((set, vec![(t, *first)])),
+        }
+    }
+    groups
+}
+
+/// Primary keys as one text column per key column (statement parameters).
+fn key_columns<'a>(m: &TableMapping, keys: &'a [Key]) -> Vec<Vec<Option<&'a str>>> {
+    (0..m.key.len())
+        .map(|k| {
+            keys.iter()
+                .map(|key| std::str::from_utf8(&key[k]).ok())
+                .collect()
+        })
+        .collect()
+}
+
 fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
     let mut flags = keep.iter();
     v.retain(|_| *flags.next().unwrap_or(&true));

@@ -85,15 +85,17 @@ pub(super) fn key_match(m: &TableMapping, alias: &str, values: &str) -> String {
 /// Insert full rows whose key is absent; returns the keys (as text) of the
 /// rows it inserted. Parameters: one array per source column.
 pub fn insert_new(m: &TableMapping) -> String {
-    let returning: Vec<String> = key_columns(m)
+    format!("{} DO NOTHING{}", insert_rows(m), returning_keys(m))
+}
+
+/// `RETURNING x.<key>::text, …`: the keys (as text) of the rows a statement
+/// touched, for the optimistic apply's presence check.
+pub fn returning_keys(m: &TableMapping) -> String {
+    let keys: Vec<String> = key_columns(m)
         .iter()
         .map(|k| format!("x.{k}::text"))
         .collect();
-    format!(
-        "{} DO NOTHING RETURNING {}",
-        insert_rows(m),
-        returning.join(", ")
-    )
+    format!(" RETURNING {}", keys.join(", "))
 }
 
 /// Delete by primary key. Parameters: one array per key column.

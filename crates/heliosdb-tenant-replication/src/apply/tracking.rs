@@ -335,6 +335,13 @@ pub fn lookup_sql(m: &TableMapping, lock: bool) -> String {
     )
 }
 
+/// Which of the tables (`$2`, display names) hold stored versions of the
+/// tenant's (`$1`) rows.
+pub const VERSIONED_SQL: &str = "
+SELECT t FROM unnest($2::text[]) AS t
+ WHERE EXISTS (SELECT 1 FROM heliosdb_replication.row_version r
+                WHERE r.tenant_id = $1 AND r.table_name = t)";
+
 /// Store versions (inside the apply transaction). Parameters: tenant, table,
 /// then arrays of pk (JSON text arrays), node, time_us, vclock, deleted.
 pub const STORE_SQL: &str = "

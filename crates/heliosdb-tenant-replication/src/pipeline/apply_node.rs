@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::StatusCode;
 use rand::RngCore;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard, Notify};
 
 use super::Shutdown;
 use crate::apply::schema::SourceCatalog;
@@ -40,6 +40,9 @@ pub struct ApplyNode {
 
 struct Tenant {
     state: Mutex<TenantState>,
+    /// Woken after each batch: a batch that arrived before its predecessor
+    /// (the capture node keeps two on the wire, on two connections) waits.
+    progressed: Notify,
     tel: Arc<TenantTelemetry>,
 }
 
@@ -48,6 +51,9 @@ struct TenantState {
     session: Option<Active>,
     /// Highest sequence seen by this process (applied or not).
     highest_seen: u64,
+    /// Batches refused so far: a batch waiting for its predecessor stops
+    /// waiting when one is (it may have been that predecessor).
+    refusals: u64,
 }
 
 struct Active {
@@ -97,6 +103,7 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemet
             t.tenant_id.clone(),
             Tenant {
                 state: Mutex::new(TenantState::default()),
+                progressed: Notify::new(),
                 tel: tel.clone(),
             },
         )]
@@ -190,6 +197,8 @@ impl ApplyNode {
         });
         entry.tel.set_state(State::Running);
         entry.tel.caught_up();
+        // Batches of the replaced session stop waiting for their turn.
+        entry.progressed.notify_waiters();
         Ok(response)
     }
 
@@ -253,21 +262,28 @@ impl ApplyNode {
         envelope: Bytes,
     ) -> Result<BatchResponse, Refusal> {
         let entry = self.tenant(tenant)?;
+        let answer = self.apply_in_turn(entry, tenant, session, envelope).await;
+        if answer.is_err() {
+            entry.state.lock().await.refusals += 1;
+        }
+        entry.progressed.notify_waiters();
+        answer
+    }
+
+    async fn apply_in_turn(
+        &self,
+        entry: &Tenant,
+        tenant: &str,
+        session: &str,
+        envelope: Bytes,
+    ) -> Result<BatchResponse, Refusal> {
         let tel = &entry.tel;
-        let mut guard = entry.state.lock().await;
-        let state = &mut *guard;
-        let Some(active) = state.session.as_mut().filter(|a| a.id == session) else {
-            return Err(Refusal::new(
-                StatusCode::CONFLICT,
-                "session_unknown",
-                "the session is unknown or was replaced (apply node restarted?): start a new one",
-            )
-            .retry());
-        };
+        // Authenticated and decompressed before the batch's turn: this
+        // overlaps applying the batch before it.
         let (header, plain) = seal::open_with(
             &envelope,
             tenant,
-            Some(active.last_sequence),
+            None,
             self.keys.as_ref(),
             self.dictionary.as_deref(),
         )
@@ -275,6 +291,33 @@ impl ApplyNode {
             tel.refused(e.error_type(), &e.to_string());
             refuse_envelope(tenant, &e)
         })?;
+        let mut guard = self.turn(entry, session, header.sequence).await?;
+        let state = &mut *guard;
+        let Some(active) = state.session.as_mut().filter(|a| a.id == session) else {
+            return Err(session_unknown());
+        };
+        if header.sequence <= active.last_sequence {
+            let e = SealError::Replay {
+                tenant: tenant.to_string(),
+                sequence: header.sequence,
+                last: active.last_sequence,
+            };
+            tel.refused(e.error_type(), &e.to_string());
+            return Err(refuse_envelope(tenant, &e));
+        }
+        if header.sequence > active.last_sequence + 1 {
+            tracing::warn!(%tenant, sequence = header.sequence, expected = active.last_sequence + 1, "a batch arrived but the one before it did not; the capture node starts a new session");
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "batch_out_of_order",
+                format!(
+                    "batch {} arrived, batch {} did not: start a new session",
+                    header.sequence,
+                    active.last_sequence + 1
+                ),
+            )
+            .retry());
+        }
         tel.behind();
         state.highest_seen = state.highest_seen.max(header.sequence);
         let decoded = match active.decoder.decode(Bytes::from(plain)) {
@@ -370,6 +413,54 @@ async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<Com
         return Ok(None);
     }
     a.applier.commit().await
+}
+
+impl ApplyNode {
+    /// The tenant's state, once `sequence` is the session's next batch (or
+    /// the request timeout passed, or the session is gone).
+    async fn turn<'a>(
+        &self,
+        entry: &'a Tenant,
+        session: &str,
+        sequence: u64,
+    ) -> Result<MutexGuard<'a, TenantState>, Refusal> {
+        let deadline = tokio::time::Instant::now() + self.config.transport.request_timeout;
+        let mut refusals = None;
+        loop {
+            // Registered before looking, so no wake-up between is missed.
+            let progressed = entry.progressed.notified();
+            let guard = entry.state.lock().await;
+            let early = match guard.session.as_ref().filter(|a| a.id == session) {
+                None => return Err(session_unknown()),
+                Some(a) => sequence > a.last_sequence + 1,
+            };
+            let refused = *refusals.get_or_insert(guard.refusals) != guard.refusals;
+            if !early || refused || tokio::time::Instant::now() >= deadline {
+                return Ok(guard);
+            }
+            if refusals == Some(guard.refusals) {
+                tracing::debug!(
+                    "batch {sequence} waits for batch {}",
+                    guard
+                        .session
+                        .as_ref()
+                        .map(|a| a.last_sequence + 1)
+                        .unwrap_or_default()
+                );
+            }
+            drop(guard);
+            let _ = tokio::time::timeout_at(deadline, progressed).await;
+        }
+    }
+}
+
+fn session_unknown() -> Refusal {
+    Refusal::new(
+        StatusCode::CONFLICT,
+        "session_unknown",
+        "the session is unknown or was replaced (apply node restarted?): start a new one",
+    )
+    .retry()
 }
 
 fn refuse_envelope(tenant: &str, e: &SealError) -> Refusal {

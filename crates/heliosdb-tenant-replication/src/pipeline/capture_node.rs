@@ -13,9 +13,12 @@
 //! transaction larger than that spans several batches, applied into one
 //! open target transaction), or at a source commit when nothing more is
 //! queued or `batch_timeout_ms` passed; a full batch waits for the end of
-//! its source transaction so the apply node can commit it. One batch is on
-//! the wire at a time; the next one is encoded and sealed meanwhile.
+//! its source transaction so the apply node can commit it. Up to
+//! [`WINDOW`] batches are on the wire at once, each on its own connection:
+//! the apply node opens the next while it applies one, and applies them in
+//! sequence order; answers are settled in that order too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,23 +45,27 @@ use crate::transport::client::{host_name, ApplyClient};
 use crate::transport::codec::Encoder;
 use crate::transport::SessionRequest;
 
+/// Batches on the wire at once.
+const WINDOW: usize = 2;
+
 /// What outlives sessions: keys (their batch counts), compression, the
-/// connection to the apply node.
+/// connections to the apply node.
 pub struct CaptureContext {
     keys: Arc<FileKeys>,
     compression: Compression,
-    /// `None` only while a batch is on the wire (the request owns it).
-    client: Option<ApplyClient>,
+    /// Idle connections (one per batch the window allows); a request on
+    /// the wire owns the one it uses.
+    clients: Vec<ApplyClient>,
 }
 
 impl CaptureContext {
     fn client(&mut self) -> Result<&mut ApplyClient> {
-        self.client.as_mut().ok_or_else(client_in_use)
+        self.clients.last_mut().ok_or_else(client_in_use)
     }
 
-    /// Hand the client to a request on the wire.
+    /// Hand a connection to a request on the wire.
     fn take_client(&mut self) -> Result<ApplyClient> {
-        self.client.take().ok_or_else(client_in_use)
+        self.clients.pop().ok_or_else(client_in_use)
     }
 }
 
@@ -83,11 +90,13 @@ impl CaptureContext {
         })?;
         let compression = Compression::from_config(&config.seal)
             .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
-        let client = ApplyClient::new(&config.transport, config.network.connect_timeout)?;
+        let clients = (0..WINDOW)
+            .map(|_| ApplyClient::new(&config.transport, config.network.connect_timeout))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             keys: Arc::new(keys),
             compression,
-            client: Some(client),
+            clients,
         })
     }
 }
@@ -167,7 +176,8 @@ pub async fn run(
         in_source_txn: false,
         opened_at: None,
         remote_open: false,
-        in_flight: None,
+        in_flight: VecDeque::new(),
+        carried: Committed::default(),
         rx,
         acked: Acknowledger::new(ack_tx, opened.ack_lsn),
         checkpoint: CheckpointWriter::new(
@@ -193,10 +203,10 @@ pub async fn run(
             Err(e) => Err(e),
         },
         Ok(()) => shipper.settle().await,
-        // The request on the wire still owns the apply client: get it back
-        // for the next session (its answer no longer matters).
+        // Requests on the wire still own their connections: get them back
+        // for the next session (their answers no longer matter).
         Err(e) => {
-            let _ = shipper.settle().await;
+            shipper.recover().await;
             Err(e)
         }
     };
@@ -269,8 +279,11 @@ struct Shipper<'a> {
     opened_at: Option<Instant>,
     /// The apply node holds part of a source transaction uncommitted.
     remote_open: bool,
-    /// The batch on the wire: the next one is sealed while it is applied.
-    in_flight: Option<InFlight>,
+    /// Batches on the wire, oldest first: the next one is sealed while they
+    /// are applied.
+    in_flight: VecDeque<InFlight>,
+    /// Transactions of answered batches the apply node has not committed yet.
+    carried: Committed,
     rx: mpsc::Receiver<TxEvent>,
     acked: Acknowledger,
     checkpoint: CheckpointWriter,
@@ -286,7 +299,7 @@ impl Shipper<'_> {
                 .opened_at
                 .filter(|_| !self.in_source_txn)
                 .map(|at| tokio::time::Instant::from_std(at + timeout));
-            let flight = self.in_flight.as_mut();
+            let flight = self.in_flight.front_mut();
             let answered = async move {
                 match flight {
                     Some(f) => {
@@ -299,7 +312,11 @@ impl Shipper<'_> {
                 biased;
                 _ = stopped(shutdown) => return Ok(()),
                 _ = answered => {
-                    self.settle().await?;
+                    self.settle_oldest().await?;
+                    // What gathered while the window was full goes now.
+                    if !self.in_source_txn && !self.enc.is_empty() {
+                        self.send().await?;
+                    }
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
@@ -378,7 +395,11 @@ impl Shipper<'_> {
         // whole backlog); a transaction larger than a batch spans batches.
         let events = self.enc.events();
         let full = events >= batch_size && (!self.in_source_txn || events >= 2 * batch_size);
+        // With the window full, complete transactions gather into a larger
+        // batch until an answer makes room (fewer, larger target commits
+        // when the apply node is the slower side).
         let boundary = matches!(event, TxEvent::Commit { .. })
+            && self.in_flight.len() < WINDOW
             && (self.rx.is_empty()
                 || self
                     .opened_at
@@ -389,9 +410,9 @@ impl Shipper<'_> {
         Ok(())
     }
 
-    /// Seal the batch and put it on the wire; the answer to the previous
-    /// one is awaited first (one request at a time, in sequence order), so
-    /// sealing this batch overlapped applying that one.
+    /// Seal the batch and put it on the wire; with the window full, the
+    /// oldest batch's answer is awaited first (sealing this batch overlapped
+    /// applying that one).
     async fn send(&mut self) -> Result<()> {
         if self.enc.is_empty() {
             return Ok(());
@@ -413,7 +434,9 @@ impl Shipper<'_> {
                     "add a newer key for the tenant (keys directory) and give it to the apply node too",
                 )
             })?;
-        self.settle().await?;
+        while self.in_flight.len() >= WINDOW {
+            self.settle_oldest().await?;
+        }
         let mut client = self.ctx.take_client()?;
         let (tenant, session) = (t.tenant_id.clone(), self.session.clone());
         let wire = sealed.bytes.len() as u64;
@@ -424,7 +447,7 @@ impl Shipper<'_> {
             let _ = tx.send(());
             (client, answer)
         });
-        self.in_flight = Some(InFlight {
+        self.in_flight.push_back(InFlight {
             request,
             answered,
             sequence: self.sequence,
@@ -442,17 +465,35 @@ impl Shipper<'_> {
         Ok(())
     }
 
-    /// Wait for the batch on the wire to be answered, and acknowledge what
-    /// the apply node committed.
+    /// Wait for every batch on the wire to be answered.
     async fn settle(&mut self) -> Result<()> {
-        let Some(f) = self.in_flight.take() else {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    /// After an error: wait for the requests still on the wire, ignoring
+    /// their answers, to get their connections back.
+    async fn recover(&mut self) {
+        while let Some(f) = self.in_flight.pop_front() {
+            if let Ok((client, _)) = f.request.await {
+                self.ctx.clients.push(client);
+            }
+        }
+    }
+
+    /// Wait for the oldest batch on the wire to be answered, and
+    /// acknowledge what the apply node committed.
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.pop_front() else {
             return Ok(());
         };
         let (client, answer) = f
             .request
             .await
             .map_err(|e| ReplicationError::Internal(format!("batch request task: {e}")))?;
-        self.ctx.client = Some(client);
+        self.ctx.clients.push(client);
         let answer = answer?;
         if answer.sequence != f.sequence {
             return Err(ReplicationError::Internal(format!(
@@ -475,7 +516,8 @@ impl Shipper<'_> {
         match answer.committed_end_lsn {
             Some(end) => {
                 let end = Lsn(end);
-                let mut done = f.done;
+                let mut done = std::mem::take(&mut self.carried);
+                done.absorb(f.done);
                 done.duration = f.sent_at.elapsed();
                 self.tel.committed(&done, end, Some(self.wire_uncommitted));
                 self.wire_uncommitted = 0;
@@ -486,7 +528,7 @@ impl Shipper<'_> {
             }
             // Still open on the apply node: its transactions commit with a
             // later batch.
-            None => self.done.absorb(f.done),
+            None => self.carried.absorb(f.done),
         }
         Ok(())
     }
