@@ -67,6 +67,18 @@ pub async fn run(sizes: Sizes, dir: &Path, out_dir: &Path) -> Result<()> {
     big_txn::run(sizes.big_txn_rows, sizes.runs, dir, &big).await?;
     eprintln!("== scenario 4: live");
     live::run(800, sizes.live_seconds, sizes.runs, dir, &live_json).await?;
+    summarize(out_dir)
+}
+
+/// The table of ratios against the goals (and `summary.json`, `chart.png`)
+/// from the scenario files in `out_dir`.
+pub fn summarize(out_dir: &Path) -> Result<()> {
+    let (wide, drain_json, big, live_json) = (
+        out_dir.join("wide.json"),
+        out_dir.join("drain.json"),
+        out_dir.join("big-txn.json"),
+        out_dir.join("live.json"),
+    );
 
     let (w, d, b, l) = (
         read(&wide)?,
@@ -160,7 +172,7 @@ pub async fn run(sizes: Sizes, dir: &Path, out_dir: &Path) -> Result<()> {
     ];
     println!(
         "\nsummary (medians of {} runs, {} cores)",
-        sizes.runs,
+        d["runs"].as_u64().unwrap_or(0),
         crate::cores()
     );
     println!("  {:<44} {:>10} {:>10}  met", "", "measured", "goal");

@@ -334,7 +334,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
     let cc = median(&mut capture_ceiling.clone());
     println!(
         "  {:<56} {cc:>9.2} {:>12.0} {:>7.2}x",
-        "capture ceiling (pg_recvlogical → /dev/null)",
+        "capture ceiling (pg_recvlogical → file)",
         rate(cc),
         best_native / cc
     );

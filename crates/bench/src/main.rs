@@ -63,6 +63,13 @@ enum Cmd {
         #[arg(long, default_value = "target/bench")]
         out_dir: PathBuf,
     },
+    /// The table of ratios against the goals, `summary.json` and
+    /// `chart.png`, from the scenario files of earlier runs (`wide`,
+    /// `drain`, `big-txn`, `live` with their default output paths).
+    Summary {
+        #[arg(long, default_value = "target/bench")]
+        out_dir: PathBuf,
+    },
     /// Draw `chart.png` again from the JSON files of a run (lag over time
     /// in the live scenario, throughput per system and scenario).
     Chart {
@@ -187,6 +194,7 @@ async fn main() -> Result<()> {
             };
             all::run(sizes, &workload_dir, &out_dir).await
         }
+        Cmd::Summary { out_dir } => all::summarize(&out_dir),
         Cmd::Chart { out_dir } => {
             let path = chart::draw(&out_dir)?;
             println!("chart: {}", path.display());

@@ -67,6 +67,18 @@ impl CaptureContext {
     fn take_client(&mut self) -> Result<ApplyClient> {
         self.clients.pop().ok_or_else(client_in_use)
     }
+
+    /// One idle connection per batch the window allows (a request task
+    /// that died took its connection with it).
+    fn refill(&mut self, config: &Config) -> Result<()> {
+        while self.clients.len() < WINDOW {
+            self.clients.push(ApplyClient::new(
+                &config.transport,
+                config.network.connect_timeout,
+            )?);
+        }
+        Ok(())
+    }
 }
 
 fn client_in_use() -> ReplicationError {
@@ -90,14 +102,13 @@ impl CaptureContext {
         })?;
         let compression = Compression::from_config(&config.seal)
             .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
-        let clients = (0..WINDOW)
-            .map(|_| ApplyClient::new(&config.transport, config.network.connect_timeout))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut ctx = Self {
             keys: Arc::new(keys),
             compression,
-            clients,
-        })
+            clients: Vec::new(),
+        };
+        ctx.refill(config)?;
+        Ok(ctx)
     }
 }
 
@@ -113,6 +124,7 @@ pub async fn run(
     let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     let report = preflight::check_source(&source, t).await?;
     let system_id = preflight::system_id(&source).await?;
+    ctx.refill(config)?;
 
     let remote = ctx
         .client()?
