@@ -588,7 +588,7 @@ impl Applier {
     /// against a stored version (none kept for its tables, none announced),
     /// apply it straight away and check from what the statements return
     /// that every row was where the source had it; only a chunk with a
-    /// conflict is rolled back and resolved row by row against the target.
+    /// conflict is rolled back and resolved against the target's rows.
     async fn apply_chunk(
         &mut self,
         plans: &mut [TablePlan],
@@ -600,6 +600,9 @@ impl Applier {
                 return Ok(());
             }
             self.stats.chunks_resolved_again += 1;
+            tracing::debug!(
+                "a row was not where the source had it; resolving the chunk against the target"
+            );
             self.client
                 .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
                 .await

@@ -370,6 +370,41 @@ impl ApplyNode {
             }
         }
     }
+
+    /// The tenant's state, once `sequence` is the session's next batch (or
+    /// the request timeout passed, or the session is gone).
+    async fn turn<'a>(
+        &self,
+        entry: &'a Tenant,
+        session: &str,
+        sequence: u64,
+    ) -> Result<MutexGuard<'a, TenantState>, Refusal> {
+        let deadline = tokio::time::Instant::now() + self.config.transport.request_timeout;
+        let mut refusals = None;
+        loop {
+            // Registered before looking, so no wake-up between is missed.
+            let progressed = entry.progressed.notified();
+            let guard = entry.state.lock().await;
+            let early = match guard.session.as_ref().filter(|a| a.id == session) {
+                None => return Err(session_unknown()),
+                Some(a) => sequence > a.last_sequence + 1,
+            };
+            let refused = *refusals.get_or_insert(guard.refusals) != guard.refusals;
+            if !early || refused || tokio::time::Instant::now() >= deadline {
+                return Ok(guard);
+            }
+            tracing::debug!(
+                "batch {sequence} waits for batch {}",
+                guard
+                    .session
+                    .as_ref()
+                    .map(|a| a.last_sequence + 1)
+                    .unwrap_or_default()
+            );
+            drop(guard);
+            let _ = tokio::time::timeout_at(deadline, progressed).await;
+        }
+    }
 }
 
 /// Apply a batch's events; commit when it ends between source transactions.
@@ -413,45 +448,6 @@ async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<Com
         return Ok(None);
     }
     a.applier.commit().await
-}
-
-impl ApplyNode {
-    /// The tenant's state, once `sequence` is the session's next batch (or
-    /// the request timeout passed, or the session is gone).
-    async fn turn<'a>(
-        &self,
-        entry: &'a Tenant,
-        session: &str,
-        sequence: u64,
-    ) -> Result<MutexGuard<'a, TenantState>, Refusal> {
-        let deadline = tokio::time::Instant::now() + self.config.transport.request_timeout;
-        let mut refusals = None;
-        loop {
-            // Registered before looking, so no wake-up between is missed.
-            let progressed = entry.progressed.notified();
-            let guard = entry.state.lock().await;
-            let early = match guard.session.as_ref().filter(|a| a.id == session) {
-                None => return Err(session_unknown()),
-                Some(a) => sequence > a.last_sequence + 1,
-            };
-            let refused = *refusals.get_or_insert(guard.refusals) != guard.refusals;
-            if !early || refused || tokio::time::Instant::now() >= deadline {
-                return Ok(guard);
-            }
-            if refusals == Some(guard.refusals) {
-                tracing::debug!(
-                    "batch {sequence} waits for batch {}",
-                    guard
-                        .session
-                        .as_ref()
-                        .map(|a| a.last_sequence + 1)
-                        .unwrap_or_default()
-                );
-            }
-            drop(guard);
-            let _ = tokio::time::timeout_at(deadline, progressed).await;
-        }
-    }
 }
 
 fn session_unknown() -> Refusal {
