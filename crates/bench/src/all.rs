@@ -20,13 +20,14 @@ pub struct Sizes {
     pub runs: usize,
 }
 
-fn read(path: &Path) -> Result<Value> {
+pub(crate) fn read(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
-fn med(v: &Value, key: &str) -> f64 {
+/// Median of the numbers under `key` (NaN when there are none).
+pub(crate) fn med(v: &Value, key: &str) -> f64 {
     let mut xs: Vec<f64> = v[key]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
@@ -87,30 +88,33 @@ pub fn summarize(out_dir: &Path) -> Result<()> {
         read(&live_json)?,
     );
     let ceiling = |v: &Value| med(v, "capture_ceiling_seconds") / med(v, "ours_seconds");
-    let ours = &l["heliosdb capture → apply (zstd, AES-256-GCM, TLS)"];
-    let native = &l["PostgreSQL subscription"];
-    let slowdown_ratio = ours["source_slowdown"].as_f64().unwrap_or(f64::NAN)
-        / native["source_slowdown"].as_f64().unwrap_or(f64::NAN);
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let (ours, native) = (&l[live::OURS], &l[live::NATIVE]);
+    let slowdown_ratio = num(&ours["source_slowdown"]) / num(&native["source_slowdown"]);
+    let (wide_ratio, drain_ratio) = (
+        num(&w["ratio_ours_to_best_native"]),
+        num(&d["ratio_ours_to_best_native"]),
+    );
+    let big_time = 1.0 / num(&b["ratio_ours_to_best_native"]);
+    let (p99, p999) = (
+        num(&ours["fixed_rate_lag_p99_s"]),
+        num(&ours["fixed_rate_lag_p999_s"]),
+    );
+    let live_peak = num(&l["peak_rss_mb"]);
     let drain_peak = med(&w, "ours_peak_rss_mb").max(med(&d, "ours_peak_rss_mb"));
     let wire_share = med(&d, "ours_wire_bytes_per_change") / med(&d, "pgoutput_bytes_per_change");
     let rows: Vec<(&str, String, &str, bool)> = vec![
         (
             "1 wide-row drain, vs PostgreSQL",
-            format!(
-                "{:.2}x",
-                w["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
-            ),
+            format!("{wide_ratio:.2}x"),
             ">= 2x",
-            w["ratio_ours_to_best_native"].as_f64().unwrap_or(0.0) >= 2.0,
+            wide_ratio >= 2.0,
         ),
         (
             "2 ~500-byte drain, vs PostgreSQL",
-            format!(
-                "{:.2}x",
-                d["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
-            ),
+            format!("{drain_ratio:.2}x"),
             ">= 0.9x",
-            d["ratio_ours_to_best_native"].as_f64().unwrap_or(0.0) >= 0.9,
+            drain_ratio >= 0.9,
         ),
         (
             "2 ~500-byte drain, of the capture ceiling",
@@ -120,30 +124,21 @@ pub fn summarize(out_dir: &Path) -> Result<()> {
         ),
         (
             "3 big transaction, time vs PostgreSQL",
-            format!(
-                "{:.2}x",
-                1.0 / b["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN)
-            ),
+            format!("{big_time:.2}x"),
             "<= 0.5x",
-            1.0 / b["ratio_ours_to_best_native"].as_f64().unwrap_or(f64::NAN) <= 0.5,
+            big_time <= 0.5,
         ),
         (
             "4 live 10k events/s, lag p99",
-            format!(
-                "{:.3} s",
-                ours["fixed_rate_lag_p99_s"].as_f64().unwrap_or(f64::NAN)
-            ),
+            format!("{p99:.3} s"),
             "< 0.25 s",
-            ours["fixed_rate_lag_p99_s"].as_f64().unwrap_or(9.0) < 0.25,
+            p99 < 0.25,
         ),
         (
             "4 live 10k events/s, lag p999",
-            format!(
-                "{:.3} s",
-                ours["fixed_rate_lag_p999_s"].as_f64().unwrap_or(f64::NAN)
-            ),
+            format!("{p999:.3} s"),
             "< 1 s",
-            ours["fixed_rate_lag_p999_s"].as_f64().unwrap_or(9.0) < 1.0,
+            p999 < 1.0,
         ),
         (
             "4 source slowdown, ours / PostgreSQL's",
@@ -153,9 +148,9 @@ pub fn summarize(out_dir: &Path) -> Result<()> {
         ),
         (
             "4 peak resident memory (capture + apply)",
-            format!("{:.0} MB", l["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)),
+            format!("{live_peak:.0} MB"),
             "< 150 MB",
-            l["peak_rss_mb"].as_f64().unwrap_or(1e9) < 150.0,
+            live_peak < 150.0,
         ),
         (
             "1+2 peak resident memory in drains",

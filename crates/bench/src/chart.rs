@@ -9,14 +9,13 @@ use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 
-use crate::median;
+use crate::all::{med, read};
+use crate::live::{NATIVE, OURS};
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 900;
 /// ab_glyph needs a font file; Debian's `fonts-dejavu-core` has this one.
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const OURS: &str = "heliosdb capture → apply (zstd, AES-256-GCM, TLS)";
-const NATIVE: &str = "PostgreSQL subscription";
 
 /// One system's throughput in one scenario.
 struct Bar {
@@ -24,40 +23,26 @@ struct Bar {
     changes_per_second: f64,
 }
 
+/// A scenario's JSON, if that scenario ran.
 fn load(dir: &Path, name: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(dir.join(name)).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn med(v: &Value, key: &str) -> Option<f64> {
-    let mut xs: Vec<f64> = v[key]
-        .as_array()?
-        .iter()
-        .filter_map(Value::as_f64)
-        .collect();
-    (!xs.is_empty()).then(|| median(&mut xs))
+    read(&dir.join(name)).ok()
 }
 
 /// Source changes per second of each system in a scenario's JSON.
 fn bars(v: &Value) -> Vec<Bar> {
     let changes = v["changes"].as_f64().unwrap_or(0.0);
-    let native = [
-        med(v, "native_streaming_off_seconds"),
-        med(v, "native_streaming_on_seconds"),
-    ]
-    .into_iter()
-    .flatten()
-    .fold(f64::INFINITY, f64::min);
+    // `min` skips a NaN (a variant that did not run).
+    let native = med(v, "native_streaming_off_seconds").min(med(v, "native_streaming_on_seconds"));
     let mut out = Vec::new();
     for (system, secs) in [
-        ("PostgreSQL (better of streaming off/on)", Some(native)),
+        ("PostgreSQL (better of streaming off/on)", native),
         ("heliosdb", med(v, "ours_seconds")),
         ("capture ceiling", med(v, "capture_ceiling_seconds")),
     ] {
-        if let Some(s) = secs.filter(|s| s.is_finite() && *s > 0.0) {
+        if secs.is_finite() && secs > 0.0 {
             out.push(Bar {
                 system,
-                changes_per_second: changes / s,
+                changes_per_second: changes / secs,
             });
         }
     }
@@ -185,14 +170,7 @@ fn lag_panel(area: &Area<'_>, live: &Value, key: &str, title: &str) -> Result<()
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 fn throughput_panel(area: &Area<'_>, scenarios: &[(&str, Vec<Bar>)]) -> Result<()> {
@@ -262,12 +240,23 @@ fn throughput_panel(area: &Area<'_>, scenarios: &[(&str, Vec<Bar>)]) -> Result<(
                 .map_err(plot_err)?;
         }
     }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}
+
+/// The coordinates of every panel.
+type Coords =
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>;
+
+/// A panel's legend box at `position`.
+fn legend<'a, 'b: 'a>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, Coords>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(plot_err)?;
-    Ok(())
+        .map_err(plot_err)
 }

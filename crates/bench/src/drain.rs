@@ -285,10 +285,10 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                 &format!("publication_names={PUBLICATION}"),
                 "-E",
                 &end,
-                "-f",
-                decoded.to_str().unwrap_or("/dev/null"),
                 "--no-loop",
+                "-f",
             ])
+            .arg(&decoded)
             .status()?;
         if !status.success() {
             bail!("pg_recvlogical failed");

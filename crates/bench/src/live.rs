@@ -40,11 +40,15 @@ enum System {
     Ours,
 }
 
+/// The systems' keys in `live.json` (also read by the summary and chart).
+pub(crate) const NATIVE: &str = "PostgreSQL subscription";
+pub(crate) const OURS: &str = "heliosdb capture → apply (zstd, AES-256-GCM, TLS)";
+
 impl System {
     fn label(self) -> &'static str {
         match self {
-            Self::Native => "PostgreSQL subscription",
-            Self::Ours => "heliosdb capture → apply (zstd, AES-256-GCM, TLS)",
+            Self::Native => NATIVE,
+            Self::Ours => OURS,
         }
     }
 }
