@@ -139,7 +139,11 @@ async fn values_keep_full_fidelity() {
         .await
         .expect("row 3");
     let (n, len): (String, i32) = (row.get(0), row.get(1));
-    assert!(n.starts_with("999999999"), "{n}");
+    assert!(
+        n.starts_with("999999999"),
+        "row 3 after the tenant compared equal: {n}\ndaemon log:\n{}",
+        daemon.log()
+    );
     assert_eq!(len, 1008);
     let row = dst
         .query_one("SELECT n = 'NaN', ts = 'infinity', t FROM typed WHERE tenant_id = 'tenant-123' AND id = 1", &[])
