@@ -61,7 +61,8 @@ pub struct LoadStats {
 }
 
 /// Row count and md5 of `tenant`'s rows of `table`, in key order: equal on
-/// two databases when the tenant's rows are.
+/// two databases when the tenant's rows are. (`(t.*)` is the whole row even
+/// in a table with a column named `t`.)
 pub async fn tenant_digest(
     c: &Client,
     table: &str,
@@ -70,7 +71,7 @@ pub async fn tenant_digest(
     let r = c
         .query_one(
             &format!(
-                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {} t WHERE tenant_id = $1",
+                "SELECT count(*), coalesce(md5(string_agg((t.*)::text, '|' ORDER BY t.id)), '') FROM {} t WHERE tenant_id = $1",
                 crate::pg::quote_ident(table)
             ),
             &[&tenant],

@@ -275,10 +275,11 @@ where
 }
 
 /// Row count and a hash of the tenant's rows of `table`, ordered by key.
+/// `(t.*)`: the whole row, also in tables with a column named `t`.
 pub async fn tenant_digest(c: &Client, table: &str, tenant: &str) -> (i64, String) {
     let row = c
         .query_one(
-            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t.id)), '') FROM {table} t WHERE tenant_id = $1"),
+            &format!("SELECT count(*), coalesce(md5(string_agg((t.*)::text, '|' ORDER BY t.id)), '') FROM {table} t WHERE tenant_id = $1"),
             &[&tenant],
         )
         .await
