@@ -151,22 +151,6 @@ impl ReplicationError {
         }
     }
 
-    /// Wrap an error of the replication protocol client.
-    pub fn stream(e: pgwire_replication::PgWireError) -> Self {
-        use pgwire_replication::PgWireError as E;
-        let message = e.to_string();
-        let class = match &e {
-            E::Io(_) | E::Task(_) => ErrorClass::Retry,
-            E::Server(text) => match sqlstate_in(text) {
-                Some(code) => classify_sqlstate(code),
-                None => ErrorClass::Retry,
-            },
-            E::Auth(_) | E::Tls(_) => ErrorClass::OperatorAction,
-            _ => ErrorClass::Fatal,
-        };
-        Self::Stream { message, class }
-    }
-
     /// The SQLSTATE, if any.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -216,14 +200,14 @@ fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
     format!("\n  fix: {hint}")
 }
 
-/// `… (SQLSTATE 42704)` as pgwire-replication formats server errors.
+/// `… (SQLSTATE 42704)` as the replication client formats server errors.
 fn sqlstate_in(text: &str) -> Option<&str> {
     let at = text.find("SQLSTATE ")? + "SQLSTATE ".len();
     text.get(at..at + 5)
 }
 
 /// Classes of SQLSTATE that pass by themselves.
-fn classify_sqlstate(code: &str) -> ErrorClass {
+pub(crate) fn classify_sqlstate(code: &str) -> ErrorClass {
     match code {
         // connection exceptions, insufficient resources, operator intervention
         // (admin shutdown, crash shutdown, cannot connect now), system errors

@@ -43,18 +43,6 @@ impl FromStr for Lsn {
     }
 }
 
-impl From<pgwire_replication::Lsn> for Lsn {
-    fn from(l: pgwire_replication::Lsn) -> Self {
-        Lsn(l.as_u64())
-    }
-}
-
-impl From<Lsn> for pgwire_replication::Lsn {
-    fn from(l: Lsn) -> Self {
-        pgwire_replication::Lsn::from_u64(l.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -705,3 +705,48 @@ async fn a_trained_dictionary_compresses_small_batches_on_both_nodes_and_a_missi
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_transactions_cross_the_split_and_survive_kill_9_of_either_node() {
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    stream_large_transactions(&env).await;
+    let configs = split_configs(&env, 500);
+    let mut apply = start(&configs.apply, &env, "apply");
+    let mut capture = start(&configs.capture, &env, "capture");
+    let lane = "a streamed transaction opens its own target transaction";
+
+    // Applied on the apply node while it runs; then the apply node dies.
+    let t1 = env.src().await;
+    open_large_transaction(&t1).await;
+    wait_for_log(&apply, lane, Duration::from_secs(30)).await;
+    apply.kill9();
+    apply = start(&configs.apply, &env, "apply");
+    // Small transactions commit around it; then the capture node dies.
+    let small = env.src().await;
+    small
+        .batch_execute(
+            "INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', g, now() FROM generate_series(1, 50) g",
+        )
+        .await
+        .expect("small transactions");
+    wait_tenant_equal(&env, &["accounts"], Duration::from_secs(60), &capture).await;
+    capture.kill9();
+    capture = start(&configs.capture, &env, "capture");
+    let t2 = env.src().await;
+    t2.batch_execute(
+        "BEGIN;
+         INSERT INTO events SELECT 'tenant-123', 300000 + g, 'aborted', repeat('w', 200), now() FROM generate_series(1, 8000) g;",
+    )
+    .await
+    .expect("T2");
+    t2.batch_execute("ROLLBACK").await.expect("T2 rollback");
+    finish_large_transaction(&t1).await;
+
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(90), &capture).await;
+    assert_large_transaction_outcome(&env).await;
+    assert!(
+        streamed_txns(&env, "tenant_123_slot").await >= 1,
+        "the source did not stream the large transaction"
+    );
+    drop(apply); // both nodes stop when dropped
+}

@@ -24,6 +24,7 @@ pub mod catalog;
 pub mod conflict;
 pub mod schema;
 pub mod sql;
+pub mod streams;
 pub mod tracking;
 pub mod version;
 
@@ -110,6 +111,9 @@ pub struct ApplyIdentity {
     pub slot: String,
     pub source_system_id: String,
     pub conflict: crate::config::ConflictConfig,
+    /// A streamed transaction's lane (its own replication origin: an origin
+    /// is active in one session at a time).
+    pub lane: Option<u32>,
 }
 
 /// Applies one tenant's changes through one target connection.
@@ -149,6 +153,8 @@ pub struct Applier {
     tracked: HashSet<String>,
     /// Tables known to hold stored row versions of the tenant.
     versioned: HashSet<String>,
+    /// Install local-write triggers on first sight of a table (not in lanes).
+    track_tables: bool,
     /// Does the target record commit timestamps (local write times)?
     commit_timestamps: bool,
     pub stats: ApplyStats,
@@ -169,7 +175,7 @@ impl Applier {
             ),
             Err(e) => return Err(target_err("setting session_replication_role")(e)),
         }
-        if !tracking::tag_session(&client, &id.tenant).await? {
+        if !tracking::tag_session(&client, &id.tenant, id.lane).await? {
             tracing::warn!(
                 "the target role may not use replication origins: changes this daemon applies cannot be told apart from local writes, so do not replicate this target back to the source (active-active); GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text) TO <daemon role>, or run as a superuser"
             );
@@ -209,6 +215,7 @@ impl Applier {
             announced: HashMap::new(),
             tracked: HashSet::new(),
             versioned: HashSet::new(),
+            track_tables: true,
             commit_timestamps,
             stats: ApplyStats::default(),
         })
@@ -279,11 +286,46 @@ impl Applier {
         let m = Arc::new(
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
         );
-        if self.tracked.insert(m.display.clone()) {
+        if self.track_tables && self.tracked.insert(m.display.clone()) {
             self.track(&m).await?;
         }
         self.mappings.insert(relation.id, m.clone());
         Ok(m)
+    }
+
+    /// A lane of a streamed transaction installs no triggers: that would
+    /// lock the table against every writer until the lane commits. The
+    /// main applier installs them first ([`Self::ensure_tracked`]).
+    pub fn without_tracking(&mut self) {
+        self.track_tables = false;
+    }
+
+    /// Install the local-write triggers of `relation`'s table now, in a
+    /// transaction of their own (only between target transactions).
+    pub async fn ensure_tracked(&mut self, relation: &RelationDesc) -> Result<()> {
+        let display = format!("{}.{}", relation.namespace, relation.name);
+        if self.open || !self.track_tables || self.tracked.contains(&display) {
+            return Ok(());
+        }
+        let id = &self.id;
+        match tracking::install_table(
+            &self.client,
+            &relation.namespace,
+            &relation.name,
+            &id.tenant,
+            &id.tenant_column,
+            &id.conflict.node_id,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e) if e.class() == ErrorClass::OperatorAction => {
+                tracing::warn!(error = %e, "local writes to this table are not tracked");
+            }
+            Err(e) => return Err(e),
+        }
+        self.tracked.insert(display);
+        Ok(())
     }
 
     /// Install the local-write triggers of a table (see [`tracking`]); a
@@ -480,6 +522,37 @@ impl Applier {
         self.opened_at = None;
         self.pending_events = 0;
         Ok(self.pending_commit.take())
+    }
+
+    /// A point the open transaction can return to (a source subtransaction
+    /// starts): pending rows are written first, so none of them is undone
+    /// by a rollback to it. Returns the conflicts found so far.
+    pub async fn savepoint(&mut self, name: &str) -> Result<usize> {
+        self.flush().await?;
+        self.client
+            .batch_execute(&format!("SAVEPOINT {}", crate::pg::quote_ident(name)))
+            .await
+            .map_err(target_err("SAVEPOINT"))?;
+        Ok(self.pending.conflicts.len())
+    }
+
+    /// Undo everything since savepoint `name` (a source subtransaction
+    /// rolled back), including its pending rows and the conflicts found
+    /// after it (`conflicts` of them came before).
+    pub async fn rollback_to(&mut self, name: &str, conflicts: usize) -> Result<()> {
+        self.chunk = Chunk::default();
+        self.chunk_lsn = None;
+        self.announced.clear();
+        // Triggers installed after the savepoint are gone with it.
+        self.tracked.clear();
+        self.pending.conflicts.truncate(conflicts);
+        self.client
+            .batch_execute(&format!(
+                "ROLLBACK TO SAVEPOINT {}",
+                crate::pg::quote_ident(name)
+            ))
+            .await
+            .map_err(target_err("ROLLBACK TO SAVEPOINT"))
     }
 
     /// Abandon the open target transaction.

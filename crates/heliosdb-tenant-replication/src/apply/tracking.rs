@@ -212,6 +212,29 @@ pub async fn install_published(
     let mut n = 0;
     for t in tables {
         let (schema, name): (String, String) = (t.get(0), t.get(1));
+        match install_table(target, &schema, &name, tenant, tenant_column, node).await {
+            Ok(installed) => n += usize::from(installed),
+            Err(e) if e.class() == crate::error::ErrorClass::OperatorAction => {
+                tracing::warn!(error = %e, "local writes to this table are not tracked");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Install the local-write triggers of one target table, reading its key
+/// from the target. `Ok(false)`: no such table or no primary key (apply
+/// names the problem when the table's rows come).
+pub async fn install_table(
+    target: &Client,
+    schema: &str,
+    name: &str,
+    tenant: &str,
+    tenant_column: &str,
+    node: &str,
+) -> Result<bool> {
+    {
         let key: Vec<String> = target
             .query(
                 "SELECT a.attname::text
@@ -229,33 +252,29 @@ pub async fn install_published(
             .map(|r| r.get(0))
             .collect();
         if key.is_empty() {
-            // Apply names the missing table or key when its rows come.
-            continue;
+            return Ok(false);
         }
         let display = format!("{schema}.{name}");
-        let target_name = crate::pg::qualified(&schema, &name);
+        let target_name = crate::pg::qualified(schema, name);
         let m = Tracked {
             display: &display,
             target: &target_name,
             tenant_column,
             key: key.iter().map(String::as_str).collect(),
         };
-        match install(target, &m, tenant, node).await {
-            Ok(()) => n += 1,
-            Err(e) if e.class() == crate::error::ErrorClass::OperatorAction => {
-                tracing::warn!(error = %e, "local writes to this table are not tracked");
-            }
-            Err(e) => return Err(e),
-        }
+        install(target, &m, tenant, node).await?;
+        Ok(true)
     }
-    Ok(n)
 }
 
 /// Tag this session's writes with the tenant's replication origin, so a
 /// daemon reading this database drops them. `Ok(false)`: the role may not
 /// (then the daemon's writes look like local writes to a reverse stream).
-pub async fn tag_session(client: &Client, tenant: &str) -> Result<bool> {
-    let origin = origin_name(tenant);
+pub async fn tag_session(client: &Client, tenant: &str, lane: Option<u32>) -> Result<bool> {
+    let origin = match lane {
+        None => origin_name(tenant),
+        Some(k) => format!("{}/stream{k}", origin_name(tenant)),
+    };
     let r = client
         .execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS

@@ -1,6 +1,6 @@
 //! From pgoutput messages to [`TxEvent`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::pgoutput::{Message, RelationDesc};
@@ -31,6 +31,10 @@ pub struct Assembler {
     begin: Option<TxEvent>,
     /// An event that follows the Begin just returned (see [`Self::take_held`]).
     held: Option<TxEvent>,
+    /// Proto 2: the streamed transaction whose block is open.
+    stream: Option<u32>,
+    /// Streamed transactions written by a daemon's applier (dropped whole).
+    foreign_streams: HashSet<u32>,
     /// Transactions dropped as already applied (for logs and tests).
     pub skipped_transactions: u64,
 }
@@ -46,6 +50,8 @@ impl Assembler {
             tenant: tenant.to_string(),
             begin: None,
             held: None,
+            stream: None,
+            foreign_streams: HashSet::new(),
             skipped_transactions: 0,
         }
     }
@@ -57,15 +63,69 @@ impl Assembler {
                 return Ok((!self.in_txn).then_some(TxEvent::Keepalive { wal_end }));
             }
             SourceEvent::Message(m) => m,
+            SourceEvent::Streamed { xid, message } => return self.streamed(xid, message),
         };
         match msg {
+            Message::StreamStart { xid, first_segment } => {
+                if self.in_txn || self.stream.is_some() {
+                    return Err(protocol("StreamStart inside a transaction or stream block"));
+                }
+                self.stream = Some(xid);
+                if first_segment {
+                    self.foreign_streams.remove(&xid);
+                }
+                Ok(None)
+            }
+            Message::StreamStop => {
+                if self.stream.take().is_none() {
+                    return Err(protocol("StreamStop without StreamStart"));
+                }
+                Ok(None)
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
+                self.outside_blocks("StreamCommit")?;
+                if self.foreign_streams.remove(&xid) {
+                    return Ok(None);
+                }
+                if !self.applied_commit_lsn.is_zero() && commit_lsn <= self.applied_commit_lsn {
+                    // The target has it: whatever was streamed of it goes.
+                    self.skipped_transactions += 1;
+                    tracing::debug!(%commit_lsn, xid, "dropping a streamed transaction the target already has");
+                    return Ok(Some(TxEvent::StreamAbort { top: xid, xid }));
+                }
+                Ok(Some(TxEvent::StreamCommit {
+                    top: xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_us,
+                }))
+            }
+            Message::StreamAbort { xid, subxid } => {
+                self.outside_blocks("StreamAbort")?;
+                if self.foreign_streams.contains(&xid) {
+                    if subxid == xid {
+                        self.foreign_streams.remove(&xid);
+                    }
+                    return Ok(None);
+                }
+                Ok(Some(TxEvent::StreamAbort {
+                    top: xid,
+                    xid: subxid,
+                }))
+            }
             Message::Begin {
                 final_lsn,
                 commit_time_us,
                 xid,
             } => {
-                if self.in_txn {
-                    return Err(protocol("Begin inside an open transaction"));
+                if self.in_txn || self.stream.is_some() {
+                    return Err(protocol("Begin inside an open transaction or stream block"));
                 }
                 self.in_txn = true;
                 self.skipping =
@@ -112,6 +172,12 @@ impl Assembler {
             // active-active). Other origins (e.g. PostgreSQL's own
             // subscriptions) pass, as with `origin = any`.
             Message::Origin { name, .. } => {
+                if let Some(top) = self.stream {
+                    if name.starts_with(ORIGIN_PREFIX) {
+                        self.foreign_streams.insert(top);
+                    }
+                    return Ok(None);
+                }
                 self.require_txn()?;
                 if name.starts_with(ORIGIN_PREFIX) && !self.skipping {
                     self.foreign_origin = true;
@@ -174,6 +240,81 @@ impl Assembler {
         }
     }
 
+    /// A message of stream block `self.stream`, made by `xid`.
+    fn streamed(&mut self, xid: u32, message: Message) -> Result<Option<TxEvent>> {
+        let Some(top) = self.stream else {
+            return Err(protocol("a streamed change outside a stream block"));
+        };
+        let foreign = self.foreign_streams.contains(&top);
+        let event = match message {
+            Message::Relation(desc) => {
+                self.relations.insert(desc.id, Arc::new(desc));
+                return Ok(None);
+            }
+            Message::LogicalMessage {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == VERSION_PREFIX => match Announced::parse(&content) {
+                Some(a) if a.tenant == self.tenant => TxEvent::Version(content),
+                _ => return Ok(None),
+            },
+            Message::Type { .. } | Message::LogicalMessage { .. } => return Ok(None),
+            Message::Insert { relation_id, new } => {
+                self.checked_row(relation_id, RowOp::Insert { new })?
+            }
+            Message::Update {
+                relation_id,
+                old,
+                new,
+            } => self.checked_row(
+                relation_id,
+                RowOp::Update {
+                    old: old.map(|(_, t)| t),
+                    new,
+                },
+            )?,
+            Message::Delete {
+                relation_id, old, ..
+            } => self.checked_row(relation_id, RowOp::Delete { old })?,
+            Message::Truncate {
+                cascade,
+                restart_identity,
+                relation_ids,
+            } => TxEvent::Truncate {
+                relations: relation_ids
+                    .iter()
+                    .map(|id| self.relation(*id))
+                    .collect::<Result<Vec<_>>>()?,
+                cascade,
+                restart_identity,
+            },
+            _ => {
+                return Err(protocol(
+                    "a transaction control message inside a stream block",
+                ))
+            }
+        };
+        if foreign {
+            return Ok(None);
+        }
+        Ok(Some(TxEvent::Streamed {
+            top,
+            xid,
+            event: Box::new(event),
+        }))
+    }
+
+    fn outside_blocks(&self, what: &str) -> Result<()> {
+        if self.in_txn || self.stream.is_some() {
+            return Err(protocol(&format!(
+                "{what} inside a transaction or stream block"
+            )));
+        }
+        Ok(())
+    }
+
     fn require_txn(&self) -> Result<()> {
         if self.in_txn {
             Ok(())
@@ -195,6 +336,12 @@ impl Assembler {
         if self.skipping || self.foreign_origin {
             return Ok(None);
         }
+        let row = self.checked_row(relation_id, op)?;
+        Ok(self.emit(row))
+    }
+
+    /// A row change whose image has the width its relation announced.
+    fn checked_row(&self, relation_id: u32, op: RowOp) -> Result<TxEvent> {
         let relation = self.relation(relation_id)?;
         let width = relation.columns.len();
         let ok = match &op {
@@ -210,7 +357,7 @@ impl Assembler {
                 relation.namespace, relation.name
             )));
         }
-        Ok(self.emit(TxEvent::Row(RowChange { relation, op })))
+        Ok(TxEvent::Row(RowChange { relation, op }))
     }
 
     /// Pass `event` on, after the transaction's Begin if that is still held.
@@ -232,4 +379,119 @@ impl Assembler {
 
 fn protocol(what: &str) -> ReplicationError {
     ReplicationError::Internal(format!("replication stream out of order: {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::pgoutput::{ColumnDesc, Value};
+
+    fn relation() -> Message {
+        Message::Relation(RelationDesc {
+            id: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![ColumnDesc {
+                is_key: true,
+                name: "id".into(),
+                type_oid: 20,
+                type_modifier: -1,
+            }],
+        })
+    }
+
+    fn insert() -> Message {
+        Message::Insert {
+            relation_id: 1,
+            new: vec![Value::Text(bytes::Bytes::from_static(b"1"))],
+        }
+    }
+
+    fn msg(m: Message) -> SourceEvent {
+        SourceEvent::Message(m)
+    }
+
+    fn streamed(xid: u32, message: Message) -> SourceEvent {
+        SourceEvent::Streamed { xid, message }
+    }
+
+    fn commit(xid: u32, lsn: u64) -> SourceEvent {
+        msg(Message::StreamCommit {
+            xid,
+            flags: 0,
+            commit_lsn: Lsn(lsn),
+            end_lsn: Lsn(lsn + 8),
+            commit_time_us: 0,
+        })
+    }
+
+    #[test]
+    fn streamed_changes_carry_their_transaction_and_end_with_commit_or_abort() {
+        let mut a = Assembler::new(Lsn::ZERO, "t1");
+        let start = |first_segment| {
+            msg(Message::StreamStart {
+                xid: 7,
+                first_segment,
+            })
+        };
+        assert!(a.push(start(true)).expect("start").is_none());
+        assert!(a.push(streamed(7, relation())).expect("relation").is_none());
+        let Some(TxEvent::Streamed { top, xid, event }) =
+            a.push(streamed(8, insert())).expect("row")
+        else {
+            panic!("a streamed row")
+        };
+        assert_eq!((top, xid), (7, 8));
+        assert!(matches!(*event, TxEvent::Row(_)));
+        // Commit and abort come between blocks only.
+        assert!(a.push(commit(7, 100)).is_err());
+        assert!(a.push(msg(Message::StreamStop)).expect("stop").is_none());
+        assert!(
+            a.push(streamed(8, insert())).is_err(),
+            "a change outside a block"
+        );
+        assert!(matches!(
+            a.push(msg(Message::StreamAbort { xid: 7, subxid: 8 }))
+                .expect("abort"),
+            Some(TxEvent::StreamAbort { top: 7, xid: 8 })
+        ));
+        assert!(matches!(
+            a.push(commit(7, 100)).expect("commit"),
+            Some(TxEvent::StreamCommit { top: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn streamed_transactions_of_an_applier_or_already_applied_go_no_further() {
+        let mut a = Assembler::new(Lsn(500), "t1");
+        // Written by a daemon's applier (active-active): dropped whole.
+        a.push(msg(Message::StreamStart {
+            xid: 7,
+            first_segment: true,
+        }))
+        .expect("start");
+        a.push(msg(Message::Origin {
+            commit_lsn: Lsn::ZERO,
+            name: format!("{ORIGIN_PREFIX}t1/stream1"),
+        }))
+        .expect("origin");
+        a.push(streamed(7, relation())).expect("relation");
+        assert!(a.push(streamed(7, insert())).expect("row").is_none());
+        a.push(msg(Message::StreamStop)).expect("stop");
+        assert!(a.push(commit(7, 900)).expect("commit").is_none());
+        // Committed at or before what the target has: what came is undone.
+        a.push(msg(Message::StreamStart {
+            xid: 9,
+            first_segment: true,
+        }))
+        .expect("start");
+        assert!(a.push(streamed(9, insert())).expect("row").is_some());
+        a.push(msg(Message::StreamStop)).expect("stop");
+        assert!(matches!(
+            a.push(commit(9, 400)).expect("commit"),
+            Some(TxEvent::StreamAbort { top: 9, xid: 9 })
+        ));
+        assert_eq!(a.skipped_transactions, 1);
+    }
 }

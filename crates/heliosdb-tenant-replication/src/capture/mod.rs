@@ -21,6 +21,7 @@
 pub mod assemble;
 pub mod pgoutput;
 pub mod stream;
+pub mod walsender;
 
 use std::sync::Arc;
 
@@ -32,6 +33,12 @@ use pgoutput::{Message, RelationDesc, Tuple};
 #[derive(Debug)]
 pub enum SourceEvent {
     Message(Message),
+    /// Proto 2: a message inside a stream block, made by (sub)transaction
+    /// `xid` of the streamed transaction.
+    Streamed {
+        xid: u32,
+        message: Message,
+    },
     /// The server's periodic heartbeat; `wal_end` is how far it has sent.
     Keepalive {
         wal_end: Lsn,
@@ -97,6 +104,28 @@ pub enum TxEvent {
         commit_lsn: Lsn,
         end_lsn: Lsn,
         commit_time_us: i64,
+    },
+    /// A change of transaction `top` made before it committed (proto 2
+    /// streaming of large transactions), by `top` itself or by its
+    /// subtransaction `xid`. Wraps a `Row`, `Truncate` or `Version`; applied
+    /// into a target transaction of its own that commits at `StreamCommit`.
+    Streamed {
+        top: u32,
+        xid: u32,
+        event: Box<TxEvent>,
+    },
+    /// Streamed transaction `top` committed on the source.
+    StreamCommit {
+        top: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_us: i64,
+    },
+    /// Streamed transaction `top` (`xid == top`) or its subtransaction `xid`
+    /// rolled back: its changes (and those of its subtransactions) go.
+    StreamAbort {
+        top: u32,
+        xid: u32,
     },
     /// Between transactions: the server has sent everything up to `wal_end`.
     /// When apply has nothing uncommitted it may acknowledge this position, so

@@ -1,4 +1,6 @@
-//! Decoder of `pgoutput` logical replication messages (protocol version 1).
+//! Decoder of `pgoutput` logical replication messages (protocol versions 1
+//! and 2: version 2 adds the stream messages of in-progress transactions,
+//! inside which every change carries its (sub)transaction id).
 //!
 //! Input is bytes from the network: the decoder never panics, never indexes
 //! without a bounds check, and never allocates more than the input could
@@ -28,8 +30,10 @@ pub enum DecodeError {
     },
     #[error("pgoutput '{tag}' message has a string that is not UTF-8")]
     NotUtf8 { tag: char },
-    #[error("pgoutput message type '{0}' (0x{1:02x}) is not supported with proto_version 1")]
+    #[error("pgoutput message type '{0}' (0x{1:02x}) is not supported with proto_version 2")]
     UnknownTag(char, u8),
+    #[error("pgoutput '{0}' message is not allowed inside a stream block")]
+    NotInStream(char),
     #[error("pgoutput '{tag}' message has {extra} unexpected trailing bytes")]
     Trailing { tag: char, extra: usize },
 }
@@ -130,6 +134,27 @@ pub enum Message {
         prefix: String,
         content: Bytes,
     },
+    /// Proto 2: a block of an in-progress transaction's changes starts.
+    StreamStart {
+        xid: u32,
+        first_segment: bool,
+    },
+    /// Proto 2: the block ends (the transaction is still open).
+    StreamStop,
+    /// Proto 2: a streamed transaction committed.
+    StreamCommit {
+        xid: u32,
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_us: i64,
+    },
+    /// Proto 2: a streamed transaction (`subxid == xid`) or one of its
+    /// subtransactions rolled back.
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
 }
 
 /// Decode one message (the payload of an XLogData frame).
@@ -137,12 +162,40 @@ pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
     let Some(&tag_byte) = data.first() else {
         return Err(DecodeError::Empty);
     };
-    let tag = char::from(tag_byte);
     let mut r = Reader {
         buf: data,
         pos: 1,
-        tag,
+        tag: char::from(tag_byte),
     };
+    let msg = decode_body(tag_byte, &mut r)?;
+    r.finish()?;
+    Ok(msg)
+}
+
+/// Decode one message sent inside a stream block (between `StreamStart` and
+/// `StreamStop`): changes, relations, types and transactional messages
+/// carry the id of the (sub)transaction that made them first.
+pub fn decode_streamed(data: &Bytes) -> Result<(u32, Message), DecodeError> {
+    let Some(&tag_byte) = data.first() else {
+        return Err(DecodeError::Empty);
+    };
+    let mut r = Reader {
+        buf: data,
+        pos: 1,
+        tag: char::from(tag_byte),
+    };
+    match tag_byte {
+        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' => {}
+        _ => return Err(DecodeError::NotInStream(r.tag)),
+    }
+    let xid = r.u32("xid")?;
+    let msg = decode_body(tag_byte, &mut r)?;
+    r.finish()?;
+    Ok((xid, msg))
+}
+
+fn decode_body(tag_byte: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let tag = r.tag;
     let msg = match tag_byte {
         b'B' => Message::Begin {
             final_lsn: Lsn(r.u64("final LSN")?),
@@ -264,14 +317,24 @@ pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
                 content: r.bytes(len, "content")?,
             }
         }
+        b'S' => Message::StreamStart {
+            xid: r.u32("xid")?,
+            first_segment: r.u8("first segment")? == 1,
+        },
+        b'E' => Message::StreamStop,
+        b'c' => Message::StreamCommit {
+            xid: r.u32("xid")?,
+            flags: r.u8("flags")?,
+            commit_lsn: Lsn(r.u64("commit LSN")?),
+            end_lsn: Lsn(r.u64("end LSN")?),
+            commit_time_us: r.i64("commit time")?,
+        },
+        b'A' => Message::StreamAbort {
+            xid: r.u32("xid")?,
+            subxid: r.u32("subtransaction xid")?,
+        },
         other => return Err(DecodeError::UnknownTag(tag, other)),
     };
-    if r.remaining() != 0 {
-        return Err(DecodeError::Trailing {
-            tag,
-            extra: r.remaining(),
-        });
-    }
     Ok(msg)
 }
 
@@ -284,6 +347,17 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// Nothing may follow a message.
+    fn finish(&self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            extra => Err(DecodeError::Trailing {
+                tag: self.tag,
+                extra,
+            }),
+        }
     }
 
     fn truncated(&self, what: &'static str) -> DecodeError {

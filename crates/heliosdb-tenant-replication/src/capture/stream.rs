@@ -1,24 +1,20 @@
-//! [`ChangeSource`] over `pgwire-replication`: the logical replication
-//! protocol with `pgoutput`, proto_version 1.
+//! [`ChangeSource`] over our own replication connection
+//! ([`super::walsender`]): the logical replication protocol with `pgoutput`.
 //!
-//! The client runs the socket in a background task that answers the
-//! walsender's keepalives even while apply is busy (measured: it survived a
-//! 12 s apply stall with `wal_sender_timeout = 5s`), and it reports exactly the
-//! LSN we give it through [`ChangeSource::acknowledge`], never the received
-//! position. Raw pgoutput bytes are decoded by our own [`pgoutput`] decoder.
+//! The socket task answers the walsender's keepalives and sends status
+//! updates even while apply is busy, and it reports exactly the LSN we give
+//! it through [`ChangeSource::acknowledge`], never the received position.
+//! Raw pgoutput bytes are decoded by our own [`pgoutput`] decoder.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pgwire_replication::{
-    FeedbackObserver, ReplicationClient, ReplicationConfig, ReplicationEvent,
-};
-
-use super::pgoutput::{self, Message};
+use super::pgoutput;
+use super::walsender::{Session, StreamSettings, WalMessage, WalStream};
 use super::{ChangeSource, SourceEvent};
 use crate::config::ConnInfo;
 use crate::error::{ReplicationError, Result};
 use crate::lsn::Lsn;
-use crate::pg::replication_tls;
+use crate::pg::{quote_ident, quote_literal};
 
 /// What to stream.
 #[derive(Debug, Clone)]
@@ -35,29 +31,23 @@ pub struct StreamSpec {
     pub application_name: String,
 }
 
-/// The connection part of a replication session's settings.
-fn session_config(info: &ConnInfo, slot: &str, publication: &str) -> ReplicationConfig {
-    let password = info
-        .password
-        .as_ref()
-        .map(|p| p.expose().to_string())
-        .unwrap_or_default();
-    let mut cfg = ReplicationConfig::new(
-        info.host.clone(),
-        info.user.clone(),
-        password,
-        info.dbname.clone(),
-        slot.to_string(),
-        publication,
-    );
-    cfg.port = info.port;
-    cfg.tls = replication_tls(info);
-    cfg
+/// pgoutput's options: protocol 2 with streaming (a transaction larger than
+/// the source's `logical_decoding_work_mem` arrives while it runs, not after
+/// its commit), the tenant's publication, logical messages (row versions
+/// travel in them, see apply::tracking).
+fn pgoutput_options(publication: &str) -> String {
+    format!(
+        "proto_version '2', streaming 'on', publication_names {}, messages 'true'",
+        quote_literal(&quote_ident(publication))
+    )
 }
 
 /// A started replication stream.
 pub struct PgwireSource {
-    client: ReplicationClient,
+    stream: WalStream,
+    /// Inside a stream block (between StreamStart and StreamStop), changes
+    /// carry their transaction id.
+    in_block: bool,
     /// The source cluster's system identifier (IDENTIFY_SYSTEM).
     pub system_id: String,
 }
@@ -65,102 +55,67 @@ pub struct PgwireSource {
 impl PgwireSource {
     /// Connect, identify the system, and start streaming.
     pub async fn start(info: &ConnInfo, spec: &StreamSpec) -> Result<Self> {
-        let publication = format!("\"{}\"", spec.publication.replace('"', "\"\""));
-        let mut cfg = session_config(info, &spec.slot, &publication);
-        cfg.start_lsn = spec.start_lsn.into();
-        cfg.ack_lsn = Some(spec.ack_lsn.into());
-        cfg.status_interval = Duration::from_secs(1);
-        cfg.idle_wakeup_interval = Duration::from_secs(5);
-        cfg.buffer_events = spec.buffer_events.clamp(64, 65_536);
-        cfg.application_name = Some(spec.application_name.clone());
-        cfg.options =
-            Some("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3".into());
-        // Needed for `feedback_pending_since`, which tells us on shutdown that
-        // the last acknowledgement went out.
-        cfg.feedback_observer = Some(FeedbackObserver::new(|_| {}));
-
-        let mut client = ReplicationClient::connect_gated(cfg)
-            .await
-            .map_err(ReplicationError::stream)?;
-        let ident = client
-            .identify_system()
-            .await
-            .map_err(ReplicationError::stream)?;
-        client.start().await.map_err(ReplicationError::stream)?;
-        client
-            .wait_started()
-            .await
-            .map_err(ReplicationError::stream)?;
+        let mut session = Session::connect(info, &spec.application_name).await?;
+        let rows = session.simple_query("IDENTIFY_SYSTEM").await?;
+        let system_id = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or_else(|| {
+                ReplicationError::Internal("IDENTIFY_SYSTEM returned no system identifier".into())
+            })?;
+        let stream = session
+            .start_replication(
+                &spec.slot,
+                spec.start_lsn,
+                &pgoutput_options(&spec.publication),
+                StreamSettings {
+                    ack: spec.ack_lsn,
+                    buffer: spec.buffer_events.clamp(64, 65_536),
+                    status_interval: Duration::from_secs(1),
+                },
+            )
+            .await?;
         Ok(Self {
-            client,
-            system_id: ident.system_id,
+            stream,
+            in_block: false,
+            system_id,
         })
     }
 }
 
 impl ChangeSource for PgwireSource {
     async fn recv(&mut self) -> Result<Option<SourceEvent>> {
-        loop {
-            let Some(ev) = self.client.recv().await.map_err(ReplicationError::stream)? else {
-                return Ok(None);
-            };
-            let out = match ev {
-                ReplicationEvent::KeepAlive { wal_end, .. } => SourceEvent::Keepalive {
-                    wal_end: wal_end.into(),
-                },
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => SourceEvent::Message(Message::Begin {
-                    final_lsn: final_lsn.into(),
-                    commit_time_us: commit_time_micros,
-                    xid,
-                }),
-                ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                } => SourceEvent::Message(Message::Commit {
-                    flags: 0,
-                    commit_lsn: lsn.into(),
-                    end_lsn: end_lsn.into(),
-                    commit_time_us: commit_time_micros,
-                }),
-                ReplicationEvent::XLogData { data, .. } => {
-                    SourceEvent::Message(pgoutput::decode(&data)?)
+        Ok(match self.stream.recv().await? {
+            None => None,
+            Some(WalMessage::Keepalive { wal_end }) => Some(SourceEvent::Keepalive { wal_end }),
+            Some(WalMessage::XLogData { data, .. }) => {
+                let streamed = self.in_block
+                    && matches!(
+                        data.first(),
+                        Some(b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M')
+                    );
+                if streamed {
+                    let (xid, message) = pgoutput::decode_streamed(&data)?;
+                    Some(SourceEvent::Streamed { xid, message })
+                } else {
+                    let message = pgoutput::decode(&data)?;
+                    match message {
+                        pgoutput::Message::StreamStart { .. } => self.in_block = true,
+                        pgoutput::Message::StreamStop => self.in_block = false,
+                        _ => {}
+                    }
+                    Some(SourceEvent::Message(message))
                 }
-                // The client decodes logical messages itself (row versions
-                // travel in them, see apply::tracking).
-                ReplicationEvent::Message {
-                    transactional,
-                    lsn,
-                    prefix,
-                    content,
-                } => SourceEvent::Message(Message::LogicalMessage {
-                    transactional,
-                    lsn: lsn.into(),
-                    prefix,
-                    content,
-                }),
-                ReplicationEvent::StoppedAt { .. } => continue,
-            };
-            return Ok(Some(out));
-        }
+            }
+        })
     }
 
     fn acknowledge(&self, lsn: Lsn) {
-        self.client.update_applied_lsn(lsn.into());
+        self.stream.acknowledge(lsn);
     }
 
     async fn close(&mut self) {
-        // The worker sends a raised position within its status interval
-        // (1 s); wait for that so the slot reflects the final commit.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.client.feedback_pending_since().is_some() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.client.shutdown()).await;
+        self.stream.close().await;
         tracing::debug!("replication stream closed");
     }
 }
@@ -169,7 +124,7 @@ impl ChangeSource for PgwireSource {
 /// snapshot. The snapshot stays valid while this value lives (the
 /// connection must stay idle); drop it once the copy is done.
 pub struct SlotSnapshot {
-    _session: ReplicationClient,
+    _session: Session,
     /// Where streaming continues: changes committed after the snapshot.
     pub consistent_point: Lsn,
     pub snapshot_name: String,
@@ -178,29 +133,20 @@ pub struct SlotSnapshot {
 impl SlotSnapshot {
     /// `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')`.
     pub async fn create(info: &ConnInfo, slot: &str) -> Result<Self> {
-        let mut cfg = session_config(info, slot, "unused");
-        cfg.application_name = Some("heliosdb-tenant-replication init".into());
-        let mut session = ReplicationClient::connect_gated(cfg)
-            .await
-            .map_err(ReplicationError::stream)?;
+        let mut session = Session::connect(info, "heliosdb-tenant-replication init").await?;
         let rows = session
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT \"{slot}\" LOGICAL pgoutput (SNAPSHOT 'export')"
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+                quote_ident(slot)
             ))
-            .await
-            .map_err(ReplicationError::stream)?;
+            .await?;
         let row = rows.first().ok_or_else(|| {
             ReplicationError::Internal("CREATE_REPLICATION_SLOT returned no row".into())
         })?;
         let text = |i: usize| -> Result<String> {
-            row.get(i)
-                .and_then(|v| v.as_ref())
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .ok_or_else(|| {
-                    ReplicationError::Internal(format!(
-                        "CREATE_REPLICATION_SLOT: column {i} missing"
-                    ))
-                })
+            row.get(i).cloned().flatten().ok_or_else(|| {
+                ReplicationError::Internal(format!("CREATE_REPLICATION_SLOT: column {i} missing"))
+            })
         };
         let consistent_point = text(1)?
             .parse()

@@ -24,8 +24,6 @@ use tokio_postgres::Client;
 use crate::config::{ConnInfo, NetworkConfig, SslMode};
 use crate::error::{ReplicationError, Result, Side};
 
-pub use tls::replication_tls;
-
 /// Connect to `info`; `application_name` shows in `pg_stat_activity`.
 pub async fn connect(
     info: &ConnInfo,

@@ -19,6 +19,12 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The connector for tokio-postgres.
 pub(super) fn make_connector(info: &ConnInfo) -> Result<MakeRustlsConnect, String> {
+    client_config(info).map(MakeRustlsConnect::new)
+}
+
+/// The rustls client settings for `info`'s sslmode, CA and client
+/// certificate (normal and replication connections alike).
+pub(crate) fn client_config(info: &ConnInfo) -> Result<ClientConfig, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -49,30 +55,7 @@ pub(super) fn make_connector(info: &ConnInfo) -> Result<MakeRustlsConnect, Strin
         (None, None) => builder.with_no_client_auth(),
         _ => return Err("sslcert and sslkey must be given together".into()),
     };
-    Ok(MakeRustlsConnect::new(config))
-}
-
-/// TLS settings for the replication connection (pgwire-replication).
-pub fn replication_tls(info: &ConnInfo) -> pgwire_replication::TlsConfig {
-    use pgwire_replication::TlsConfig;
-    let ca = info.sslrootcert.clone();
-    let tls = match info.sslmode {
-        SslMode::Disable => TlsConfig::disabled(),
-        SslMode::Allow | SslMode::Prefer => {
-            let mut t = TlsConfig::require();
-            t.mode = pgwire_replication::SslMode::Prefer;
-            t
-        }
-        // libpq: require with a root certificate verifies the chain.
-        SslMode::Require if ca.is_some() => TlsConfig::verify_ca(ca),
-        SslMode::Require => TlsConfig::require(),
-        SslMode::VerifyCa => TlsConfig::verify_ca(ca),
-        SslMode::VerifyFull => TlsConfig::verify_full(ca),
-    };
-    match (&info.sslcert, &info.sslkey) {
-        (Some(c), Some(k)) => tls.with_client_cert(c.clone(), k.clone()),
-        _ => tls,
-    }
+    Ok(config)
 }
 
 fn webpki(roots: RootCertStore) -> Result<Arc<WebPkiServerVerifier>, String> {

@@ -18,7 +18,8 @@ use tokio::sync::{Mutex, MutexGuard, Notify};
 
 use super::Shutdown;
 use crate::apply::schema::SourceCatalog;
-use crate::apply::{Applier, ApplyIdentity, CommitPoint};
+use crate::apply::streams::{OpenLane, Streams};
+use crate::apply::{Applier, ApplyIdentity, CommitPoint, Committed};
 use crate::capture::TxEvent;
 use crate::checkpoint::progress::{self, BatchMark};
 use crate::config::Config;
@@ -60,6 +61,11 @@ struct Active {
     id: String,
     capture_node: String,
     applier: Applier,
+    /// Streamed source transactions in progress, each in its own target
+    /// transaction.
+    streams: Streams,
+    /// The latest source position a batch carried (a commit's end).
+    seen: crate::lsn::Lsn,
     decoder: Decoder,
     last_sequence: u64,
     in_source_txn: bool,
@@ -221,23 +227,27 @@ impl ApplyNode {
         {
             tracing::warn!(%tenant, "a resync is requested, but an apply node has no source connection: run `resync` and `start` with a configuration that names both databases (mode = \"local\") to perform it");
         }
+        let identity = ApplyIdentity {
+            tenant: tenant.to_string(),
+            tenant_column: t.tenant_column.clone(),
+            slot: req.slot.clone(),
+            source_system_id: req.source_system_id.clone(),
+            conflict: self.config.conflict.clone(),
+            lane: None,
+        };
         let applier = Applier::new(
             target,
             SourceCatalog::Shipped(HashMap::new()),
             t.schema_changes,
-            ApplyIdentity {
-                tenant: tenant.to_string(),
-                tenant_column: t.tenant_column.clone(),
-                slot: req.slot.clone(),
-                source_system_id: req.source_system_id.clone(),
-                conflict: self.config.conflict.clone(),
-            },
+            identity.clone(),
             self.config.batch.batch_size,
         )
         .await?;
         let mut applier = applier;
+        let mut streams = Streams::new(lane_opener(self.config.clone(), identity));
         if let Some(p) = &recorded {
             applier.set_converge_until(p.converge_until);
+            streams.set_converge_until(p.converge_until);
         }
         let mut id = [0u8; 16];
         rand::rng().fill_bytes(&mut id);
@@ -245,6 +255,8 @@ impl ApplyNode {
             id: id.iter().map(|b| format!("{b:02x}")).collect(),
             capture_node: req.capture_node.clone(),
             applier,
+            streams,
+            seen: recorded.as_ref().map(|p| p.end_lsn).unwrap_or_default(),
             decoder: Decoder::new(),
             last_sequence: 0,
             in_source_txn: false,
@@ -332,6 +344,7 @@ impl ApplyNode {
                 ));
             }
         };
+        active.streams.ship(&decoded.source_columns);
         if let SourceCatalog::Shipped(map) = active.applier.source_catalog_mut() {
             map.extend(decoded.source_columns);
         }
@@ -345,19 +358,22 @@ impl ApplyNode {
             .compression_ratio
             .set(wire as f64 / f64::from(header.plain_len.max(1)));
         match apply_events(active, decoded.events).await {
-            Ok(committed) => {
+            Ok(commits) => {
                 tel.m.in_flight.set(active.applier.pending_events() as i64);
-                let wire_total = active.wire_uncommitted + wire;
-                active.wire_uncommitted = wire_total;
-                if let Some(point) = committed {
-                    let c = active.applier.take_committed();
-                    tel.committed(&c, point.end_lsn, Some(wire_total));
+                active.wire_uncommitted += wire;
+                let last = commits.len().saturating_sub(1);
+                for (i, (point, c)) in commits.iter().enumerate() {
+                    // The batch's bytes count with its last commit.
+                    let wire = (i == last).then_some(active.wire_uncommitted);
+                    tel.committed(c, point.end_lsn, wire);
+                }
+                if !commits.is_empty() {
                     active.wire_uncommitted = 0;
                     tel.caught_up();
                 }
                 Ok(BatchResponse {
                     sequence: header.sequence,
-                    committed_end_lsn: committed.map(|p| p.end_lsn.0),
+                    committed_end_lsn: commits.iter().map(|(p, _)| p.end_lsn.0).max(),
                 })
             }
             Err(e) => {
@@ -365,6 +381,7 @@ impl ApplyNode {
                 tracing::error!(%tenant, sequence = header.sequence, error = %e, "applying a batch failed; the session ends");
                 if let Some(mut a) = state.session.take() {
                     a.applier.rollback().await;
+                    a.streams.rollback_all().await;
                 }
                 Err(Refusal::from_error(&e))
             }
@@ -408,7 +425,20 @@ impl ApplyNode {
 }
 
 /// Apply a batch's events; commit when it ends between source transactions.
-async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<CommitPoint>> {
+/// Returns every target commit it made (the main transaction, streamed
+/// transactions that committed), in order.
+async fn apply_events(
+    a: &mut Active,
+    events: Vec<TxEvent>,
+) -> Result<Vec<(CommitPoint, Committed)>> {
+    // Recorded with every commit this batch makes: a replay of it is refused
+    // even when only part of it was committed.
+    let mark = a.key.as_ref().map(|(key_id, key_batches)| BatchMark {
+        sequence: a.last_sequence,
+        key_id: key_id.clone(),
+        key_batches: *key_batches,
+    });
+    let mut commits = Vec::new();
     for event in events {
         match event {
             TxEvent::Begin {
@@ -428,26 +458,98 @@ async fn apply_events(a: &mut Active, events: Vec<TxEvent>) -> Result<Option<Com
                 commit_time_us,
             } => {
                 a.in_source_txn = false;
+                a.seen = a.seen.max(end_lsn);
                 a.applier.source_commit(CommitPoint {
                     commit_lsn,
                     end_lsn,
                     commit_time_us,
                 });
             }
+            TxEvent::Streamed { top, xid, event } => {
+                // The main transaction may hold locks the lane would wait for.
+                commit_main(a, &mark, &mut commits).await?;
+                a.streams
+                    .apply(&mut a.applier, top, xid, *event, a.seen)
+                    .await?;
+            }
+            TxEvent::StreamCommit {
+                top,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                // Commit order: what committed before it on the source first.
+                commit_main(a, &mark, &mut commits).await?;
+                a.seen = a.seen.max(end_lsn);
+                let point = CommitPoint {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_us,
+                };
+                commits.extend(a.streams.commit(top, point, mark.clone()).await?);
+            }
+            TxEvent::StreamAbort { top, xid } => a.streams.abort(top, xid).await?,
             TxEvent::Keepalive { .. } => {}
         }
     }
-    if let Some((key_id, key_batches)) = &a.key {
-        a.applier.mark_batch(BatchMark {
-            sequence: a.last_sequence,
-            key_id: key_id.clone(),
-            key_batches: *key_batches,
-        });
+    if !a.in_source_txn {
+        commit_main(a, &mark, &mut commits).await?;
+    } else if let Some(m) = &mark {
+        a.applier.mark_batch(m.clone());
     }
-    if a.in_source_txn || !a.applier.is_open() {
-        return Ok(None);
+    Ok(commits)
+}
+
+/// Commit the main target transaction if one is open (between source
+/// transactions only: a streamed change never arrives inside one).
+async fn commit_main(
+    a: &mut Active,
+    mark: &Option<BatchMark>,
+    commits: &mut Vec<(CommitPoint, Committed)>,
+) -> Result<()> {
+    if a.in_source_txn {
+        return Err(ReplicationError::Internal(
+            "a streamed change arrived inside a source transaction".into(),
+        ));
     }
-    a.applier.commit().await
+    if !a.applier.is_open() {
+        return Ok(());
+    }
+    if let Some(m) = mark {
+        a.applier.mark_batch(m.clone());
+    }
+    if let Some(point) = a.applier.commit().await? {
+        commits.push((point, a.applier.take_committed()));
+    }
+    Ok(())
+}
+
+/// Lanes of streamed transactions: a target connection each (an apply node
+/// has no source connection; the shipped definitions serve as catalog).
+fn lane_opener(config: Arc<Config>, identity: ApplyIdentity) -> OpenLane {
+    Box::new(move |lane| {
+        let config = config.clone();
+        let identity = ApplyIdentity {
+            lane: Some(lane),
+            ..identity.clone()
+        };
+        Box::pin(async move {
+            let t = &config.tenant;
+            let app = format!(
+                "heliosdb-tenant-replication/{} apply stream",
+                identity.tenant
+            );
+            let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
+            Applier::new(
+                target,
+                SourceCatalog::Shipped(HashMap::new()),
+                t.schema_changes,
+                identity,
+                config.batch.batch_size,
+            )
+            .await
+        })
+    })
 }
 
 fn session_unknown() -> Refusal {

@@ -200,6 +200,7 @@ pub async fn run(
         ),
         tel: tel.clone(),
         open_txn: Committed::default(),
+        open_streams: Default::default(),
         done: Committed::default(),
         wire_uncommitted: 0,
         names: TableNames::default(),
@@ -272,6 +273,8 @@ struct Shipper<'a> {
     tel: Arc<TenantTelemetry>,
     /// Events of the source transaction being shipped (for metrics).
     open_txn: Committed,
+    /// Events of streamed transactions being shipped, by transaction id.
+    open_streams: std::collections::HashMap<u32, Committed>,
     /// Shipped, complete transactions not yet confirmed committed.
     done: Committed,
     /// Envelope bytes sent since the last confirmed commit.
@@ -390,6 +393,41 @@ impl Shipper<'_> {
                     self.open_txn.count(name, 1);
                 }
             }
+            TxEvent::Streamed { top, event, .. } => {
+                self.tel.behind();
+                let txn = self.open_streams.entry(*top).or_default();
+                match event.as_ref() {
+                    TxEvent::Row(change) => {
+                        txn.count(self.names.of(&change.relation), 1);
+                        txn.bytes += row_bytes(&change.op);
+                    }
+                    TxEvent::Truncate { relations, .. } => {
+                        for rel in relations {
+                            txn.count(self.names.of(rel), 1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            TxEvent::StreamCommit {
+                top,
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
+                self.last_lsn = *end_lsn;
+                let txn = self.open_streams.remove(top).unwrap_or_default();
+                for (table, n) in &txn.events_by_table {
+                    self.done.count(table, *n);
+                }
+                self.done.bytes += txn.bytes;
+                self.done.commit_times_us.push(*commit_time_us);
+            }
+            TxEvent::StreamAbort { top, xid } => {
+                if top == xid {
+                    self.open_streams.remove(top);
+                }
+            }
         }
         for rel in self.enc.unsent_relations(&event) {
             let columns = describe_source_table(&self.source, &rel).await?;
@@ -410,7 +448,7 @@ impl Shipper<'_> {
         // With the window full, complete transactions gather into a larger
         // batch until an answer makes room (fewer, larger target commits
         // when the apply node is the slower side).
-        let boundary = matches!(event, TxEvent::Commit { .. })
+        let boundary = matches!(event, TxEvent::Commit { .. } | TxEvent::StreamCommit { .. })
             && self.in_flight.len() < WINDOW
             && (self.rx.is_empty()
                 || self

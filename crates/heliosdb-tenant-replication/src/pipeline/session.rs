@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{closed, Shutdown};
-use crate::apply::{Applier, ApplyIdentity};
+use crate::apply::streams::{OpenLane, Streams};
+use crate::apply::{Applier, ApplyIdentity, CommitPoint};
 use crate::capture::assemble::Assembler;
 use crate::capture::stream::{PgwireSource, StreamSpec};
 use crate::capture::{ChangeSource, TxEvent};
@@ -88,23 +89,27 @@ pub async fn run(
     );
     tel.set_state(State::Running);
 
+    let identity = ApplyIdentity {
+        tenant: t.tenant_id.clone(),
+        tenant_column: t.tenant_column.clone(),
+        slot: t.slot.clone(),
+        source_system_id: system_id.clone(),
+        conflict: config.conflict.clone(),
+        lane: None,
+    };
     let applier = Applier::new(
         target,
         crate::apply::schema::SourceCatalog::Live(source),
         t.schema_changes,
-        ApplyIdentity {
-            tenant: t.tenant_id.clone(),
-            tenant_column: t.tenant_column.clone(),
-            slot: t.slot.clone(),
-            source_system_id: system_id.clone(),
-            conflict: config.conflict.clone(),
-        },
+        identity.clone(),
         config.batch.batch_size,
     )
     .await?;
     let mut applier = applier;
+    let mut streams = Streams::new(lane_opener(config, identity));
     if let Some(p) = &recorded {
         applier.set_converge_until(p.converge_until);
+        streams.set_converge_until(p.converge_until);
     }
 
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
@@ -121,6 +126,8 @@ pub async fn run(
         tables: report.tables.clone(),
         last_resync_check: Instant::now(),
         applier,
+        streams,
+        seen: recorded.as_ref().map(|p| p.end_lsn).unwrap_or(Lsn::ZERO),
         rx,
         acked: Acknowledger::new(ack_tx, ack_lsn),
         in_source_txn: false,
@@ -139,7 +146,9 @@ pub async fn run(
 
     match outcome {
         Ok(()) => {
-            // Shutdown: keep what ends on a source commit, drop the rest.
+            // Shutdown: keep what ends on a source commit, drop the rest
+            // (streamed transactions are sent again from their start).
+            apply.streams.rollback_all().await;
             let finish = if apply.applier.is_open() && !apply.in_source_txn {
                 apply.commit().await
             } else {
@@ -157,6 +166,7 @@ pub async fn run(
         }
         Err(e) => {
             apply.applier.rollback().await;
+            apply.streams.rollback_all().await;
             drop(final_tx);
             // A capture error explains an apply-side "queue closed".
             match tokio::time::timeout(Duration::from_secs(6), capture).await {
@@ -165,6 +175,33 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Lanes of streamed transactions: a target and a source connection each
+/// (the source answers catalog questions, as for the main applier).
+fn lane_opener(config: &Config, identity: ApplyIdentity) -> OpenLane {
+    let config = Arc::new(config.clone());
+    Box::new(move |lane| {
+        let config = config.clone();
+        let identity = ApplyIdentity {
+            lane: Some(lane),
+            ..identity.clone()
+        };
+        Box::pin(async move {
+            let t = &config.tenant;
+            let app = format!("heliosdb-tenant-replication/{} stream", t.tenant_id);
+            let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
+            let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
+            Applier::new(
+                target,
+                crate::apply::schema::SourceCatalog::Live(source),
+                t.schema_changes,
+                identity,
+                config.batch.batch_size,
+            )
+            .await
+        })
+    })
 }
 
 /// The replication stream of a session and its checkpoint file.
@@ -412,6 +449,10 @@ struct ApplyLoop<'a> {
     tables: Vec<SourceTable>,
     last_resync_check: Instant,
     applier: Applier,
+    /// Streamed transactions in progress, each in its own target transaction.
+    streams: Streams,
+    /// The latest source position seen (a commit's end or a keepalive).
+    seen: Lsn,
     rx: mpsc::Receiver<TxEvent>,
     acked: Acknowledger,
     in_source_txn: bool,
@@ -492,12 +533,55 @@ impl ApplyLoop<'_> {
             TxEvent::Row(change) => self.applier.row(change).await?,
             TxEvent::Version(note) => self.applier.version(&note),
             TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
+            TxEvent::Streamed { top, xid, event } => {
+                // The main transaction may hold locks the lane would wait for.
+                if self.applier.is_open() {
+                    self.commit().await?;
+                }
+                self.tel.behind();
+                self.streams
+                    .apply(&mut self.applier, top, xid, *event, self.seen)
+                    .await?;
+            }
+            TxEvent::StreamCommit {
+                top,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                // Commit order: what committed before it on the source first.
+                if self.applier.is_open() {
+                    self.commit().await?;
+                }
+                self.last_commit_time_us = Some(commit_time_us);
+                self.seen = self.seen.max(end_lsn);
+                let point = CommitPoint {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_us,
+                };
+                if let Some((point, committed)) = self.streams.commit(top, point, None).await? {
+                    self.tel.committed(&committed, point.end_lsn, None);
+                    self.acknowledge(point.end_lsn);
+                    let t = &self.config.tenant;
+                    self.checkpoint
+                        .after_commit(
+                            &t.tenant_id,
+                            &t.slot,
+                            self.applier.stats.events,
+                            point.end_lsn,
+                        )
+                        .await;
+                }
+            }
+            TxEvent::StreamAbort { top, xid } => self.streams.abort(top, xid).await?,
             TxEvent::Commit {
                 commit_lsn,
                 end_lsn,
                 commit_time_us,
             } => {
                 self.in_source_txn = false;
+                self.seen = self.seen.max(end_lsn);
                 self.last_commit_time_us = Some(commit_time_us);
                 self.applier.source_commit(crate::apply::CommitPoint {
                     commit_lsn,
@@ -515,6 +599,7 @@ impl ApplyLoop<'_> {
                 }
             }
             TxEvent::Keepalive { wal_end } => {
+                self.seen = self.seen.max(wal_end);
                 if self.applier.is_open() {
                     self.commit().await?;
                 }
@@ -530,6 +615,10 @@ impl ApplyLoop<'_> {
     /// Perform resync requests (`resync` command) between transactions.
     async fn resync_if_requested(&mut self) -> Result<()> {
         self.last_resync_check = Instant::now();
+        // Not while a streamed transaction is half applied.
+        if !self.streams.is_empty() {
+            return Ok(());
+        }
         let tenant = &self.config.tenant.tenant_id;
         let pending = snapshot::pending_resyncs(self.applier.client(), tenant).await?;
         if pending.is_empty() {
@@ -546,6 +635,7 @@ impl ApplyLoop<'_> {
         )
         .await?;
         self.applier.set_converge_until(converge_until);
+        self.streams.set_converge_until(converge_until);
         tracing::info!(%tenant, state = "streaming", "resync done");
         self.tel.set_state(State::Running);
         Ok(())

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! record := 'R' relation | 'B' begin | 'I' | 'U' | 'D' row | 'V' version | 'T' truncate | 'C' commit
+//!         | 'X' streamed | 'c' stream_commit | 'A' stream_abort
 //! relation := id u32, namespace str, name str, replica_identity u8,
 //!             ncols u16, (is_key u8, name str, type_oid u32, typmod i32)*,
 //!             nsource u16, (name str, type str, has_missing u8, [missing str], has_default u8)*
@@ -12,6 +13,10 @@
 //! version  := len u32, bytes (the source trigger's message, as sent)
 //! truncate := flags u8 (1 cascade, 2 restart identity), n u16, relation u32 * n
 //! commit   := commit_lsn u64, end_lsn u64, commit_time i64
+//! streamed := top u32, xid u32, then one 'I' | 'U' | 'D' | 'T' | 'V' record (a change of
+//!             in-progress transaction top, made by its (sub)transaction xid)
+//! stream_commit := top u32, commit_lsn u64, end_lsn u64, commit_time i64
+//! stream_abort  := top u32, xid u32
 //! tuple    := n u16, ('n' | 'u' | 't' len u32 bytes | 'b' len u32 bytes)*
 //! str      := len u32, UTF-8 bytes
 //! ```
@@ -82,6 +87,7 @@ impl Encoder {
                 .is_some_and(|seen| Arc::ptr_eq(seen, r))
         };
         match event {
+            TxEvent::Streamed { event, .. } => self.unsent_relations(event),
             TxEvent::Row(c) if fresh(&c.relation) => vec![c.relation.clone()],
             TxEvent::Truncate { relations, .. } => {
                 relations.iter().filter(|r| fresh(r)).cloned().collect()
@@ -191,6 +197,29 @@ impl Encoder {
                 b.put_u32(content.len() as u32);
                 b.put_slice(content);
             }
+            TxEvent::Streamed { top, xid, event } => {
+                b.put_u8(b'X');
+                b.put_u32(*top);
+                b.put_u32(*xid);
+                self.event(event);
+            }
+            TxEvent::StreamCommit {
+                top,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
+                b.put_u8(b'c');
+                b.put_u32(*top);
+                b.put_u64(commit_lsn.0);
+                b.put_u64(end_lsn.0);
+                b.put_i64(*commit_time_us);
+            }
+            TxEvent::StreamAbort { top, xid } => {
+                b.put_u8(b'A');
+                b.put_u32(*top);
+                b.put_u32(*xid);
+            }
             TxEvent::Keepalive { .. } => {}
         }
     }
@@ -241,9 +270,30 @@ impl Decoder {
     pub fn decode(&mut self, body: Bytes) -> Result<Decoded, CodecError> {
         let mut r = Reader(body);
         let mut out = Decoded::default();
+        // The (top, xid) of a streamed record whose change comes next.
+        let mut wrap: Option<(u32, u32)> = None;
         while r.0.has_remaining() {
             let tag = r.u8("record tag")?;
+            if wrap.is_some() && !matches!(tag, b'I' | b'U' | b'D' | b'T' | b'V') {
+                return Err(CodecError(format!(
+                    "a streamed record wraps record tag 0x{tag:02x}, not a change"
+                )));
+            }
             match tag {
+                b'X' => {
+                    wrap = Some((r.u32("streamed top xid")?, r.u32("streamed xid")?));
+                    continue;
+                }
+                b'c' => out.events.push(TxEvent::StreamCommit {
+                    top: r.u32("stream commit xid")?,
+                    commit_lsn: Lsn(r.u64("commit lsn")?),
+                    end_lsn: Lsn(r.u64("end lsn")?),
+                    commit_time_us: r.u64("commit time")? as i64,
+                }),
+                b'A' => out.events.push(TxEvent::StreamAbort {
+                    top: r.u32("stream abort xid")?,
+                    xid: r.u32("stream abort subxid")?,
+                }),
                 b'R' => {
                     let (rel, source) = r.relation()?;
                     out.source_columns.push((rel.id, source));
@@ -305,6 +355,19 @@ impl Decoder {
                 }),
                 other => return Err(CodecError(format!("unknown record tag 0x{other:02x}"))),
             }
+            if let Some((top, xid)) = wrap.take() {
+                // The change just decoded (each of those tags pushes one).
+                if let Some(event) = out.events.pop() {
+                    out.events.push(TxEvent::Streamed {
+                        top,
+                        xid,
+                        event: Box::new(event),
+                    });
+                }
+            }
+        }
+        if wrap.is_some() {
+            return Err(CodecError("a streamed record without its change".into()));
         }
         Ok(out)
     }
@@ -531,6 +594,54 @@ mod tests {
         // A new session (decoder) must be told: a row of an unknown relation is an error.
         let mut fresh = Decoder::new();
         assert!(fresh.decode(encode(&mut enc, &events[2..3])).is_err());
+    }
+
+    #[test]
+    fn streamed_events_round_trip_and_a_dangling_wrapper_is_an_error() {
+        let r1 = rel(1);
+        let row = TxEvent::Row(RowChange {
+            relation: r1,
+            op: RowOp::Insert {
+                new: vec![Value::Text(Bytes::from_static(b"1")), Value::Null],
+            },
+        });
+        let events = vec![
+            TxEvent::Streamed {
+                top: 9,
+                xid: 11,
+                event: Box::new(row),
+            },
+            TxEvent::Streamed {
+                top: 9,
+                xid: 9,
+                event: Box::new(TxEvent::Version(Bytes::from_static(b"{}"))),
+            },
+            TxEvent::StreamAbort { top: 9, xid: 11 },
+            TxEvent::StreamCommit {
+                top: 9,
+                commit_lsn: Lsn(500),
+                end_lsn: Lsn(530),
+                commit_time_us: 7,
+            },
+        ];
+        let mut enc = Encoder::new();
+        let body = encode(&mut enc, &events);
+        let got = Decoder::new().decode(body.clone()).expect("decodes");
+        assert_eq!(got.events.len(), events.len());
+        for (a, b) in got.events.iter().zip(&events) {
+            assert!(same(a, b), "{a:?} != {b:?}");
+        }
+        // A wrapper must be followed by a change, not a commit or nothing.
+        for bad in [
+            &b"X\0\0\0\x09\0\0\0\x09"[..],
+            b"X\0\0\0\x09\0\0\0\x09A\0\0\0\x01\0\0\0\x01",
+        ] {
+            assert!(Decoder::new().decode(Bytes::copy_from_slice(bad)).is_err());
+        }
+        // Every truncation is an error, never a panic.
+        for n in 0..body.len() {
+            let _ = Decoder::new().decode(body.slice(..n));
+        }
     }
 
     proptest! {

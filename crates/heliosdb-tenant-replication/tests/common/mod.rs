@@ -475,3 +475,121 @@ pub async fn conflicts_logged(c: &Client) -> i64 {
     .expect("conflict log table")
     .get(0)
 }
+
+/// Make the source stream every transaction larger than 64 kB while it
+/// runs (pgoutput proto 2), instead of after its commit.
+pub async fn stream_large_transactions(env: &Env) {
+    let c = env.src().await;
+    for q in [
+        "ALTER SYSTEM SET logical_decoding_work_mem = '64kB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.simple_query(q).await.expect("logical_decoding_work_mem");
+    }
+}
+
+/// Transactions the slot streamed before their commit (and how many bytes).
+pub async fn streamed_txns(env: &Env, slot: &str) -> i64 {
+    env.src()
+        .await
+        .query_one(
+            "SELECT coalesce(max(stream_txns), 0) FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("pg_stat_replication_slots")
+        .get(0)
+}
+
+/// The first part of a large source transaction with subtransactions, left
+/// open on `c`: 20,000 rows of the tenant and 1,000 of another tenant, a
+/// rolled-back savepoint of 5,000 rows, a released one that updates rows
+/// 1-1,000, and a nested pair rolled back (updates of 1,001-2,000, deletes
+/// of 2,001-3,000).
+pub async fn open_large_transaction(c: &Client) {
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO events SELECT 'tenant-123', g, 'big', repeat('x', 200), now() FROM generate_series(1, 20000) g;
+         INSERT INTO events SELECT 'tenant-456', g, 'big', 'other', now() FROM generate_series(1, 1000) g;
+         SAVEPOINT a;
+         INSERT INTO events SELECT 'tenant-123', 100000 + g, 'gone', repeat('y', 200), now() FROM generate_series(1, 5000) g;
+         ROLLBACK TO SAVEPOINT a;
+         SAVEPOINT b;
+         UPDATE events SET kind = 'kept' WHERE tenant_id = 'tenant-123' AND id <= 1000;
+         RELEASE SAVEPOINT b;
+         SAVEPOINT c;
+         UPDATE events SET kind = 'undone' WHERE tenant_id = 'tenant-123' AND id BETWEEN 1001 AND 2000;
+         SAVEPOINT d;
+         DELETE FROM events WHERE tenant_id = 'tenant-123' AND id BETWEEN 2001 AND 3000;
+         ROLLBACK TO SAVEPOINT c;",
+    )
+    .await
+    .expect("large transaction, first part");
+}
+
+/// The rest of [`open_large_transaction`] and its commit.
+pub async fn finish_large_transaction(c: &Client) {
+    c.batch_execute(
+        "INSERT INTO events SELECT 'tenant-123', 200000 + g, 'after', repeat('z', 200), now() FROM generate_series(1, 3000) g;
+         COMMIT",
+    )
+    .await
+    .expect("large transaction, commit");
+}
+
+/// What the target must hold after the large transaction: exactly its
+/// surviving changes.
+pub async fn assert_large_transaction_outcome(env: &Env) {
+    let dst = env.dst().await;
+    let one = |sql: &'static str| {
+        let dst = &dst;
+        async move {
+            dst.query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE tenant_id = 'tenant-123'").await,
+        23_000
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE id BETWEEN 100001 AND 105000").await,
+        0,
+        "rows of a rolled-back savepoint arrived"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE kind = 'kept'").await,
+        1_000,
+        "a released savepoint's updates are missing"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE kind = 'undone'").await,
+        0,
+        "a rolled-back savepoint's updates arrived"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE id BETWEEN 2001 AND 3000").await,
+        1_000,
+        "a rolled-back savepoint's deletes arrived"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM events WHERE tenant_id <> 'tenant-123'").await,
+        0,
+        "another tenant's rows arrived"
+    );
+}
+
+/// Wait until the daemon's log contains `needle` (panics with the log).
+pub async fn wait_for_log(daemon: &Daemon, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !daemon.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for '{needle}' in the daemon log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -270,8 +270,12 @@ fn hostile_lengths_do_not_allocate_or_panic() {
     let many_rels = W::tag(b'T').u32(u32::MAX).u8(0).bytes();
     assert!(decode(&many_rels).is_err());
     assert!(matches!(
+        decode(&Bytes::from_static(b"Q")),
+        Err(DecodeError::UnknownTag('Q', b'Q'))
+    ));
+    assert!(matches!(
         decode(&Bytes::from_static(b"S")),
-        Err(DecodeError::UnknownTag('S', b'S'))
+        Err(DecodeError::Truncated { .. })
     ));
     assert_eq!(decode(&Bytes::new()), Err(DecodeError::Empty));
     let bad_utf8 = Bytes::from(vec![b'O', 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0xfe, 0]);
@@ -311,5 +315,64 @@ proptest! {
             _ => None,
         }).collect();
         prop_assert_eq!(back, values);
+    }
+}
+
+#[test]
+fn decodes_proto_2_stream_messages() {
+    assert_eq!(
+        decode(&W::tag(b'S').u32(900).u8(1).bytes()).expect("stream start"),
+        Message::StreamStart {
+            xid: 900,
+            first_segment: true
+        }
+    );
+    assert_eq!(
+        decode(&W::tag(b'E').bytes()).expect("stream stop"),
+        Message::StreamStop
+    );
+    assert_eq!(
+        decode(&W::tag(b'c').u32(900).u8(0).u64(10).u64(20).u64(30).bytes())
+            .expect("stream commit"),
+        Message::StreamCommit {
+            xid: 900,
+            flags: 0,
+            commit_lsn: Lsn(10),
+            end_lsn: Lsn(20),
+            commit_time_us: 30
+        }
+    );
+    assert_eq!(
+        decode(&W::tag(b'A').u32(900).u32(901).bytes()).expect("stream abort"),
+        Message::StreamAbort {
+            xid: 900,
+            subxid: 901
+        }
+    );
+    // Inside a block, a change carries its (sub)transaction id first.
+    let insert = W::tag(b'I')
+        .u32(901)
+        .u32(16384)
+        .u8(b'N')
+        .i16(1)
+        .text("1")
+        .bytes();
+    let (xid, m) = decode_streamed(&insert).expect("streamed insert");
+    assert_eq!(xid, 901);
+    assert!(matches!(m, Message::Insert { relation_id: 16384, ref new } if new.len() == 1));
+    // Transaction control never comes with an id.
+    assert!(matches!(
+        decode_streamed(&W::tag(b'B').u64(1).u64(2).u32(3).bytes()),
+        Err(DecodeError::NotInStream('B'))
+    ));
+    for n in 0..insert.len() {
+        assert!(decode_streamed(&insert.slice(..n)).is_err());
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_streamed_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_streamed(&Bytes::from(data));
     }
 }
