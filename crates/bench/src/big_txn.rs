@@ -3,9 +3,12 @@
 //! false)`: 1.25 × rows changes, a tenth of them `tenant-1`'s) made while
 //! the consumer runs; measured from the moment its COMMIT returns on the
 //! source until the target holds the tenant's rows. PostgreSQL's
-//! subscription with `streaming = on` applies the transaction while it is
-//! still running; `off` and this daemon (pgoutput proto_version 1) receive it
-//! only after the commit. One consumer at a time, a fresh slot each.
+//! subscription with `streaming = on` receives the transaction while it is
+//! still running (spooled to a file, applied at the commit); `off` receives
+//! it only after the commit; this daemon (pgoutput proto_version 2,
+//! streaming) applies it while it runs, into a target transaction of its
+//! own, and commits that at the source's commit. One consumer at a time, a
+//! fresh slot each.
 
 use std::path::Path;
 use std::time::Instant;
