@@ -122,6 +122,20 @@ impl Session {
     }
 
     async fn connect_now(info: &ConnInfo, application_name: &str) -> Result<Self> {
+        let io: Box<dyn Io> =
+            if info.host.starts_with('/') {
+                // A Unix-domain socket directory, as libpq: no TLS over it.
+                let path = format!("{}/.s.PGSQL.{}", info.host, info.port);
+                Box::new(tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                    stream_err(format!("connecting to {path}: {e}"), ErrorClass::Retry)
+                })?)
+            } else {
+                Self::tcp(info).await?
+            };
+        Self::start(io, info, application_name).await
+    }
+
+    async fn tcp(info: &ConnInfo) -> Result<Box<dyn Io>> {
         let tcp = TcpStream::connect((info.host.as_str(), info.port))
             .await
             .map_err(|e| {
@@ -131,7 +145,10 @@ impl Session {
                 )
             })?;
         let _ = tcp.set_nodelay(true);
-        let io = negotiate_tls(tcp, info).await?;
+        negotiate_tls(tcp, info).await
+    }
+
+    async fn start(io: Box<dyn Io>, info: &ConnInfo, application_name: &str) -> Result<Self> {
         let mut session = Session {
             io,
             buf: BytesMut::with_capacity(64 * 1024),
@@ -601,6 +618,15 @@ async fn copy_both(
     let mut pending: Option<WalMessage> = None;
     let result: Result<()> = async {
         loop {
+            // Whole frames already read go to the queue without waiting
+            // while it has room (the common case: no select per message).
+            if let Some(m) = pending.take() {
+                match tx.try_send(Ok(m)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Ok(m))) => pending = Some(m),
+                    Err(_) => return Ok(()),
+                }
+            }
             if pending.is_none() {
                 if let Some((tag, body)) = take_frame(&mut s.buf)? {
                     match tag {
