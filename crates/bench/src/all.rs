@@ -65,7 +65,7 @@ pub async fn run(sizes: Sizes, dir: &Path, out_dir: &Path) -> Result<()> {
     )
     .await?;
     eprintln!("== scenario 3: one big transaction");
-    big_txn::run(sizes.big_txn_rows, sizes.runs, dir, &big).await?;
+    big_txn::run(sizes.big_txn_rows, sizes.runs, None, dir, &big).await?;
     eprintln!("== scenario 4: live");
     live::run(800, sizes.live_seconds, sizes.runs, dir, &live_json).await?;
     summarize(out_dir)

@@ -71,6 +71,30 @@ async fn counts(c: &Client) -> Result<Vec<i64>> {
     Ok(out)
 }
 
+/// For one transaction (all of it visible at one target commit): poll the
+/// target's row counts every 20 ms until they equal the source's, then
+/// check the rows themselves; returns when the counts matched in the poll
+/// whose rows were equal, so the digest queries' own time is not counted.
+pub(crate) async fn wait_visible(src: &Client, dst: &Client, started: Instant) -> Result<f64> {
+    let want = counts(src).await?;
+    let mut expected = None;
+    loop {
+        if counts(dst).await? == want {
+            let at = started.elapsed().as_secs_f64();
+            if expected.is_none() {
+                expected = Some(tenant_state(src).await?);
+            }
+            if expected.as_ref() == Some(&tenant_state(dst).await?) {
+                return Ok(at);
+            }
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("not visible after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Poll until the target holds `expected`; the time it took.
 pub(crate) async fn wait_drained(
     dst: &Client,

@@ -125,6 +125,11 @@ enum Cmd {
         rows: i64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// The source's `logical_decoding_work_mem` (e.g. `16MB`) for every
+        /// consumer: how much of the transaction the walsender holds before
+        /// streaming it. Default: the server's (64MB).
+        #[arg(long)]
+        decoding_work_mem: Option<String>,
         #[arg(long, default_value = "../shared/bench")]
         workload_dir: PathBuf,
         #[arg(long, default_value = "target/bench/big-txn.json")]
@@ -221,9 +226,19 @@ async fn main() -> Result<()> {
         Cmd::BigTxn {
             rows,
             runs,
+            decoding_work_mem,
             workload_dir,
             out,
-        } => big_txn::run(rows, runs, &workload_dir, &out).await,
+        } => {
+            big_txn::run(
+                rows,
+                runs,
+                decoding_work_mem.as_deref(),
+                &workload_dir,
+                &out,
+            )
+            .await
+        }
         Cmd::Live {
             tps,
             seconds,

@@ -561,17 +561,7 @@ impl ApplyLoop<'_> {
                     commit_time_us,
                 };
                 if let Some((point, committed)) = self.streams.commit(top, point, None).await? {
-                    self.tel.committed(&committed, point.end_lsn, None);
-                    self.acknowledge(point.end_lsn);
-                    let t = &self.config.tenant;
-                    self.checkpoint
-                        .after_commit(
-                            &t.tenant_id,
-                            &t.slot,
-                            self.applier.stats.events,
-                            point.end_lsn,
-                        )
-                        .await;
+                    self.report_commit(point.end_lsn, &committed).await;
                 }
             }
             TxEvent::StreamAbort { top, xid } => self.streams.abort(top, xid).await?,
@@ -603,8 +593,11 @@ impl ApplyLoop<'_> {
                 if self.applier.is_open() {
                     self.commit().await?;
                 }
-                // Everything sent before `wal_end` is committed on the target
-                // (or was another tenant's): the slot may move on.
+                // Every transaction that committed before `wal_end` is
+                // committed on the target (or was another tenant's): the slot
+                // may move on. A streamed transaction still open is sent
+                // again from its start after a reconnect (the slot keeps
+                // restart_lsn before it), so an open lane does not hold this.
                 self.acknowledge(wal_end);
                 self.tel.caught_up();
             }
@@ -644,22 +637,23 @@ impl ApplyLoop<'_> {
     async fn commit(&mut self) -> Result<()> {
         if let Some(point) = self.applier.commit().await? {
             let committed = self.applier.take_committed();
-            self.tel.committed(&committed, point.end_lsn, None);
-            if self.rx.is_empty() {
-                self.tel.caught_up();
-            }
-            self.acknowledge(point.end_lsn);
-            let t = &self.config.tenant;
-            self.checkpoint
-                .after_commit(
-                    &t.tenant_id,
-                    &t.slot,
-                    self.applier.stats.events,
-                    point.end_lsn,
-                )
-                .await;
+            self.report_commit(point.end_lsn, &committed).await;
         }
         Ok(())
+    }
+
+    /// A target commit (main or a streamed transaction's) reached `end_lsn`:
+    /// metrics, the slot's acknowledgement, the checkpoint file.
+    async fn report_commit(&mut self, end_lsn: Lsn, committed: &crate::apply::Committed) {
+        self.tel.committed(committed, end_lsn, None);
+        if self.rx.is_empty() {
+            self.tel.caught_up();
+        }
+        self.acknowledge(end_lsn);
+        let t = &self.config.tenant;
+        self.checkpoint
+            .after_commit(&t.tenant_id, &t.slot, self.applier.stats.events, end_lsn)
+            .await;
     }
 
     fn acknowledge(&mut self, lsn: Lsn) {
