@@ -301,11 +301,15 @@ impl Applier {
     }
 
     /// Install the local-write triggers of `relation`'s table now, in a
-    /// transaction of their own (only between target transactions).
-    pub async fn ensure_tracked(&mut self, relation: &RelationDesc) -> Result<()> {
+    /// transaction of their own. `Ok(false)`: not now (a target transaction
+    /// is open); ask again later.
+    pub async fn ensure_tracked(&mut self, relation: &RelationDesc) -> Result<bool> {
+        if self.open {
+            return Ok(false);
+        }
         let display = format!("{}.{}", relation.namespace, relation.name);
-        if self.open || !self.track_tables || self.tracked.contains(&display) {
-            return Ok(());
+        if !self.track_tables || self.tracked.contains(&display) {
+            return Ok(true);
         }
         let id = &self.id;
         match tracking::install_table(
@@ -325,7 +329,7 @@ impl Applier {
             Err(e) => return Err(e),
         }
         self.tracked.insert(display);
-        Ok(())
+        Ok(true)
     }
 
     /// Install the local-write triggers of a table (see [`tracking`]); a

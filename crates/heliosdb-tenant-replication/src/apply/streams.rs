@@ -25,7 +25,7 @@
 //! * A streamed transaction's commit time is unknown until it commits: its
 //!   rows are dated by their arrival for conflict resolution.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -58,6 +58,8 @@ pub struct Streams {
     /// Apply node: the source definitions the capture node shipped so far
     /// (a lane's catalog starts with them).
     shipped: HashMap<u32, Vec<SourceColumn>>,
+    /// Relations whose table the main applier has put triggers on.
+    tracked: HashSet<u32>,
 }
 
 fn savepoint_name(xid: u32) -> String {
@@ -76,6 +78,7 @@ impl Streams {
             open,
             converge_until: Lsn::ZERO,
             shipped: HashMap::new(),
+            tracked: HashSet::new(),
         }
     }
 
@@ -115,15 +118,17 @@ impl Streams {
         event: TxEvent,
         seen: Lsn,
     ) -> Result<()> {
-        // Triggers go in outside the lane (see [`Applier::without_tracking`]).
-        match &event {
-            TxEvent::Row(change) => main.ensure_tracked(&change.relation).await?,
-            TxEvent::Truncate { relations, .. } => {
-                for r in relations {
-                    main.ensure_tracked(r).await?;
-                }
+        // Triggers go in outside the lane (see [`Applier::without_tracking`]),
+        // once per relation.
+        let relations = match &event {
+            TxEvent::Row(change) => std::slice::from_ref(&change.relation),
+            TxEvent::Truncate { relations, .. } => relations.as_slice(),
+            _ => &[],
+        };
+        for r in relations {
+            if !self.tracked.contains(&r.id) && main.ensure_tracked(r).await? {
+                self.tracked.insert(r.id);
             }
-            _ => {}
         }
         if !self.lanes.contains_key(&top) {
             let number = (1..)

@@ -332,26 +332,31 @@ async fn live_view(
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = (Instant::now(), 0u64);
+    // Without a terminal: the first line with data, then one every 5 s.
+    let mut printed: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        // Set when the workload ended: whether it was interrupted.
+        let mut ended = None;
         tokio::select! {
             r = &mut workload => {
                 if let Ok(Err(e)) = r {
                     eprintln!("\ndemo: the workload stopped: {e}");
                 }
-                if tty { eprintln!(); }
-                return false;
+                ended = Some(false);
             }
             _ = &mut stop_signal => {
                 stop_load.store(true, Ordering::Relaxed);
-                let _ = workload.await;
-                if tty { eprintln!(); }
-                return true;
+                let _ = (&mut workload).await;
+                ended = Some(true);
             }
             _ = tick.tick() => {}
         }
         let Some(t) = tel.tenants().into_iter().next() else {
-            continue;
+            match ended {
+                Some(interrupted) => return interrupted,
+                None => continue,
+            }
         };
         let events = t.m.events_total();
         let now = Instant::now();
@@ -384,8 +389,16 @@ async fn live_view(
         );
         if tty {
             eprint!("\r{line}\x1b[K");
-        } else if started.elapsed().as_secs().is_multiple_of(5) {
+            if ended.is_some() {
+                eprintln!();
+            }
+        } else if ended.is_some() || printed.is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+        {
             eprintln!("{line}");
+            printed = Some(Instant::now());
+        }
+        if let Some(interrupted) = ended {
+            return interrupted;
         }
     }
 }
