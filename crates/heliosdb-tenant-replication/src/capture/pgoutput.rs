@@ -159,34 +159,25 @@ pub enum Message {
 
 /// Decode one message (the payload of an XLogData frame).
 pub fn decode(data: &Bytes) -> Result<Message, DecodeError> {
-    let Some(&tag_byte) = data.first() else {
-        return Err(DecodeError::Empty);
-    };
-    let mut r = Reader {
-        buf: data,
-        pos: 1,
-        tag: char::from(tag_byte),
-    };
+    let (tag_byte, mut r) = Reader::after_tag(data)?;
     let msg = decode_body(tag_byte, &mut r)?;
     r.finish()?;
     Ok(msg)
+}
+
+/// Does a message of this type carry its transaction id when it comes
+/// inside a stream block?
+pub fn carries_xid_in_stream(tag: u8) -> bool {
+    matches!(tag, b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M')
 }
 
 /// Decode one message sent inside a stream block (between `StreamStart` and
 /// `StreamStop`): changes, relations, types and transactional messages
 /// carry the id of the (sub)transaction that made them first.
 pub fn decode_streamed(data: &Bytes) -> Result<(u32, Message), DecodeError> {
-    let Some(&tag_byte) = data.first() else {
-        return Err(DecodeError::Empty);
-    };
-    let mut r = Reader {
-        buf: data,
-        pos: 1,
-        tag: char::from(tag_byte),
-    };
-    match tag_byte {
-        b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M' => {}
-        _ => return Err(DecodeError::NotInStream(r.tag)),
+    let (tag_byte, mut r) = Reader::after_tag(data)?;
+    if !carries_xid_in_stream(tag_byte) {
+        return Err(DecodeError::NotInStream(r.tag));
     }
     let xid = r.u32("xid")?;
     let msg = decode_body(tag_byte, &mut r)?;
@@ -344,7 +335,20 @@ struct Reader<'a> {
     tag: char,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    /// The message's type byte and a reader of what follows it.
+    fn after_tag(data: &'a Bytes) -> Result<(u8, Self), DecodeError> {
+        let Some(&tag_byte) = data.first() else {
+            return Err(DecodeError::Empty);
+        };
+        let r = Reader {
+            buf: data,
+            pos: 1,
+            tag: char::from(tag_byte),
+        };
+        Ok((tag_byte, r))
+    }
+
     fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
     }

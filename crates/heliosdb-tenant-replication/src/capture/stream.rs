@@ -90,10 +90,9 @@ impl ChangeSource for PgwireSource {
             Some(WalMessage::Keepalive { wal_end }) => Some(SourceEvent::Keepalive { wal_end }),
             Some(WalMessage::XLogData { data, .. }) => {
                 let streamed = self.in_block
-                    && matches!(
-                        data.first(),
-                        Some(b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M')
-                    );
+                    && data
+                        .first()
+                        .is_some_and(|t| pgoutput::carries_xid_in_stream(*t));
                 if streamed {
                     let (xid, message) = pgoutput::decode_streamed(&data)?;
                     Some(SourceEvent::Streamed { xid, message })
