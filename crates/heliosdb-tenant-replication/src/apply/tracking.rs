@@ -234,37 +234,35 @@ pub async fn install_table(
     tenant_column: &str,
     node: &str,
 ) -> Result<bool> {
-    {
-        let key: Vec<String> = target
-            .query(
-                "SELECT a.attname::text
-                   FROM pg_index i
-                   JOIN pg_class c ON c.oid = i.indrelid
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
-                  WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
-                  ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                &[&schema, &name],
-            )
-            .await
-            .map_err(target_err("reading a table's primary key"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if key.is_empty() {
-            return Ok(false);
-        }
-        let display = format!("{schema}.{name}");
-        let target_name = crate::pg::qualified(schema, name);
-        let m = Tracked {
-            display: &display,
-            target: &target_name,
-            tenant_column,
-            key: key.iter().map(String::as_str).collect(),
-        };
-        install(target, &m, tenant, node).await?;
-        Ok(true)
+    let key: Vec<String> = target
+        .query(
+            "SELECT a.attname::text
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+              WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
+              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(target_err("reading a table's primary key"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if key.is_empty() {
+        return Ok(false);
     }
+    let display = format!("{schema}.{name}");
+    let target_name = crate::pg::qualified(schema, name);
+    let m = Tracked {
+        display: &display,
+        target: &target_name,
+        tenant_column,
+        key: key.iter().map(String::as_str).collect(),
+    };
+    install(target, &m, tenant, node).await?;
+    Ok(true)
 }
 
 /// Tag this session's writes with the tenant's replication origin, so a

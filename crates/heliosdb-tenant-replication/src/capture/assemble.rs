@@ -185,30 +185,67 @@ impl Assembler {
                 }
                 Ok(None)
             }
+            m @ Message::LogicalMessage {
+                transactional: true,
+                ..
+            } if is_version_note(&m) => self.change_in_txn(m),
+            // Types are resolved on the target by column type.
+            Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
+            m @ (Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Truncate { .. }) => self.change_in_txn(m),
+        }
+    }
+
+    /// A change of the open (not streamed) transaction.
+    fn change_in_txn(&mut self, message: Message) -> Result<Option<TxEvent>> {
+        self.require_txn()?;
+        if self.skipping || self.foreign_origin {
+            return Ok(None);
+        }
+        Ok(match self.change(message)? {
+            Some(event) => self.emit(event),
+            None => None,
+        })
+    }
+
+    /// A row change, truncate or version note as an event (`None` for a
+    /// version note of another tenant and for messages that carry no change).
+    fn change(&self, message: Message) -> Result<Option<TxEvent>> {
+        let (relation_id, op) = match message {
             Message::LogicalMessage {
                 transactional: true,
                 prefix,
                 content,
                 ..
             } if prefix == VERSION_PREFIX => {
-                self.require_txn()?;
-                if self.skipping || self.foreign_origin {
-                    return Ok(None);
-                }
                 // Another tenant's keys never leave for this tenant's target.
-                match Announced::parse(&content) {
-                    Some(a) if a.tenant == self.tenant => Ok(self.emit(TxEvent::Version(content))),
-                    _ => Ok(None),
-                }
+                return Ok(match Announced::parse(&content) {
+                    Some(a) if a.tenant == self.tenant => Some(TxEvent::Version(content)),
+                    _ => None,
+                });
             }
-            // Types are resolved on the target by column type.
-            Message::Type { .. } | Message::LogicalMessage { .. } => Ok(None),
-            Message::Insert { relation_id, new } => self.row(relation_id, RowOp::Insert { new }),
+            Message::Truncate {
+                cascade,
+                restart_identity,
+                relation_ids,
+            } => {
+                return Ok(Some(TxEvent::Truncate {
+                    relations: relation_ids
+                        .iter()
+                        .map(|id| self.relation(*id))
+                        .collect::<Result<Vec<_>>>()?,
+                    cascade,
+                    restart_identity,
+                }))
+            }
+            Message::Insert { relation_id, new } => (relation_id, RowOp::Insert { new }),
             Message::Update {
                 relation_id,
                 old,
                 new,
-            } => self.row(
+            } => (
                 relation_id,
                 RowOp::Update {
                     old: old.map(|(_, t)| t),
@@ -217,27 +254,10 @@ impl Assembler {
             ),
             Message::Delete {
                 relation_id, old, ..
-            } => self.row(relation_id, RowOp::Delete { old }),
-            Message::Truncate {
-                cascade,
-                restart_identity,
-                relation_ids,
-            } => {
-                self.require_txn()?;
-                if self.skipping || self.foreign_origin {
-                    return Ok(None);
-                }
-                let relations = relation_ids
-                    .iter()
-                    .map(|id| self.relation(*id))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(self.emit(TxEvent::Truncate {
-                    relations,
-                    cascade,
-                    restart_identity,
-                }))
-            }
-        }
+            } => (relation_id, RowOp::Delete { old }),
+            _ => return Ok(None),
+        };
+        self.checked_row(relation_id, op).map(Some)
     }
 
     /// A message of stream block `self.stream`, made by `xid`.
@@ -245,50 +265,19 @@ impl Assembler {
         let Some(top) = self.stream else {
             return Err(protocol("a streamed change outside a stream block"));
         };
-        let foreign = self.foreign_streams.contains(&top);
         let event = match message {
             Message::Relation(desc) => {
                 self.relations.insert(desc.id, Arc::new(desc));
                 return Ok(None);
             }
-            Message::LogicalMessage {
-                transactional: true,
-                prefix,
-                content,
-                ..
-            } if prefix == VERSION_PREFIX => match Announced::parse(&content) {
-                Some(a) if a.tenant == self.tenant => TxEvent::Version(content),
-                _ => return Ok(None),
-            },
-            Message::Type { .. } | Message::LogicalMessage { .. } => return Ok(None),
-            Message::Insert { relation_id, new } => {
-                self.checked_row(relation_id, RowOp::Insert { new })?
-            }
-            Message::Update {
-                relation_id,
-                old,
-                new,
-            } => self.checked_row(
-                relation_id,
-                RowOp::Update {
-                    old: old.map(|(_, t)| t),
-                    new,
-                },
-            )?,
-            Message::Delete {
-                relation_id, old, ..
-            } => self.checked_row(relation_id, RowOp::Delete { old })?,
-            Message::Truncate {
-                cascade,
-                restart_identity,
-                relation_ids,
-            } => TxEvent::Truncate {
-                relations: relation_ids
-                    .iter()
-                    .map(|id| self.relation(*id))
-                    .collect::<Result<Vec<_>>>()?,
-                cascade,
-                restart_identity,
+            m @ (Message::Type { .. }
+            | Message::LogicalMessage { .. }
+            | Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Truncate { .. }) => match self.change(m)? {
+                Some(event) => event,
+                None => return Ok(None),
             },
             _ => {
                 return Err(protocol(
@@ -296,7 +285,7 @@ impl Assembler {
                 ))
             }
         };
-        if foreign {
+        if self.foreign_streams.contains(&top) {
             return Ok(None);
         }
         Ok(Some(TxEvent::Streamed {
@@ -329,15 +318,6 @@ impl Assembler {
                 "change for relation {id} before its Relation message"
             ))
         })
-    }
-
-    fn row(&mut self, relation_id: u32, op: RowOp) -> Result<Option<TxEvent>> {
-        self.require_txn()?;
-        if self.skipping || self.foreign_origin {
-            return Ok(None);
-        }
-        let row = self.checked_row(relation_id, op)?;
-        Ok(self.emit(row))
     }
 
     /// A row change whose image has the width its relation announced.
@@ -375,6 +355,11 @@ impl Assembler {
     pub fn take_held(&mut self) -> Option<TxEvent> {
         self.held.take()
     }
+}
+
+/// A transactional logical message announcing a row version.
+fn is_version_note(m: &Message) -> bool {
+    matches!(m, Message::LogicalMessage { prefix, .. } if prefix == VERSION_PREFIX)
 }
 
 fn protocol(what: &str) -> ReplicationError {

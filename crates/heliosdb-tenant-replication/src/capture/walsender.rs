@@ -60,6 +60,11 @@ fn protocol(what: impl std::fmt::Display) -> ReplicationError {
     )
 }
 
+/// A frontend message that could not be built (a NUL inside a string).
+fn unencodable(e: std::io::Error) -> ReplicationError {
+    protocol(e)
+}
+
 /// An ErrorResponse as `SEVERITY: message (SQLSTATE xxxxx)`, with its
 /// detail and hint, classified by SQLSTATE.
 fn server_error(mut body: &[u8]) -> ReplicationError {
@@ -206,7 +211,7 @@ impl Session {
                     )))
                 }
             }
-            let mut b = body.clone();
+            let mut b = body;
             if b.remaining() < 4 {
                 return Err(protocol("short authentication request"));
             }
@@ -215,7 +220,7 @@ impl Session {
                 0 => return Ok(()),
                 3 => {
                     frontend::password_message(password()?, &mut out)
-                        .map_err(|e| protocol(e.to_string()))?;
+                        .map_err(unencodable)?;
                 }
                 5 => {
                     if b.remaining() < 4 {
@@ -228,7 +233,7 @@ impl Session {
                         salt,
                     );
                     frontend::password_message(hashed.as_bytes(), &mut out)
-                        .map_err(|e| protocol(e.to_string()))?;
+                        .map_err(unencodable)?;
                 }
                 10 => {
                     let offered: Vec<&[u8]> = b.chunk().split(|&c| c == 0).collect();
@@ -242,7 +247,7 @@ impl Session {
                     // authenticates the server by certificate.
                     let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                        .map_err(|e| protocol(e.to_string()))?;
+                        .map_err(unencodable)?;
                     scram = Some(s);
                 }
                 11 => {
@@ -251,7 +256,7 @@ impl Session {
                         stream_err(format!("SCRAM: {e}"), ErrorClass::OperatorAction)
                     })?;
                     frontend::sasl_response(s.message(), &mut out)
-                        .map_err(|e| protocol(e.to_string()))?;
+                        .map_err(unencodable)?;
                 }
                 12 => {
                     let s = scram.as_mut().ok_or_else(|| protocol("SASL final without a start"))?;
@@ -308,7 +313,7 @@ impl Session {
     /// Run one replication command; its rows as text.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
         let mut out = BytesMut::new();
-        frontend::query(sql, &mut out).map_err(|e| protocol(e.to_string()))?;
+        frontend::query(sql, &mut out).map_err(unencodable)?;
         self.send(&out).await?;
         let mut rows = Vec::new();
         let mut failed = None;
@@ -348,7 +353,7 @@ impl Session {
             crate::pg::quote_ident(slot)
         );
         let mut out = BytesMut::new();
-        frontend::query(&sql, &mut out).map_err(|e| protocol(e.to_string()))?;
+        frontend::query(&sql, &mut out).map_err(unencodable)?;
         self.send(&out).await?;
         loop {
             let (tag, body) = self.read().await?;

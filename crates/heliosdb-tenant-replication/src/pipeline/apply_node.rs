@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, MutexGuard, Notify};
 
 use super::Shutdown;
 use crate::apply::schema::SourceCatalog;
-use crate::apply::streams::{OpenLane, Streams};
+use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
 use crate::apply::{Applier, ApplyIdentity, CommitPoint, Committed};
 use crate::capture::TxEvent;
 use crate::checkpoint::progress::{self, BatchMark};
@@ -244,7 +244,11 @@ impl ApplyNode {
         )
         .await?;
         let mut applier = applier;
-        let mut streams = Streams::new(lane_opener(self.config.clone(), identity));
+        let mut streams = Streams::new(lane_opener(
+            self.config.clone(),
+            identity,
+            LaneCatalog::Shipped,
+        ));
         if let Some(p) = &recorded {
             applier.set_converge_until(p.converge_until);
             streams.set_converge_until(p.converge_until);
@@ -522,34 +526,6 @@ async fn commit_main(
         commits.push((point, a.applier.take_committed()));
     }
     Ok(())
-}
-
-/// Lanes of streamed transactions: a target connection each (an apply node
-/// has no source connection; the shipped definitions serve as catalog).
-fn lane_opener(config: Arc<Config>, identity: ApplyIdentity) -> OpenLane {
-    Box::new(move |lane| {
-        let config = config.clone();
-        let identity = ApplyIdentity {
-            lane: Some(lane),
-            ..identity.clone()
-        };
-        Box::pin(async move {
-            let t = &config.tenant;
-            let app = format!(
-                "heliosdb-tenant-replication/{} apply stream",
-                identity.tenant
-            );
-            let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
-            Applier::new(
-                target,
-                SourceCatalog::Shipped(HashMap::new()),
-                t.schema_changes,
-                identity,
-                config.batch.batch_size,
-            )
-            .await
-        })
-    })
 }
 
 fn session_unknown() -> Refusal {

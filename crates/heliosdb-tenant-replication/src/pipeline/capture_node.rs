@@ -268,6 +268,22 @@ struct InFlight {
     done: Committed,
 }
 
+/// Count a row change or truncate into `txn` (metrics of shipped work).
+fn count_change(txn: &mut Committed, names: &mut TableNames, event: &TxEvent) {
+    match event {
+        TxEvent::Row(change) => {
+            txn.count(names.of(&change.relation), 1);
+            txn.bytes += row_bytes(&change.op);
+        }
+        TxEvent::Truncate { relations, .. } => {
+            for rel in relations {
+                txn.count(names.of(rel), 1);
+            }
+        }
+        _ => {}
+    }
+}
+
 struct Shipper<'a> {
     config: &'a Config,
     tel: Arc<TenantTelemetry>,
@@ -374,40 +390,17 @@ impl Shipper<'_> {
             } => {
                 self.in_source_txn = false;
                 self.last_lsn = *end_lsn;
-                let txn = std::mem::take(&mut self.open_txn);
-                for (table, n) in &txn.events_by_table {
-                    self.done.count(table, *n);
-                }
-                self.done.bytes += txn.bytes;
+                self.done.absorb(std::mem::take(&mut self.open_txn));
                 self.done.commit_times_us.push(*commit_time_us);
             }
-            TxEvent::Row(change) => {
-                let name = self.names.of(&change.relation);
-                self.open_txn.count(name, 1);
-                self.open_txn.bytes += row_bytes(&change.op);
+            TxEvent::Row(_) | TxEvent::Truncate { .. } => {
+                count_change(&mut self.open_txn, &mut self.names, &event)
             }
             TxEvent::Version(_) => {}
-            TxEvent::Truncate { relations, .. } => {
-                for rel in relations {
-                    let name = self.names.of(rel);
-                    self.open_txn.count(name, 1);
-                }
-            }
             TxEvent::Streamed { top, event, .. } => {
                 self.tel.behind();
                 let txn = self.open_streams.entry(*top).or_default();
-                match event.as_ref() {
-                    TxEvent::Row(change) => {
-                        txn.count(self.names.of(&change.relation), 1);
-                        txn.bytes += row_bytes(&change.op);
-                    }
-                    TxEvent::Truncate { relations, .. } => {
-                        for rel in relations {
-                            txn.count(self.names.of(rel), 1);
-                        }
-                    }
-                    _ => {}
-                }
+                count_change(txn, &mut self.names, event);
             }
             TxEvent::StreamCommit {
                 top,
@@ -416,11 +409,8 @@ impl Shipper<'_> {
                 ..
             } => {
                 self.last_lsn = *end_lsn;
-                let txn = self.open_streams.remove(top).unwrap_or_default();
-                for (table, n) in &txn.events_by_table {
-                    self.done.count(table, *n);
-                }
-                self.done.bytes += txn.bytes;
+                self.done
+                    .absorb(self.open_streams.remove(top).unwrap_or_default());
                 self.done.commit_times_us.push(*commit_time_us);
             }
             TxEvent::StreamAbort { top, xid } => {

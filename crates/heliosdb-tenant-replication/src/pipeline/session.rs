@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{closed, Shutdown};
-use crate::apply::streams::{OpenLane, Streams};
+use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
 use crate::apply::{Applier, ApplyIdentity, CommitPoint};
 use crate::capture::assemble::Assembler;
 use crate::capture::stream::{PgwireSource, StreamSpec};
@@ -106,7 +106,11 @@ pub async fn run(
     )
     .await?;
     let mut applier = applier;
-    let mut streams = Streams::new(lane_opener(config, identity));
+    let mut streams = Streams::new(lane_opener(
+        Arc::new(config.clone()),
+        identity,
+        LaneCatalog::Source,
+    ));
     if let Some(p) = &recorded {
         applier.set_converge_until(p.converge_until);
         streams.set_converge_until(p.converge_until);
@@ -175,33 +179,6 @@ pub async fn run(
             }
         }
     }
-}
-
-/// Lanes of streamed transactions: a target and a source connection each
-/// (the source answers catalog questions, as for the main applier).
-fn lane_opener(config: &Config, identity: ApplyIdentity) -> OpenLane {
-    let config = Arc::new(config.clone());
-    Box::new(move |lane| {
-        let config = config.clone();
-        let identity = ApplyIdentity {
-            lane: Some(lane),
-            ..identity.clone()
-        };
-        Box::pin(async move {
-            let t = &config.tenant;
-            let app = format!("heliosdb-tenant-replication/{} stream", t.tenant_id);
-            let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
-            let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
-            Applier::new(
-                target,
-                crate::apply::schema::SourceCatalog::Live(source),
-                t.schema_changes,
-                identity,
-                config.batch.batch_size,
-            )
-            .await
-        })
-    })
 }
 
 /// The replication stream of a session and its checkpoint file.
@@ -573,7 +550,7 @@ impl ApplyLoop<'_> {
                 self.in_source_txn = false;
                 self.seen = self.seen.max(end_lsn);
                 self.last_commit_time_us = Some(commit_time_us);
-                self.applier.source_commit(crate::apply::CommitPoint {
+                self.applier.source_commit(CommitPoint {
                     commit_lsn,
                     end_lsn,
                     commit_time_us,
