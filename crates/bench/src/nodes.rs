@@ -10,7 +10,7 @@ use heliosdb_tenant_replication::config::Config;
 use heliosdb_tenant_replication::telemetry::Telemetry;
 use pgcluster::{pki, Cluster};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use heliosdb_tenant_replication::pipeline::{spawn_tenant, Pipeline};
 
 use crate::TENANT;
 
@@ -156,7 +156,7 @@ pub fn cluster_cpu(cluster: &Cluster) -> f64 {
 /// running in this process.
 pub struct Split {
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<heliosdb_tenant_replication::error::Result<()>>>,
+    tasks: Vec<Pipeline>,
     pub apply: Arc<Telemetry>,
 }
 
@@ -201,21 +201,17 @@ impl Split {
         )?;
         let (stop, stop_rx) = watch::channel(false);
         let apply_tel = Telemetry::disabled();
-        let mut tasks = vec![tokio::spawn(
-            heliosdb_tenant_replication::pipeline::run_tenant(
-                Arc::new(apply),
-                stop_rx.clone(),
-                apply_tel.clone(),
-            ),
-        )];
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        tasks.push(tokio::spawn(
-            heliosdb_tenant_replication::pipeline::run_tenant(
-                Arc::new(capture),
-                stop_rx,
-                Telemetry::disabled(),
-            ),
-        ));
+        let mut tasks = vec![spawn_tenant(
+            Arc::new(apply),
+            stop_rx.clone(),
+            apply_tel.clone(),
+        )?];
+        wait_listening(&apply_tel).await?;
+        tasks.push(spawn_tenant(
+            Arc::new(capture),
+            stop_rx,
+            Telemetry::disabled(),
+        )?);
         Ok(Split {
             stop,
             tasks,
@@ -229,6 +225,23 @@ impl Split {
             let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
         }
     }
+}
+
+/// Wait until the apply node listens (its tenant waits for a capture node).
+async fn wait_listening(apply: &Telemetry) -> Result<()> {
+    use heliosdb_tenant_replication::telemetry::State;
+    let started = std::time::Instant::now();
+    while !apply
+        .tenants()
+        .iter()
+        .any(|t| t.state() == State::WaitingForCapture)
+    {
+        if started.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("the apply node did not start listening within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// A CA and a node certificate in `dir` (made once, reused).

@@ -552,11 +552,13 @@ async fn start(config: Arc<Config>) -> ExitCode {
             return exit_for(&e);
         }
     };
-    let mut pipeline = tokio::spawn(crate::pipeline::run_tenant(
-        config.clone(),
-        stop_rx,
-        telemetry,
-    ));
+    let mut pipeline = match crate::pipeline::spawn_tenant(config.clone(), stop_rx, telemetry) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit_for(&e);
+        }
+    };
     let signal = wait_for_signal();
     let result = tokio::select! {
         r = &mut pipeline => r,
@@ -573,14 +575,10 @@ async fn start(config: Arc<Config>) -> ExitCode {
         }
     };
     match result {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             tracing::error!(tenant = %config.tenant.tenant_id, "replication_stop: {e}");
             exit_for(&e)
-        }
-        Err(join) => {
-            eprintln!("error: the pipeline task failed: {join}");
-            ExitCode::from(EXIT_INTERNAL)
         }
     }
 }

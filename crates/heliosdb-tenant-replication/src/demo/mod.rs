@@ -129,16 +129,16 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
     let apply_tel = Telemetry::disabled();
     crate::telemetry::server::start(configs.apply.clone(), apply_tel.clone(), stop_rx.clone())
         .await?;
-    let apply = tokio::spawn(crate::pipeline::run_tenant(
+    let apply = crate::pipeline::spawn_tenant(
         configs.apply.clone(),
         stop_rx.clone(),
         apply_tel.clone(),
-    ));
-    let capture = tokio::spawn(crate::pipeline::run_tenant(
+    )?;
+    let capture = crate::pipeline::spawn_tenant(
         configs.capture.clone(),
         stop_rx.clone(),
         Telemetry::disabled(),
-    ));
+    )?;
     eprintln!(
         "demo: capture node → apply node over TLS 1.3 (zstd, AES-256-GCM); metrics http://127.0.0.1:{metrics_port}/metrics, health http://127.0.0.1:{health_port}/health"
     );

@@ -23,7 +23,7 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, Mode};
 use crate::error::{ErrorClass, ReplicationError, Result};
@@ -31,6 +31,53 @@ use crate::telemetry::{State, Telemetry, TenantTelemetry};
 
 /// The shutdown signal: `true` once shutdown was requested.
 pub type Shutdown = watch::Receiver<bool>;
+
+/// A tenant's pipeline running on its own thread: await it for the result.
+pub struct Pipeline {
+    done: oneshot::Receiver<Result<()>>,
+}
+
+impl std::future::Future for Pipeline {
+    type Output = Result<()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<()>> {
+        std::pin::Pin::new(&mut self.done).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Err(ReplicationError::Internal("the pipeline thread panicked".into())))
+        })
+    }
+}
+
+/// Run one tenant on a thread of its own with a single-threaded runtime.
+///
+/// A tenant's pipeline is a chain of stages that hand each message to the
+/// next; on a multi-threaded runtime every hand-over can wake a sibling
+/// worker thread, and those wake-ups cost more CPU than the stages
+/// themselves (the reference drain: 1.10 s of daemon CPU on two worker
+/// threads, 0.78 s on one). Here they stay on one thread; the process's
+/// multi-threaded runtime keeps monitoring and signals. Blocking work
+/// (checkpoint files) still goes to a blocking pool.
+pub fn spawn_tenant(
+    config: Arc<Config>,
+    shutdown: Shutdown,
+    telemetry: Arc<Telemetry>,
+) -> Result<Pipeline> {
+    let (tx, done) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ReplicationError::Internal(format!("starting the pipeline's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name(format!("pipeline {}", config.tenant.tenant_id))
+        .spawn(move || {
+            let result = runtime.block_on(run_tenant(config, shutdown, telemetry));
+            let _ = tx.send(result);
+        })
+        .map_err(|e| ReplicationError::Internal(format!("starting the pipeline's thread: {e}")))?;
+    Ok(Pipeline { done })
+}
 
 /// Run one tenant until shutdown or an error a person must fix.
 pub async fn run_tenant(
