@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use heliosdb_tenant_replication::config::Config;
+use heliosdb_tenant_replication::pipeline::{spawn_tenant, Pipeline};
 use heliosdb_tenant_replication::telemetry::Telemetry;
 use pgcluster::{pki, Cluster};
 use tokio::sync::watch;
-use heliosdb_tenant_replication::pipeline::{spawn_tenant, Pipeline};
 
 use crate::TENANT;
 

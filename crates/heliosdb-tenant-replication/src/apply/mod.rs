@@ -723,7 +723,7 @@ impl Applier {
                 let sql = format!("{}{}", sql::delete(m), sql::returning_keys(m));
                 let deleted = self.returned(sql, &key_columns(m, &p.deletes), m).await?;
                 for (key, first) in p.deletes.iter().zip(&p.delete_first) {
-                    if deleted.contains_key(&key_texts(key)) != expects_row(first) {
+                    if deleted.contains_key(key) != expects_row(first) {
                         return Ok(false);
                     }
                 }
@@ -734,7 +734,7 @@ impl Applier {
                 let inserted = self.returned(sql, &columns(&p.upserts, &all)?, m).await?;
                 for (row, first) in p.upserts.iter().zip(&p.upsert_first) {
                     // Not returned: an existing row that `DO NOTHING` kept.
-                    let present = inserted.get(&key_texts(&key_of(m, row)?)) != Some(&true);
+                    let present = inserted.get(&key_of(m, row)?) != Some(&true);
                     if present != expects_row(first) {
                         return Ok(false);
                     }
@@ -747,7 +747,7 @@ impl Applier {
                 let owned: Vec<Tuple> = rows.iter().map(|(t, _)| (*t).clone()).collect();
                 let updated = self.returned(sql, &columns(&owned, &wanted)?, m).await?;
                 for (row, first) in rows {
-                    if updated.contains_key(&key_texts(&key_of(m, row)?)) != expects_row(&first) {
+                    if updated.contains_key(&key_of(m, row)?) != expects_row(&first) {
                         return Ok(false);
                     }
                 }
@@ -763,7 +763,7 @@ impl Applier {
         sql: String,
         cols: &[Vec<Option<&str>>],
         m: &TableMapping,
-    ) -> Result<HashMap<Vec<String>, bool>> {
+    ) -> Result<HashMap<Key, bool>> {
         let stmt = self.prepared(sql).await?;
         let params: Vec<&(dyn ToSql + Sync)> =
             cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
@@ -776,7 +776,9 @@ impl Applier {
         Ok(rows
             .iter()
             .map(|r| {
-                let key = (0..n).map(|k| r.get::<_, String>(k)).collect();
+                let key = (0..n)
+                    .map(|k| bytes::Bytes::copy_from_slice(r.get::<_, &str>(k).as_bytes()))
+                    .collect();
                 (key, r.len() > n && r.get::<_, bool>(n))
             })
             .collect())
@@ -1146,7 +1148,7 @@ impl Applier {
             if inserted.len() < absent.len() {
                 let mut again = TablePlan::new(m.clone());
                 for &i in &absent {
-                    if !inserted.contains_key(&key_texts(&key_of(m, &p.upserts[i])?)) {
+                    if !inserted.contains_key(&key_of(m, &p.upserts[i])?) {
                         again.upserts.push(p.upserts[i].clone());
                         again.upsert_first.push(p.upsert_first[i]);
                         again.upsert_time.push(p.upsert_time[i]);

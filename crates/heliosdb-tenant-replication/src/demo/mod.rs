@@ -129,11 +129,8 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
     let apply_tel = Telemetry::disabled();
     crate::telemetry::server::start(configs.apply.clone(), apply_tel.clone(), stop_rx.clone())
         .await?;
-    let apply = crate::pipeline::spawn_tenant(
-        configs.apply.clone(),
-        stop_rx.clone(),
-        apply_tel.clone(),
-    )?;
+    let apply =
+        crate::pipeline::spawn_tenant(configs.apply.clone(), stop_rx.clone(), apply_tel.clone())?;
     let capture = crate::pipeline::spawn_tenant(
         configs.capture.clone(),
         stop_rx.clone(),

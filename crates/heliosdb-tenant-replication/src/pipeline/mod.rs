@@ -45,7 +45,11 @@ impl std::future::Future for Pipeline {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<()>> {
         std::pin::Pin::new(&mut self.done).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| Err(ReplicationError::Internal("the pipeline thread panicked".into())))
+            r.unwrap_or_else(|_| {
+                Err(ReplicationError::Internal(
+                    "the pipeline thread panicked".into(),
+                ))
+            })
         })
     }
 }
