@@ -157,3 +157,33 @@ async fn run_sessions(
 pub(crate) fn closed(what: &str) -> ReplicationError {
     ReplicationError::Internal(format!("{what} closed unexpectedly"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pipeline's thread ends in one of two ways: it sends its result,
+    /// or it panics and drops the sender; the handle reports both.
+    #[tokio::test]
+    async fn the_handle_reports_the_result_or_a_panicked_thread() {
+        let (tx, done) = oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let _ = tx.send(Err(ReplicationError::Internal("stopped".into())));
+        });
+        let result = Pipeline { done }.await;
+        assert!(matches!(result, Err(ReplicationError::Internal(ref m)) if m == "stopped"));
+        assert!(thread.join().is_ok());
+
+        let (tx, done) = oneshot::channel::<Result<()>>();
+        let thread = std::thread::spawn(move || {
+            let _tx = tx;
+            panic!("a bug on the pipeline's thread");
+        });
+        let result = Pipeline { done }.await;
+        assert!(thread.join().is_err());
+        match result {
+            Err(ReplicationError::Internal(m)) => assert_eq!(m, "the pipeline thread panicked"),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+    }
+}
