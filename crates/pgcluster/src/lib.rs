@@ -63,6 +63,10 @@ pub struct ClusterOptions {
     /// Turn durability off (`fsync`, `synchronous_commit`): right for tests,
     /// wrong for benchmarks that compare against PostgreSQL's own replication.
     pub fast_unsafe: bool,
+    /// The port to try first (default: a free one). If the server cannot
+    /// bind it, the cluster starts on another free port: read
+    /// [`Cluster::port`].
+    pub port: Option<u16>,
 }
 
 impl Default for ClusterOptions {
@@ -70,6 +74,7 @@ impl Default for ClusterOptions {
         Self {
             settings: Vec::new(),
             fast_unsafe: true,
+            port: None,
         }
     }
 }
@@ -136,7 +141,10 @@ impl Cluster {
                 .map_err(io_err(&root))?;
         }
 
-        let port = free_port()?;
+        let port = match options.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let mut conf = String::from("\n# pgcluster\n");
         let mut lines: Vec<(String, String)> = vec![
             ("port".into(), port.to_string()),
@@ -179,8 +187,34 @@ impl Cluster {
             running: false,
             kept: false,
         };
-        cluster.start_server()?;
-        Ok(cluster)
+        // The port was free when picked; another process (a parallel test,
+        // an outgoing connection) can take it before the server binds it.
+        // Then pick another one.
+        let mut attempts = 1;
+        loop {
+            match cluster.start_server() {
+                Err(ClusterError::Command { detail, .. })
+                    if attempts < 5 && detail.contains("could not bind") =>
+                {
+                    attempts += 1;
+                    cluster.port = free_port()?;
+                    fs::OpenOptions::new()
+                        .append(true)
+                        .open(&conf_path)
+                        .and_then(|mut f| writeln!(f, "port = {}", cluster.port))
+                        .map_err(io_err(&conf_path))?;
+                    // This attempt's log only (the file belongs to the
+                    // server's user: truncate it, do not recreate it).
+                    let log = cluster.root.join("server.log");
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(&log)
+                        .map_err(io_err(&log))?;
+                }
+                other => return other.map(|()| cluster),
+            }
+        }
     }
 
     /// The loopback port the server listens on.
