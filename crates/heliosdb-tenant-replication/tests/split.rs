@@ -733,12 +733,7 @@ async fn streamed_transactions_cross_the_split_and_survive_kill_9_of_either_node
     capture.kill9();
     capture = start(&configs.capture, &env, "capture");
     let t2 = env.src().await;
-    t2.batch_execute(
-        "BEGIN;
-         INSERT INTO events SELECT 'tenant-123', 300000 + g, 'aborted', repeat('w', 200), now() FROM generate_series(1, 8000) g;",
-    )
-    .await
-    .expect("T2");
+    open_doomed_transaction(&t2).await;
     t2.batch_execute("ROLLBACK").await.expect("T2 rollback");
     finish_large_transaction(&t1).await;
 

@@ -31,12 +31,7 @@ async fn streamed_transactions_apply_while_they_run_and_keep_only_what_the_sourc
         .expect("small transactions");
     // T2: streamed too, then rolled back whole.
     let t2 = env.src().await;
-    t2.batch_execute(
-        "BEGIN;
-         INSERT INTO events SELECT 'tenant-123', 300000 + g, 'aborted', repeat('w', 200), now() FROM generate_series(1, 8000) g;",
-    )
-    .await
-    .expect("T2");
+    open_doomed_transaction(&t2).await;
     wait_tenant_equal(&env, &["accounts"], Duration::from_secs(30), &daemon).await;
     // Committed around them, the small transactions are there; nothing of
     // the open ones is visible.

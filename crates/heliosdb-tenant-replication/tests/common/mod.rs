@@ -527,6 +527,17 @@ pub async fn open_large_transaction(c: &Client) {
     .expect("large transaction, first part");
 }
 
+/// Open a transaction large enough to be streamed (8,000 tenant rows with
+/// ids above 300000) that the caller then rolls back whole.
+pub async fn open_doomed_transaction(c: &Client) {
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO events SELECT 'tenant-123', 300000 + g, 'aborted', repeat('w', 200), now() FROM generate_series(1, 8000) g;",
+    )
+    .await
+    .expect("the transaction to roll back");
+}
+
 /// The rest of [`open_large_transaction`] and its commit.
 pub async fn finish_large_transaction(c: &Client) {
     c.batch_execute(
