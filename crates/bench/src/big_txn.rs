@@ -2,8 +2,8 @@
 //! transaction of the reference workload (`CALL bench_run(rows, 100,
 //! false)`: 1.25 × rows changes, a tenth of them `tenant-1`'s) made while
 //! the consumer runs; measured from the moment its COMMIT returns on the
-//! source until the target holds the tenant's rows (the first 20 ms poll in
-//! which the row counts match, confirmed by comparing the rows). PostgreSQL's
+//! source until the target holds the tenant's rows (the first 10 ms poll
+//! that finds the transaction's last row, confirmed by comparing the rows). PostgreSQL's
 //! subscription with `streaming = on` receives the transaction while it is
 //! still running (spooled to a file, applied at the commit); `off` receives
 //! it only after the commit; this daemon (pgoutput proto_version 2,
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::drain::{reset_target, wait_visible, PUBLICATION};
+use crate::drain::{marker_sql, reset_target, wait_visible, PUBLICATION};
 use crate::nodes::{drop_slot, wait_slot, Split};
 use crate::{cores, median, TABLES, TENANT};
 
@@ -90,8 +90,11 @@ pub async fn run(
                     Some(Split::start(&source, &target, work.path(), &slot, PUBLICATION).await?);
             }
             wait_slot(&src, &slot, true).await?;
-            src.batch_execute(&format!("CALL bench_run({rows}, 100, false)"))
-                .await?;
+            src.batch_execute(&format!(
+                "BEGIN; CALL bench_run({rows}, 100, false); {}; COMMIT",
+                marker_sql()
+            ))
+            .await?;
             let committed = Instant::now();
             let secs = wait_visible(&src, &dst, committed).await?;
             eprintln!(

@@ -15,9 +15,10 @@
 //!   ceiling (a `COPY … TO STDOUT | COPY … FROM STDIN` pipe of the tenant's
 //!   final rows).
 //!
-//! A drain ends when the target's rows of the tenant equal the source's
-//! (counts, then md5 of the rows in key order), polled every 100 ms. Each
-//! system drains its own slot; runs alternate the order of the systems.
+//! A drain ends when the row written after the backlog (the marker) is on
+//! the target, polled by its key every 10 ms; the tenant's rows are then
+//! compared with the source's (md5 of the rows in key order). Each system
+//! drains its own slot; runs alternate the order of the systems.
 
 use std::path::Path;
 use std::process::Command;
@@ -56,66 +57,65 @@ pub(crate) async fn tenant_state(c: &Client) -> Result<Vec<(i64, String)>> {
     Ok(out)
 }
 
-async fn counts(c: &Client) -> Result<Vec<i64>> {
-    let mut out = Vec::new();
-    for t in TABLES {
-        out.push(
-            c.query_one(
-                &format!("SELECT count(*) FROM {t} WHERE tenant_id = $1"),
-                &[&TENANT],
-            )
-            .await?
-            .get(0),
-        );
-    }
-    Ok(out)
+/// The statements that write the marker: the row every workload writes
+/// last (after the backlog; the big transaction's last statement), so a
+/// system has applied the workload once the marker is on the target (every
+/// system here applies transactions in commit order).
+pub(crate) fn marker_sql() -> String {
+    format!(
+        "DELETE FROM events WHERE tenant_id = '{TENANT}' AND id = {MARKER_ID}; \
+         INSERT INTO events VALUES ('{TENANT}', {MARKER_ID}, 'bench-marker', 'the workload ends here', now())"
+    )
 }
 
-/// For one transaction (all of it visible at one target commit): poll the
-/// target's row counts every 20 ms until they equal the source's, then
-/// check the rows themselves; returns when the counts matched in the poll
-/// whose rows were equal, so the digest queries' own time is not counted.
-pub(crate) async fn wait_visible(src: &Client, dst: &Client, started: Instant) -> Result<f64> {
-    let want = counts(src).await?;
-    let mut expected = None;
-    loop {
-        if counts(dst).await? == want {
-            let at = started.elapsed().as_secs_f64();
-            if expected.is_none() {
-                expected = Some(tenant_state(src).await?);
-            }
-            if expected.as_ref() == Some(&tenant_state(dst).await?) {
-                return Ok(at);
-            }
+const MARKER_ID: i64 = -1;
+
+/// Poll the target for the marker every 10 ms (a primary-key lookup: the
+/// harness used to poll `count(*)` of the tenant's rows, which kept up to a
+/// third of a core busy beside the system being measured); then confirm
+/// that the tenant's rows equal `expected` (md5 of the rows in key order).
+/// Returns the time of the poll that found the marker.
+async fn wait_marker(
+    dst: &Client,
+    started: Instant,
+    expected: impl AsyncFnOnce() -> Result<Vec<(i64, String)>>,
+) -> Result<f64> {
+    let lookup = format!("SELECT 1 FROM events WHERE tenant_id = '{TENANT}' AND id = {MARKER_ID}");
+    let at = loop {
+        if dst.query_opt(&lookup, &[]).await?.is_some() {
+            break started.elapsed().as_secs_f64();
         }
         if started.elapsed() > Duration::from_secs(1800) {
-            bail!("not visible after 30 minutes");
+            bail!("the workload's last row is not on the target after 30 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let expected = expected().await?;
+    let confirm_by = Instant::now() + Duration::from_secs(60);
+    while tenant_state(dst).await? != expected {
+        if Instant::now() > confirm_by {
+            bail!("the workload's last row is on the target, and the tenant's rows still differ from the source's a minute later");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(at)
 }
 
-/// Poll the target's row counts every 100 ms until the target holds
-/// `expected`; the time of the poll whose rows were equal (as in
-/// [`wait_visible`], the digests' own time is not counted).
+/// For one transaction (ending with the marker, all of it visible at one
+/// target commit): the time until the marker is on the target, confirmed by
+/// the rows against the source's.
+pub(crate) async fn wait_visible(src: &Client, dst: &Client, started: Instant) -> Result<f64> {
+    wait_marker(dst, started, async || tenant_state(src).await).await
+}
+
+/// For a backlog (ending with the marker): the time until the marker is on
+/// the target, confirmed by the rows against `expected`.
 pub(crate) async fn wait_drained(
     dst: &Client,
     expected: &[(i64, String)],
     started: Instant,
 ) -> Result<f64> {
-    let want: Vec<i64> = expected.iter().map(|e| e.0).collect();
-    loop {
-        if counts(dst).await? == want {
-            let at = started.elapsed().as_secs_f64();
-            if tenant_state(dst).await? == expected {
-                return Ok(at);
-            }
-        }
-        if started.elapsed() > Duration::from_secs(1800) {
-            bail!("not drained after 30 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_marker(dst, started, async || Ok(expected.to_vec())).await
 }
 
 pub(crate) async fn reset_target(dst: &Client) -> Result<()> {
@@ -210,6 +210,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
     eprintln!("making the backlog: {call} …");
     let t = Instant::now();
     src.batch_execute(&call).await?;
+    src.batch_execute(&marker_sql()).await?;
     let end: String = src
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
