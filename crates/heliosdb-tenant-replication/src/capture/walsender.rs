@@ -35,6 +35,8 @@ use crate::lsn::Lsn;
 
 /// Largest frame accepted (PostgreSQL's own limit for a row is 1 GB).
 const MAX_FRAME: usize = 1 << 30;
+/// Room kept free in the socket buffer for one read.
+const READ_ROOM: usize = 64 * 1024;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -156,7 +158,7 @@ impl Session {
     async fn start(io: Box<dyn Io>, info: &ConnInfo, application_name: &str) -> Result<Self> {
         let mut session = Session {
             io,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_ROOM),
         };
         let mut out = BytesMut::new();
         let params = [
@@ -652,6 +654,11 @@ async fn copy_both(
                     }
                     continue;
                 }
+            }
+            // Frames split off share the buffer, so its spare room shrinks
+            // as they are taken; keep room for a large read.
+            if s.buf.capacity() - s.buf.len() < READ_ROOM / 2 {
+                s.buf.reserve(READ_ROOM);
             }
             tokio::select! {
                 biased;

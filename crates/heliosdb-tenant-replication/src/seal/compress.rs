@@ -1,6 +1,7 @@
 //! Compression of batch bodies. Decompression is bounded by the length the
 //! (authenticated) header announces, so a hostile body cannot exhaust memory.
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 
 use super::SealError;
@@ -109,7 +110,7 @@ pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<
     let fail = |e: std::io::Error| SealError::Compression(e.to_string());
     let out = match algorithm {
         Algorithm::None => plain.to_vec(),
-        Algorithm::Zstd => zstd::bulk::compress(plain, c.level).map_err(fail)?,
+        Algorithm::Zstd => zstd_compress(plain, c.level).map_err(fail)?,
         Algorithm::ZstdDict => {
             let dict = c
                 .dictionary
@@ -133,6 +134,36 @@ pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<
     Ok((algorithm, out))
 }
 
+thread_local! {
+    /// One zstd context per thread (each pipeline has its own), reused for
+    /// every batch: a new level-3 context per batch spent more time
+    /// allocating and clearing its tables than compressing.
+    static ZSTD_COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static ZSTD_DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+pub(super) fn zstd_compress(plain: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    ZSTD_COMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some((l, z)) if *l == level => z,
+            _ => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        z.compress(plain)
+    })
+}
+
+pub(super) fn zstd_decompress(body: &[u8], plain_len: usize) -> std::io::Result<Vec<u8>> {
+    ZSTD_DECOMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some(z) => z,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        z.decompress(body, plain_len)
+    })
+}
+
 /// Decompress to exactly `plain_len` bytes, never more.
 pub(super) fn decompress(
     algorithm: Algorithm,
@@ -143,9 +174,7 @@ pub(super) fn decompress(
     let bad = |what: String| SealError::Compression(what);
     let out = match algorithm {
         Algorithm::None => body.to_vec(),
-        Algorithm::Zstd => {
-            zstd::bulk::decompress(body, plain_len).map_err(|e| bad(e.to_string()))?
-        }
+        Algorithm::Zstd => zstd_decompress(body, plain_len).map_err(|e| bad(e.to_string()))?,
         Algorithm::ZstdDict => {
             let dict = dictionary.ok_or_else(|| {
                 bad("compressed with a zstd dictionary, and this node has none: set [compression] dictionary_path to the capture node's dictionary file".into())

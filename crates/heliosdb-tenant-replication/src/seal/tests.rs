@@ -258,3 +258,23 @@ proptest! {
         let _ = open(&data, "tenant-a", None, &*SHARED_KEYS);
     }
 }
+
+#[test]
+fn reused_zstd_contexts_compress_like_fresh_ones_and_survive_bad_bodies() {
+    use super::compress::{zstd_compress, zstd_decompress};
+    let plain = sample();
+    // The thread's context changes level and back.
+    for level in [3, 19, 1, 3] {
+        let reused = zstd_compress(&plain, level).expect("compress");
+        let fresh = zstd::bulk::compress(&plain, level).expect("compress");
+        assert_eq!(reused, fresh, "level {level}");
+    }
+    let good = zstd::bulk::compress(&plain, 3).expect("compress");
+    assert!(zstd_decompress(&good[..good.len() / 2], plain.len()).is_err());
+    assert!(zstd_decompress(b"not zstd at all", plain.len()).is_err());
+    // The same context, after those failures.
+    assert_eq!(
+        zstd_decompress(&good, plain.len()).expect("decompress"),
+        plain
+    );
+}
