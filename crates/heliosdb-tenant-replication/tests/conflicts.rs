@@ -500,4 +500,54 @@ async fn divergence_without_stored_versions_is_still_detected_and_rolled_back() 
         "{}",
         daemon.log()
     );
+
+    // Many new rows in one chunk go in by COPY; a row already on the
+    // replica makes it fail on the primary key, which is the conflict: the
+    // chunk is rolled back and resolved like the small one above.
+    dst.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO accounts VALUES ('tenant-123', 350, 'restored on the replica', 'x', 0, now());
+         RESET session_replication_role;",
+    )
+    .await
+    .expect("untracked insert");
+    src.batch_execute(
+        "INSERT INTO accounts SELECT 'tenant-123', g, 'bulk', 'e', 1, now() FROM generate_series(300, 499) g;
+         INSERT INTO events VALUES ('tenant-123', 2, 'marker', '', now());",
+    )
+    .await
+    .expect("bulk insert");
+    wait_until(Duration::from_secs(30), "the second marker", || async {
+        dst.query_opt("SELECT 1 FROM events WHERE id = 2", &[])
+            .await
+            .expect("marker")
+            .is_some()
+    })
+    .await;
+    let bulk: Vec<(String, i64)> = dst
+        .query(
+            "SELECT name, count(*) FROM accounts WHERE id BETWEEN 300 AND 499 GROUP BY name ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("bulk rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        bulk,
+        vec![("bulk".into(), 199), ("restored on the replica".into(), 1)],
+        "{}",
+        daemon.log()
+    );
+    let logged: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM heliosdb_replication.heliosdb_conflict_log
+              WHERE primary_key->>'id' = '350' AND conflict_type = 'insert_exists' AND winner = 'target'",
+            &[],
+        )
+        .await
+        .expect("conflict log")
+        .get(0);
+    assert_eq!(logged, 1, "{}", daemon.log());
 }

@@ -729,14 +729,46 @@ impl Applier {
                 }
             }
             if !p.upserts.is_empty() {
-                let all: Vec<usize> = (0..m.casts.len()).collect();
-                let sql = format!("{}{}, (x.xmax = 0)", sql::upsert(m), sql::returning_keys(m));
-                let inserted = self.returned(sql, &columns(&p.upserts, &all)?, m).await?;
-                for (row, first) in p.upserts.iter().zip(&p.upsert_first) {
-                    // Not returned: an existing row that `DO NOTHING` kept.
-                    let present = inserted.get(&key_of(m, row)?) != Some(&true);
-                    if present != expects_row(first) {
-                        return Ok(false);
+                // Rows the source inserted (absent before the chunk), many
+                // of them: COPY, whose unique violation on the primary key
+                // is the conflict; the rest by an upsert that returns what
+                // it found.
+                let new_rows: Vec<&Tuple> = p
+                    .upserts
+                    .iter()
+                    .zip(&p.upsert_first)
+                    .filter(|(_, first)| !expects_row(first))
+                    .map(|(row, _)| row)
+                    .collect();
+                let copied = new_rows.len() >= COPY_MIN_ROWS;
+                if copied {
+                    match self.copy_rows(m, &new_rows).await? {
+                        Ok(_) => {}
+                        Err(e) if is_unique_violation(&e) => return Ok(false),
+                        Err(e) => {
+                            return Err(target_err(&format!("applying changes to {}", m.display))(
+                                e,
+                            ))
+                        }
+                    }
+                }
+                let rest: Vec<(&Tuple, &FirstOp)> = p
+                    .upserts
+                    .iter()
+                    .zip(&p.upsert_first)
+                    .filter(|(_, first)| !copied || expects_row(first))
+                    .collect();
+                if !rest.is_empty() {
+                    let all: Vec<usize> = (0..m.casts.len()).collect();
+                    let rows: Vec<&Tuple> = rest.iter().map(|(row, _)| *row).collect();
+                    let sql = format!("{}{}, (x.xmax = 0)", sql::upsert(m), sql::returning_keys(m));
+                    let inserted = self.returned(sql, &columns(&rows, &all)?, m).await?;
+                    for (row, first) in rest {
+                        // Not returned: an existing row that `DO NOTHING` kept.
+                        let present = inserted.get(&key_of(m, row)?) != Some(&true);
+                        if present != expects_row(first) {
+                            return Ok(false);
+                        }
                     }
                 }
             }
@@ -744,8 +776,8 @@ impl Applier {
                 let mut wanted = m.key.clone();
                 wanted.extend(&set);
                 let sql = format!("{}{}", sql::update_columns(m, &set), sql::returning_keys(m));
-                let owned: Vec<Tuple> = rows.iter().map(|(t, _)| (*t).clone()).collect();
-                let updated = self.returned(sql, &columns(&owned, &wanted)?, m).await?;
+                let tuples: Vec<&Tuple> = rows.iter().map(|(t, _)| *t).collect();
+                let updated = self.returned(sql, &columns(&tuples, &wanted)?, m).await?;
                 for (row, first) in rows {
                     if updated.contains_key(&key_of(m, row)?) != expects_row(&first) {
                         return Ok(false);
@@ -1127,19 +1159,20 @@ impl Applier {
                 Vec::new()
             };
             if absent.is_empty() {
-                let cols = columns(&p.upserts, &all)?;
+                let rows: Vec<&Tuple> = p.upserts.iter().collect();
+                let cols = columns(&rows, &all)?;
                 self.run(sql::upsert(m), &cols, &m.display).await?;
                 continue;
             }
-            let present: Vec<Tuple> = (0..p.upserts.len())
+            let present: Vec<&Tuple> = (0..p.upserts.len())
                 .filter(|&i| p.upsert_present[i])
-                .map(|i| p.upserts[i].clone())
+                .map(|i| &p.upserts[i])
                 .collect();
             if !present.is_empty() {
                 let cols = columns(&present, &all)?;
                 self.run(sql::upsert(m), &cols, &m.display).await?;
             }
-            let fresh: Vec<Tuple> = absent.iter().map(|&i| p.upserts[i].clone()).collect();
+            let fresh: Vec<&Tuple> = absent.iter().map(|&i| &p.upserts[i]).collect();
             if fresh.len() >= COPY_MIN_ROWS && self.copy_new(m, &fresh).await? {
                 continue;
             }
@@ -1161,8 +1194,8 @@ impl Applier {
             for (set, rows) in column_groups(p) {
                 let mut wanted = p.mapping.key.clone();
                 wanted.extend(&set);
-                let owned: Vec<Tuple> = rows.into_iter().map(|(t, _)| t.clone()).collect();
-                let cols = columns(&owned, &wanted)?;
+                let tuples: Vec<&Tuple> = rows.into_iter().map(|(t, _)| t).collect();
+                let cols = columns(&tuples, &wanted)?;
                 let n = self
                     .run(
                         sql::update_columns(&p.mapping, &set),
@@ -1170,7 +1203,7 @@ impl Applier {
                         &p.mapping.display,
                     )
                     .await?;
-                let missing = owned.len() as u64 - n.min(owned.len() as u64);
+                let missing = tuples.len() as u64 - n.min(tuples.len() as u64);
                 if missing > 0 {
                     self.stats.updates_of_missing_rows += missing;
                     tracing::warn!(table = %p.mapping.display, rows = missing, "updates of rows that are missing on the target (their unchanged large values are unknown, so they cannot be inserted)");
@@ -1184,7 +1217,39 @@ impl Applier {
     /// faster than `INSERT … ON CONFLICT` for wide rows), in a savepoint.
     /// `Ok(false)`: a row appeared meanwhile (unique violation), nothing was
     /// written; the caller inserts them one statement at a time instead.
-    async fn copy_new(&mut self, m: &TableMapping, rows: &[Tuple]) -> Result<bool> {
+    async fn copy_new(&mut self, m: &TableMapping, rows: &[&Tuple]) -> Result<bool> {
+        self.client
+            .batch_execute("SAVEPOINT heliosdb_copy")
+            .await
+            .map_err(target_err("SAVEPOINT"))?;
+        match self.copy_rows(m, rows).await? {
+            Ok(_) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT heliosdb_copy")
+                    .await
+                    .map_err(target_err("RELEASE SAVEPOINT"))?;
+                Ok(true)
+            }
+            Err(e) if is_unique_violation(&e) => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_copy")
+                    .await
+                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
+                Ok(false)
+            }
+            Err(e) => Err(target_err(&format!("applying changes to {}", m.display))(e)),
+        }
+    }
+
+    /// `COPY … FROM STDIN` of full rows into the open transaction. The outer
+    /// error: a row that cannot be written this way (a bug upstream); the
+    /// inner one: the server's answer, for the caller to judge (a unique
+    /// violation leaves the transaction to be rolled back to a savepoint).
+    async fn copy_rows(
+        &mut self,
+        m: &TableMapping,
+        rows: &[&Tuple],
+    ) -> Result<std::result::Result<u64, tokio_postgres::Error>> {
         use futures_util::SinkExt;
         let mut buf = bytes::BytesMut::with_capacity(rows.len() * 256);
         for row in rows {
@@ -1208,34 +1273,13 @@ impl Applier {
             .map(|i| quote_ident(m.column_name(i)))
             .collect();
         let sql = format!("COPY {} ({}) FROM STDIN", m.target, cols.join(", "));
-        self.client
-            .batch_execute("SAVEPOINT heliosdb_copy")
-            .await
-            .map_err(target_err("SAVEPOINT"))?;
-        let copied = async {
+        Ok(async {
             let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
             let mut sink = std::pin::pin!(sink);
             sink.send(buf.freeze()).await?;
             sink.as_mut().finish().await
         }
-        .await;
-        match copied {
-            Ok(_) => {
-                self.client
-                    .batch_execute("RELEASE SAVEPOINT heliosdb_copy")
-                    .await
-                    .map_err(target_err("RELEASE SAVEPOINT"))?;
-                Ok(true)
-            }
-            Err(e) if e.code().map(|c| c.code()) == Some("23505") => {
-                self.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_copy")
-                    .await
-                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
-                Ok(false)
-            }
-            Err(e) => Err(target_err(&format!("applying changes to {}", m.display))(e)),
-        }
+        .await)
     }
 
     async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
@@ -1334,6 +1378,10 @@ struct Resolved {
     conflicts: Vec<(Vec<String>, Conflict)>,
 }
 
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some("23505")
+}
+
 /// Below this many new rows a multi-row INSERT is as fast as COPY.
 const COPY_MIN_ROWS: usize = 64;
 
@@ -1407,7 +1455,7 @@ fn text(v: &Value) -> Result<Option<&str>> {
 }
 
 /// Column-major text arrays of `rows`, for the columns `wanted`.
-fn columns<'a>(rows: &'a [Tuple], wanted: &[usize]) -> Result<Vec<Vec<Option<&'a str>>>> {
+fn columns<'a>(rows: &[&'a Tuple], wanted: &[usize]) -> Result<Vec<Vec<Option<&'a str>>>> {
     wanted
         .iter()
         .map(|&i| rows.iter().map(|r| text(&r[i])).collect())

@@ -110,11 +110,6 @@ fn savepoint_name(xid: u32) -> String {
     format!("heliosdb_sub_{xid}")
 }
 
-/// Now in PostgreSQL epoch microseconds.
-fn now_us() -> i64 {
-    chrono::Utc::now().timestamp_micros() - crate::telemetry::PG_EPOCH_US
-}
-
 impl Streams {
     pub fn new(open: OpenLane) -> Self {
         Self {
@@ -184,7 +179,7 @@ impl Streams {
             if let SourceCatalog::Shipped(map) = applier.source_catalog_mut() {
                 map.extend(self.shipped.iter().map(|(k, v)| (*k, v.clone())));
             }
-            applier.begin(seen, now_us()).await?;
+            applier.begin(seen, crate::telemetry::pg_now_us()).await?;
             tracing::debug!(
                 xid = top,
                 "a streamed transaction opens its own target transaction"
