@@ -745,3 +745,32 @@ async fn streamed_transactions_cross_the_split_and_survive_kill_9_of_either_node
     );
     drop(apply); // both nodes stop when dropped
 }
+
+/// A backlog reaches the apply node in few full batches (each a seal, a
+/// request and a target commit), not one per source commit whenever the
+/// capture node's queue runs empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_crosses_the_split_in_few_full_batches() {
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    let configs = split_configs(&env, 1000);
+    let src = env.src().await;
+    make_backlog(&src, 1, 400).await;
+    let _apply = start(&configs.apply, &env, "apply");
+    let capture = start(&configs.capture, &env, "capture");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &capture).await;
+    let batches: i64 = env
+        .dst()
+        .await
+        .query_one(
+            "SELECT batch_sequence FROM heliosdb_replication.progress WHERE tenant_id = $1",
+            &[&TENANT],
+        )
+        .await
+        .expect("progress")
+        .get(0);
+    assert!(
+        (1..=10).contains(&batches),
+        "400 source transactions went in {batches} batches\n{}",
+        capture.log()
+    );
+}

@@ -383,3 +383,30 @@ async fn constraints_the_batch_order_breaks_fall_back_to_source_order_and_real_v
         "row values in the log:\n{log}"
     );
 }
+
+/// A backlog (source commits more than a second old when read) is applied
+/// in few, large target transactions, not one per source commit whenever
+/// the queue runs empty (it does whenever the walsender is the slower side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_applied_in_few_large_target_transactions() {
+    let env = Env::new(SCHEMA).await;
+    let config = env.config();
+    env.init(&config);
+    let (metrics_port, _) = monitoring_ports(&config);
+    let src = env.src().await;
+    make_backlog(&src, 1, 400).await;
+    let daemon = env.start_daemon(&config);
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    let commits = metric_value(
+        &metrics,
+        "heliosdb_apply_batch_duration_seconds_count",
+        &["tenant_id=\"tenant-123\""],
+    )
+    .expect("target transactions in the metrics");
+    assert!(
+        (1.0..=10.0).contains(&commits),
+        "400 source transactions went in {commits} target transactions\n{}",
+        daemon.log()
+    );
+}

@@ -186,6 +186,7 @@ pub async fn run(
         first_lsn: Lsn::ZERO,
         last_lsn: Lsn::ZERO,
         in_source_txn: false,
+        reading_backlog: false,
         opened_at: None,
         remote_open: false,
         in_flight: VecDeque::new(),
@@ -306,6 +307,9 @@ struct Shipper<'a> {
     first_lsn: Lsn,
     last_lsn: Lsn,
     in_source_txn: bool,
+    /// The last source commit read is older than [`super::BACKLOG_AGE_US`]: a backlog
+    /// is being read, and batches fill up instead of going at each commit.
+    reading_backlog: bool,
     /// When the batch being built got its first record.
     opened_at: Option<Instant>,
     /// The apply node holds part of a source transaction uncommitted.
@@ -345,7 +349,7 @@ impl Shipper<'_> {
                 _ = answered => {
                     self.settle_oldest().await?;
                     // What gathered while the window was full goes now.
-                    if !self.in_source_txn && !self.enc.is_empty() {
+                    if !self.in_source_txn && !self.enc.is_empty() && !self.reading_backlog {
                         self.send().await?;
                     }
                     continue;
@@ -389,6 +393,7 @@ impl Shipper<'_> {
                 ..
             } => {
                 self.in_source_txn = false;
+                self.reading_backlog = super::is_backlog(*commit_time_us);
                 self.last_lsn = *end_lsn;
                 self.done.absorb(std::mem::take(&mut self.open_txn));
                 self.done.commit_times_us.push(*commit_time_us);
@@ -408,6 +413,7 @@ impl Shipper<'_> {
                 commit_time_us,
                 ..
             } => {
+                self.reading_backlog = super::is_backlog(*commit_time_us);
                 self.last_lsn = *end_lsn;
                 self.done
                     .absorb(self.open_streams.remove(top).unwrap_or_default());
@@ -437,10 +443,14 @@ impl Shipper<'_> {
         let full = events >= batch_size && (!self.in_source_txn || events >= 2 * batch_size);
         // With the window full, complete transactions gather into a larger
         // batch until an answer makes room (fewer, larger target commits
-        // when the apply node is the slower side).
+        // when the apply node is the slower side). Reading a backlog, they
+        // gather until the batch is full or `batch_timeout_ms` passed: the
+        // queue runs empty whenever the walsender is the slower side, and
+        // a batch per commit would then cost a seal, a request and a target
+        // commit for a few rows.
         let boundary = matches!(event, TxEvent::Commit { .. } | TxEvent::StreamCommit { .. })
             && self.in_flight.len() < WINDOW
-            && (self.rx.is_empty()
+            && ((self.rx.is_empty() && !self.reading_backlog)
                 || self
                     .opened_at
                     .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout));

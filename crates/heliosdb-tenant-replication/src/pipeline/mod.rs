@@ -32,6 +32,20 @@ use crate::telemetry::{State, Telemetry, TenantTelemetry};
 /// The shutdown signal: `true` once shutdown was requested.
 pub type Shutdown = watch::Receiver<bool>;
 
+/// A source commit this much older than now means a backlog is being read:
+/// batches (and, in one process, target transactions) then fill up to
+/// `[cdc] batch_size` or `batch_timeout_ms` instead of closing whenever the
+/// queue runs empty. The source's clock is compared with this host's; a
+/// skew larger than this only delays a quiet tenant's batch by up to
+/// `batch_timeout_ms`.
+pub(crate) const BACKLOG_AGE_US: i64 = 1_000_000;
+
+/// Is a source transaction that committed at `commit_time_us` (PostgreSQL
+/// epoch) part of a backlog?
+pub(crate) fn is_backlog(commit_time_us: i64) -> bool {
+    crate::telemetry::pg_now_us().saturating_sub(commit_time_us) > BACKLOG_AGE_US
+}
+
 /// A tenant's pipeline running on its own thread: await it for the result.
 pub struct Pipeline {
     done: oneshot::Receiver<Result<()>>,

@@ -560,8 +560,11 @@ impl ApplyLoop<'_> {
                     .applier
                     .opened_at()
                     .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout);
-                // Nothing more queued: commit now rather than wait.
-                if full || late || self.rx.is_empty() {
+                // Nothing more queued: commit now rather than wait, unless a
+                // backlog is being read (the queue then runs empty whenever
+                // the walsender is the slower side; the transaction stays
+                // open until full or `batch_timeout_ms`).
+                if full || late || (self.rx.is_empty() && !super::is_backlog(commit_time_us)) {
                     self.commit().await?;
                 }
             }

@@ -156,6 +156,12 @@ fn now_us() -> i64 {
     Utc::now().timestamp_micros()
 }
 
+/// Now in PostgreSQL's epoch (microseconds since 2000-01-01), as commit
+/// times arrive.
+pub fn pg_now_us() -> i64 {
+    now_us() - PG_EPOCH_US
+}
+
 impl TenantTelemetry {
     pub fn tenant(&self) -> &str {
         &self.m.tenant

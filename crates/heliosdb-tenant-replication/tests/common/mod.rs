@@ -604,3 +604,37 @@ pub async fn wait_for_log(daemon: &Daemon, needle: &str, timeout: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `n` source transactions of one `accounts` row each (ids from `first`),
+/// each followed by one of another tenant's with 200 rows (the walsender
+/// decodes and filters those, so it is the slower side, as in a real
+/// multi-tenant backlog), then a wait until the last of them is more than
+/// a second old by the source's clock: to a daemon that reads them
+/// afterwards they are a backlog.
+pub async fn make_backlog(c: &Client, first: i64, n: i64) {
+    c.batch_execute(&format!(
+        "DO $$ BEGIN
+           FOR g IN {first}..{last} LOOP
+             INSERT INTO accounts VALUES ('{TENANT}', g, 'backlog', 'b@x', g, now());
+             COMMIT;
+             INSERT INTO events SELECT 'tenant-456', g * 1000 + i, 'noise', repeat('n', 100), now()
+               FROM generate_series(1, 200) i;
+             COMMIT;
+           END LOOP;
+         END $$",
+        last = first + n - 1
+    ))
+    .await
+    .expect("backlog");
+    wait_until(Duration::from_secs(10), "the backlog to age", || async {
+        c.query_one(
+            "SELECT clock_timestamp() - max(updated_at) > interval '1200 ms'
+               FROM accounts WHERE tenant_id = $1 AND name = 'backlog'",
+            &[&TENANT],
+        )
+        .await
+        .expect("age")
+        .get::<_, bool>(0)
+    })
+    .await;
+}
