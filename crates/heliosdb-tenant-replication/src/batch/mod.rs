@@ -163,8 +163,9 @@ impl Chunk {
 /// The final state of each key of one table, in order of first appearance.
 struct TableState {
     mapping: Arc<TableMapping>,
-    /// Key, final state, first change, time of the last change.
-    entries: Vec<(Key, Final, FirstOp, i64)>,
+    /// Final state, first change, time of the last change (the key is in
+    /// `index`).
+    entries: Vec<(Final, FirstOp, i64)>,
     index: HashMap<Key, usize>,
 }
 
@@ -178,25 +179,26 @@ impl TableState {
     }
 
     fn get(&self, key: &Key) -> Option<&Final> {
-        self.index.get(key).map(|&i| &self.entries[i].1)
+        self.index.get(key).map(|&i| &self.entries[i].0)
     }
 
     fn set(&mut self, key: Key, state: Final, first: FirstOp, time: i64) {
-        match self.index.get(&key) {
-            Some(&i) => {
-                self.entries[i].1 = state;
-                self.entries[i].3 = time;
+        match self.index.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let entry = &mut self.entries[*e.get()];
+                entry.0 = state;
+                entry.2 = time;
             }
-            None => {
-                self.index.insert(key.clone(), self.entries.len());
-                self.entries.push((key, state, first, time));
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.entries.len());
+                self.entries.push((state, first, time));
             }
         }
     }
 
     fn into_plan(self) -> TablePlan {
         let mut plan = TablePlan::new(self.mapping);
-        for (_, state, first, time) in self.entries {
+        for (state, first, time) in self.entries {
             match state {
                 Final::Upsert(t) => {
                     plan.upserts.push(t);

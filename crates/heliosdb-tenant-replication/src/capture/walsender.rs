@@ -19,7 +19,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
@@ -37,9 +37,6 @@ use crate::lsn::Lsn;
 const MAX_FRAME: usize = 1 << 30;
 /// Room kept free in the socket buffer for one read.
 const READ_ROOM: usize = 64 * 1024;
-
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -556,11 +553,7 @@ impl Drop for WalStream {
 
 /// `r`: written, flushed and applied up to `lsn`.
 fn status_update(lsn: u64, reply: bool) -> BytesMut {
-    let now_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-        - PG_EPOCH_OFFSET_US;
+    let now_us = crate::telemetry::pg_now_us();
     let mut body = BytesMut::with_capacity(34);
     body.put_u8(b'r');
     body.put_u64(lsn);
