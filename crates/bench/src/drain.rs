@@ -18,7 +18,10 @@
 //! A drain ends when the row written after the backlog (the marker) is on
 //! the target, polled by its key every 10 ms; the tenant's rows are then
 //! compared with the source's (md5 of the rows in key order). Each system
-//! drains its own slot; runs alternate the order of the systems.
+//! drains its own slot; runs alternate the order of the systems. Besides
+//! the times it prints each system's CPU until the marker: the source and
+//! target clusters' (every process of each, background work included) and
+//! this process's (the daemon's two nodes).
 
 use std::path::Path;
 use std::process::Command;
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::nodes::{drop_slot, process_cpu, Split};
+use crate::nodes::{cluster_cpu, drop_slot, process_cpu, Split};
 use crate::{cores, median, TABLES, TENANT};
 
 pub(crate) const PUBLICATION: &str = "tenant_1_pub";
@@ -72,25 +75,24 @@ const MARKER_ID: i64 = -1;
 
 /// Poll the target for the marker every 10 ms (a primary-key lookup: the
 /// harness used to poll `count(*)` of the tenant's rows, which kept up to a
-/// third of a core busy beside the system being measured); then confirm
-/// that the tenant's rows equal `expected` (md5 of the rows in key order).
-/// Returns the time of the poll that found the marker.
-async fn wait_marker(
-    dst: &Client,
-    started: Instant,
-    expected: impl AsyncFnOnce() -> Result<Vec<(i64, String)>>,
-) -> Result<f64> {
+/// third of a core busy beside the system being measured); the time of the
+/// poll that found it.
+async fn marker_seen(dst: &Client, started: Instant) -> Result<f64> {
     let lookup = format!("SELECT 1 FROM events WHERE tenant_id = '{TENANT}' AND id = {MARKER_ID}");
-    let at = loop {
+    loop {
         if dst.query_opt(&lookup, &[]).await?.is_some() {
-            break started.elapsed().as_secs_f64();
+            return Ok(started.elapsed().as_secs_f64());
         }
         if started.elapsed() > Duration::from_secs(1800) {
             bail!("the workload's last row is not on the target after 30 minutes");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let expected = expected().await?;
+    }
+}
+
+/// After the marker: the tenant's rows on the target equal `expected` (md5
+/// of the rows in key order).
+async fn confirm(dst: &Client, expected: &[(i64, String)]) -> Result<()> {
     let confirm_by = Instant::now() + Duration::from_secs(60);
     while tenant_state(dst).await? != expected {
         if Instant::now() > confirm_by {
@@ -98,24 +100,16 @@ async fn wait_marker(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(at)
+    Ok(())
 }
 
 /// For one transaction (ending with the marker, all of it visible at one
 /// target commit): the time until the marker is on the target, confirmed by
 /// the rows against the source's.
 pub(crate) async fn wait_visible(src: &Client, dst: &Client, started: Instant) -> Result<f64> {
-    wait_marker(dst, started, async || tenant_state(src).await).await
-}
-
-/// For a backlog (ending with the marker): the time until the marker is on
-/// the target, confirmed by the rows against `expected`.
-pub(crate) async fn wait_drained(
-    dst: &Client,
-    expected: &[(i64, String)],
-    started: Instant,
-) -> Result<f64> {
-    wait_marker(dst, started, async || Ok(expected.to_vec())).await
+    let at = marker_seen(dst, started).await?;
+    confirm(dst, &tenant_state(src).await?).await?;
+    Ok(at)
 }
 
 pub(crate) async fn reset_target(dst: &Client) -> Result<()> {
@@ -238,13 +232,25 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
     let mut wire_per_event = Vec::new();
     let mut capture_ceiling = Vec::new();
     let mut apply_ceiling = Vec::new();
+    // CPU seconds of each cluster (every process: walsender, target
+    // backend or apply worker, background work) from the start of a drain
+    // to the marker, per system.
+    let mut source_cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
+    let mut target_cpu: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
     for r in 0..runs {
         for k in 0..systems.len() {
             let i = (k + r) % systems.len();
             let system = systems[i];
             reset_target(&dst).await?;
+            let clusters0 = (cluster_cpu(&source), cluster_cpu(&target));
+            let clusters = || {
+                (
+                    cluster_cpu(&source) - clusters0.0,
+                    cluster_cpu(&target) - clusters0.1,
+                )
+            };
             let started = Instant::now();
-            let secs = match system {
+            let (secs, cpu) = match system {
                 System::Ours => {
                     let cpu0 = process_cpu();
                     crate::reset_peak_rss();
@@ -256,8 +262,10 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                         PUBLICATION,
                     )
                     .await?;
-                    let secs = wait_drained(&dst, &expected, started).await?;
+                    let secs = marker_seen(&dst, started).await?;
                     our_cpu.push(process_cpu() - cpu0);
+                    let cpu = clusters();
+                    confirm(&dst, &expected).await?;
                     our_peak_mb.push(crate::peak_rss_mb());
                     let t = nodes.apply.tenants();
                     if let Some(t) = t.first() {
@@ -272,7 +280,7 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                     }
                     nodes.stop().await;
                     drop_slot(&src, &format!("ours_{r}")).await?;
-                    secs
+                    (secs, cpu)
                 }
                 native => {
                     let name = if native == System::NativeStreamingOff {
@@ -282,10 +290,12 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                     };
                     dst.batch_execute(&format!("ALTER SUBSCRIPTION {name}_{r} ENABLE"))
                         .await?;
-                    let secs = wait_drained(&dst, &expected, started).await?;
+                    let secs = marker_seen(&dst, started).await?;
+                    let cpu = clusters();
+                    confirm(&dst, &expected).await?;
                     dst.batch_execute(&format!("DROP SUBSCRIPTION {name}_{r}"))
                         .await?;
-                    secs
+                    (secs, cpu)
                 }
             };
             eprintln!(
@@ -295,6 +305,8 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
                 tenant_changes as f64 / secs
             );
             times[i].push(secs);
+            source_cpu[i].push(cpu.0);
+            target_cpu[i].push(cpu.1);
         }
         // Capture ceiling: the same backlog decoded and written to a file
         // (its size: pgoutput's bytes for the tenant's changes).
@@ -385,6 +397,31 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
         median(&mut wire_per_event.clone()),
         median(&mut pgoutput_per_change.clone())
     );
+    println!(
+        "  CPU seconds per drain, until the marker:                 {:>8} {:>8} {:>8} {:>8}",
+        "source", "target", "daemon", "total"
+    );
+    for (i, s) in systems.iter().enumerate() {
+        let (sc, tc) = (
+            median(&mut source_cpu[i].clone()),
+            median(&mut target_cpu[i].clone()),
+        );
+        let daemon = if *s == System::Ours {
+            median(&mut our_cpu.clone())
+        } else {
+            0.0
+        };
+        println!(
+            "  {:<56} {sc:>8.2} {tc:>8.2} {:>8} {:>8.2}",
+            s.label(),
+            if *s == System::Ours {
+                format!("{daemon:.2}")
+            } else {
+                String::new()
+            },
+            sc + tc + daemon
+        );
+    }
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -399,6 +436,12 @@ pub async fn run(backlog: Backlog, rows: i64, runs: usize, dir: &Path, out: &Pat
             "ours_cpu_seconds": our_cpu, "ours_wire_bytes_per_change": wire_per_event,
             "ours_peak_rss_mb": our_peak_mb, "pgoutput_bytes_per_change": pgoutput_per_change,
             "ratio_ours_to_best_native": best_native / ours,
+            "source_cluster_cpu_seconds": {
+                "native_streaming_off": source_cpu[0], "native_streaming_on": source_cpu[1], "ours": source_cpu[2],
+            },
+            "target_cluster_cpu_seconds": {
+                "native_streaming_off": target_cpu[0], "native_streaming_on": target_cpu[1], "ours": target_cpu[2],
+            },
         }))?,
     )?;
     eprintln!("raw numbers: {}", out.display());
