@@ -733,31 +733,20 @@ impl Applier {
                 // of them: COPY, whose unique violation on the primary key
                 // is the conflict; the rest by an upsert that returns what
                 // it found.
-                let new_rows: Vec<&Tuple> = p
+                let (new_rows, seen): (Vec<(&Tuple, &FirstOp)>, Vec<_>) = p
                     .upserts
                     .iter()
                     .zip(&p.upsert_first)
-                    .filter(|(_, first)| !expects_row(first))
-                    .map(|(row, _)| row)
-                    .collect();
-                let copied = new_rows.len() >= COPY_MIN_ROWS;
-                if copied {
-                    match self.copy_rows(m, &new_rows).await? {
-                        Ok(_) => {}
-                        Err(e) if is_unique_violation(&e) => return Ok(false),
-                        Err(e) => {
-                            return Err(target_err(&format!("applying changes to {}", m.display))(
-                                e,
-                            ))
-                        }
+                    .partition(|(_, first)| !expects_row(first));
+                let rest = if new_rows.len() >= COPY_MIN_ROWS {
+                    let rows: Vec<&Tuple> = new_rows.iter().map(|(row, _)| *row).collect();
+                    if !self.copy_rows(m, &rows).await? {
+                        return Ok(false);
                     }
-                }
-                let rest: Vec<(&Tuple, &FirstOp)> = p
-                    .upserts
-                    .iter()
-                    .zip(&p.upsert_first)
-                    .filter(|(_, first)| !copied || expects_row(first))
-                    .collect();
+                    seen
+                } else {
+                    new_rows.into_iter().chain(seen).collect()
+                };
                 if !rest.is_empty() {
                     let all: Vec<usize> = (0..m.casts.len()).collect();
                     let rows: Vec<&Tuple> = rest.iter().map(|(row, _)| *row).collect();
@@ -1222,34 +1211,22 @@ impl Applier {
             .batch_execute("SAVEPOINT heliosdb_copy")
             .await
             .map_err(target_err("SAVEPOINT"))?;
-        match self.copy_rows(m, rows).await? {
-            Ok(_) => {
-                self.client
-                    .batch_execute("RELEASE SAVEPOINT heliosdb_copy")
-                    .await
-                    .map_err(target_err("RELEASE SAVEPOINT"))?;
-                Ok(true)
-            }
-            Err(e) if is_unique_violation(&e) => {
-                self.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_copy")
-                    .await
-                    .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
-                Ok(false)
-            }
-            Err(e) => Err(target_err(&format!("applying changes to {}", m.display))(e)),
-        }
+        let (end, copied) = if self.copy_rows(m, rows).await? {
+            ("RELEASE SAVEPOINT heliosdb_copy", true)
+        } else {
+            ("ROLLBACK TO SAVEPOINT heliosdb_copy", false)
+        };
+        self.client
+            .batch_execute(end)
+            .await
+            .map_err(target_err(end))?;
+        Ok(copied)
     }
 
-    /// `COPY … FROM STDIN` of full rows into the open transaction. The outer
-    /// error: a row that cannot be written this way (a bug upstream); the
-    /// inner one: the server's answer, for the caller to judge (a unique
-    /// violation leaves the transaction to be rolled back to a savepoint).
-    async fn copy_rows(
-        &mut self,
-        m: &TableMapping,
-        rows: &[&Tuple],
-    ) -> Result<std::result::Result<u64, tokio_postgres::Error>> {
+    /// `COPY … FROM STDIN` of full rows into the open transaction.
+    /// `Ok(false)`: a row's primary key is already there (unique violation);
+    /// the transaction must be rolled back to a savepoint.
+    async fn copy_rows(&mut self, m: &TableMapping, rows: &[&Tuple]) -> Result<bool> {
         use futures_util::SinkExt;
         let mut buf = bytes::BytesMut::with_capacity(rows.len() * 256);
         for row in rows {
@@ -1273,13 +1250,18 @@ impl Applier {
             .map(|i| quote_ident(m.column_name(i)))
             .collect();
         let sql = format!("COPY {} ({}) FROM STDIN", m.target, cols.join(", "));
-        Ok(async {
+        let copied = async {
             let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
             let mut sink = std::pin::pin!(sink);
             sink.send(buf.freeze()).await?;
             sink.as_mut().finish().await
         }
-        .await)
+        .await;
+        match copied {
+            Ok(_) => Ok(true),
+            Err(e) if e.code().map(|c| c.code()) == Some("23505") => Ok(false),
+            Err(e) => Err(target_err(&format!("applying changes to {}", m.display))(e)),
+        }
     }
 
     async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
@@ -1376,10 +1358,6 @@ fn rejected((mapping, op): &(Arc<TableMapping>, RowOp), e: ReplicationError) -> 
 struct Resolved {
     stores: Vec<(Vec<String>, Version)>,
     conflicts: Vec<(Vec<String>, Conflict)>,
-}
-
-fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
-    e.code().map(|c| c.code()) == Some("23505")
 }
 
 /// Below this many new rows a multi-row INSERT is as fast as COPY.
