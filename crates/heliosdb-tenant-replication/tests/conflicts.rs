@@ -8,6 +8,18 @@ use std::time::Duration;
 
 use common::*;
 
+/// Wait until the marker row `events.id = id`, written after a test's
+/// changes, is on the target: everything before it is applied.
+async fn wait_marker(dst: &tokio_postgres::Client, id: i64) {
+    wait_until(Duration::from_secs(30), &format!("marker {id}"), || async {
+        dst.query_opt("SELECT 1 FROM events WHERE id = $1", &[&id])
+            .await
+            .expect("marker")
+            .is_some()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_writes_to_the_replica_are_detected_logged_and_resolved_source_preferred() {
     let env = Env::new(SCHEMA).await;
@@ -310,13 +322,7 @@ async fn every_kind_under_every_strategy_ends_with_the_expected_row() {
         .await
         .expect("marker");
         let daemon = env.start_daemon(&config);
-        wait_until(Duration::from_secs(30), "the marker", || async {
-            dst.query_opt("SELECT 1 FROM events WHERE id = $1", &[&base])
-                .await
-                .expect("marker")
-                .is_some()
-        })
-        .await;
+        wait_marker(&dst, base).await;
 
         // What each key ends as: None = absent, Some(name).
         let source_wins_early = *strategy != "TargetPreferred";
@@ -442,13 +448,7 @@ async fn divergence_without_stored_versions_is_still_detected_and_rolled_back() 
     )
     .await
     .expect("source changes");
-    wait_until(Duration::from_secs(30), "the marker", || async {
-        dst.query_opt("SELECT 1 FROM events WHERE id = 1", &[])
-            .await
-            .expect("marker")
-            .is_some()
-    })
-    .await;
+    wait_marker(&dst, 1).await;
 
     let names: Vec<(i64, String)> = dst
         .query(
@@ -517,13 +517,7 @@ async fn divergence_without_stored_versions_is_still_detected_and_rolled_back() 
     )
     .await
     .expect("bulk insert");
-    wait_until(Duration::from_secs(30), "the second marker", || async {
-        dst.query_opt("SELECT 1 FROM events WHERE id = 2", &[])
-            .await
-            .expect("marker")
-            .is_some()
-    })
-    .await;
+    wait_marker(&dst, 2).await;
     let bulk: Vec<(String, i64)> = dst
         .query(
             "SELECT name, count(*) FROM accounts WHERE id BETWEEN 300 AND 499 GROUP BY name ORDER BY name",
