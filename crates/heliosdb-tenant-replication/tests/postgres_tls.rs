@@ -34,6 +34,9 @@ async fn verify_full_needs_the_right_ca_and_host_name_and_says_which_is_wrong() 
     // Right CA, right name: provisioning and streaming work over TLS.
     let good = config_with("good.toml", &with("localhost", "verify-full", &ca.cert));
     env.init(&good);
+    // A backlog first: its reads are paced, the socket leaving the poller
+    // between them, under TLS.
+    make_backlog(&env.src().await, 1000, 200).await;
     let daemon = env.start_daemon(&good);
     env.src()
         .await

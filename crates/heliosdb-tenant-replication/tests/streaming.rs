@@ -409,4 +409,13 @@ async fn a_backlog_is_applied_in_few_large_target_transactions() {
         "400 source transactions went in {commits} target transactions\n{}",
         daemon.log()
     );
+    // Reads were paced during the backlog; the first live change after it,
+    // a few bytes on the socket, still arrives.
+    src.execute(
+        "INSERT INTO accounts VALUES ($1, 100000, 'live', 'l@x', 1, now())",
+        &[&TENANT],
+    )
+    .await
+    .expect("live insert");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(10), &daemon).await;
 }

@@ -83,6 +83,13 @@ impl PgwireSource {
     }
 }
 
+impl PgwireSource {
+    /// Pace reads while a backlog is read ([`WalStream::pace_reads`]).
+    pub fn pace_reads(&self, on: bool) {
+        self.stream.pace_reads(on);
+    }
+}
+
 impl ChangeSource for PgwireSource {
     async fn recv(&mut self) -> Result<Option<SourceEvent>> {
         Ok(match self.stream.recv().await? {

@@ -17,7 +17,7 @@
 //! malformed one ends the stream with an error, never a panic.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,9 +37,34 @@ use crate::lsn::Lsn;
 const MAX_FRAME: usize = 1 << 30;
 /// Room kept free in the socket buffer for one read.
 const READ_ROOM: usize = 64 * 1024;
+/// While reading a backlog, a read smaller than this is followed by a
+/// pause of [`PACE`] before the next one.
+const PACE_BELOW: usize = 32 * 1024;
+/// How long a paced reader lets the walsender's messages gather: the
+/// walsender writes each message on its own, and a reader faster than it
+/// would otherwise wake up (epoll, recv, an ACK) for every one or two.
+const PACE: Duration = Duration::from_millis(2);
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+mod socket;
+
+use socket::{Parkable, Registered};
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Leave the runtime's poller until the next read or write.
+    fn park(&mut self) -> std::io::Result<()>;
+}
+
+impl<S: Registered> Io for Parkable<S> {
+    fn park(&mut self) -> std::io::Result<()> {
+        Parkable::park(self)
+    }
+}
+
+impl<S: Registered> Io for tokio_rustls::client::TlsStream<Parkable<S>> {
+    fn park(&mut self) -> std::io::Result<()> {
+        self.get_mut().0.park()
+    }
+}
 
 fn stream_err(message: impl Into<String>, class: ErrorClass) -> ReplicationError {
     ReplicationError::Stream {
@@ -126,16 +151,17 @@ impl Session {
     }
 
     async fn connect_now(info: &ConnInfo, application_name: &str) -> Result<Self> {
-        let io: Box<dyn Io> =
-            if info.host.starts_with('/') {
-                // A Unix-domain socket directory, as libpq: no TLS over it.
-                let path = format!("{}/.s.PGSQL.{}", info.host, info.port);
-                Box::new(tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+        let io: Box<dyn Io> = if info.host.starts_with('/') {
+            // A Unix-domain socket directory, as libpq: no TLS over it.
+            let path = format!("{}/.s.PGSQL.{}", info.host, info.port);
+            Box::new(Parkable::new(
+                tokio::net::UnixStream::connect(&path).await.map_err(|e| {
                     stream_err(format!("connecting to {path}: {e}"), ErrorClass::Retry)
-                })?)
-            } else {
-                Self::tcp(info).await?
-            };
+                })?,
+            ))
+        } else {
+            Self::tcp(info).await?
+        };
         Self::start(io, info, application_name).await
     }
 
@@ -369,18 +395,23 @@ impl Session {
             }
         }
         let acked = Arc::new(AtomicU64::new(stream.ack.0));
+        let paced = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(stream.buffer.max(1));
         let (stop_tx, stop_rx) = oneshot::channel();
         let task = tokio::spawn(copy_both(
             self,
             tx,
-            acked.clone(),
+            Shared {
+                acked: acked.clone(),
+                paced: paced.clone(),
+            },
             stream.status_interval,
             stop_rx,
         ));
         Ok(WalStream {
             rx,
             acked,
+            paced,
             stop: Some(stop_tx),
             task: Some(task),
         })
@@ -390,7 +421,7 @@ impl Session {
 /// SSLRequest and the TLS handshake as `sslmode` says (libpq's meanings).
 async fn negotiate_tls(mut tcp: TcpStream, info: &ConnInfo) -> Result<Box<dyn Io>> {
     if info.sslmode == SslMode::Disable {
-        return Ok(Box::new(tcp));
+        return Ok(Box::new(Parkable::new(tcp)));
     }
     let mut out = BytesMut::new();
     frontend::ssl_request(&mut out);
@@ -404,7 +435,7 @@ async fn negotiate_tls(mut tcp: TcpStream, info: &ConnInfo) -> Result<Box<dyn Io
     let required = !matches!(info.sslmode, SslMode::Allow | SslMode::Prefer);
     match answer {
         b'S' => {}
-        b'N' if !required => return Ok(Box::new(tcp)),
+        b'N' if !required => return Ok(Box::new(Parkable::new(tcp))),
         b'N' => {
             return Err(stream_err(
                 format!(
@@ -428,7 +459,7 @@ async fn negotiate_tls(mut tcp: TcpStream, info: &ConnInfo) -> Result<Box<dyn Io
         })?,
     };
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
+        .connect(name, Parkable::new(tcp))
         .await
         .map_err(|e| {
             let class = if e.kind() == std::io::ErrorKind::InvalidData {
@@ -511,6 +542,7 @@ pub enum WalMessage {
 pub struct WalStream {
     rx: mpsc::Receiver<Result<WalMessage>>,
     acked: Arc<AtomicU64>,
+    paced: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -529,6 +561,13 @@ impl WalStream {
     /// than what was reported before).
     pub fn acknowledge(&self, lsn: Lsn) {
         self.acked.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// Whether the socket task paces its reads (see [`PACE`]): on while the
+    /// caller reads a backlog, where a few milliseconds do not matter and
+    /// fewer, larger reads save CPU that the walsender's host needs.
+    pub fn pace_reads(&self, on: bool) {
+        self.paced.store(on, Ordering::Relaxed);
     }
 
     /// Send a final status update and end the stream (CopyDone), waiting a
@@ -604,18 +643,29 @@ fn copy_data(mut body: Bytes) -> Result<(Option<WalMessage>, bool)> {
     }
 }
 
+/// What the socket task shares with its [`WalStream`].
+struct Shared {
+    /// The LSN to report as flushed.
+    acked: Arc<AtomicU64>,
+    /// Pace reads ([`WalStream::pace_reads`]).
+    paced: Arc<AtomicBool>,
+}
+
 /// The socket task: frames to the queue, status updates on time, a reply
 /// to every keepalive that asks for one, even while the queue is full.
 async fn copy_both(
     mut s: Session,
     tx: mpsc::Sender<Result<WalMessage>>,
-    acked: Arc<AtomicU64>,
+    shared: Shared,
     interval: Duration,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let Shared { acked, paced } = shared;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Option<WalMessage> = None;
+    // No read before this instant (a paced reader after a small read).
+    let mut hold: Option<tokio::time::Instant> = None;
     let result: Result<()> = async {
         loop {
             // Whole frames already read go to the queue without waiting
@@ -685,9 +735,16 @@ async fn copy_both(
                         permit.send(Ok(m));
                     }
                 }
-                n = s.io.read_buf(&mut s.buf), if pending.is_none() => {
+                _ = async { if let Some(at) = hold { tokio::time::sleep_until(at).await } }, if hold.is_some() => {
+                    hold = None;
+                }
+                n = s.io.read_buf(&mut s.buf), if pending.is_none() && hold.is_none() => {
                     match n {
                         Ok(0) => return Err(stream_err("the walsender closed the connection", ErrorClass::Retry)),
+                        Ok(n) if n < PACE_BELOW && paced.load(Ordering::Relaxed) => {
+                            hold = Some(tokio::time::Instant::now() + PACE);
+                            s.io.park().map_err(io_err("pausing reads from the walsender"))?;
+                        }
                         Ok(_) => {}
                         Err(e) => return Err(io_err("reading from the walsender")(e)),
                     }

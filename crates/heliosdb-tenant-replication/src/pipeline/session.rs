@@ -296,6 +296,11 @@ pub(super) async fn capture_loop(
                 Err(e) => break Err(e),
             }
         };
+        if let TxEvent::Commit { commit_time_us, .. }
+        | TxEvent::StreamCommit { commit_time_us, .. } = &item
+        {
+            source.pace_reads(super::is_backlog(*commit_time_us));
+        }
         // While the queue is full, keep acknowledging (back-pressure must not
         // hold the slot back) and keep listening for the end.
         let mut send = pin!(tx.send(item));
