@@ -1236,7 +1236,7 @@ impl Applier {
                 }
                 match v {
                     Value::Null => buf.extend_from_slice(b"\\N"),
-                    Value::Text(b) => copy_escape(&mut buf, b),
+                    Value::Text(b) => sql::copy_text(&mut buf, b),
                     Value::UnchangedToast | Value::Binary(_) => {
                         return Err(ReplicationError::Internal(
                             "a full row to insert carries an unchanged or binary value".into(),
@@ -1362,24 +1362,6 @@ struct Resolved {
 
 /// Below this many new rows a multi-row INSERT is as fast as COPY.
 const COPY_MIN_ROWS: usize = 64;
-
-/// A value in COPY's text format.
-fn copy_escape(out: &mut bytes::BytesMut, value: &[u8]) {
-    let mut start = 0;
-    for (i, &b) in value.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            _ => continue,
-        };
-        out.extend_from_slice(&value[start..i]);
-        out.extend_from_slice(esc);
-        start = i + 1;
-    }
-    out.extend_from_slice(&value[start..]);
-}
 
 /// Keep the items whose flag is set.
 /// Columns carried (source indices), and the rows that carry exactly them.
