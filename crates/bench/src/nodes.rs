@@ -52,7 +52,8 @@ pub fn config_text(
          [performance]\nworker_threads = 2\n[features]\nenable_monitoring = false\n{extra}",
         source.superuser_url("bench"),
         target.superuser_url("bench"),
-        dir.display()
+        // One checkpoint directory per slot: runs use a new slot each.
+        dir.join("checkpoints").join(slot).display()
     )
 }
 
