@@ -81,9 +81,7 @@ impl PgwireSource {
             system_id,
         })
     }
-}
 
-impl PgwireSource {
     /// Pace reads while a backlog is read ([`WalStream::pace_reads`]).
     pub fn pace_reads(&self, on: bool) {
         self.stream.pace_reads(on);

@@ -11,10 +11,14 @@
 //! `docs/decisions/2026-11-26-replication-client.md`). Here the socket task
 //! sends a status update every `status_interval` whatever the caller does,
 //! answers a keepalive that asks for a reply at once, and reports exactly
-//! the LSN the caller acknowledged (never the received position).
+//! the LSN the caller acknowledged (never the received position). While the
+//! caller reads a backlog it paces the reads ([`WalStream::pace_reads`]),
+//! the socket out of the poller between them ([`socket`]).
 //!
 //! Outside bytes: every frame is length-checked before it is read; a
 //! malformed one ends the stream with an error, never a panic.
+
+mod socket;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{ConnInfo, SslMode};
 use crate::error::{ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
+use socket::{Parkable, Registered};
 
 /// Largest frame accepted (PostgreSQL's own limit for a row is 1 GB).
 const MAX_FRAME: usize = 1 << 30;
@@ -44,10 +49,6 @@ const PACE_BELOW: usize = 32 * 1024;
 /// walsender writes each message on its own, and a reader faster than it
 /// would otherwise wake up (epoll, recv, an ACK) for every one or two.
 const PACE: Duration = Duration::from_millis(2);
-
-mod socket;
-
-use socket::{Parkable, Registered};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {
     /// Leave the runtime's poller until the next read or write.
