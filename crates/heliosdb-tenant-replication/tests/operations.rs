@@ -81,10 +81,8 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
         .await
         .expect("a table the publication leaves out");
     let daemon = env.start_daemon(&env.config());
-    // Without an exported snapshot the first copy reads a newer snapshot than
-    // the slot's position, and rows committed in between are copied and then
-    // replayed (logged as insert_exists; see docs/architecture.md, "Initial
-    // copy"). The rows here are written once streaming runs.
+    // The rows here are written once streaming runs (rows written before
+    // are the next test's).
     wait_for_log(
         &daemon,
         "replication_start: streaming",
@@ -106,6 +104,93 @@ async fn start_works_with_a_slot_and_publication_made_by_hand() {
             && log.contains("public.invoices"),
         "{log}"
     );
+}
+
+/// Without the slot's exported snapshot the first copy reads a newer one,
+/// and the transactions committed in between are copied and then replayed:
+/// the replay is expected to meet its own rows, not logged as conflicts.
+/// With asynchronous commits (as on many sources) the commit records of such
+/// transactions may not be written out yet when the copy starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_asynchronously_before_the_first_copy_are_replayed_without_conflicts() {
+    let mut env = Env::new(SCHEMA).await;
+    // Asynchronous commits reach the WAL files at the WAL writer's next round.
+    env.source
+        .reconfigure(&[("synchronous_commit", "off"), ("wal_writer_delay", "'10s'")])
+        .expect("reconfigure the source");
+    let src = env.src().await;
+    src.batch_execute(
+        "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput');
+         CREATE PUBLICATION tenant_123_pub FOR TABLE accounts WHERE (tenant_id = 'tenant-123'),
+             orders WHERE (tenant_id = 'tenant-123'), events WHERE (tenant_id = 'tenant-123');",
+    )
+    .await
+    .expect("slot and publication");
+    let lsn = |sql: &'static str| {
+        let src = &src;
+        async move {
+            let v: String = src.query_one(sql, &[]).await.expect("WAL position").get(0);
+            v
+        }
+    };
+    let before = lsn("SELECT pg_current_wal_insert_lsn()::text").await;
+    src.batch_execute(
+        "INSERT INTO accounts SELECT t, g, 'n', 'e', g, now() FROM generate_series(1, 20) g,
+             (VALUES ('tenant-123'), ('tenant-9')) v(t)",
+    )
+    .await
+    .expect("rows");
+    let unwritten: bool = src
+        .query_one(
+            "SELECT pg_current_wal_lsn() < pg_current_wal_insert_lsn()",
+            &[],
+        )
+        .await
+        .expect("WAL positions")
+        .get(0);
+    assert!(
+        unwritten,
+        "the inserts' commit record is already written out: the test would prove nothing"
+    );
+    let daemon = env.start_daemon(&env.config());
+    // The copy is done (it has the rows), then the commit record is flushed
+    // and the stream replays the inserts.
+    wait_for_log(
+        &daemon,
+        "replication_start: streaming",
+        Duration::from_secs(30),
+    )
+    .await;
+    src.batch_execute(
+        "SET synchronous_commit = on;
+         INSERT INTO accounts VALUES ('tenant-9', 1000, 'n', 'e', 0, now())",
+    )
+    .await
+    .expect("a synchronous commit");
+    let dst = env.dst().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let replayed: bool = dst
+            .query_one(
+                "SELECT end_lsn > $1::text::pg_lsn FROM heliosdb_replication.progress",
+                &[&before],
+            )
+            .await
+            .expect("progress")
+            .get(0);
+        if replayed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the inserts were not replayed: {}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    assert_eq!(foreign_rows(&dst).await, 0);
+    assert_eq!(conflicts_logged(&dst).await, 0, "{}", daemon.log());
 }
 
 fn assert_fails(config: &std::path::Path, args: &[&str], code: i32, needles: &[&str]) -> String {

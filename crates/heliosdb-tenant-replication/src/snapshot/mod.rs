@@ -120,21 +120,18 @@ pub async fn initial_copy(
                 .get(0)
         }
     };
+    // Every transaction the snapshot sees committed before this position
+    // (read right after it was taken; earlier, interrupted copies read
+    // older snapshots).
+    let converge_until: Option<String> = if exact {
+        None
+    } else {
+        Some(wal_insert_position(&source).await?.to_string())
+    };
     let copied = if pending.is_empty() {
         0
     } else {
         copy::run(config, &source, &target, &snapshot_name, pending).await?
-    };
-    let converge_until: Option<String> = if exact {
-        None
-    } else {
-        Some(
-            source
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .map_err(src("reading the WAL position"))?
-                .get(0),
-        )
     };
     // `source` holds the snapshot open until every worker is done.
     drop(source);
@@ -431,14 +428,7 @@ pub async fn resync_tables(
     }
     // The stream replays changes made before the copies' snapshot over them:
     // no conflicts for those.
-    let wal: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(src("reading the WAL position"))?
-        .get(0);
-    let converge_until: Lsn = wal
-        .parse()
-        .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Internal(e.to_string()))?;
+    let converge_until = wal_insert_position(&source).await?;
     crate::checkpoint::progress::set_converge_until(target, &t.tenant_id, converge_until).await?;
     // Requests for tables that are not published cannot be fulfilled.
     let published: Vec<String> = tables
@@ -454,4 +444,19 @@ pub async fn resync_tables(
         .await
         .map_err(dst("clearing resync requests"))?;
     Ok((rows, converge_until))
+}
+
+/// The source's WAL insert position. A transaction visible to a snapshot
+/// taken before this call committed below it, also with asynchronous
+/// commits (`synchronous_commit = off`), whose commit records may not be
+/// written out yet: `pg_current_wal_lsn()`, the write position, can lag
+/// behind them.
+async fn wal_insert_position(source: &Client) -> Result<Lsn> {
+    let wal: String = source
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(src("reading the WAL position"))?
+        .get(0);
+    wal.parse()
+        .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Internal(e.to_string()))
 }
