@@ -13,7 +13,13 @@
 //!   (Commit timestamps on the target cannot be used: a replicated
 //!   transaction records its origin's time.)
 //! * Source slowdown: pgbench's transactions per second at full speed with
-//!   the system replicating, against the same with nothing replicating.
+//!   the system replicating, against the same with nothing replicating. No
+//!   checkpoint runs during the phases (one, and a warm-up run, before
+//!   them); the systems take turns at going first and the phase without
+//!   replication runs between them (the source slows down as its tables
+//!   grow). The CPU each
+//!   cluster (and its walsenders) and this process used per source
+//!   transaction, until the target caught up, says where the time went.
 //! * Peak resident memory of this process (capture and apply node run in
 //!   it), read from `/proc/self/status` (VmHWM) after our runs.
 
@@ -27,7 +33,7 @@ use pgcluster::Cluster;
 use tokio_postgres::Client;
 
 use crate::drain::PUBLICATION;
-use crate::nodes::{drop_slot, Split};
+use crate::nodes::{cluster_cpu_split, drop_slot, process_cpu, Split};
 use crate::{cores, median, TABLES, TENANT};
 
 /// Events per pgbench transaction of `pgbench-txn.sql` (10 inserts, 2
@@ -113,6 +119,58 @@ fn pgbench(p: &Pgbench, tps: Option<u32>, seconds: u32) -> Result<f64> {
                 .and_then(|v| v.parse().ok())
         })
         .with_context(|| format!("no tps in pgbench output: {text}"))
+}
+
+/// CPU seconds so far: the source cluster (its backends serve pgbench),
+/// the source's walsenders among them, the target cluster, this process
+/// (the capture and apply nodes, and the lag poller).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    source: f64,
+    walsender: f64,
+    target: f64,
+    process: f64,
+}
+
+impl Cpu {
+    fn now(source: &Cluster, target: &Cluster) -> Self {
+        let (source, walsender) = cluster_cpu_split(source);
+        Self {
+            source,
+            walsender,
+            target: cluster_cpu_split(target).0,
+            process: process_cpu(),
+        }
+    }
+
+    /// Microseconds per transaction since `before`, for `txns` transactions.
+    fn per_txn(self, before: Self, txns: f64) -> Self {
+        let us = |a: f64, b: f64| (a - b) * 1e6 / txns.max(1.0);
+        Self {
+            source: us(self.source, before.source),
+            walsender: us(self.walsender, before.walsender),
+            target: us(self.target, before.target),
+            process: us(self.process, before.process),
+        }
+    }
+
+    fn json(self) -> serde_json::Value {
+        serde_json::json!({
+            "source_cluster": self.source, "source_walsenders": self.walsender,
+            "target_cluster": self.target, "bench_process": self.process,
+        })
+    }
+}
+
+/// The median of each field.
+fn median_cpu(v: &[Cpu]) -> Cpu {
+    let m = |f: fn(&Cpu) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    Cpu {
+        source: m(|c| c.source),
+        walsender: m(|c| c.walsender),
+        target: m(|c| c.target),
+        process: m(|c| c.process),
+    }
 }
 
 /// Source commit time (µs since the Unix epoch) of the tenant's events rows
@@ -273,6 +331,15 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     for table in TABLES {
         crate::initial_sync::copy_pipe(&source, &target, table)?;
     }
+    // A checkpoint now, and none during the phases (`checkpoint_timeout`
+    // of the benchmark's clusters is an hour): full-page writes after a
+    // checkpoint halve the source's rate for a while, and a timed
+    // checkpoint used to land in some phases and not others. The warm-up
+    // run takes the full-page writes of the pages the workload touches.
+    for c in [&src, &dst] {
+        c.batch_execute("CHECKPOINT").await?;
+    }
+    pg.run(None, seconds).await?;
 
     let mut none_tps = Vec::new();
     let mut fixed: HashMap<&str, Vec<Vec<f64>>> = HashMap::new();
@@ -283,10 +350,28 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     let mut marker = -1_000_000i64;
     // Peak resident memory while our nodes ran (the largest of the runs).
     let mut peak = 0.0f64;
+    // CPU µs per pgbench transaction at full speed, per system ("" = none).
+    let mut cpu: HashMap<&str, Vec<Cpu>> = HashMap::new();
     for r in 0..runs {
-        none_tps.push(pg.run(None, seconds).await?);
-        eprintln!("  run {}: no replication: {:.0} tps", r + 1, none_tps[r]);
-        for system in [System::Native, System::Ours] {
+        // The source slows down as its tables grow: the systems take turns
+        // at going first, and the run without replication sits between
+        // them.
+        let order = if r % 2 == 0 {
+            [Some(System::Native), None, Some(System::Ours)]
+        } else {
+            [Some(System::Ours), None, Some(System::Native)]
+        };
+        for system in order {
+            let Some(system) = system else {
+                let before = Cpu::now(&source, &target);
+                let t = pg.run(None, seconds).await?;
+                none_tps.push(t);
+                cpu.entry("")
+                    .or_default()
+                    .push(Cpu::now(&source, &target).per_txn(before, t * f64::from(seconds)));
+                eprintln!("  run {}: no replication: {t:.0} tps", r + 1);
+                continue;
+            };
             let slot = format!(
                 "live_{}_{r}",
                 if system == System::Ours {
@@ -325,9 +410,13 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
 
             let since = now_us();
             let poller = Poller::start(&target).await?;
+            let before = Cpu::now(&source, &target);
             let max_tps = pg.run(None, seconds).await?;
             marker -= 1;
             wait_caught_up(&src, &dst, marker).await?;
+            cpu.entry(system.label())
+                .or_default()
+                .push(Cpu::now(&source, &target).per_txn(before, max_tps * f64::from(seconds)));
             let (full_lags, full_series) = lags(&src, &poller.finish().await?, since).await?;
             over_time.insert(system.label(), (fixed_series, full_series));
             eprintln!(
@@ -408,6 +497,31 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     println!(
         "  source slowdown, ours vs PostgreSQL's: {:.2}; peak resident memory of this process (capture + apply nodes): {peak:.0} MB",
         slowdowns[System::Ours.label()] / slowdowns[System::Native.label()].max(1e-9),
+    );
+    println!("  CPU µs per source transaction at full speed (until caught up), medians:");
+    println!(
+        "  {:<52} {:>8} {:>10} {:>8} {:>8}",
+        "", "source", "walsender", "target", "bench"
+    );
+    let mut cpu_json = serde_json::Map::new();
+    for (label, name) in [
+        ("", "no replication"),
+        (System::Native.label(), System::Native.label()),
+        (System::Ours.label(), System::Ours.label()),
+    ] {
+        let c = median_cpu(&cpu[label]);
+        println!(
+            "  {name:<52} {:>8.0} {:>10.0} {:>8.0} {:>8.0}",
+            c.source, c.walsender, c.target, c.process
+        );
+        cpu_json.insert(
+            name.into(),
+            serde_json::Value::Array(cpu[label].iter().map(|c| c.json()).collect()),
+        );
+    }
+    json.insert(
+        "full_speed_cpu_us_per_txn".into(),
+        serde_json::Value::Object(cpu_json),
     );
     json.insert("no_replication_tps".into(), serde_json::json!(none_tps));
     json.insert("fixed_tps".into(), serde_json::json!(tps));

@@ -266,6 +266,9 @@ pub(crate) fn options() -> ClusterOptions {
     // dropped: a benchmark artefact that would make PostgreSQL look slower.
     .set("wal_retrieve_retry_interval", "'100ms'")
     .set("max_wal_size", "'4GB'")
+    // No timed checkpoint in the middle of a measurement (the live scenario
+    // takes one before its phases).
+    .set("checkpoint_timeout", "'1h'")
 }
 
 /// Peak resident set size of this process (MB) since the last

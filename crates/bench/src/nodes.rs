@@ -121,10 +121,18 @@ pub fn process_cpu() -> f64 {
 /// CPU seconds of a cluster: the postmaster, its live children, and the
 /// children that exited (counted into the postmaster's cutime/cstime).
 pub fn cluster_cpu(cluster: &Cluster) -> f64 {
+    cluster_cpu_split(cluster).0
+}
+
+/// A cluster's CPU seconds as [`cluster_cpu`], and the part of it its live
+/// walsenders used.
+pub fn cluster_cpu_split(cluster: &Cluster) -> (f64, f64) {
     let pid = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
         .ok()
         .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
-    let Some(pid) = pid else { return 0.0 };
+    let Some(pid) = pid else {
+        return (0.0, 0.0);
+    };
     let fields = |p: &str| -> Vec<String> {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         stat.rsplit(')')
@@ -138,6 +146,7 @@ pub fn cluster_cpu(cluster: &Cluster) -> f64 {
     let own = fields(&pid.to_string());
     // After ")": state=0 ppid=1 … utime=11 stime=12 cutime=13 cstime=14.
     let mut ticks = num(&own, 11) + num(&own, 12) + num(&own, 13) + num(&own, 14);
+    let mut walsenders = 0.0;
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -146,11 +155,16 @@ pub fn cluster_cpu(cluster: &Cluster) -> f64 {
             }
             let f = fields(&name);
             if f.get(1).map(String::as_str) == Some(pid.to_string().as_str()) {
-                ticks += num(&f, 11) + num(&f, 12);
+                let t = num(&f, 11) + num(&f, 12);
+                ticks += t;
+                let cmdline = std::fs::read(format!("/proc/{name}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains("walsender") {
+                    walsenders += t;
+                }
             }
         }
     }
-    ticks / 100.0
+    (ticks / 100.0, walsenders / 100.0)
 }
 
 /// A capture node and an apply node (TLS on loopback, zstd-3, AES-256-GCM)
