@@ -487,7 +487,8 @@ impl Applier {
         if !self.open {
             return Ok(None);
         }
-        self.flush().await?;
+        // COMMIT releases the chunk's savepoint.
+        self.flush_chunk(false).await?;
         // Notes whose row never came (e.g. `INSERT … ON CONFLICT DO NOTHING`).
         self.announced.clear();
         self.record_conflicts().await?;
@@ -497,28 +498,33 @@ impl Applier {
             let sequence = batch.as_ref().map(|b| b.sequence as i64);
             let key_id = batch.as_ref().map(|b| b.key_id.as_str());
             let key_batches = batch.as_ref().map(|b| b.key_batches as i64);
+            let (commit_lsn, end_lsn) = (p.commit_lsn.to_string(), p.end_lsn.to_string());
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &self.id.tenant,
+                &self.id.slot,
+                &self.id.source_system_id,
+                &commit_lsn,
+                &end_lsn,
+                &p.commit_time_us,
+                &sequence,
+                &key_id,
+                &key_batches,
+            ];
+            // Progress and COMMIT in one round trip. Should the progress
+            // fail, the server ends the aborted transaction at the COMMIT
+            // (answering ROLLBACK, not an error): the error is the progress'.
+            let (progress, commit) = tokio::join!(
+                self.client.execute(&stmt, &params),
+                self.client.batch_execute("COMMIT")
+            );
+            progress.map_err(target_err("recording progress"))?;
+            commit.map_err(target_err("COMMIT"))?;
+        } else {
             self.client
-                .execute(
-                    &stmt,
-                    &[
-                        &self.id.tenant,
-                        &self.id.slot,
-                        &self.id.source_system_id,
-                        &p.commit_lsn.to_string(),
-                        &p.end_lsn.to_string(),
-                        &p.commit_time_us,
-                        &sequence,
-                        &key_id,
-                        &key_batches,
-                    ],
-                )
+                .batch_execute("COMMIT")
                 .await
-                .map_err(target_err("recording progress"))?;
+                .map_err(target_err("COMMIT"))?;
         }
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(target_err("COMMIT"))?;
         let mut done = std::mem::take(&mut self.pending);
         done.duration = self.opened_at.map(|t| t.elapsed()).unwrap_or_default();
         self.committed = done;
@@ -596,6 +602,12 @@ impl Applier {
     /// rows, foreign keys), replay the chunk one change at a time in source
     /// order.
     async fn flush(&mut self) -> Result<()> {
+        self.flush_chunk(true).await
+    }
+
+    /// [`Self::flush`]; `release`: false leaves the chunk's savepoint to the
+    /// COMMIT that follows (one round trip less).
+    async fn flush_chunk(&mut self, release: bool) -> Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
         }
@@ -618,11 +630,16 @@ impl Applier {
                 }
             };
         }
-        self.client
-            .batch_execute("SAVEPOINT heliosdb_chunk")
+        // Where nothing can be decided against a stored version (none kept
+        // for the chunk's tables, none announced), the chunk is applied
+        // optimistically (see `apply_chunk`).
+        let ask = detect && self.announced.is_empty();
+        let versioned = self.open_chunk(&plans, ask).await?;
+        let optimistic = ask && !versioned;
+        match self
+            .apply_chunk(&mut plans, detect, optimistic, &mut found)
             .await
-            .map_err(target_err("SAVEPOINT"))?;
-        match self.apply_chunk(&mut plans, detect, &mut found).await {
+        {
             Ok(()) => {}
             // A constraint the source's order would satisfy; passing errors
             // (deadlock, lost connection) go up and the session retries.
@@ -653,26 +670,28 @@ impl Applier {
             }
             Err(e) => return Err(e),
         }
-        self.client
-            .batch_execute("RELEASE SAVEPOINT heliosdb_chunk")
-            .await
-            .map_err(target_err("RELEASE SAVEPOINT"))?;
+        if release {
+            self.client
+                .batch_execute("RELEASE SAVEPOINT heliosdb_chunk")
+                .await
+                .map_err(target_err("RELEASE SAVEPOINT"))?;
+        }
         self.pending.conflicts.extend(found);
         Ok(())
     }
 
-    /// Apply a chunk inside its savepoint. Where nothing can be decided
-    /// against a stored version (none kept for its tables, none announced),
-    /// apply it straight away and check from what the statements return
-    /// that every row was where the source had it; only a chunk with a
-    /// conflict is rolled back and resolved against the target's rows.
+    /// Apply a chunk inside its savepoint. `optimistic`: apply it straight
+    /// away and check from what the statements return that every row was
+    /// where the source had it; only a chunk with a conflict is rolled back
+    /// and resolved against the target's rows.
     async fn apply_chunk(
         &mut self,
         plans: &mut [TablePlan],
         detect: bool,
+        optimistic: bool,
         found: &mut Vec<Conflict>,
     ) -> Result<()> {
-        if detect && self.announced.is_empty() && !self.versioned(plans).await? {
+        if optimistic {
             if self.apply_optimistic(plans).await? {
                 return Ok(());
             }
@@ -688,24 +707,31 @@ impl Applier {
         self.resolve_and_apply(plans, detect, found).await
     }
 
-    /// Do any of the plans' tables hold stored versions of the tenant's rows
-    /// (local writes, earlier conflicts)? A table that does always will
-    /// (tombstones stay), so only the others are asked again.
-    async fn versioned(&mut self, plans: &[TablePlan]) -> Result<bool> {
+    /// Open the chunk's savepoint; with `ask`, also answer in the same
+    /// round trip: do any of the plans' tables hold stored versions of the
+    /// tenant's rows (local writes, earlier conflicts)? A table that does
+    /// always will (tombstones stay), so only the others are asked again.
+    async fn open_chunk(&mut self, plans: &[TablePlan], ask: bool) -> Result<bool> {
         let unknown: Vec<&str> = plans
             .iter()
             .map(|p| p.mapping.display.as_str())
             .filter(|t| !self.versioned.contains(*t))
             .collect();
-        if unknown.len() < plans.len() {
+        if !ask || unknown.len() < plans.len() {
+            self.client
+                .batch_execute("SAVEPOINT heliosdb_chunk")
+                .await
+                .map_err(target_err("SAVEPOINT"))?;
             return Ok(true);
         }
         let stmt = self.prepared(tracking::VERSIONED_SQL.to_string()).await?;
-        let rows = self
-            .client
-            .query(&stmt, &[&self.id.tenant, &unknown])
-            .await
-            .map_err(target_err("reading which tables hold row versions"))?;
+        let params: [&(dyn ToSql + Sync); 2] = [&self.id.tenant, &unknown];
+        let (savepoint, rows) = tokio::join!(
+            self.client.batch_execute("SAVEPOINT heliosdb_chunk"),
+            self.client.query(&stmt, &params)
+        );
+        savepoint.map_err(target_err("SAVEPOINT"))?;
+        let rows = rows.map_err(target_err("reading which tables hold row versions"))?;
         for r in &rows {
             self.versioned.insert(r.get(0));
         }
