@@ -743,16 +743,25 @@ impl Applier {
     /// absent for an insert): a conflict, to be resolved after a rollback.
     async fn apply_optimistic(&mut self, plans: &[TablePlan]) -> Result<bool> {
         let expects_row = |first: &FirstOp| *first != FirstOp::Insert;
+        // Statements go out together (one round trip), in plan order, and
+        // their answers are checked after; a COPY sends what is queued first.
+        let mut queued: Vec<Queued<'_>> = Vec::new();
         for p in plans {
             let m = &p.mapping;
             if !p.deletes.is_empty() {
                 let sql = format!("{}{}", sql::delete(m), sql::returning_keys(m));
-                let deleted = self.returned(sql, &key_columns(m, &p.deletes), m).await?;
-                for (key, first) in p.deletes.iter().zip(&p.delete_first) {
-                    if deleted.contains_key(key) != expects_row(first) {
-                        return Ok(false);
-                    }
-                }
+                queued.push(Queued {
+                    stmt: self.prepared(sql).await?,
+                    cols: key_columns(m, &p.deletes),
+                    mapping: m,
+                    expect: p
+                        .deletes
+                        .iter()
+                        .zip(&p.delete_first)
+                        .map(|(key, first)| (key.clone(), expects_row(first)))
+                        .collect(),
+                    inserted: false,
+                });
             }
             if !p.upserts.is_empty() {
                 // Rows the source inserted (absent before the chunk), many
@@ -765,6 +774,9 @@ impl Applier {
                     .zip(&p.upsert_first)
                     .partition(|(_, first)| !expects_row(first));
                 let rest = if new_rows.len() >= COPY_MIN_ROWS {
+                    if !self.run_queued(std::mem::take(&mut queued)).await? {
+                        return Ok(false);
+                    }
                     let rows: Vec<&Tuple> = new_rows.iter().map(|(row, _)| *row).collect();
                     if !self.copy_rows(m, &rows).await? {
                         return Ok(false);
@@ -777,14 +789,13 @@ impl Applier {
                     let all: Vec<usize> = (0..m.casts.len()).collect();
                     let rows: Vec<&Tuple> = rest.iter().map(|(row, _)| *row).collect();
                     let sql = format!("{}{}, (x.xmax = 0)", sql::upsert(m), sql::returning_keys(m));
-                    let inserted = self.returned(sql, &columns(&rows, &all)?, m).await?;
-                    for (row, first) in rest {
-                        // Not returned: an existing row that `DO NOTHING` kept.
-                        let present = inserted.get(&key_of(m, row)?) != Some(&true);
-                        if present != expects_row(first) {
-                            return Ok(false);
-                        }
-                    }
+                    queued.push(Queued {
+                        stmt: self.prepared(sql).await?,
+                        cols: columns(&rows, &all)?,
+                        mapping: m,
+                        expect: expectations(m, &rest)?,
+                        inserted: true,
+                    });
                 }
             }
             for (set, rows) in column_groups(p) {
@@ -792,15 +803,51 @@ impl Applier {
                 wanted.extend(&set);
                 let sql = format!("{}{}", sql::update_columns(m, &set), sql::returning_keys(m));
                 let tuples: Vec<&Tuple> = rows.iter().map(|(t, _)| *t).collect();
-                let updated = self.returned(sql, &columns(&tuples, &wanted)?, m).await?;
-                for (row, first) in rows {
-                    if updated.contains_key(&key_of(m, row)?) != expects_row(&first) {
-                        return Ok(false);
-                    }
-                }
+                let expect: Vec<(&Tuple, &FirstOp)> = rows.iter().map(|(t, f)| (*t, f)).collect();
+                queued.push(Queued {
+                    stmt: self.prepared(sql).await?,
+                    cols: columns(&tuples, &wanted)?,
+                    mapping: m,
+                    expect: expectations(m, &expect)?,
+                    inserted: false,
+                });
             }
         }
-        Ok(true)
+        self.run_queued(queued).await
+    }
+
+    /// Send the statements together and check each answer: `false` when a
+    /// row was not where the source had it. Should one fail, the ones after
+    /// it fail too (the transaction is aborted): the first error is the one.
+    async fn run_queued(&self, queued: Vec<Queued<'_>>) -> Result<bool> {
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = queued
+            .iter()
+            .map(|q| q.cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect())
+            .collect();
+        let answers = futures_util::future::join_all(
+            queued
+                .iter()
+                .zip(&params)
+                .map(|(q, p)| self.client.query(&q.stmt, p)),
+        )
+        .await;
+        let mut agree = true;
+        for (q, answer) in queued.iter().zip(answers) {
+            let rows = answer.map_err(target_err(&format!(
+                "applying changes to {}",
+                q.mapping.display
+            )))?;
+            let found = returned_keys(&rows, q.mapping.key.len());
+            agree &= q.expect.iter().all(|(key, had)| {
+                let present = if q.inserted {
+                    found.get(key) != Some(&true)
+                } else {
+                    found.contains_key(key)
+                };
+                present == *had
+            });
+        }
+        Ok(agree)
     }
 
     /// Run a statement that returns key columns as text (and optionally one
@@ -819,16 +866,7 @@ impl Applier {
             .query(&stmt, &params)
             .await
             .map_err(target_err(&format!("applying changes to {}", m.display)))?;
-        let n = m.key.len();
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let key = (0..n)
-                    .map(|k| bytes::Bytes::copy_from_slice(r.get::<_, &str>(k).as_bytes()))
-                    .collect();
-                (key, r.len() > n && r.get::<_, bool>(n))
-            })
-            .collect())
+        Ok(returned_keys(&rows, m.key.len()))
     }
 
     async fn resolve_and_apply(
@@ -1388,6 +1426,40 @@ struct Resolved {
 
 /// Below this many new rows a multi-row INSERT is as fast as COPY.
 const COPY_MIN_ROWS: usize = 64;
+
+/// A statement of the optimistic apply, queued to go out with others.
+struct Queued<'a> {
+    stmt: Statement,
+    /// Parameters: one text array per column.
+    cols: Vec<Vec<Option<&'a str>>>,
+    mapping: &'a TableMapping,
+    /// Each key the statement writes, and whether the source had its row.
+    expect: Vec<(Key, bool)>,
+    /// The answer says which rows were inserted (`xmax = 0`), not only
+    /// which were touched.
+    inserted: bool,
+}
+
+/// The keys (and whether the source had each row) of rows and their first
+/// operations.
+fn expectations(m: &TableMapping, rows: &[(&Tuple, &FirstOp)]) -> Result<Vec<(Key, bool)>> {
+    rows.iter()
+        .map(|(row, first)| Ok((key_of(m, row)?, **first != FirstOp::Insert)))
+        .collect()
+}
+
+/// The keys a statement returned as text (and the boolean after them, if
+/// any).
+fn returned_keys(rows: &[tokio_postgres::Row], n: usize) -> HashMap<Key, bool> {
+    rows.iter()
+        .map(|r| {
+            let key = (0..n)
+                .map(|k| bytes::Bytes::copy_from_slice(r.get::<_, &str>(k).as_bytes()))
+                .collect();
+            (key, r.len() > n && r.get::<_, bool>(n))
+        })
+        .collect()
+}
 
 /// Keep the items whose flag is set.
 /// Columns carried (source indices), and the rows that carry exactly them.
