@@ -60,17 +60,18 @@ async fn init_is_idempotent_and_picks_up_new_tables() {
     );
 }
 
+/// As §2.4 / §3.1 step 4 of the guide, with PostgreSQL's real row-filter syntax.
+const HAND_MADE_SLOT_AND_PUBLICATION: &str =
+    "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput');
+     CREATE PUBLICATION tenant_123_pub FOR TABLE accounts WHERE (tenant_id = 'tenant-123'),
+         orders WHERE (tenant_id = 'tenant-123'), events WHERE (tenant_id = 'tenant-123');";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_works_with_a_slot_and_publication_made_by_hand() {
     let env = Env::new(SCHEMA).await;
-    // As §2.4 / §3.1 step 4 of the guide, with PostgreSQL's real row-filter syntax.
     env.src()
         .await
-        .batch_execute(
-            "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput');
-             CREATE PUBLICATION tenant_123_pub FOR TABLE accounts WHERE (tenant_id = 'tenant-123'),
-                 orders WHERE (tenant_id = 'tenant-123'), events WHERE (tenant_id = 'tenant-123');",
-        )
+        .batch_execute(HAND_MADE_SLOT_AND_PUBLICATION)
         .await
         .expect("hand-made slot and publication");
     env.src()
@@ -119,21 +120,14 @@ async fn rows_committed_asynchronously_before_the_first_copy_are_replayed_withou
         .reconfigure(&[("synchronous_commit", "off"), ("wal_writer_delay", "'10s'")])
         .expect("reconfigure the source");
     let src = env.src().await;
-    src.batch_execute(
-        "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput');
-         CREATE PUBLICATION tenant_123_pub FOR TABLE accounts WHERE (tenant_id = 'tenant-123'),
-             orders WHERE (tenant_id = 'tenant-123'), events WHERE (tenant_id = 'tenant-123');",
-    )
-    .await
-    .expect("slot and publication");
-    let lsn = |sql: &'static str| {
-        let src = &src;
-        async move {
-            let v: String = src.query_one(sql, &[]).await.expect("WAL position").get(0);
-            v
-        }
-    };
-    let before = lsn("SELECT pg_current_wal_insert_lsn()::text").await;
+    src.batch_execute(HAND_MADE_SLOT_AND_PUBLICATION)
+        .await
+        .expect("hand-made slot and publication");
+    let before: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("WAL position")
+        .get(0);
     src.batch_execute(
         "INSERT INTO accounts SELECT t, g, 'n', 'e', g, now() FROM generate_series(1, 20) g,
              (VALUES ('tenant-123'), ('tenant-9')) v(t)",

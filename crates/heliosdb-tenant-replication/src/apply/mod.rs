@@ -1461,7 +1461,6 @@ fn returned_keys(rows: &[tokio_postgres::Row], n: usize) -> HashMap<Key, bool> {
         .collect()
 }
 
-/// Keep the items whose flag is set.
 /// Columns carried (source indices), and the rows that carry exactly them.
 type ColumnGroup<'a> = (Vec<usize>, Vec<(&'a Tuple, FirstOp)>);
 
@@ -1492,6 +1491,7 @@ fn key_columns<'a>(m: &TableMapping, keys: &'a [Key]) -> Vec<Vec<Option<&'a str>
         .collect()
 }
 
+/// Keep the items whose flag is set.
 fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
     let mut flags = keep.iter();
     v.retain(|_| *flags.next().unwrap_or(&true));
