@@ -839,6 +839,8 @@ impl Applier {
             )))?;
             let found = returned_keys(&rows, q.mapping.key.len());
             agree &= q.expect.iter().all(|(key, had)| {
+                // An upsert does not return an existing row that `DO
+                // NOTHING` kept.
                 let present = if q.inserted {
                     found.get(key) != Some(&true)
                 } else {
