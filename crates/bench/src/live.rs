@@ -17,9 +17,9 @@
 //!   checkpoint runs during the phases (one, and a warm-up run, before
 //!   them); the systems take turns at going first and the phase without
 //!   replication runs between them (the source slows down as its tables
-//!   grow). The CPU each
-//!   cluster (and its walsenders) and this process used per source
-//!   transaction, until the target caught up, says where the time went.
+//!   grow). The CPU each cluster (and its walsenders) and this process used
+//!   per source transaction, until the target caught up, says where the
+//!   time went.
 //! * Peak resident memory of this process (capture and apply node run in
 //!   it), read from `/proc/self/status` (VmHWM) after our runs.
 
@@ -40,7 +40,7 @@ use crate::{cores, median, TABLES, TENANT};
 /// updates, 0.5 deletes), all tenants.
 const EVENTS_PER_TXN: f64 = 12.5;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum System {
     Native,
     Ours,
@@ -124,7 +124,7 @@ fn pgbench(p: &Pgbench, tps: Option<u32>, seconds: u32) -> Result<f64> {
 /// CPU seconds so far: the source cluster (its backends serve pgbench),
 /// the source's walsenders among them, the target cluster, this process
 /// (the capture and apply nodes, and the lag poller).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Cpu {
     source: f64,
     walsender: f64,
@@ -364,8 +364,9 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
     let mut marker = -1_000_000i64;
     // Peak resident memory while our nodes ran (the largest of the runs).
     let mut peak = 0.0f64;
-    // CPU µs per pgbench transaction at full speed, per system ("" = none).
-    let mut cpu: HashMap<&str, Vec<Cpu>> = HashMap::new();
+    // CPU µs per pgbench transaction at full speed, per system (None: no
+    // replication).
+    let mut cpu: HashMap<Option<System>, Vec<Cpu>> = HashMap::new();
     for r in 0..runs {
         // The source slows down as its tables grow: the systems take turns
         // at going first, and the run without replication sits between
@@ -381,7 +382,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
                 let t = pg.run(None, seconds).await?;
                 skip_unreplicated(&src).await?;
                 none_tps.push(t);
-                cpu.entry("")
+                cpu.entry(None)
                     .or_default()
                     .push(Cpu::now(&source, &target).per_txn(before, t * f64::from(seconds)));
                 eprintln!("  run {}: no replication: {t:.0} tps", r + 1);
@@ -429,7 +430,7 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
             let max_tps = pg.run(None, seconds).await?;
             marker -= 1;
             wait_caught_up(&src, &dst, marker).await?;
-            cpu.entry(system.label())
+            cpu.entry(Some(system))
                 .or_default()
                 .push(Cpu::now(&source, &target).per_txn(before, max_tps * f64::from(seconds)));
             let (full_lags, full_series) = lags(&src, &poller.finish().await?, since).await?;
@@ -519,19 +520,16 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
         "", "source", "walsender", "target", "bench"
     );
     let mut cpu_json = serde_json::Map::new();
-    for (label, name) in [
-        ("", "no replication"),
-        (System::Native.label(), System::Native.label()),
-        (System::Ours.label(), System::Ours.label()),
-    ] {
-        let c = median_cpu(&cpu[label]);
+    for system in [None, Some(System::Native), Some(System::Ours)] {
+        let name = system.map_or("no replication", System::label);
+        let c = median_cpu(&cpu[&system]);
         println!(
             "  {name:<52} {:>8.0} {:>10.0} {:>8.0} {:>8.0}",
             c.source, c.walsender, c.target, c.process
         );
         cpu_json.insert(
             name.into(),
-            serde_json::Value::Array(cpu[label].iter().map(|c| c.json()).collect()),
+            serde_json::Value::Array(cpu[&system].iter().map(|c| c.json()).collect()),
         );
     }
     json.insert(
