@@ -162,26 +162,16 @@ async fn rows_committed_asynchronously_before_the_first_copy_are_replayed_withou
     .await
     .expect("a synchronous commit");
     let dst = env.dst().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let replayed: bool = dst
-            .query_one(
-                "SELECT end_lsn > $1::text::pg_lsn FROM heliosdb_replication.progress",
-                &[&before],
-            )
-            .await
-            .expect("progress")
-            .get(0);
-        if replayed {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the inserts were not replayed: {}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(30), "the inserts' replay", || async {
+        dst.query_one(
+            "SELECT end_lsn > $1::text::pg_lsn FROM heliosdb_replication.progress",
+            &[&before],
+        )
+        .await
+        .expect("progress")
+        .get(0)
+    })
+    .await;
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
     assert_eq!(foreign_rows(&dst).await, 0);
     assert_eq!(conflicts_logged(&dst).await, 0, "{}", daemon.log());
