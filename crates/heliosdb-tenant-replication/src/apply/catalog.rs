@@ -1,12 +1,13 @@
 //! How a source relation maps onto its target table.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio_postgres::Client;
 
 use crate::capture::pgoutput::RelationDesc;
 use crate::error::{ReplicationError, Result, Side};
-use crate::pg::qualified;
+use crate::pg::{qualified, quote_ident};
 
 /// A source relation matched to its target table, checked once per
 /// Relation message (so a changed source definition is checked again).
@@ -17,12 +18,15 @@ pub struct TableMapping {
     pub target: String,
     /// `schema.table`, for messages.
     pub display: String,
-    /// Target type of each source column, by source column index, as
-    /// `format_type` spells it without a type modifier (so that values are
-    /// checked against the column's modifier on assignment, never truncated
-    /// by an explicit cast).
+    /// Target type of each source column, by source column index, spelled
+    /// by its catalog name (`pg_catalog.bpchar`, `pg_catalog."bit"`,
+    /// `public._varchar`): a type without a modifier. `format_type` would say
+    /// `character` or `bit`, which mean `char(1)` and `bit(1)` in a cast and
+    /// cut values; the column's own modifier applies on assignment, as when
+    /// PostgreSQL's apply worker stores a value.
     pub casts: Vec<String>,
-    /// Source column indices of the target's primary key, in key order.
+    /// Source column indices of the key rows are matched by (see
+    /// [`apply_key`]).
     pub key: Vec<usize>,
     /// Source column index of the tenant column.
     pub tenant: usize,
@@ -38,12 +42,13 @@ impl TableMapping {
         let display = format!("{}.{}", relation.namespace, relation.name);
         let rows = target
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attgenerated <> '',
-                        array_position(i.indkey::int2[], a.attnum)
+                "SELECT a.attname::text, quote_ident(tn.nspname) || '.' || quote_ident(t.typname),
+                        a.attgenerated <> ''
                    FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                   LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                   JOIN pg_type t ON t.oid = a.atttypid
+                   JOIN pg_namespace tn ON tn.oid = t.typnamespace
                   WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
                   ORDER BY a.attnum",
                 &[&relation.namespace, &relation.name],
@@ -66,7 +71,6 @@ impl TableMapping {
             name: String,
             cast: String,
             generated: bool,
-            pk_pos: Option<i32>,
         }
         let cols: Vec<Col> = rows
             .iter()
@@ -74,7 +78,6 @@ impl TableMapping {
                 name: r.get(0),
                 cast: r.get(1),
                 generated: r.get(2),
-                pk_pos: r.get(3),
             })
             .collect();
 
@@ -98,27 +101,7 @@ impl TableMapping {
                 format!("add them to the target table (ALTER TABLE {display} ADD COLUMN …) with the source's types"),
             ));
         }
-        let mut pk: Vec<(i32, &Col)> = cols
-            .iter()
-            .filter_map(|c| c.pk_pos.map(|p| (p, c)))
-            .collect();
-        pk.sort_by_key(|(p, _)| *p);
-        if pk.is_empty() {
-            return Err(ReplicationError::operator(
-                format!("target table {display} has no primary key"),
-                format!("add the source's primary key to the target table: ALTER TABLE {display} ADD PRIMARY KEY (…)"),
-            ));
-        }
-        let mut key = Vec::with_capacity(pk.len());
-        for (_, c) in pk {
-            let idx = relation.columns.iter().position(|sc| sc.name == c.name).ok_or_else(|| {
-                ReplicationError::operator(
-                    format!("primary key column {display}.{} of the target is not sent by the source", c.name),
-                    "give the target table the same primary key as the source",
-                )
-            })?;
-            key.push(idx);
-        }
+        let key = apply_key(target, &relation, &display).await?;
         let tenant = relation.columns.iter().position(|c| c.name == tenant_column).ok_or_else(|| {
             ReplicationError::operator(
                 format!("table {display} has no tenant column '{tenant_column}' but is in the tenant's publication"),
@@ -139,4 +122,82 @@ impl TableMapping {
     pub fn column_name(&self, idx: usize) -> &str {
         &self.relation.columns[idx].name
     }
+}
+
+/// Source column indices of the key the target's rows are found by: the
+/// source's replica identity (its primary key or `USING INDEX` index, as
+/// the Relation message flags them), which the target must back with a
+/// unique index for `ON CONFLICT`; with `REPLICA IDENTITY FULL`, the
+/// target's primary key or a unique index on non-null columns.
+async fn apply_key(target: &Client, relation: &RelationDesc, display: &str) -> Result<Vec<usize>> {
+    // Usable arbiters of ON CONFLICT: unique, valid, not deferrable, no
+    // expressions, no predicate; key columns only (never INCLUDE columns).
+    let indexes: Vec<(Vec<String>, bool)> = target
+        .query(
+            "SELECT array(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) k
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k]
+                           ORDER BY k),
+                    (SELECT bool_and(a.attnotnull) FROM generate_series(0, i.indnkeyatts - 1) k
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k])
+               FROM pg_index i
+               JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indisvalid
+                AND i.indimmediate AND i.indexprs IS NULL AND i.indpred IS NULL
+              ORDER BY i.indisprimary DESC, i.indexrelid",
+            &[&relation.namespace, &relation.name],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, format!("reading the unique indexes of {display}"), e))?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false)))
+        .collect();
+    let position = |name: &str| relation.columns.iter().position(|c| c.name == name);
+    let identity: Vec<usize> = if relation.replica_identity == b'f' {
+        Vec::new()
+    } else {
+        (0..relation.columns.len())
+            .filter(|&i| relation.columns[i].is_key)
+            .collect()
+    };
+    if !identity.is_empty() {
+        let names: BTreeSet<&str> = identity
+            .iter()
+            .map(|&i| relation.columns[i].name.as_str())
+            .collect();
+        let backed = indexes.iter().any(|(cols, _)| {
+            cols.len() == names.len() && cols.iter().all(|c| names.contains(c.as_str()))
+        });
+        if backed {
+            return Ok(identity);
+        }
+        let list = names
+            .iter()
+            .map(|n| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ReplicationError::operator(
+            format!(
+                "target table {display} has no unique index on ({list}), the source's replica identity: its rows cannot be matched by key"
+            ),
+            format!("give the target the source's key: CREATE UNIQUE INDEX ON {} ({list})", qualified(&relation.namespace, &relation.name)),
+        ));
+    }
+    // REPLICA IDENTITY FULL: any key the target has that the source sends.
+    for (cols, not_null) in &indexes {
+        if !not_null {
+            continue;
+        }
+        if let Some(key) = cols
+            .iter()
+            .map(|c| position(c))
+            .collect::<Option<Vec<usize>>>()
+        {
+            return Ok(key);
+        }
+    }
+    Err(ReplicationError::operator(
+        format!("target table {display} has no primary key (nor a unique index on non-null columns the source sends)"),
+        format!("add the source's primary key to the target table: ALTER TABLE {display} ADD PRIMARY KEY (…)"),
+    ))
 }

@@ -240,9 +240,10 @@ pub async fn install_table(
                FROM pg_index i
                JOIN pg_class c ON c.oid = i.indrelid
                JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey)
+               CROSS JOIN generate_series(0, i.indnkeyatts - 1) k
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[k]
               WHERE i.indisprimary AND n.nspname = $1 AND c.relname = $2
-              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+              ORDER BY k",
             &[&schema, &name],
         )
         .await

@@ -110,12 +110,14 @@ pub async fn source_table(
             "SELECT c.relreplident::text, c.relkind = 'p',
                     EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $3
                              AND a.attnum > 0 AND NOT a.attisdropped),
-                    coalesce((SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum))
-                                FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                               WHERE i.indrelid = c.oid AND i.indisprimary), '{}'),
-                    coalesce((SELECT array_agg(a.attname::text ORDER BY array_position(i.indkey::int2[], a.attnum))
-                                FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                               WHERE i.indrelid = c.oid AND i.indisreplident), '{}'),
+                    coalesce((SELECT array_agg(a.attname::text ORDER BY k)
+                                FROM pg_index i, generate_series(0, i.indnkeyatts - 1) k, pg_attribute a
+                               WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[k]
+                                 AND i.indrelid = c.oid AND i.indisprimary), '{}'),
+                    coalesce((SELECT array_agg(a.attname::text ORDER BY k)
+                                FROM pg_index i, generate_series(0, i.indnkeyatts - 1) k, pg_attribute a
+                               WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[k]
+                                 AND i.indrelid = c.oid AND i.indisreplident), '{}'),
                     coalesce((SELECT array_agg(a.attname::text ORDER BY a.attnum)
                                 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
                                  AND NOT a.attisdropped AND a.attgenerated = ''), '{}'),

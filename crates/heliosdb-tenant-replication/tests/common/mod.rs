@@ -638,3 +638,63 @@ pub async fn make_backlog(c: &Client, first: i64, n: i64) {
     })
     .await;
 }
+
+/// PostgreSQL's own logical replication beside the daemon, as the reference:
+/// database `pgref` on the target cluster with `schema`, subscribed to the
+/// daemon's row-filtered publication (its own slot, initial copy included).
+pub async fn pg_reference(env: &Env, schema: &str) {
+    env.target
+        .create_database("pgref")
+        .await
+        .expect("create pgref");
+    let c = env.target.connect("pgref").await.expect("connect pgref");
+    c.batch_execute(schema).await.expect("pgref schema");
+    c.batch_execute(&format!(
+        "CREATE SUBSCRIPTION pgref CONNECTION '{}' PUBLICATION tenant_123_pub WITH (slot_name = 'pgref_slot')",
+        env.source.superuser_url("app")
+    ))
+    .await
+    .expect("create subscription");
+}
+
+/// The tenant's rows of `table` as text, ordered by the whole row.
+pub async fn tenant_rows(c: &Client, table: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT (t.*)::text FROM {table} t WHERE tenant_id = $1 ORDER BY (t.*)::text"),
+        &[&TENANT],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("rows of {table}: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Wait until the daemon's target and PostgreSQL's subscriber (see
+/// [`pg_reference`]) both hold exactly the source's tenant rows of `tables`.
+pub async fn wait_equal_to_reference(env: &Env, tables: &[&str], daemon: &Daemon) {
+    let (s, d) = (env.src().await, env.dst().await);
+    let r = env.target.connect("pgref").await.expect("connect pgref");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut differ = None;
+        for t in tables {
+            let (a, b, c) = (
+                tenant_rows(&s, t).await,
+                tenant_rows(&d, t).await,
+                tenant_rows(&r, t).await,
+            );
+            if a != b || a != c {
+                differ = Some((t, a, b, c));
+                break;
+            }
+        }
+        let Some((t, a, b, c)) = differ else { return };
+        assert!(
+            Instant::now() < deadline,
+            "table {t}: source {a:?}\n daemon {b:?}\n PostgreSQL {c:?}\ndaemon log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
