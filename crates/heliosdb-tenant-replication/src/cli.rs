@@ -31,7 +31,7 @@ pub const EXIT_TAMPERED: u8 = 5;
 /// PostgreSQL, continuously and exactly once.
 #[derive(Debug, Parser)]
 #[command(name = "heliosdb-tenant-replication", version, about, long_about = None,
-    after_help = "Exit codes: 0 ok or stopped by signal; 1 internal error; 2 bad command line or config; 3 database needs an operator's action; 4 database unreachable; 5 audit log chain broken.\nLogging: RUST_LOG (e.g. info,heliosdb_tenant_replication=debug).")]
+    after_help = "Exit codes: 0 ok or stopped by signal; 1 internal error; 2 bad command line or config; 3 database needs an operator's action; 4 database unreachable; 5 audit log chain broken.\nLogging: RUST_LOG (e.g. info,heliosdb_tenant_replication=debug); row values are never logged unless HELIOSDB_LOG_ROW_VALUES=1.")]
 pub struct Cli {
     /// Configuration file (TOML, see docs/configuration.md).
     #[arg(
@@ -76,6 +76,12 @@ pub enum Command {
         /// `[cdc] start_lsn = 0`).
         #[arg(long)]
         no_copy: bool,
+        /// The tenant already has rows on the target: delete them and copy
+        /// them again. Needed when the slot they were streamed from is gone
+        /// (its changes since are lost to it); local writes on the target
+        /// that were not replicated back are lost.
+        #[arg(long)]
+        resync: bool,
     },
     /// Copy the tenant's rows again, replacing them on the target. A running
     /// daemon does it within seconds, between transactions; otherwise the
@@ -173,10 +179,23 @@ pub struct LoadArgs {
     pub transactions: Option<u64>,
 }
 
+/// `HELIOSDB_LOG_ROW_VALUES=1`: let `RUST_LOG=tokio_postgres=debug` log
+/// statement parameters, i.e. row values (for debugging on test data only).
+pub const LOG_ROW_VALUES: &str = "HELIOSDB_LOG_ROW_VALUES";
+
 /// Set up logging to stderr (the journal under systemd).
 pub fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // The PostgreSQL client logs every statement's parameters (tenant rows)
+    // at debug: never, whatever RUST_LOG says, unless asked for by name.
+    if std::env::var_os(LOG_ROW_VALUES).is_none_or(|v| v != "1") {
+        filter = filter.add_directive(
+            "tokio_postgres::query=info"
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -271,7 +290,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let config = Arc::new(config);
     match cli.command {
         Command::Start => runtime.block_on(start(config)),
-        Command::Init { no_copy } => runtime.block_on(init(config, !no_copy)),
+        Command::Init { no_copy, resync } => runtime.block_on(init(config, !no_copy, resync)),
         Command::Resync { table } => runtime.block_on(resync(config, table)),
         Command::Status => runtime.block_on(status(config)),
         Command::TrainDictionary {
@@ -527,8 +546,8 @@ async fn status(config: Arc<Config>) -> ExitCode {
     }
 }
 
-async fn init(config: Arc<Config>, copy: bool) -> ExitCode {
-    match crate::provision::init(&config, copy).await {
+async fn init(config: Arc<Config>, copy: bool, resync: bool) -> ExitCode {
+    match crate::provision::init(&config, copy, resync).await {
         Ok(report) => {
             for line in report.lines {
                 println!("{line}");

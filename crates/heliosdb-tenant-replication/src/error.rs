@@ -33,7 +33,7 @@ pub enum ReplicationError {
         class: ErrorClass,
     },
     /// The replication stream failed.
-    #[error("source replication stream: {message}")]
+    #[error("source replication stream: {message}{}", stream_hint(.message))]
     Stream { message: String, class: ErrorClass },
     /// Shipping batches between a capture and an apply node failed.
     #[error("transport: {message}")]
@@ -99,6 +99,19 @@ impl ReplicationError {
             Self::Internal(_) => "internal",
         }
     }
+
+    /// Every `error_type` label [`Self::error_type`] gives (each tenant's
+    /// series exist at 0 from the start).
+    pub const ERROR_TYPES: [&'static str; 8] = [
+        "source_database",
+        "target_database",
+        "replication_stream",
+        "transport",
+        "operator_action",
+        "decode",
+        "checkpoint",
+        "internal",
+    ];
 
     pub fn operator(message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self::Operator {
@@ -200,6 +213,20 @@ fn db_hint(side: Side, code: Option<&str>, message: &str) -> String {
     format!("\n  fix: {hint}")
 }
 
+/// What to do about the replication stream's errors that need a person.
+fn stream_hint(message: &str) -> String {
+    let hint = if message.contains("can no longer get changes from replication slot")
+        || message.contains("has been invalidated")
+    {
+        "the slot was invalidated (it held more WAL than the source's max_slot_wal_keep_size allows): changes it had not delivered are gone; drop the slot (SELECT pg_drop_replication_slot('<slot>')), then run init --resync to copy the tenant again"
+    } else if message.contains("replication slot") && message.contains("does not exist") {
+        "run init: it creates the slot, and refuses (naming init --resync) when the target's rows came from a slot that is gone, since the changes made in between were never captured"
+    } else {
+        return String::new();
+    };
+    format!("\n  fix: {hint}")
+}
+
 /// `… (SQLSTATE 42704)` as the replication client formats server errors.
 fn sqlstate_in(text: &str) -> Option<&str> {
     let at = text.find("SQLSTATE ")? + "SQLSTATE ".len();
@@ -229,6 +256,43 @@ pub(crate) fn classify_sqlstate(code: &str) -> ErrorClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_type_is_listed() {
+        let samples = [
+            ReplicationError::Stream {
+                message: String::new(),
+                class: ErrorClass::Retry,
+            },
+            ReplicationError::Transport {
+                message: String::new(),
+                class: ErrorClass::Retry,
+            },
+            ReplicationError::operator("", ""),
+            ReplicationError::Internal(String::new()),
+        ];
+        for e in samples {
+            assert!(ReplicationError::ERROR_TYPES.contains(&e.error_type()));
+        }
+    }
+
+    #[test]
+    fn a_lost_or_missing_slot_names_the_fix() {
+        let lost = ReplicationError::Stream {
+            message: "ERROR: can no longer get changes from replication slot \"s\" (SQLSTATE 55000); detail: This slot has been invalidated because it exceeded the maximum reserved size.".into(),
+            class: ErrorClass::OperatorAction,
+        };
+        assert!(
+            lost.to_string().contains("fix: the slot was invalidated"),
+            "{lost}"
+        );
+        assert!(lost.to_string().contains("init --resync"), "{lost}");
+        let gone = ReplicationError::Stream {
+            message: "ERROR: replication slot \"s\" does not exist (SQLSTATE 42704)".into(),
+            class: ErrorClass::OperatorAction,
+        };
+        assert!(gone.to_string().contains("fix: run init"), "{gone}");
+    }
 
     #[test]
     fn sqlstates_are_classified() {

@@ -187,10 +187,15 @@ impl Applier {
                 version::Strategy::LastWriteWins | version::Strategy::VectorClock
             )
         {
-            tracing::warn!(
-                strategy = id.conflict.strategy.name(),
-                "track_commit_timestamp is off on the target: local writes are dated by their transaction's start, not its commit; set track_commit_timestamp = on (restart) so both regions compare commit times"
-            );
+            // Local writes would be dated by their transaction's start, not
+            // its commit: two regions would pick different winners.
+            return Err(ReplicationError::operator(
+                format!(
+                    "target: track_commit_timestamp is off, and [conflict] resolution_strategy = \"{}\" compares commit times: regions would resolve the same conflict differently and diverge",
+                    id.conflict.strategy.name()
+                ),
+                "ALTER SYSTEM SET track_commit_timestamp = on on the target, and restart it (or choose SourcePreferred or TargetPreferred)",
+            ));
         }
         Ok(Self {
             client,

@@ -4,7 +4,6 @@
 //! plus the source cluster and slot it belongs to. Written atomically
 //! (temporary file, fsync, rename, fsync of the directory).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -113,17 +112,7 @@ impl CheckpointFile {
         json.push(b'\n');
         std::fs::create_dir_all(&self.dir).map_err(|e| self.write_err(e.to_string()))?;
         let tmp = self.path.with_extension("checkpoint.tmp");
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        })();
-        result.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.write_err(e.to_string())
-        })
+        crate::files::replace(&self.path, &tmp, &json).map_err(|e| self.write_err(e.to_string()))
     }
 
     fn corrupted(&self, reason: String) -> CheckpointError {

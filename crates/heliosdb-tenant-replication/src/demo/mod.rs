@@ -122,7 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
         args.health_port.unwrap_or_else(|| port(8080)),
     );
     let configs = write_configs(&dir, &source, &target, metrics_port, health_port)?;
-    crate::provision::init(&configs.local, true).await?;
+    crate::provision::init(&configs.local, true, false).await?;
     eprintln!("demo: {TENANT} provisioned (publication with row filters, slot, initial copy)");
 
     let (stop_tx, stop_rx) = watch::channel(false);

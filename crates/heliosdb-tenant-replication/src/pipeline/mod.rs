@@ -105,6 +105,7 @@ pub async fn run_tenant(
 ) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let tel = telemetry.tenant(&tenant);
+    tel.m.conflict_strategy(config.conflict.strategy.name());
     let result = run_sessions(&config, &mut shutdown, &tel).await;
     match &result {
         Ok(()) => tel.set_state(State::Stopped),
@@ -133,12 +134,15 @@ async fn run_sessions(
             Some(ctx) => capture_node::run(config, ctx, shutdown.clone(), tel).await,
         };
         let stopping = *shutdown.borrow();
+        let progressed = tel.take_progressed();
         match result {
             Ok(()) => return Ok(()),
             Err(e) if e.class() == ErrorClass::Retry && !stopping => {
                 tel.failed(&e, true);
-                // A session that ran a while before failing starts the count anew.
-                if started.elapsed() > Duration::from_secs(60) {
+                // A session that made progress (or ran a while) before
+                // failing starts the count anew: the back-off is for a source
+                // or target that cannot be reached, not for a cut connection.
+                if progressed || started.elapsed() > Duration::from_secs(60) {
                     failures = 0;
                 }
                 failures += 1;

@@ -30,8 +30,11 @@ pub struct InitReport {
 
 /// Provision the tenant: publication and slot on the source, progress schema
 /// on the target, a check of the target tables, and (unless `copy` is false)
-/// the initial copy of the tenant's rows.
-pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
+/// the initial copy of the tenant's rows. A tenant that already has progress
+/// on the target but whose slot is gone has a gap (the changes made since
+/// were never captured): refused unless `resync`, which deletes the
+/// tenant's rows on the target and copies them again.
+pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitReport> {
     let t = &config.tenant;
     let mut report = InitReport::default();
     let source = pg::connect(
@@ -87,12 +90,28 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
         .lines
         .push(format!("target: {} table(s) ready", tables.len()));
 
-    let copy = copy
-        && snapshot::wanted(
-            config,
-            progress::load(&target, &t.tenant_id).await?.is_some(),
-        );
     let slot_lsn = ensure_slot(&source, t, &mut report).await?;
+    let mut recorded = progress::load(&target, &t.tenant_id).await?;
+    if let Some(p) = &recorded {
+        if slot_lsn.is_none() && !resync {
+            return Err(ReplicationError::operator(
+                format!(
+                    "target: tenant '{}' was applied up to {} from slot '{}', which no longer exists on the source: the changes made since were never captured, and a new slot would start from now",
+                    t.tenant_id, p.end_lsn, p.slot_name
+                ),
+                "run init --resync: it creates the slot and copies the tenant's rows again, replacing them on the target (local writes on the target not yet replicated back are lost)",
+            ));
+        }
+        if resync {
+            let n = clear_tenant(&target, t, &tables).await?;
+            report.lines.push(format!(
+                "target: {n} row(s) of tenant '{}' deleted, to be copied again (--resync)",
+                t.tenant_id
+            ));
+            recorded = None;
+        }
+    }
+    let copy = copy && snapshot::wanted(config, recorded.is_some());
     if copy {
         let system_id = preflight::system_id(&source).await?;
         let rows = match slot_lsn {
@@ -127,6 +146,42 @@ pub async fn init(config: &Config, copy: bool) -> Result<InitReport> {
         create_slot(&source, t, &mut report).await?;
     }
     Ok(report)
+}
+
+/// Delete the tenant's rows, progress and copy plan on the target, in one
+/// transaction: afterwards the target is as before the tenant's first copy.
+async fn clear_tenant(target: &Client, t: &TenantConfig, tables: &[SourceTable]) -> Result<u64> {
+    let dst = crate::error::on_target;
+    target.batch_execute("BEGIN").await.map_err(dst("BEGIN"))?;
+    let mut rows = 0;
+    for table in tables {
+        rows += target
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE {} = $1::text",
+                    table.qualified(),
+                    quote_ident(&t.tenant_column)
+                ),
+                &[&t.tenant_id],
+            )
+            .await
+            .map_err(dst("deleting the tenant's rows"))?;
+    }
+    for sql in [
+        "DELETE FROM heliosdb_replication.progress WHERE tenant_id = $1",
+        "DELETE FROM heliosdb_replication.copy_state WHERE tenant_id = $1",
+        "DELETE FROM heliosdb_replication.resync_requests WHERE tenant_id = $1",
+    ] {
+        target
+            .execute(sql, &[&t.tenant_id])
+            .await
+            .map_err(dst("forgetting the tenant's progress"))?;
+    }
+    target
+        .batch_execute("COMMIT")
+        .await
+        .map_err(dst("COMMIT"))?;
+    Ok(rows)
 }
 
 /// Ordinary tables with the tenant column, and descriptions of those left out.
@@ -257,7 +312,8 @@ async fn ensure_slot(
 ) -> Result<Option<crate::lsn::Lsn>> {
     let slot = source
         .query_opt(
-            "SELECT plugin::text, coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin::text, coalesce(confirmed_flush_lsn, '0/0')::text, wal_status = 'lost'
+               FROM pg_replication_slots WHERE slot_name = $1",
             &[&t.slot],
         )
         .await
@@ -272,6 +328,9 @@ async fn ensure_slot(
             ),
             "choose another [cdc] replication_slot, or drop that slot",
         ));
+    }
+    if row.get::<_, Option<bool>>(2) == Some(true) {
+        return Err(invalidated_slot(&t.slot));
     }
     report
         .lines
@@ -294,4 +353,13 @@ async fn create_slot(source: &Client, t: &TenantConfig, report: &mut InitReport)
         t.slot
     ));
     Ok(())
+}
+
+/// A slot the source invalidated (it lost WAL the tenant still needed,
+/// `max_slot_wal_keep_size`): what it held back is gone.
+pub fn invalidated_slot(slot: &str) -> ReplicationError {
+    ReplicationError::operator(
+        format!("source: slot '{slot}' was invalidated (it held more WAL than max_slot_wal_keep_size allows): changes it had not delivered are gone"),
+        format!("drop it (SELECT pg_drop_replication_slot({})), then run init --resync to copy the tenant again; raise max_slot_wal_keep_size or alert on heliosdb_slot_retained_wal_bytes to keep it from happening", quote_literal(slot)),
+    )
 }

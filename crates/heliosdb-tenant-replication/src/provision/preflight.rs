@@ -63,7 +63,7 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
     let slot = client
         .query_opt(
             "SELECT plugin::text, slot_type, database::text = current_database()::text,
-                    coalesce(confirmed_flush_lsn, '0/0')::text
+                    coalesce(confirmed_flush_lsn, '0/0')::text, wal_status = 'lost'
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&t.slot],
         )
@@ -96,6 +96,9 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
             ),
             "connect to the slot's database, or create the slot in this one",
         ));
+    }
+    if slot.get::<_, Option<bool>>(4) == Some(true) {
+        return Err(super::invalidated_slot(&t.slot));
     }
     let slot_confirmed: String = slot.get(3);
     let slot_confirmed = slot_confirmed.parse().unwrap_or(Lsn::ZERO);

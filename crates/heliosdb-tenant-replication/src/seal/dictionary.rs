@@ -9,8 +9,6 @@
 //! written with mode 0600, and both nodes must load the same file
 //! (`[compression] dictionary_path`).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -120,18 +118,7 @@ pub fn train(samples: &[Bytes], max_bytes: usize, out: &Path) -> Result<Trained>
         )
     })?;
     let tmp = out.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&dictionary)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, out)
-    };
-    write().map_err(|e| {
+    crate::files::replace(out, &tmp, &dictionary).map_err(|e| {
         ReplicationError::operator(
             format!("writing {}: {e}", out.display()),
             "choose a writable --out path",

@@ -13,7 +13,7 @@
 //! *last* records leaves an intact shorter chain; ship the log off the host,
 //! as §7.4 intends, to protect the tail.)
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -79,7 +79,7 @@ impl AuditLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => GENESIS.to_string(),
             Err(e) => return Err(e),
         };
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = crate::files::append(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             events: events.to_vec(),
@@ -145,7 +145,7 @@ impl ConflictLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = crate::files::append(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file: Mutex::new(file),

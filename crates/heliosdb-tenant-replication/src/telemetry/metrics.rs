@@ -163,6 +163,9 @@ impl Metrics {
         // Series exist from the start (alerts and dashboards see zeros, not gaps).
         m.throughput.set(0.0);
         m.current_lag.set(0.0);
+        for error_type in crate::error::ReplicationError::ERROR_TYPES {
+            m.errors.with_label_values(&[tenant, error_type]).inc_by(0);
+        }
         m
     }
 }
@@ -223,6 +226,13 @@ impl TenantMetrics {
             .with_label_values(&[&self.tenant, error_type])
             .inc();
         self.errors_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The conflict counter of `strategy` exists at 0 from the start.
+    pub fn conflict_strategy(&self, strategy: &str) {
+        self.conflicts
+            .with_label_values(&[&self.tenant, strategy])
+            .inc_by(0);
     }
 
     pub fn conflict(&self, strategy: &str) {

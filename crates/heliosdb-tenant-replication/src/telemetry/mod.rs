@@ -106,6 +106,7 @@ impl Telemetry {
             state: Mutex::new(State::Starting),
             last_checkpoint: Mutex::new(None),
             caught_up: AtomicBool::new(false),
+            progressed: AtomicBool::new(false),
             caught_up_at_us: AtomicI64::new(now_us()),
             applied_commit_us: AtomicI64::new(0),
             recent_lag: Mutex::new(std::collections::VecDeque::new()),
@@ -144,6 +145,9 @@ pub struct TenantTelemetry {
     last_checkpoint: Mutex<Option<(Lsn, DateTime<Utc>)>>,
     /// Everything the source sent is applied (idle and streaming).
     caught_up: AtomicBool,
+    /// Something was committed, or the stream caught up, since
+    /// [`Self::take_progressed`] last asked.
+    progressed: AtomicBool,
     /// Unix µs when the tenant was last known caught up.
     caught_up_at_us: AtomicI64,
     /// Unix µs of the source commit of the last applied transaction.
@@ -256,6 +260,7 @@ impl TenantTelemetry {
     /// A target transaction committed `c`, ending at source `end_lsn`.
     /// `wire_bytes`: what crossed the network for it (split deployment).
     pub fn committed(&self, c: &crate::apply::Committed, end_lsn: Lsn, wire_bytes: Option<u64>) {
+        self.progressed.store(true, Ordering::Relaxed);
         for t in &c.commit_times_us {
             self.applied(*t, end_lsn);
         }
@@ -316,8 +321,15 @@ impl TenantTelemetry {
 
     /// Everything received is applied, and the stream is idle.
     pub fn caught_up(&self) {
+        self.progressed.store(true, Ordering::Relaxed);
         self.caught_up_at_us.store(now_us(), Ordering::Relaxed);
         self.caught_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Did the session make progress (commit, or catch up) since the last
+    /// call? A retry after a session that did starts its back-off anew.
+    pub fn take_progressed(&self) -> bool {
+        self.progressed.swap(false, Ordering::Relaxed)
     }
 
     /// Work arrived that is not applied yet.

@@ -129,7 +129,14 @@ metrics_interval_seconds = 1
 
     /// `init` must succeed.
     pub fn init(&self, config: &Path) -> String {
-        let out = run(config, &["init"]);
+        self.init_with(config, &[])
+    }
+
+    /// `init` with `args` must succeed; its output.
+    pub fn init_with(&self, config: &Path, args: &[&str]) -> String {
+        let mut all = vec!["init"];
+        all.extend_from_slice(args);
+        let out = run(config, &all);
         assert!(
             out.status.success(),
             "init failed: {}{}",

@@ -1,0 +1,83 @@
+//! Files the daemon writes (checkpoint files, trained dictionaries, the
+//! audit and conflict logs), often as root in a shared directory: never
+//! through a symbolic link someone planted there.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// `O_NOFOLLOW`: opening a symbolic link fails (`ELOOP`).
+fn no_follow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Replace `path` with `bytes` atomically (mode 0600): a temporary file
+/// `tmp` beside it, created exclusively (a stale one is unlinked first, a
+/// link never followed), written, synced, renamed over `path`, and the
+/// directory synced.
+pub fn replace(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(no_follow())
+            .open(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(tmp, path)?;
+        match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+/// Open `path` for appending (created with mode 0600 if missing), refusing
+/// a symbolic link.
+pub fn append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planted_link_is_never_written_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let path = dir.path().join("t.checkpoint");
+        let tmp = dir.path().join("t.checkpoint.tmp");
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        replace(&path, &tmp, b"{}\n").expect("replace");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}\n");
+        assert!(!tmp.exists());
+
+        let log = dir.path().join("audit.log");
+        std::os::unix::fs::symlink(&victim, &log).expect("symlink");
+        let err = append(&log).expect_err("a link is refused");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error())
+        );
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
+    }
+}

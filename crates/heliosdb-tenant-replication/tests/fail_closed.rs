@@ -1,0 +1,158 @@
+//! Settings and events that would make the result wrong stop the tenant
+//! with the fix named, never a warning followed by wrong data.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn fails(config: &std::path::Path, args: &[&str], code: i32, needles: &[&str]) {
+    let out = run(config, args);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {all}");
+    for n in needles {
+        assert!(all.contains(n), "{args:?}: expected {n:?} in:\n{all}");
+    }
+}
+
+async fn write(env: &Env, sql: &str) {
+    env.src()
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_a_gap_init_refuses_and_init_resync_closes() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let (metrics_port, _) = monitoring_ports(&config);
+    let mut daemon = env.start_daemon(&config);
+    write(&env, "INSERT INTO orders SELECT 'tenant-123', g, 1, 'new', g, '{}', now() FROM generate_series(1, 100) g").await;
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    // Every tenant's error and conflict series exist at 0 on a healthy node.
+    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    for (name, label) in [
+        (
+            "heliosdb_replication_errors_total",
+            "error_type=\"target_database\"",
+        ),
+        (
+            "heliosdb_replication_errors_total",
+            "error_type=\"replication_stream\"",
+        ),
+        (
+            "heliosdb_replication_conflicts_total",
+            "strategy=\"SourcePreferred\"",
+        ),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, name, &[label, "tenant_id=\"tenant-123\""]),
+            Some(0.0),
+            "{name}{{{label}}}:\n{metrics}"
+        );
+    }
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    // The slot goes; changes made meanwhile are captured by no one.
+    write(&env, "SELECT pg_drop_replication_slot('tenant_123_slot')").await;
+    write(&env, "UPDATE orders SET status = 'in the gap' WHERE id <= 10;
+                 DELETE FROM orders WHERE id > 90;
+                 INSERT INTO orders SELECT 'tenant-123', g, 1, 'gap', g, '{}', now() FROM generate_series(500, 520) g").await;
+    fails(&config, &["start"], 3, &["does not exist", "init"]);
+    fails(
+        &config,
+        &["init"],
+        3,
+        &["which no longer exists", "never captured", "init --resync"],
+    );
+    // Refused: nothing was created.
+    let slots: i64 = env
+        .src()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0);
+
+    let out = env.init_with(&config, &["--resync"]);
+    assert!(out.contains("deleted, to be copied again"), "{out}");
+    let daemon = env.start_daemon(&config);
+    write(
+        &env,
+        "INSERT INTO orders VALUES ('tenant-123', 1000, 1, 'after', 1, '{}', now())",
+    )
+    .await;
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    assert_eq!(foreign_rows(&env.dst().await).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_stops_the_tenant_with_the_fix() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    // The slot may hold back 1 MB of WAL; 4 segments go by while nobody reads it.
+    write(&env, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").await;
+    write(&env, "SELECT pg_reload_conf()").await;
+    let src = env.src().await;
+    wait_until(Duration::from_secs(60), "the slot to be invalidated", || async {
+        src.batch_execute(
+            "INSERT INTO events VALUES ('tenant-456', (random() * 1e9)::bigint, 'k', 'b', now());
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .expect("switch");
+        src.query_one(
+            "SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    fails(
+        &config,
+        &["start"],
+        3,
+        &[
+            "was invalidated",
+            "pg_drop_replication_slot",
+            "init --resync",
+        ],
+    );
+    fails(&config, &["init"], 3, &["was invalidated", "init --resync"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_time_strategies_refuse_a_target_without_commit_timestamps() {
+    let mut env = Env::new(SCHEMA).await;
+    env.target
+        .reconfigure(&[("track_commit_timestamp", "off")])
+        .expect("restart without commit timestamps");
+    for strategy in ["LastWriteWins", "VectorClock"] {
+        let text = env.config_text(&format!(
+            "[conflict]\nresolution_strategy = \"{strategy}\"\n"
+        ));
+        let config = env.write_config("replication.toml", &text);
+        env.init(&config);
+        let mut daemon = env.start_daemon(&config);
+        assert_eq!(
+            daemon.wait_exit(Duration::from_secs(30)),
+            Some(3),
+            "{}",
+            daemon.log()
+        );
+        let log = daemon.log();
+        assert!(log.contains("track_commit_timestamp is off"), "{log}");
+        assert!(
+            log.contains("ALTER SYSTEM SET track_commit_timestamp = on"),
+            "{log}"
+        );
+        assert!(log.contains(strategy), "{log}");
+    }
+}
