@@ -156,3 +156,21 @@ async fn commit_time_strategies_refuse_a_target_without_commit_timestamps() {
         assert!(log.contains(strategy), "{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_values_never_reach_the_log_at_debug() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = Daemon::start_logging(&config, &env.dir.path().join("debug.log"), "debug");
+    write(
+        &env,
+        "INSERT INTO accounts VALUES ('tenant-123', 1, 'canary-name-4711', 'canary@x', 1, now());
+                 UPDATE accounts SET email = 'canary-mail-4712' WHERE id = 1",
+    )
+    .await;
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+    let log = daemon.log();
+    assert!(log.contains("DEBUG"), "debug logging is on:\n{log}");
+    for canary in ["canary-name-4711", "canary-mail-4712", "canary@x"] {
+        assert!(!log.contains(canary), "{canary} in the log:\n{log}");
+    }
+}

@@ -115,6 +115,13 @@ impl ConnInfo {
             Some((a, p)) => (a, Some(p)),
             None => (main, None),
         };
+        // An '@' after the host: a password with an unencoded '/' or '?'
+        // (whose rest would otherwise become the database name).
+        if path.is_some_and(|p| p.contains('@')) || query.is_some_and(|q| q.contains('@')) {
+            return Err(ConnInfoError(
+                "'@' after the host: a password with '/', '?' or '@' in it must be percent-encoded (%2F, %3F, %40)".into(),
+            ));
+        }
         let mut info = Self::empty();
         let hostport = match authority.rsplit_once('@') {
             Some((userinfo, hostport)) => {
@@ -173,7 +180,10 @@ impl ConnInfo {
                 chars.next();
             }
             if chars.next() != Some('=') {
-                return Err(ConnInfoError(format!("missing '=' after '{key}'")));
+                return Err(ConnInfoError(format!(
+                    "missing '=' after {}: a value with spaces must be quoted, as in password='a b'",
+                    shown_key(&key)
+                )));
             }
             while chars.peek().is_some_and(|c| c.is_whitespace()) {
                 chars.next();
@@ -197,7 +207,10 @@ impl ConnInfo {
                     }
                 }
                 if !closed {
-                    return Err(ConnInfoError(format!("unterminated quote in '{key}'")));
+                    return Err(ConnInfoError(format!(
+                        "unterminated quote in the value of {}",
+                        shown_key(&key)
+                    )));
                 }
             } else {
                 while let Some(&c) = chars.peek() {
@@ -225,30 +238,31 @@ impl ConnInfo {
             "port" => {
                 self.port = value
                     .parse()
-                    .map_err(|_| ConnInfoError(format!("port '{value}' is not a number")))?
+                    .map_err(|_| ConnInfoError("port is not a number from 1 to 65535".into()))?
             }
             "user" => self.user = value.to_string(),
             "password" => self.password = Some(SecretString::new(value)),
             "dbname" => self.dbname = value.to_string(),
-            "sslmode" => {
-                self.sslmode = SslMode::parse(value).ok_or_else(|| {
-                    ConnInfoError(format!(
-                        "sslmode '{value}' is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                    ))
-                })?
-            }
+            "sslmode" => self.sslmode = SslMode::parse(value).ok_or_else(|| {
+                ConnInfoError(
+                    "sslmode is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                        .into(),
+                )
+            })?,
             "sslrootcert" => self.sslrootcert = Some(PathBuf::from(value)),
             "sslcert" => self.sslcert = Some(PathBuf::from(value)),
             "sslkey" => self.sslkey = Some(PathBuf::from(value)),
             "application_name" => self.application_name = Some(value.to_string()),
             "connect_timeout" => {
                 self.connect_timeout_seconds = Some(value.parse().map_err(|_| {
-                    ConnInfoError(format!("connect_timeout '{value}' is not a number of seconds"))
+                    ConnInfoError("connect_timeout is not a number of seconds".into())
                 })?)
             }
             other => {
                 return Err(ConnInfoError(format!(
-                    "unsupported connection parameter '{other}': supported are host, port, user, password, dbname, sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout"
+                    "unsupported connection parameter {}: supported are {}",
+                    shown_key(other),
+                    KEYS.join(", ")
                 )))
             }
         }
@@ -261,6 +275,57 @@ impl ConnInfo {
     }
 }
 
+/// The parameters a connection string may set.
+const KEYS: [&str; 12] = [
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "application_name",
+    "connect_timeout",
+];
+
+/// A parameter name for an error message. The text of a malformed
+/// connection string may be part of a password (`password=a b` makes `b`
+/// a "key"): only a supported name, or a near miss of one (a typo), is
+/// shown; anything else is not.
+fn shown_key(key: &str) -> String {
+    if KEYS.contains(&key) {
+        return format!("'{key}'");
+    }
+    match KEYS
+        .iter()
+        .find(|k| key.len() >= 4 && edit_distance(k, key) <= 2)
+    {
+        Some(k) => format!("'{key}' (did you mean {k}?)"),
+        None => "(name not shown: it may be part of a password)".into(),
+    }
+}
+
+/// Levenshtein distance (short strings only).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (prev + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 fn decode(s: &str) -> Result<String, ConnInfoError> {
     percent_decode_str(s)
         .decode_utf8()
@@ -269,7 +334,11 @@ fn decode(s: &str) -> Result<String, ConnInfoError> {
 }
 
 fn split_host_port(s: &str) -> Result<(String, Option<u16>), ConnInfoError> {
-    let bad_port = |p: &str| ConnInfoError(format!("port '{p}' is not a number from 1 to 65535"));
+    let bad_port = |_: &str| {
+        ConnInfoError(
+            "the port after the host is not a number from 1 to 65535 (a password with '/', '?', '@' or ':' in it must be percent-encoded: %2F, %3F, %40, %3A)".into(),
+        )
+    };
     if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest
             .split_once(']')
@@ -340,6 +409,31 @@ mod tests {
             Some(std::path::Path::new("/etc/heliosdb/client-key.pem"))
         );
         assert!(c.password.is_none());
+    }
+
+    #[test]
+    fn malformed_strings_never_echo_a_password() {
+        for (text, secret) in [
+            ("postgresql://canary:Secret/app", "Secret"),
+            ("postgresql://canary:Sec/ret@host/app", "ret"),
+            ("postgresql://canary:Sec/ret@host/app", "Sec"),
+            ("postgresql://canary:Sec?ret@host/app", "ret"),
+            ("postgresql://canary:Sec?ret@host/app", "Sec"),
+            ("host=h password=abc defgh dbname=x", "defgh"),
+            ("host=h password=abc defgh=1 dbname=x", "defgh"),
+            ("host=h password='abc", "abc"),
+            ("host=h port=hunter2", "hunter2"),
+            ("host=h sslmode=hunter2", "hunter2"),
+            ("host=h connect_timeout=hunter2", "hunter2"),
+        ] {
+            let e = ConnInfo::parse(text).expect_err(text).to_string();
+            assert!(!e.contains(secret), "{text}: {e}");
+        }
+        // A typo of a parameter name is still named.
+        let e = ConnInfo::parse("host=h sslmdoe=require")
+            .expect_err("typo")
+            .to_string();
+        assert!(e.contains("did you mean sslmode"), "{e}");
     }
 
     #[test]

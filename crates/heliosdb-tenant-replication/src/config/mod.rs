@@ -245,7 +245,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             key: describe_toml_error_key(&e, text),
-            message: e.message().to_string()
+            message: without_quoted_values(e.message())
                 + &line_of(text, e.span())
                     .map(|l| format!(" (line {l})"))
                     .unwrap_or_default(),
@@ -257,6 +257,27 @@ impl Config {
     pub fn render_masked(&self) -> String {
         toml::to_string_pretty(&self.raw_view).unwrap_or_default()
     }
+}
+
+/// A TOML error message with its quoted values left out (`invalid type:
+/// string "postgresql://u:pw@x", expected u16`): a value given to the wrong
+/// key may be a connection string or a key.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    for part in parts {
+        if inside {
+            out.push_str("(value not shown)");
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
 }
 
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {

@@ -317,3 +317,26 @@ fn same_database_on_both_sides_is_refused() {
     let e = Config::from_toml(&text, "f.toml", no_env).expect_err("same db");
     assert!(e.to_string().contains("same database"), "{e}");
 }
+
+#[test]
+fn no_part_of_a_secret_in_any_config_error() {
+    // Through the environment override.
+    let env = |k: &str| {
+        (k == "REPLICATION_SOURCE_CONNECTION").then(|| "postgresql://canary:Secret/app".to_string())
+    };
+    let e = Config::from_toml(REFERENCE, "f.toml", env).expect_err("bad override");
+    assert!(!e.to_string().contains("Secret"), "{e}");
+    assert!(
+        e.to_string().contains("REPLICATION_SOURCE_CONNECTION"),
+        "{e}"
+    );
+    // A connection string given to a key of another type.
+    let text = REFERENCE.replace(
+        "prometheus_port = 9090",
+        "prometheus_port = \"postgresql://u:pw-canary@x\"",
+    );
+    assert_ne!(text, REFERENCE);
+    let e = Config::from_toml(&text, "f.toml", no_env).expect_err("wrong type");
+    assert!(!e.to_string().contains("pw-canary"), "{e}");
+    assert!(e.to_string().contains("prometheus_port"), "{e}");
+}

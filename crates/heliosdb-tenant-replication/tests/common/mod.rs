@@ -177,6 +177,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, log: &Path) -> Daemon {
+        Self::start_logging(config, log, "info,heliosdb_tenant_replication=debug")
+    }
+
+    /// Start with `RUST_LOG=rust_log`.
+    pub fn start_logging(config: &Path, log: &Path, rust_log: &str) -> Daemon {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -186,7 +191,7 @@ impl Daemon {
             .arg("--config")
             .arg(config)
             .arg("start")
-            .env("RUST_LOG", "info,heliosdb_tenant_replication=debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("clone"))
             .stderr(file)
