@@ -90,3 +90,40 @@ async fn modifiers_include_columns_and_identity_indexes_replicate_as_postgresql_
     assert_eq!(c, "xyz|ab", "char(5) and varchar(4) kept whole");
     assert!(!daemon.log().contains(" ERROR "), "{}", daemon.log());
 }
+
+/// A child table (copied first: its name sorts first) referencing a parent
+/// that takes longer to copy.
+const LINKED: &str = "
+CREATE TABLE b_parent(tenant_id text, id int, body text, PRIMARY KEY (tenant_id, id));
+CREATE TABLE a_child(tenant_id text, id int, parent int, PRIMARY KEY (tenant_id, id),
+                     FOREIGN KEY (tenant_id, parent) REFERENCES b_parent ON DELETE CASCADE);
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_linked_by_a_foreign_key_copy_and_stream_in_any_order() {
+    let env = Env::new(LINKED).await;
+    let config = env.config();
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO b_parent SELECT t, g, repeat('p', 500) FROM generate_series(1, 20000) g,
+                (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO a_child SELECT t, g, g FROM generate_series(1, 2000) g,
+                (VALUES ('tenant-123'), ('tenant-456')) v(t);",
+    )
+    .await
+    .expect("rows before init");
+    env.init(&config);
+    pg_reference(&env, LINKED).await;
+    let daemon = env.start_daemon(&config);
+    // Streamed: parents and children in one transaction, deletes that cascade.
+    src.batch_execute(
+        "BEGIN;
+         INSERT INTO b_parent SELECT 'tenant-123', 30000 + g, 'new' FROM generate_series(1, 50) g;
+         INSERT INTO a_child SELECT 'tenant-123', 100000 + g, 30000 + g FROM generate_series(1, 50) g;
+         COMMIT;
+         DELETE FROM b_parent WHERE tenant_id = 'tenant-123' AND id <= 100;",
+    )
+    .await
+    .expect("changes");
+    wait_equal_to_reference(&env, &["b_parent", "a_child"], &daemon).await;
+}

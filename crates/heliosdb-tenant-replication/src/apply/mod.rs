@@ -168,12 +168,13 @@ impl Applier {
         id: ApplyIdentity,
         batch_size: usize,
     ) -> Result<Self> {
-        match client.batch_execute("SET session_replication_role = replica").await {
-            Ok(()) => {}
-            Err(e) if e.code().map(|c| c.code()) == Some("42501") => tracing::info!(
+        if !crate::pg::replica_role(&client)
+            .await
+            .map_err(target_err("setting session_replication_role"))?
+        {
+            tracing::info!(
                 "the target role may not set session_replication_role; target triggers and foreign keys will fire for replicated rows"
-            ),
-            Err(e) => return Err(target_err("setting session_replication_role")(e)),
+            );
         }
         if !tracking::tag_session(&client, &id.tenant, id.lane).await? {
             tracing::warn!(

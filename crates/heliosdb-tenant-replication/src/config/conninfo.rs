@@ -243,12 +243,14 @@ impl ConnInfo {
             "user" => self.user = value.to_string(),
             "password" => self.password = Some(SecretString::new(value)),
             "dbname" => self.dbname = value.to_string(),
-            "sslmode" => self.sslmode = SslMode::parse(value).ok_or_else(|| {
-                ConnInfoError(
+            "sslmode" => {
+                self.sslmode = SslMode::parse(value).ok_or_else(|| {
+                    ConnInfoError(
                     "sslmode is not one of disable, allow, prefer, require, verify-ca, verify-full"
                         .into(),
                 )
-            })?,
+                })?
+            }
             "sslrootcert" => self.sslrootcert = Some(PathBuf::from(value)),
             "sslcert" => self.sslcert = Some(PathBuf::from(value)),
             "sslkey" => self.sslkey = Some(PathBuf::from(value)),

@@ -118,6 +118,22 @@ pub async fn columns(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// `SET session_replication_role = replica` on a target session, as
+/// PostgreSQL's own apply and table sync do: foreign keys and ordinary
+/// triggers do not fire for replicated rows (the source checked them; rows
+/// arrive in another order than the source wrote them). `Ok(false)`: the
+/// role may not (a superuser setting).
+pub async fn replica_role(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    match client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Quote an identifier as PostgreSQL's `quote_ident` does (always quoting).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -152,6 +152,10 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
 /// transaction: afterwards the target is as before the tenant's first copy.
 async fn clear_tenant(target: &Client, t: &TenantConfig, tables: &[SourceTable]) -> Result<u64> {
     let dst = crate::error::on_target;
+    // Tables are emptied one by one: foreign keys between them must not fire.
+    pg::replica_role(target)
+        .await
+        .map_err(dst("setting session_replication_role"))?;
     target.batch_execute("BEGIN").await.map_err(dst("BEGIN"))?;
     let mut rows = 0;
     for table in tables {

@@ -62,12 +62,26 @@ pub(super) async fn run(
         binary.push((name, binary_compatible(source, target, &r.table).await?));
     }
     let binary = Arc::new(binary);
+    // Foreign keys would fire for rows whose parents another range has not
+    // committed yet. With the replica role they do not (as in PostgreSQL's
+    // table sync); a role that may not set it copies one range at a time,
+    // referenced tables first.
+    let replica = pg::replica_role(target)
+        .await
+        .map_err(dst("setting session_replication_role"))?;
+    let (pending, workers) = if replica {
+        target
+            .batch_execute("RESET session_replication_role")
+            .await
+            .map_err(dst("RESET session_replication_role"))?;
+        let n = pending.len();
+        (pending, config.worker_threads.min(n).max(1))
+    } else {
+        tracing::info!("the target role may not set session_replication_role: tables are copied one range at a time, referenced tables first");
+        (referenced_first(target, pending).await?, 1)
+    };
     let queue = Arc::new(Mutex::new(VecDeque::from(pending)));
     let progress = Arc::new(CopyProgress::default());
-    let workers = config
-        .worker_threads
-        .min(queue.lock().map(|q| q.len()).unwrap_or(1))
-        .max(1);
     let display = tokio::spawn(show_progress(progress.clone(), total));
 
     let mut handles = Vec::new();
@@ -125,6 +139,9 @@ async fn worker(
         .await
         .map_err(src("importing the copy snapshot"))?;
     let mut target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
+    pg::replica_role(&target)
+        .await
+        .map_err(dst("setting session_replication_role"))?;
     loop {
         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
         let Some(range) = next else { return Ok(()) };
@@ -155,6 +172,47 @@ async fn worker(
         tx.commit().await.map_err(dst("COMMIT"))?;
         tracing::debug!(table = %name, chunk = range.chunk, rows, "range copied");
     }
+}
+
+/// `ranges` ordered so that a table comes after the tables its foreign keys
+/// on the target reference (stable otherwise; a cycle keeps its order).
+pub(super) async fn referenced_first(
+    target: &Client,
+    mut ranges: Vec<Range>,
+) -> Result<Vec<Range>> {
+    let edges: Vec<(String, String)> = target
+        .query(
+            "SELECT cn.nspname || '.' || c.relname, pn.nspname || '.' || p.relname
+               FROM pg_constraint k
+               JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+               JOIN pg_class p ON p.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+              WHERE k.contype = 'f' AND k.conrelid <> k.confrelid",
+            &[],
+        )
+        .await
+        .map_err(dst("reading foreign keys"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Depth of each table in the reference graph (bounded: cycles stop).
+    let names: Vec<String> = ranges.iter().map(|r| r.table.display()).collect();
+    let mut depth: std::collections::HashMap<&str, usize> =
+        names.iter().map(|n| (n.as_str(), 0)).collect();
+    for _ in 0..names.len() {
+        for (child, parent) in &edges {
+            let (Some(&p), Some(&c)) = (depth.get(parent.as_str()), depth.get(child.as_str()))
+            else {
+                continue;
+            };
+            if c <= p && p < names.len() {
+                depth.insert(child.as_str(), p + 1);
+            }
+        }
+    }
+    let depth: std::collections::HashMap<String, usize> =
+        depth.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    ranges.sort_by_key(|r| depth.get(&r.table.display()).copied().unwrap_or(0));
+    Ok(ranges)
 }
 
 /// Same column types on both sides: binary COPY is safe and fastest.

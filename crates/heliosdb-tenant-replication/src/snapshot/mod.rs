@@ -367,6 +367,11 @@ pub async fn resync_tables(
         }
     }
     let app = format!("heliosdb-tenant-replication/{} resync", t.tenant_id);
+    // Rows are deleted and copied table by table: foreign keys between the
+    // tables must not fire meanwhile (the apply session has this role too).
+    pg::replica_role(target)
+        .await
+        .map_err(dst("setting session_replication_role"))?;
     let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     source
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
