@@ -5,7 +5,20 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
+
+/// Rows of `table` that are not the tenant's.
+async fn foreign_rows_of(c: &tokio_postgres::Client, table: &str) -> i64 {
+    c.query_one(
+        &format!("SELECT count(*) FROM {table} WHERE tenant_id <> $1"),
+        &[&TENANT],
+    )
+    .await
+    .expect("count")
+    .get(0)
+}
 
 /// Types whose modifier matters, a primary key with INCLUDE columns, and a
 /// replica identity on a unique index other than the primary key.
@@ -126,4 +139,46 @@ async fn tables_linked_by_a_foreign_key_copy_and_stream_in_any_order() {
     .await
     .expect("changes");
     wait_equal_to_reference(&env, &["b_parent", "a_child"], &daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_moved_into_the_tenant_with_an_unchanged_large_value_arrives_whole() {
+    const DOCS: &str = "CREATE TABLE docs(tenant_id text, id int, title text, body text,
+                                          PRIMARY KEY (tenant_id, id));";
+    let (env, config) = Env::provisioned(DOCS).await;
+    let daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    // A value stored out of line (TOAST): 6,400 incompressible characters.
+    src.batch_execute(
+        "INSERT INTO docs SELECT t, 1, 'doc', (SELECT string_agg(md5(g::text || t), '') FROM generate_series(1, 200) g)
+           FROM (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO docs VALUES ('tenant-456', 2, 'other', 'small');",
+    )
+    .await
+    .expect("rows");
+    wait_tenant_equal(&env, &["docs"], Duration::from_secs(30), &daemon).await;
+    // Moved into the tenant; the large value is not changed, so not sent.
+    src.batch_execute(
+        "UPDATE docs SET tenant_id = 'tenant-123', id = 10, title = 'moved' WHERE tenant_id = 'tenant-456' AND id = 1",
+    )
+    .await
+    .expect("move");
+    wait_tenant_equal(&env, &["docs"], Duration::from_secs(30), &daemon).await;
+    let body: Option<String> = env
+        .dst()
+        .await
+        .query_one(
+            "SELECT body FROM docs WHERE tenant_id = 'tenant-123' AND id = 10",
+            &[],
+        )
+        .await
+        .expect("moved row")
+        .get(0);
+    assert_eq!(body.map(|b| b.len()), Some(6400));
+    assert!(
+        daemon.log().contains("the table is copied again"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(foreign_rows_of(&env.dst().await, "docs").await, 0);
 }

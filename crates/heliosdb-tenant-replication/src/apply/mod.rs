@@ -423,6 +423,11 @@ impl Applier {
             );
             return Ok(());
         }
+        if let RowOp::Insert { new } = &change.op {
+            if let Some(i) = new.iter().position(|v| matches!(v, Value::UnchangedToast)) {
+                return self.unknown_large_value(&mapping, new, i).await;
+            }
+        }
         self.stats.events += 1;
         self.pending_events += 1;
         self.pending.bytes += row_bytes(&change.op);
@@ -442,6 +447,40 @@ impl Applier {
         if self.chunk.len() >= self.batch_size {
             self.flush().await?;
         }
+        Ok(())
+    }
+
+    /// A row that an UPDATE of its tenant column moved into the tenant
+    /// arrives as an insert, and a large value it did not change comes
+    /// without its value (PostgreSQL's own subscriber stores NULL). With a
+    /// source connection the table is copied again (the resync runs between
+    /// transactions, the row comes with it); an apply node stops with the
+    /// row and the fix.
+    async fn unknown_large_value(
+        &mut self,
+        m: &TableMapping,
+        row: &Tuple,
+        column: usize,
+    ) -> Result<()> {
+        let key: Vec<String> = key_of(m, row)?
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        let what = format!(
+            "a row of {} (key {}) moved into the tenant by an UPDATE of {} arrived without its unchanged large value {}",
+            m.display,
+            key.join(", "),
+            self.id.tenant_column,
+            m.column_name(column)
+        );
+        if matches!(self.source, schema::SourceCatalog::Shipped(_)) {
+            return Err(ReplicationError::operator(
+                what,
+                format!("copy the table again: `resync --table {}` and `start` with a configuration that names both databases (mode = \"local\")", m.display),
+            ));
+        }
+        crate::snapshot::request_resync(&self.client, &self.id.tenant, Some(&m.display)).await?;
+        tracing::warn!(table = %m.display, "{what}: the table is copied again");
         Ok(())
     }
 
