@@ -65,7 +65,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
         src.batch_execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_slot'; DROP PUBLICATION IF EXISTS bench_pub;")
             .await?;
         let t = Instant::now();
-        heliosdb_tenant_replication::provision::init(&config, true)
+        heliosdb_tenant_replication::provision::init(&config, true, false)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         ours.push(t.elapsed().as_secs_f64());

@@ -62,7 +62,7 @@ pub fn config_text(
 pub async fn init_slot(source: &Cluster, target: &Cluster, dir: &Path, slot: &str) -> Result<()> {
     let text = config_text(source, target, dir, slot, crate::drain::PUBLICATION, "");
     let config = Config::from_toml(&text, "bench.toml", |_| None)?;
-    heliosdb_tenant_replication::provision::init(&config, false)
+    heliosdb_tenant_replication::provision::init(&config, false, false)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

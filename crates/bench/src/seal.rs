@@ -46,7 +46,7 @@ pub async fn run(rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
         "bench.toml",
         |_| None,
     )?;
-    heliosdb_tenant_replication::provision::init(&local, false)
+    heliosdb_tenant_replication::provision::init(&local, false, false)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!("running the reference workload ({rows} rows, 100-row transactions) …");

@@ -386,6 +386,26 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
     let session = session.unwrap_or_else(|| panic!("no session:\n{}", apply.log()));
     let mut seq = session.next_sequence;
 
+    // Sessions for another source are refused without naming either
+    // source's identity, and leave the current session streaming (the
+    // batches below are sent in it).
+    let foreign = SessionRequest {
+        source_system_id: "7000000000000000001".into(),
+        ..request.clone()
+    };
+    for _ in 0..3 {
+        let e = client
+            .session(TENANT, &foreign)
+            .await
+            .expect_err("a session for another source")
+            .to_string();
+        assert!(e.contains("another source cluster"), "{e}");
+        assert!(
+            !e.contains(&request.source_system_id) && !e.contains(&foreign.source_system_id),
+            "{e}"
+        );
+    }
+
     // Plaintext HTTP gets no HTTP answer.
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

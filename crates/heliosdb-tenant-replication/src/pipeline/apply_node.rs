@@ -22,6 +22,7 @@ use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
 use crate::apply::{Applier, ApplyIdentity, CommitPoint, Committed};
 use crate::capture::TxEvent;
 use crate::checkpoint::progress::{self, BatchMark};
+use crate::checkpoint::CheckpointError;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg;
@@ -171,15 +172,35 @@ impl ApplyNode {
         req: SessionRequest,
     ) -> Result<SessionResponse, Refusal> {
         let entry = self.tenant(tenant)?;
+        // Checked before the current session is touched: a refused request
+        // (a wrong source, a client probing) leaves it streaming.
+        let (active, progress) = match self.connect(tenant, &req).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let streaming = entry.state.lock().await.session.is_some();
+                if streaming {
+                    tracing::warn!(%tenant, capture_node = %req.capture_node, error = %e, "refused a session; the current one goes on");
+                } else {
+                    entry.tel.failed(&e, true);
+                }
+                return Err(match e {
+                    // The recorded source's identity stays on this side.
+                    ReplicationError::Checkpoint(CheckpointError::ForeignProgress { .. }) => {
+                        Refusal::new(
+                            StatusCode::FORBIDDEN,
+                            "foreign_source",
+                            format!("the target's progress for tenant '{tenant}' was recorded from another source cluster than this capture node's"),
+                        )
+                    }
+                    other => Refusal::from_error(&other),
+                });
+            }
+        };
         let mut state = entry.state.lock().await;
         if let Some(mut old) = state.session.take() {
             old.applier.rollback().await;
             tracing::info!(%tenant, old = %old.capture_node, new = %req.capture_node, "a new session replaces the previous one");
         }
-        let (active, progress) = self.connect(tenant, &req).await.map_err(|e| {
-            entry.tel.failed(&e, true);
-            Refusal::from_error(&e)
-        })?;
         let applied = progress.as_ref().map(|p| p.batch_sequence).unwrap_or(0);
         let last = applied.max(state.highest_seen);
         let response = SessionResponse {
