@@ -182,3 +182,85 @@ async fn a_row_moved_into_the_tenant_with_an_unchanged_large_value_arrives_whole
     );
     assert_eq!(foreign_rows_of(&env.dst().await, "docs").await, 0);
 }
+
+/// Partitioned tables and an inheritance tree on the source.
+const TREES_SOURCE: &str = "
+CREATE TABLE measures(tenant_id text, id int, region text, v numeric,
+                      PRIMARY KEY (tenant_id, id, region)) PARTITION BY LIST (region);
+CREATE TABLE measures_eu PARTITION OF measures FOR VALUES IN ('eu');
+CREATE TABLE measures_us PARTITION OF measures FOR VALUES IN ('us');
+CREATE TABLE logs(tenant_id text, id int, at date, line text, PRIMARY KEY (tenant_id, id, at))
+    PARTITION BY RANGE (at);
+CREATE TABLE logs_2025 PARTITION OF logs FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE logs_2026 PARTITION OF logs FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+CREATE TABLE base(tenant_id text, id int, note text, PRIMARY KEY (tenant_id, id));
+CREATE TABLE derived(extra text, PRIMARY KEY (tenant_id, id)) INHERITS (base);
+";
+
+/// The target: `measures` partitioned another way, `logs` not at all.
+const TREES_TARGET: &str = "
+CREATE TABLE measures(tenant_id text, id int, region text, v numeric,
+                      PRIMARY KEY (tenant_id, id, region)) PARTITION BY HASH (id);
+CREATE TABLE measures_h0 PARTITION OF measures FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE measures_h1 PARTITION OF measures FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE TABLE logs(tenant_id text, id int, at date, line text, PRIMARY KEY (tenant_id, id, at));
+CREATE TABLE base(tenant_id text, id int, note text, PRIMARY KEY (tenant_id, id));
+CREATE TABLE derived(extra text, PRIMARY KEY (tenant_id, id)) INHERITS (base);
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_and_inheritance_replicate_as_postgresql_does() {
+    let env = Env::new("").await;
+    env.src()
+        .await
+        .batch_execute(TREES_SOURCE)
+        .await
+        .expect("source schema");
+    env.dst()
+        .await
+        .batch_execute(TREES_TARGET)
+        .await
+        .expect("target schema");
+    let config = env.config();
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO measures SELECT t, g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g
+           FROM generate_series(1, 50) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO logs SELECT t, g, date '2025-12-20' + g, 'l' || g
+           FROM generate_series(1, 30) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO base SELECT t, g, 'base' FROM generate_series(1, 10) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO derived SELECT t, g, 'derived', 'x' FROM generate_series(5, 15) g, (VALUES ('tenant-123'), ('tenant-456')) v(t);",
+    )
+    .await
+    .expect("rows before init");
+    let out = env.init(&config);
+    assert!(
+        out.contains("a partition: replicated through its partitioned table"),
+        "{out}"
+    );
+    pg_reference(&env, TREES_TARGET).await;
+    let daemon = env.start_daemon(&config);
+    src.batch_execute(
+        "INSERT INTO measures SELECT 'tenant-123', g, 'eu', g FROM generate_series(100, 120) g;
+         UPDATE measures SET region = 'eu', v = v + 1000 WHERE tenant_id = 'tenant-123' AND region = 'us' AND id <= 9;
+         UPDATE measures SET v = -v WHERE tenant_id = 'tenant-123' AND id BETWEEN 20 AND 30;
+         DELETE FROM measures WHERE tenant_id = 'tenant-123' AND id BETWEEN 40 AND 45;
+         UPDATE logs SET at = at + 30, line = 'moved' WHERE tenant_id = 'tenant-123' AND id <= 5;
+         DELETE FROM logs WHERE tenant_id = 'tenant-123' AND id > 25;
+         UPDATE derived SET note = 'changed', extra = 'y' WHERE tenant_id = 'tenant-123' AND id <= 7;
+         DELETE FROM ONLY base WHERE tenant_id = 'tenant-123' AND id BETWEEN 5 AND 8;
+         UPDATE ONLY base SET note = 'only base' WHERE tenant_id = 'tenant-123' AND id = 9;
+         INSERT INTO derived VALUES ('tenant-123', 1, 'same key as a base row', 'z');",
+    )
+    .await
+    .expect("changes");
+    wait_equal_to_reference(&env, &["measures", "logs", "base", "derived"], &daemon).await;
+    // The inheritance parent's own rows, and the child's, separately.
+    let dst = env.dst().await;
+    assert_eq!(
+        tenant_rows(&dst, "ONLY base").await,
+        tenant_rows(&src, "ONLY base").await
+    );
+    assert_eq!(foreign_rows_of(&dst, "measures").await, 0);
+    assert_eq!(foreign_rows_of(&dst, "base").await, 0);
+}

@@ -16,6 +16,11 @@ pub struct TableMapping {
     pub relation: Arc<RelationDesc>,
     /// `"schema"."table"` on the target.
     pub target: String,
+    /// The table's own rows on the target, for reads, updates and deletes:
+    /// `ONLY "schema"."table"` (an inheritance parent's children are tables
+    /// of their own), or the whole tree of a partitioned table (`ONLY`
+    /// there would silently match nothing).
+    pub own_rows: String,
     /// `schema.table`, for messages.
     pub display: String,
     /// Target type of each source column, by source column index, spelled
@@ -43,7 +48,7 @@ impl TableMapping {
         let rows = target
             .query(
                 "SELECT a.attname::text, quote_ident(tn.nspname) || '.' || quote_ident(t.typname),
-                        a.attgenerated <> ''
+                        a.attgenerated <> '', c.relkind = 'p'
                    FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -109,9 +114,15 @@ impl TableMapping {
             )
         })?;
         let target = qualified(&relation.namespace, &relation.name);
+        let own_rows = if rows[0].get::<_, bool>(3) {
+            target.clone()
+        } else {
+            format!("ONLY {target}")
+        };
         Ok(Self {
             relation,
             target,
+            own_rows,
             display,
             casts,
             key,

@@ -102,7 +102,7 @@ pub fn returning_keys(m: &TableMapping) -> String {
 pub fn delete(m: &TableMapping) -> String {
     format!(
         "DELETE FROM {} AS x USING {} WHERE {}",
-        m.target,
+        m.own_rows,
         unnest(m.key.len(), |k| format!("k{k}")),
         key_match(m, "x", "v"),
     )
@@ -119,7 +119,7 @@ pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
         .collect();
     format!(
         "UPDATE {} AS x SET {} FROM {} WHERE {}",
-        m.target,
+        m.own_rows,
         assignments.join(", "),
         unnest(nk + set.len(), |p| if p < nk {
             format!("k{p}")
@@ -161,7 +161,7 @@ pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
         .collect();
     format!(
         "UPDATE {} SET {} WHERE {}",
-        m.target,
+        m.own_rows,
         assignments.join(", "),
         cond.join(" AND ")
     )
@@ -172,7 +172,7 @@ pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
 pub fn delete_tenant(m: &TableMapping) -> String {
     format!(
         "DELETE FROM {} WHERE {} = $1::text::{}",
-        m.target,
+        m.own_rows,
         quote_ident(m.column_name(m.tenant)),
         m.casts[m.tenant]
     )
@@ -230,6 +230,7 @@ mod tests {
                 columns: vec![col("tenant_id"), col("id"), col("Note")],
             }),
             target: "\"public\".\"we\"\"ird\"".into(),
+            own_rows: "ONLY \"public\".\"we\"\"ird\"".into(),
             display: "public.we\"ird".into(),
             casts: vec!["text".into(), "bigint".into(), "jsonb".into()],
             key: vec![0, 1],
@@ -246,16 +247,16 @@ mod tests {
         );
         assert_eq!(
             delete(&m),
-            "DELETE FROM \"public\".\"we\"\"ird\" AS x USING unnest($1::text[], $2::text[]) AS v(k0, k1) WHERE x.\"tenant_id\" = v.k0::text AND x.\"id\" = v.k1::bigint"
+            "DELETE FROM ONLY \"public\".\"we\"\"ird\" AS x USING unnest($1::text[], $2::text[]) AS v(k0, k1) WHERE x.\"tenant_id\" = v.k0::text AND x.\"id\" = v.k1::bigint"
         );
         assert!(update_columns(&m, &[2]).contains("SET \"Note\" = v.c0::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS v(k0, k1, c0)"));
         assert_eq!(
             move_row(&m, &[1, 2]),
-            "UPDATE \"public\".\"we\"\"ird\" SET \"id\" = $3::text::bigint, \"Note\" = $4::text::jsonb WHERE \"tenant_id\" = $1::text::text AND \"id\" = $2::text::bigint"
+            "UPDATE ONLY \"public\".\"we\"\"ird\" SET \"id\" = $3::text::bigint, \"Note\" = $4::text::jsonb WHERE \"tenant_id\" = $1::text::text AND \"id\" = $2::text::bigint"
         );
         assert_eq!(
             delete_tenant(&m),
-            "DELETE FROM \"public\".\"we\"\"ird\" WHERE \"tenant_id\" = $1::text::text"
+            "DELETE FROM ONLY \"public\".\"we\"\"ird\" WHERE \"tenant_id\" = $1::text::text"
         );
     }
 

@@ -345,7 +345,7 @@ pub fn lookup_sql(m: &TableMapping, lock: bool) -> String {
                  WHERE r.tenant_id = $1 AND r.table_name = $2 AND r.pk = ARRAY[{pk}]
                    {lock}) v ON true
           ORDER BY k.ord",
-        target = m.target,
+        target = m.own_rows,
         matches = key_match(m, "x", "k"),
         params = text_arrays(4, m.key.len()),
         aliases = key_aliases(m.key.len()),
@@ -377,7 +377,7 @@ pub fn image_sql(m: &TableMapping) -> String {
     format!(
         "SELECT (SELECT to_jsonb(x)::text FROM {} x WHERE {})
            FROM unnest({}) WITH ORDINALITY AS k({}, ord) ORDER BY k.ord",
-        m.target,
+        m.own_rows,
         key_match(m, "x", "k"),
         text_arrays(1, m.key.len()),
         key_aliases(m.key.len()),

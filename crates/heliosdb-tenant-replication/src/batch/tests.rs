@@ -22,6 +22,7 @@ fn mapping() -> Arc<TableMapping> {
             ],
         }),
         target: "\"public\".\"t\"".into(),
+        own_rows: "ONLY \"public\".\"t\"".into(),
         display: "public.t".into(),
         casts: vec!["text".into(), "bigint".into(), "text".into(), "text".into()],
         key: vec![0, 1],

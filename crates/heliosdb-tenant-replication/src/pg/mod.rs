@@ -134,6 +134,30 @@ pub async fn replica_role(client: &tokio_postgres::Client) -> Result<bool, tokio
     }
 }
 
+/// `schema.table`'s own rows on a target, for a DELETE or a read: `ONLY`
+/// for a plain table (an inheritance parent must not reach its children's
+/// rows), the whole tree of a partitioned table (`ONLY` there silently
+/// matches nothing).
+pub async fn own_rows(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    table: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let partitioned: Option<bool> = client
+        .query_opt(
+            "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let name = qualified(schema, table);
+    Ok(match partitioned {
+        Some(true) => name,
+        _ => format!("ONLY {name}"),
+    })
+}
+
 /// Quote an identifier as PostgreSQL's `quote_ident` does (always quoting).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -33,6 +33,18 @@ impl SourceTable {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// The table's own rows on the source, in a query or a publication:
+    /// `ONLY` for a plain table (an inheritance parent's children are
+    /// tables of their own), the whole tree for a partitioned table (its
+    /// partitions are replicated through it).
+    pub fn own_rows(&self) -> String {
+        if self.partitioned {
+            self.qualified()
+        } else {
+            format!("ONLY {}", self.qualified())
+        }
+    }
+
     /// The relation as pgoutput will describe it (for checking the target
     /// before the first row arrives).
     pub fn relation_desc(&self) -> Arc<RelationDesc> {

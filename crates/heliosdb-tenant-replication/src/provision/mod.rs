@@ -159,11 +159,13 @@ async fn clear_tenant(target: &Client, t: &TenantConfig, tables: &[SourceTable])
     target.batch_execute("BEGIN").await.map_err(dst("BEGIN"))?;
     let mut rows = 0;
     for table in tables {
+        let own_rows = pg::own_rows(target, &table.schema, &table.name)
+            .await
+            .map_err(dst("reading the target table"))?;
         rows += target
             .execute(
                 &format!(
-                    "DELETE FROM {} WHERE {} = $1::text",
-                    table.qualified(),
+                    "DELETE FROM {own_rows} WHERE {} = $1::text",
                     quote_ident(&t.tenant_column)
                 ),
                 &[&t.tenant_id],
@@ -188,14 +190,15 @@ async fn clear_tenant(target: &Client, t: &TenantConfig, tables: &[SourceTable])
     Ok(rows)
 }
 
-/// Ordinary tables with the tenant column, and descriptions of those left out.
+/// Tables with the tenant column (plain tables and partitioned tables, whose
+/// partitions are replicated through them), and descriptions of those left out.
 pub(crate) async fn tenant_tables(
     source: &Client,
     t: &TenantConfig,
 ) -> Result<(Vec<SourceTable>, Vec<String>)> {
     let rows = source
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.relispartition,
+            "SELECT n.nspname::text, c.relname::text, c.relispartition,
                     EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = $1
                              AND a.attnum > 0 AND NOT a.attisdropped)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -210,13 +213,14 @@ pub(crate) async fn tenant_tables(
     let mut tables = Vec::new();
     let mut skipped = Vec::new();
     for r in rows {
-        let (schema, name, kind, is_partition, has_col): (String, String, String, bool, bool) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let (schema, name, is_partition, has_col): (String, String, bool, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
         if !has_col {
             skipped.push(format!("{schema}.{name} (no {} column)", t.tenant_column));
-        } else if kind == "p" || is_partition {
+        } else if is_partition {
+            // Its rows travel as its partitioned table's (kind "p" below).
             skipped.push(format!(
-                "{schema}.{name} (partitioned tables are not supported yet)"
+                "{schema}.{name} (a partition: replicated through its partitioned table)"
             ));
         } else if let Some(table) = source_table(source, &schema, &name, &t.tenant_column).await? {
             tables.push(table);
@@ -248,11 +252,18 @@ async fn ensure_publication(
     if !exists {
         let list: Vec<String> = tables
             .iter()
-            .map(|tb| format!("{} {filter}", tb.qualified()))
+            .map(|tb| format!("{} {filter}", tb.own_rows()))
             .collect();
+        // Partitioned tables publish their partitions' changes as their own,
+        // so the target may be partitioned differently, or not at all.
+        let with = if tables.iter().any(|tb| tb.partitioned) {
+            " WITH (publish_via_partition_root = true)"
+        } else {
+            ""
+        };
         source
             .batch_execute(&format!(
-                "CREATE PUBLICATION {pub_ident} FOR TABLE {}",
+                "CREATE PUBLICATION {pub_ident} FOR TABLE {}{with}",
                 list.join(", ")
             ))
             .await
@@ -288,7 +299,7 @@ async fn ensure_publication(
         source
             .batch_execute(&format!(
                 "ALTER PUBLICATION {pub_ident} ADD TABLE {} {filter}",
-                tb.qualified()
+                tb.own_rows()
             ))
             .await
             .map_err(src("adding a table to the publication"))?;
@@ -297,6 +308,28 @@ async fn ensure_publication(
             t.publication,
             tb.display()
         ));
+    }
+    if tables.iter().any(|tb| tb.partitioned) {
+        let via_root: bool = source
+            .query_one(
+                "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+                &[&t.publication],
+            )
+            .await
+            .map_err(src("reading pg_publication"))?
+            .get(0);
+        if !via_root {
+            source
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {pub_ident} SET (publish_via_partition_root = true)"
+                ))
+                .await
+                .map_err(src("publishing partitions through their partitioned table"))?;
+            report.lines.push(format!(
+                "source: publication '{}' publishes partitions through their partitioned table",
+                t.publication
+            ));
+        }
     }
     if missing.is_empty() {
         report.lines.push(format!(

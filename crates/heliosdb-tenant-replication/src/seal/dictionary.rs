@@ -53,7 +53,7 @@ pub async fn samples(
         let sql = format!(
             "SELECT {} FROM {} WHERE {} = {} LIMIT {rows_per_table}",
             columns.join(", "),
-            table.qualified(),
+            table.own_rows(),
             quote_ident(tenant_column),
             quote_literal(tenant)
         );

@@ -48,7 +48,7 @@ pub(super) async fn run(
             .query_one(
                 &format!(
                     "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {} = {}",
-                    r.table.qualified(),
+                    r.table.own_rows(),
                     quote_ident(&t.tenant_column),
                     quote_literal(&t.tenant_id)
                 ),
@@ -260,7 +260,7 @@ pub(super) async fn copy_range(
     }
     let out_sql = format!(
         "COPY (SELECT {cols} FROM {} WHERE {filter}) TO STDOUT (FORMAT {format})",
-        table.qualified()
+        table.own_rows()
     );
     let in_sql = format!(
         "COPY {} ({cols}) FROM STDIN (FORMAT {format})",

@@ -216,9 +216,11 @@ async fn make_plan(
     let replace = resync_requested(target, &t.tenant_id).await?;
     if !replace {
         for table in tables {
+            let rows = pg::own_rows(target, &table.schema, &table.name)
+                .await
+                .map_err(dst("reading the target table"))?;
             let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {} WHERE {} = $1::text)",
-                table.qualified(),
+                "SELECT EXISTS (SELECT 1 FROM {rows} WHERE {} = $1::text)",
                 quote_ident(&t.tenant_column)
             );
             let has: bool = target
@@ -398,10 +400,12 @@ pub async fn resync_tables(
             )
         })?;
         let tx = target.transaction().await.map_err(dst("BEGIN"))?;
+        let own_rows = pg::own_rows(&tx, &table.schema, &table.name)
+            .await
+            .map_err(dst("reading the target table"))?;
         tx.execute(
             &format!(
-                "DELETE FROM {} WHERE {} = $1::text",
-                table.qualified(),
+                "DELETE FROM {own_rows} WHERE {} = $1::text",
                 quote_ident(&t.tenant_column)
             ),
             &[&t.tenant_id],
