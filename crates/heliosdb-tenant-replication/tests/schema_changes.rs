@@ -175,3 +175,83 @@ async fn halt_stops_with_the_table_and_the_change_and_resumes_once_fixed() {
     let daemon = env.start_daemon(&config);
     wait_tenant_equal(&env, &["orders"], Duration::from_secs(30), &daemon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_changed_outside_replication_stops_the_tenant_until_restored_and_resynced() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    let mut daemon = env.start_daemon(&config);
+    step(&env, &daemon, "INSERT INTO orders SELECT 'tenant-123', g, g, 'new', g * 1.5, '{}', now() FROM generate_series(1, 200) g").await;
+
+    // A narrowed type rounds every value: found while streaming.
+    env.dst()
+        .await
+        .batch_execute("ALTER TABLE orders ALTER COLUMN amount TYPE int")
+        .await
+        .expect("narrow on the target");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(30)),
+        Some(3),
+        "{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    for needle in [
+        "target table public.orders was changed outside replication",
+        "column amount is integer, replication made it numeric",
+        "ALTER TABLE \"public\".\"orders\" ALTER COLUMN \"amount\" TYPE numeric",
+        "resync --table public.orders",
+    ] {
+        assert!(log.contains(needle), "{needle}:\n{log}");
+    }
+    // A restart changes nothing about it.
+    let mut again = env.start_daemon(&config);
+    assert_eq!(again.wait_exit(Duration::from_secs(30)), Some(3));
+
+    // A dropped column is not added back empty after a restart either.
+    let dst = env.dst().await;
+    dst.batch_execute("ALTER TABLE orders DROP COLUMN status")
+        .await
+        .expect("drop on the target");
+    env.src()
+        .await
+        .batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 10")
+        .await
+        .expect("source change");
+    let mut third = env.start_daemon(&config);
+    assert_eq!(third.wait_exit(Duration::from_secs(30)), Some(3));
+    assert!(
+        third.log().contains("column status (text) was dropped"),
+        "{}",
+        third.log()
+    );
+    assert!(!target_columns(&env)
+        .await
+        .iter()
+        .any(|c| c.starts_with("status")));
+
+    // The fix named: restore, resync the table; then the rows equal the source's.
+    dst.batch_execute(
+        "ALTER TABLE orders ALTER COLUMN amount TYPE numeric; ALTER TABLE orders ADD COLUMN status text",
+    )
+    .await
+    .expect("restore");
+    let out = run(&config, &["resync", "--table", "public.orders"]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    let daemon = Daemon::start(&config, &env.dir.path().join("after-the-fix.log"));
+    // Column by column: `status` is the target's last column now.
+    let rows = "SELECT coalesce(string_agg(concat_ws('|', id, account_id, status, amount, payload, created_at), ','
+                  ORDER BY id), '') FROM orders WHERE tenant_id = 'tenant-123'";
+    let src = env.src().await;
+    let want: String = src.query_one(rows, &[]).await.expect("source rows").get(0);
+    assert!(want.contains("|paid|") && want.contains("|1.5|"), "{want}");
+    wait_until(Duration::from_secs(30), "the resynced rows", || async {
+        dst.query_one(rows, &[])
+            .await
+            .expect("target rows")
+            .get::<_, String>(0)
+            == want
+    })
+    .await;
+    assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+    assert_eq!(foreign_rows(&env.dst().await).await, 0);
+}

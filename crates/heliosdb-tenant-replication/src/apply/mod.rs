@@ -275,6 +275,7 @@ impl Applier {
         self.flush().await?;
         let done = schema::reconcile(
             &self.client,
+            &self.id.tenant,
             &self.source,
             relation,
             previous.as_deref(),
@@ -292,11 +293,37 @@ impl Applier {
         let m = Arc::new(
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
         );
+        schema::record_definition(&self.client, &self.id.tenant, relation).await?;
         if self.track_tables && self.tracked.insert(m.display.clone()) {
             self.track(&m).await?;
         }
         self.mappings.insert(relation.id, m.clone());
         Ok(m)
+    }
+
+    /// Stop when a replicated table was changed on the target outside
+    /// replication (see [`schema::check_drift`]). Cheap: one catalog query
+    /// unless something changed.
+    pub async fn check_definitions(&mut self) -> Result<()> {
+        let drifted = schema::drifted_tables(&self.client, &self.id.tenant).await?;
+        for (namespace, name) in drifted {
+            let mapped = self
+                .mappings
+                .values()
+                .find(|m| m.relation.namespace == namespace && m.relation.name == name)
+                .cloned();
+            let src = match (mapped, &self.source) {
+                (Some(m), source) => schema::source_columns(source, &m.relation).await?,
+                (None, schema::SourceCatalog::Live(client)) => {
+                    schema::describe_source_table(client, (&namespace, &name)).await?
+                }
+                // An apply node knows a table's source definition once its
+                // changes come; it checks then.
+                (None, schema::SourceCatalog::Shipped(_)) => continue,
+            };
+            schema::check_drift(&self.client, &self.id.tenant, (&namespace, &name), &src).await?;
+        }
+        Ok(())
     }
 
     /// A lane of a streamed transaction installs no triggers: that would
@@ -626,6 +653,17 @@ impl Applier {
             self.open = false;
             self.opened_at = None;
         }
+    }
+
+    /// Roll back, and let go of the session's replication origin now (not
+    /// when the server notices the closed connection): a session that
+    /// replaces this one takes it.
+    pub async fn release(&mut self) {
+        self.rollback().await;
+        let _ = self
+            .client
+            .batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await;
     }
 
     async fn prepared(&mut self, sql: String) -> Result<Statement> {

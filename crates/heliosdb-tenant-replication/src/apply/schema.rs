@@ -62,9 +62,14 @@ pub struct Reconciled {
     pub needs_resync: bool,
 }
 
-async fn source_columns(source: &SourceCatalog, rel: &RelationDesc) -> Result<Vec<SourceColumn>> {
+pub async fn source_columns(
+    source: &SourceCatalog,
+    rel: &RelationDesc,
+) -> Result<Vec<SourceColumn>> {
     match source {
-        SourceCatalog::Live(client) => describe_source_table(client, rel).await,
+        SourceCatalog::Live(client) => {
+            describe_source_table(client, (&rel.namespace, &rel.name)).await
+        }
         SourceCatalog::Shipped(map) => map.get(&rel.id).cloned().ok_or_else(|| {
             ReplicationError::Internal(format!(
                 "the capture node sent no source definition of {}.{}",
@@ -77,7 +82,7 @@ async fn source_columns(source: &SourceCatalog, rel: &RelationDesc) -> Result<Ve
 /// The source catalog's columns of `rel` (the capture node ships them).
 pub async fn describe_source_table(
     source: &Client,
-    rel: &RelationDesc,
+    (namespace, name): (&str, &str),
 ) -> Result<Vec<SourceColumn>> {
     let rows = source
         .query(
@@ -85,7 +90,7 @@ pub async fn describe_source_table(
                     CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END, a.atthasdef
                FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-            &[&rel.namespace, &rel.name],
+            &[&namespace, &name],
         )
         .await
         .map_err(|e| ReplicationError::db(Side::Source, "reading a changed table definition", e))?;
@@ -101,10 +106,12 @@ pub async fn describe_source_table(
 }
 
 /// Bring the target table in line with `rel` (the previous definition seen
-/// in this session, if any, tells renames and drops apart). Runs inside the
-/// open target transaction.
+/// in this session, if any, tells renames and drops apart), after checking
+/// the target was not changed outside replication ([`check_drift`]). Runs
+/// inside the open target transaction.
 pub async fn reconcile(
     target: &Client,
+    tenant: &str,
     source: &SourceCatalog,
     rel: &RelationDesc,
     previous: Option<&RelationDesc>,
@@ -153,6 +160,7 @@ pub async fn reconcile(
         .collect();
 
     let src = source_columns(source, rel).await?;
+    check_drift(target, tenant, (&rel.namespace, &rel.name), &src).await?;
     let src_col = |n: &str| src.iter().find(|c| c.name == n);
     let mut retyped: Vec<(String, String)> = Vec::new();
     for c in &rel.columns {
@@ -300,4 +308,125 @@ pub async fn reconcile(
     let summary = describe();
     tracing::info!(table = %rel.name, schema = %rel.namespace, changes = %summary, "schema change applied to the target");
     Ok(done)
+}
+
+/// Record the replicated columns of `rel`'s target table as they are now
+/// (after [`reconcile`]), in the open target transaction.
+pub async fn record_definition(target: &Client, tenant: &str, rel: &RelationDesc) -> Result<()> {
+    let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+    target
+        .execute(
+            "INSERT INTO heliosdb_replication.table_definitions AS d (tenant_id, schema_name, table_name, columns)
+             SELECT $1::text, $2::text, $3::text,
+                    array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attname)
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $2::text AND c.relname = $3::text AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname = ANY($4::text[])
+             ON CONFLICT (tenant_id, schema_name, table_name) DO UPDATE
+                SET columns = EXCLUDED.columns, updated_at = now()
+              WHERE d.columns IS DISTINCT FROM EXCLUDED.columns",
+            &[&tenant, &rel.namespace, &rel.name, &names],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "recording a table definition", e))?;
+    Ok(())
+}
+
+/// Tables of the tenant whose target definition lost a column replication
+/// made, or changed its type, since it was recorded: `(schema, table)`.
+pub async fn drifted_tables(target: &Client, tenant: &str) -> Result<Vec<(String, String)>> {
+    Ok(target
+        .query(
+            "SELECT d.schema_name, d.table_name FROM heliosdb_replication.table_definitions d
+              WHERE d.tenant_id = $1
+                AND NOT d.columns <@ ARRAY(
+                    SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                      FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                      JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = d.schema_name AND c.relname = d.table_name
+                       AND a.attnum > 0 AND NOT a.attisdropped)",
+            &[&tenant],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "checking table definitions", e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// The target table of `rel` must still have every column replication made,
+/// with the type it made (a column dropped on the target would be added
+/// back empty; a narrowed type rounds or cuts values). A difference that
+/// the source's own definition explains (its change applied to the target
+/// by hand, under `schema_changes = "halt"`) is not drift.
+pub async fn check_drift(
+    target: &Client,
+    tenant: &str,
+    (namespace, name): (&str, &str),
+    src: &[SourceColumn],
+) -> Result<()> {
+    let stored: Option<Vec<String>> = target
+        .query_opt(
+            "SELECT columns FROM heliosdb_replication.table_definitions
+              WHERE tenant_id = $1 AND schema_name = $2 AND table_name = $3",
+            &[&tenant, &namespace, &name],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "reading a recorded table definition", e))?
+        .map(|r| r.get(0));
+    let Some(stored) = stored else {
+        return Ok(());
+    };
+    let current = crate::pg::columns(target, namespace, name)
+        .await
+        .map_err(|e| {
+            ReplicationError::db(Side::Target, "reading the target table definition", e)
+        })?;
+    let table = qualified(namespace, name);
+    let (mut found, mut fixes) = (Vec::new(), Vec::new());
+    for entry in &stored {
+        let Some((column, made)) = entry.split_once(' ') else {
+            continue;
+        };
+        let now = current
+            .iter()
+            .find(|(n, _)| n == column)
+            .map(|(_, t)| t.as_str());
+        let source_type = src
+            .iter()
+            .find(|c| c.name == column)
+            .map(|c| c.type_name.as_str());
+        let col = quote_ident(column);
+        match now {
+            // Dropped on the source too: the hand-applied change.
+            None if source_type.is_none() => {}
+            None => {
+                found.push(format!("column {column} ({made}) was dropped"));
+                fixes.push(format!("ALTER TABLE {table} ADD COLUMN {col} {made}"));
+            }
+            Some(t) if t == made || Some(t) == source_type => {}
+            Some(t) => {
+                found.push(format!(
+                    "column {column} is {t}, replication made it {made}"
+                ));
+                fixes.push(format!(
+                    "ALTER TABLE {table} ALTER COLUMN {col} TYPE {made}"
+                ));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let display = format!("{namespace}.{name}");
+    Err(ReplicationError::operator(
+        format!(
+            "target table {display} was changed outside replication: {} (its rows may no longer equal the source's)",
+            found.join("; ")
+        ),
+        format!(
+            "restore it ({}), then copy its rows again: heliosdb-tenant-replication --config <file> resync --table {display}",
+            fixes.join("; ")
+        ),
+    ))
 }

@@ -266,7 +266,7 @@ impl Streams {
     /// Abandon every lane (the session ends; the source sends them again).
     pub async fn rollback_all(&mut self) {
         for (_, mut lane) in self.lanes.drain() {
-            lane.applier.rollback().await;
+            lane.applier.release().await;
         }
     }
 }

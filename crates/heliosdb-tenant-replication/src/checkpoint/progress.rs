@@ -54,6 +54,17 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.copy_state (
     done       boolean NOT NULL DEFAULT false,
     PRIMARY KEY (tenant_id, table_name, chunk)
 );
+-- The replicated columns of each target table as replication last made
+-- them (name and type): a target changed outside replication is told apart
+-- from a change on the source.
+CREATE TABLE IF NOT EXISTS heliosdb_replication.table_definitions (
+    tenant_id   text NOT NULL,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    columns     text[] NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, schema_name, table_name)
+);
 CREATE TABLE IF NOT EXISTS heliosdb_replication.resync_requests (
     tenant_id    text NOT NULL,
     table_name   text NOT NULL DEFAULT '*',

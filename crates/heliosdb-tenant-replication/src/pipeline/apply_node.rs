@@ -174,7 +174,7 @@ impl ApplyNode {
         let entry = self.tenant(tenant)?;
         // Checked before the current session is touched: a refused request
         // (a wrong source, a client probing) leaves it streaming.
-        let (active, progress) = match self.connect(tenant, &req).await {
+        let (target, progress) = match self.check_session(tenant, &req).await {
             Ok(accepted) => accepted,
             Err(e) => {
                 let streaming = entry.state.lock().await.session.is_some();
@@ -197,10 +197,20 @@ impl ApplyNode {
             }
         };
         let mut state = entry.state.lock().await;
+        // The replaced session holds the tenant's replication origin, which
+        // the new one takes.
         if let Some(mut old) = state.session.take() {
-            old.applier.rollback().await;
+            old.streams.rollback_all().await;
+            old.applier.release().await;
             tracing::info!(%tenant, old = %old.capture_node, new = %req.capture_node, "a new session replaces the previous one");
         }
+        let active = self
+            .activate(tenant, &req, target, progress.as_ref())
+            .await
+            .map_err(|e| {
+                entry.tel.failed(&e, true);
+                Refusal::from_error(&e)
+            })?;
         let applied = progress.as_ref().map(|p| p.batch_sequence).unwrap_or(0);
         let last = applied.max(state.highest_seen);
         let response = SessionResponse {
@@ -229,11 +239,13 @@ impl ApplyNode {
         Ok(response)
     }
 
-    async fn connect(
+    /// Connect the target and check the session may stream there (its
+    /// source is the one the target's progress came from).
+    async fn check_session(
         &self,
         tenant: &str,
         req: &SessionRequest,
-    ) -> Result<(Active, Option<progress::Progress>)> {
+    ) -> Result<(tokio_postgres::Client, Option<progress::Progress>)> {
         let t = &self.config.tenant;
         let app = format!("heliosdb-tenant-replication/{tenant} apply");
         let target = pg::connect(t.target()?, &self.config.network, Side::Target, &app).await?;
@@ -248,6 +260,19 @@ impl ApplyNode {
         {
             tracing::warn!(%tenant, "a resync is requested, but an apply node has no source connection: run `resync` and `start` with a configuration that names both databases (mode = \"local\") to perform it");
         }
+        Ok((target, recorded))
+    }
+
+    /// The session's applier on the checked connection (it takes the
+    /// tenant's replication origin).
+    async fn activate(
+        &self,
+        tenant: &str,
+        req: &SessionRequest,
+        target: tokio_postgres::Client,
+        recorded: Option<&progress::Progress>,
+    ) -> Result<Active> {
+        let t = &self.config.tenant;
         let identity = ApplyIdentity {
             tenant: tenant.to_string(),
             tenant_column: t.tenant_column.clone(),
@@ -270,25 +295,24 @@ impl ApplyNode {
             identity,
             LaneCatalog::Shipped,
         ));
-        if let Some(p) = &recorded {
+        if let Some(p) = recorded {
             applier.set_converge_until(p.converge_until);
             streams.set_converge_until(p.converge_until);
         }
         let mut id = [0u8; 16];
         rand::rng().fill_bytes(&mut id);
-        let active = Active {
+        Ok(Active {
             id: id.iter().map(|b| format!("{b:02x}")).collect(),
             capture_node: req.capture_node.clone(),
             applier,
             streams,
-            seen: recorded.as_ref().map(|p| p.end_lsn).unwrap_or_default(),
+            seen: recorded.map(|p| p.end_lsn).unwrap_or_default(),
             decoder: Decoder::new(),
             last_sequence: 0,
             in_source_txn: false,
             key: None,
             wire_uncommitted: 0,
-        };
-        Ok((active, recorded))
+        })
     }
 
     /// Open, decode and apply one batch; answer after the target committed.

@@ -426,7 +426,7 @@ impl Shipper<'_> {
             }
         }
         for rel in self.enc.unsent_relations(&event) {
-            let columns = describe_source_table(&self.source, &rel).await?;
+            let columns = describe_source_table(&self.source, (&rel.namespace, &rel.name)).await?;
             self.enc.relation(&rel, &columns);
         }
         self.enc.event(&event);

@@ -600,7 +600,9 @@ impl ApplyLoop<'_> {
         let tenant = &self.config.tenant.tenant_id;
         let pending = snapshot::pending_resyncs(self.applier.client(), tenant).await?;
         if pending.is_empty() {
-            return Ok(());
+            // A target table changed outside replication stops the tenant
+            // within seconds, not at the next restart.
+            return self.applier.check_definitions().await;
         }
         self.commit().await?;
         self.tel.set_state(State::Snapshotting);
