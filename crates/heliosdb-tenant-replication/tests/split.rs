@@ -434,6 +434,92 @@ async fn the_apply_node_refuses_plaintext_foreign_certificates_tampering_replays
         err.to_string().contains("TLS") || err.to_string().contains("transport"),
         "{err}"
     );
+    // Memory stays bounded whatever a client of the CA sends: a body over
+    // the limit, or without a length, is refused unread; bodies beyond the
+    // budget for all of them wait, then are refused; a stalled body times out.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tls = heliosdb_tenant_replication::transport::tls::client_config(&TransportConfig {
+            mode: Mode::Capture,
+            apply_url: None,
+            listen_address: None,
+            ca_file: Some(dir.join("ca.pem")),
+            cert_file: Some(good_cert.cert.clone()),
+            key_file: Some(good_cert.key.clone()),
+            request_timeout: Duration::from_secs(20),
+        })
+        .expect("tls");
+        let open = |head: String| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", split.port))
+                    .await
+                    .expect("connect");
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                let mut s = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+                    .expect("handshake");
+                s.write_all(head.as_bytes()).await.expect("head");
+                s
+            }
+        };
+        let answer = |mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let head = |len: Option<u64>| {
+            format!(
+                "POST /v1/tenants/{TENANT}/batches HTTP/1.1\r\nHost: localhost\r\nx-heliosdb-session: x\r\n{}\r\n",
+                len.map(|n| format!("Content-Length: {n}\r\n")).unwrap_or_default()
+            )
+        };
+        let too_large = answer(open(head(Some(1 << 30))).await).await;
+        assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
+        let no_length = answer(open(head(None)).await).await;
+        assert!(no_length.starts_with("HTTP/1.1 411"), "{no_length}");
+        // Two bodies of 200 MB fill the budget (two of the largest batch);
+        // a third waits a second for room, then is refused; each sends 1 MB
+        // and stalls, until the request timeout (3 s here).
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            let mut s = open(head(Some(200 << 20))).await;
+            s.write_all(&vec![b'x'; 1 << 20])
+                .await
+                .expect("part of a body");
+            stalled.push(s);
+        }
+        let answers = futures_util::future::join_all(stalled.into_iter().map(answer)).await;
+        assert_eq!(
+            answers
+                .iter()
+                .filter(|a| a.starts_with("HTTP/1.1 503"))
+                .count(),
+            1,
+            "{answers:?}"
+        );
+        assert_eq!(
+            answers
+                .iter()
+                .filter(|a| a.starts_with("HTTP/1.1 408"))
+                .count(),
+            2,
+            "{answers:?}"
+        );
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", apply.pid())).expect("status");
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        assert!(rss_kb < 200_000, "apply node peak RSS {rss_kb} kB");
+    }
+
     // The capture node refuses an apply node whose certificate another CA signed.
     let err = client_for(&good_cert, &rogue_ca.cert)
         .session(TENANT, &request)

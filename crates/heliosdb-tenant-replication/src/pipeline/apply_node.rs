@@ -165,6 +165,11 @@ impl ApplyNode {
         })
     }
 
+    /// `[transport] request_timeout_seconds`.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.config.transport.request_timeout
+    }
+
     /// Start a session: connect the target, read the tenant's progress.
     pub async fn open_session(
         &self,

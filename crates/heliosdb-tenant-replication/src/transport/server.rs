@@ -9,8 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::{class_name, ErrorBody, SessionRequest, MAX_BODY, SESSION_HEADER};
@@ -67,6 +68,25 @@ impl Refusal {
     }
 }
 
+/// Connections served at once (a capture node keeps a few per tenant);
+/// more are closed right after they are accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Request bodies held at once, in bytes: two of the largest batch.
+pub const BODY_BUDGET: usize = 2 * MAX_BODY;
+/// How long a request waits for room in [`BODY_BUDGET`] before it is
+/// refused (503, retried by the capture node).
+pub const BODY_WAIT: Duration = Duration::from_secs(1);
+/// A connection with no request for this long is closed (a capture node
+/// reconnects when it has a batch again).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What bounds the server's memory whatever its clients send.
+struct Limits {
+    connections: Arc<Semaphore>,
+    /// Permits of 1 KiB of request body.
+    bodies: Arc<Semaphore>,
+}
+
 /// Accept capture nodes until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -75,6 +95,10 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let limits = Arc::new(Limits {
+        connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        bodies: Arc::new(Semaphore::new(BODY_BUDGET / 1024)),
+    });
     loop {
         let (tcp, peer) = tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -87,9 +111,18 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = limits.connections.clone().try_acquire_owned() else {
+            node.refused_connection(
+                &peer.to_string(),
+                &format!("{MAX_CONNECTIONS} connections are open already"),
+            );
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, node, mut stop) = (acceptor.clone(), node.clone(), shutdown.clone());
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -104,10 +137,14 @@ pub async fn serve(
                     }
                 };
             let service = hyper::service::service_fn(move |req| {
-                let node = node.clone();
-                async move { Ok::<_, Infallible>(route(&node, req).await) }
+                let (node, limits) = (node.clone(), limits.clone());
+                async move { Ok::<_, Infallible>(route(&node, &limits, req).await) }
             });
+            // The header timer also runs while a kept-alive connection waits
+            // for its next request: an idle connection is closed.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -136,7 +173,7 @@ fn refused(r: Refusal) -> Response<Full<Bytes>> {
     json(r.status, &r.body)
 }
 
-async fn route(node: &ApplyNode, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(node: &ApplyNode, limits: &Limits, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (tenant, action) = match parts.as_slice() {
@@ -161,16 +198,61 @@ async fn route(node: &ApplyNode, req: Request<Incoming>) -> Response<Full<Bytes>
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return refused(Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "transport_request",
-                format!("request body: {e}"),
-            ))
+    // The body's size is known before it is read: too large is refused
+    // unread, and what is read fits the server's budget for bodies.
+    let length = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let Some(length) = length else {
+        return refused(Refusal::new(
+            StatusCode::LENGTH_REQUIRED,
+            "transport_request",
+            "a Content-Length is required",
+        ));
+    };
+    if length > MAX_BODY {
+        return refused(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "transport_request",
+            format!("request body of {length} bytes: at most {MAX_BODY}"),
+        ));
+    }
+    let permits = u32::try_from(length.div_ceil(1024)).unwrap_or(u32::MAX);
+    let _budget = match tokio::time::timeout(BODY_WAIT, limits.bodies.acquire_many(permits)).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return refused(
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "transport_request",
+                    "the apply node is busy with other requests' bodies",
+                )
+                .retry(),
+            )
         }
     };
+    let read = Limited::new(req.into_body(), length).collect();
+    let body =
+        match tokio::time::timeout(node.request_timeout(), read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                return refused(Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "transport_request",
+                    format!("request body: {e}"),
+                ))
+            }
+            Err(_) => return refused(
+                Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "transport_request",
+                    "the request body did not arrive within [transport] request_timeout_seconds",
+                )
+                .retry(),
+            ),
+        };
     let result = match action.as_str() {
         "sessions" => match serde_json::from_slice::<SessionRequest>(&body) {
             Ok(r) => node
