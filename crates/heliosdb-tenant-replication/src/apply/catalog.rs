@@ -31,7 +31,8 @@ pub struct TableMapping {
     /// PostgreSQL's apply worker stores a value.
     pub casts: Vec<String>,
     /// Source column indices of the key rows are matched by (see
-    /// [`apply_key`]).
+    /// [`apply_key`]); empty for a table without one (rows are found by
+    /// their whole old image, one by one).
     pub key: Vec<usize>,
     /// Source column index of the tenant column.
     pub tenant: usize,
@@ -139,7 +140,7 @@ impl TableMapping {
 /// source's replica identity (its primary key or `USING INDEX` index, as
 /// the Relation message flags them), which the target must back with a
 /// unique index for `ON CONFLICT`; with `REPLICA IDENTITY FULL`, the
-/// target's primary key or a unique index on non-null columns.
+/// target's primary key or a unique index on non-null columns, or none.
 async fn apply_key(target: &Client, relation: &RelationDesc, display: &str) -> Result<Vec<usize>> {
     // Usable arbiters of ON CONFLICT: unique, valid, not deferrable, no
     // expressions, no predicate; key columns only (never INCLUDE columns).
@@ -194,7 +195,9 @@ async fn apply_key(target: &Client, relation: &RelationDesc, display: &str) -> R
             format!("give the target the source's key: CREATE UNIQUE INDEX ON {} ({list})", qualified(&relation.namespace, &relation.name)),
         ));
     }
-    // REPLICA IDENTITY FULL: any key the target has that the source sends.
+    // REPLICA IDENTITY FULL (or a source table without a key, which only
+    // inserts): any key the target has that the source sends, else none,
+    // and rows are found by their whole old image.
     for (cols, not_null) in &indexes {
         if !not_null {
             continue;
@@ -207,8 +210,5 @@ async fn apply_key(target: &Client, relation: &RelationDesc, display: &str) -> R
             return Ok(key);
         }
     }
-    Err(ReplicationError::operator(
-        format!("target table {display} has no primary key (nor a unique index on non-null columns the source sends)"),
-        format!("add the source's primary key to the target table: ALTER TABLE {display} ADD PRIMARY KEY (…)"),
-    ))
+    Ok(Vec::new())
 }

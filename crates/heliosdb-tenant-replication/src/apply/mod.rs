@@ -294,7 +294,8 @@ impl Applier {
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
         );
         schema::record_definition(&self.client, &self.id.tenant, relation).await?;
-        if self.track_tables && self.tracked.insert(m.display.clone()) {
+        // Versions are kept by key: a table without one has none.
+        if self.track_tables && !m.key.is_empty() && self.tracked.insert(m.display.clone()) {
             self.track(&m).await?;
         }
         self.mappings.insert(relation.id, m.clone());
@@ -459,6 +460,12 @@ impl Applier {
         self.pending_events += 1;
         self.pending.bytes += row_bytes(&change.op);
         self.pending.count(&mapping.display, 1);
+        if mapping.key.is_empty() {
+            // No key to batch, coalesce or version by: the row goes now,
+            // after what is queued.
+            self.flush().await?;
+            return self.apply_keyless(&mapping, &change.op).await;
+        }
         if let RowOp::Update {
             old: Some(old),
             new,
@@ -1413,6 +1420,54 @@ impl Applier {
         }
     }
 
+    /// A change of a table without a key (`REPLICA IDENTITY FULL`, no
+    /// unique index on the target), applied as PostgreSQL's apply worker
+    /// does: an insert, or the update or delete of one row equal to the old
+    /// image; none found is reported and skipped, as PostgreSQL does.
+    async fn apply_keyless(&mut self, m: &TableMapping, op: &RowOp) -> Result<()> {
+        let (sql, params, what) = match op {
+            RowOp::Insert { new } => {
+                let values: Vec<Option<&str>> = new.iter().map(text).collect::<Result<_>>()?;
+                (sql::insert_row(m), values, "insert")
+            }
+            RowOp::Update { old: Some(old), new } => {
+                let set: Vec<usize> = (0..new.len())
+                    .filter(|&i| !matches!(new[i], Value::UnchangedToast))
+                    .collect();
+                let mut values: Vec<Option<&str>> =
+                    set.iter().map(|&i| text(&new[i])).collect::<Result<_>>()?;
+                let (image, old_values) = old_image(old)?;
+                values.extend(old_values);
+                (sql::update_like(m, &set, &image), values, "update")
+            }
+            RowOp::Update { old: None, .. } => {
+                return Err(ReplicationError::operator(
+                    format!("an update of {} arrived without the old row, and the table has no key to find it by", m.display),
+                    format!("ALTER TABLE {} REPLICA IDENTITY FULL on the source (or give it a primary key)", m.display),
+                ))
+            }
+            RowOp::Delete { old } => {
+                let (image, values) = old_image(old)?;
+                (sql::delete_like(m, &image), values, "delete")
+            }
+        };
+        let stmt = self.prepared(sql).await?;
+        let params: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let n = self
+            .client
+            .execute(&stmt, &params)
+            .await
+            .map_err(target_err(&format!("applying changes to {}", m.display)))?;
+        if n == 0 && what != "insert" {
+            // PostgreSQL's apply worker logs the same and goes on: with no
+            // key there is no row version to resolve a conflict by.
+            tracing::warn!(table = %m.display, operation = what, "no row equal to the old image was found on the target (a table without a key); skipped, as PostgreSQL does");
+            self.stats.updates_of_missing_rows += 1;
+        }
+        Ok(())
+    }
+
     async fn run(&mut self, sql: String, cols: &[Vec<Option<&str>>], table: &str) -> Result<u64> {
         let stmt = self.prepared(sql).await?;
         let params: Vec<&(dyn ToSql + Sync)> =
@@ -1595,6 +1650,27 @@ fn text(v: &Value) -> Result<Option<&str>> {
             "binary value without the binary option".into(),
         )),
     }
+}
+
+/// An old row image to find a row of a table without a key by: per column,
+/// compared to a value (`Some(true)`), NULL (`Some(false)`), or not sent
+/// (`None`); and the values compared, in column order.
+type OldImage<'a> = (Vec<Option<bool>>, Vec<Option<&'a str>>);
+
+fn old_image(t: &Tuple) -> Result<OldImage<'_>> {
+    let mut image = Vec::with_capacity(t.len());
+    let mut values = Vec::new();
+    for v in t {
+        match v {
+            Value::UnchangedToast => image.push(None),
+            other => {
+                let text = text(other)?;
+                image.push(Some(text.is_some()));
+                values.extend(text.map(Some));
+            }
+        }
+    }
+    Ok((image, values))
 }
 
 /// Column-major text arrays of `rows`, for the columns `wanted`.

@@ -167,6 +167,91 @@ pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
     )
 }
 
+/// One full row into a table without a key (`REPLICA IDENTITY FULL`, no
+/// unique index): a plain INSERT. Parameters: one text value per column.
+pub fn insert_row(m: &TableMapping) -> String {
+    let cols: Vec<String> = (0..m.casts.len())
+        .map(|i| quote_ident(m.column_name(i)))
+        .collect();
+    let values: Vec<String> = (0..m.casts.len())
+        .map(|i| format!("${}::text::{}", i + 1, m.casts[i]))
+        .collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        m.target,
+        cols.join(", "),
+        values.join(", ")
+    )
+}
+
+/// `(tableoid, ctid) = (…)`: one row of a table without a key whose columns
+/// equal the old image, as PostgreSQL's apply finds it (any one of equal
+/// rows). `image[i]`: column `i` is compared to parameter `$n` (Some) or
+/// must be NULL (None); parameters start at `first`. Values are compared as
+/// the target renders them (parsed into the column's type, printed back), so
+/// types without an equality operator (json, point) compare too.
+fn one_row_like(m: &TableMapping, image: &[Option<bool>], first: usize) -> String {
+    let mut n = first;
+    let cond: Vec<String> = image
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let col = quote_ident(m.column_name(i));
+            match v {
+                None => None,
+                Some(false) => Some(format!("x.{col} IS NULL")),
+                Some(true) => {
+                    let c = format!("x.{col}::text = (${n}::text::{})::text", m.casts[i]);
+                    n += 1;
+                    Some(c)
+                }
+            }
+        })
+        .collect();
+    format!(
+        "(tableoid, ctid) = (SELECT x.tableoid, x.ctid FROM {} x WHERE {} LIMIT 1)",
+        m.own_rows,
+        if cond.is_empty() {
+            "true".to_string()
+        } else {
+            cond.join(" AND ")
+        }
+    )
+}
+
+/// Update one row like `image` (see [`one_row_like`]) in a table without a
+/// key. Parameters: the values of `set`, then the image's non-null values.
+pub fn update_like(m: &TableMapping, set: &[usize], image: &[Option<bool>]) -> String {
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| {
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(m.column_name(i)),
+                j + 1,
+                m.casts[i]
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {} SET {} WHERE {}",
+        m.own_rows,
+        assignments.join(", "),
+        one_row_like(m, image, set.len() + 1)
+    )
+}
+
+/// Delete one row like `image` from a table without a key. Parameters: the
+/// image's non-null values.
+pub fn delete_like(m: &TableMapping, image: &[Option<bool>]) -> String {
+    format!(
+        "DELETE FROM {} WHERE {}",
+        m.own_rows,
+        one_row_like(m, image, 1)
+    )
+}
+
 /// A TRUNCATE of the source, scoped to the tenant on the target (the
 /// target table may hold other tenants' rows). Parameter: the tenant id.
 pub fn delete_tenant(m: &TableMapping) -> String {

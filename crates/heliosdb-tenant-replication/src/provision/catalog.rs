@@ -33,6 +33,32 @@ impl SourceTable {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// Rows are identified by a key (primary key or replica identity
+    /// index); without one (`REPLICA IDENTITY FULL` on a table without a
+    /// primary key) equal rows cannot be told apart.
+    pub fn has_key(&self) -> bool {
+        !self.primary_key.is_empty()
+            || (self.replica_identity == b'i' && !self.identity_index.is_empty())
+    }
+
+    /// A copy that the stream replays changes over (its snapshot is newer
+    /// than the slot's position) doubles rows of a table without a key.
+    pub fn check_copy_converges(&self, slot: &str) -> Result<()> {
+        if self.has_key() {
+            return Ok(());
+        }
+        Err(ReplicationError::operator(
+            format!(
+                "table {} has no key, and this copy is not under the slot's own snapshot: changes replayed over the copied rows would double them (rows without a key cannot be told apart)",
+                self.display()
+            ),
+            format!(
+                "give the table a primary key; or drop the slot (SELECT pg_drop_replication_slot({})) and run init --resync, whose new slot's snapshot makes copy and stream meet exactly",
+                crate::pg::quote_literal(slot)
+            ),
+        ))
+    }
+
     /// The table's own rows on the source, in a query or a publication:
     /// `ONLY` for a plain table (an inheritance parent's children are
     /// tables of their own), the whole tree for a partitioned table (its

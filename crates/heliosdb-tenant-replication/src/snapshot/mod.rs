@@ -81,6 +81,11 @@ pub async fn initial_copy(
     let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
     let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     let tables: Vec<Arc<SourceTable>> = tables.iter().cloned().map(Arc::new).collect();
+    if matches!(snapshot, Snapshot::Fresh) {
+        for table in &tables {
+            table.check_copy_converges(&t.slot)?;
+        }
+    }
 
     let mut ranges = load_plan(&target, &t.tenant_id, &tables).await?;
     if ranges.is_empty() {
@@ -360,6 +365,9 @@ pub async fn resync_tables(
                 .any(|n| *n == tb.display() || *n == tb.name)
         })
         .collect();
+    for table in &chosen {
+        table.check_copy_converges(&t.slot)?;
+    }
     for name in only.iter().flatten() {
         if !tables
             .iter()
