@@ -316,3 +316,39 @@ async fn a_table_without_a_key_replicates_with_full_identity_as_postgresql_does(
     );
     assert!(daemon.log().contains("init --resync"), "{}", daemon.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_without_a_key_missing_on_the_target_stops_the_tenant() {
+    let (env, config) = Env::provisioned(KEYLESS).await;
+    let mut daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    src.batch_execute("INSERT INTO readings VALUES ('tenant-123', 'a', 1, '{}', now())")
+        .await
+        .expect("row");
+    let (s, d) = (env.src().await, env.dst().await);
+    wait_until(Duration::from_secs(30), "the row to arrive", || async {
+        tenant_rows(&s, "readings").await == tenant_rows(&d, "readings").await
+    })
+    .await;
+    env.dst()
+        .await
+        .batch_execute("DELETE FROM readings")
+        .await
+        .expect("lost on the target");
+    src.batch_execute("UPDATE readings SET v = 2")
+        .await
+        .expect("update");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(30)),
+        Some(3),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("found no row equal to the source's old row"),
+        "{}",
+        daemon.log()
+    );
+}

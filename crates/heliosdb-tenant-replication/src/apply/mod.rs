@@ -1423,7 +1423,7 @@ impl Applier {
     /// A change of a table without a key (`REPLICA IDENTITY FULL`, no
     /// unique index on the target), applied as PostgreSQL's apply worker
     /// does: an insert, or the update or delete of one row equal to the old
-    /// image; none found is reported and skipped, as PostgreSQL does.
+    /// image. None found stops the tenant (PostgreSQL logs it and goes on).
     async fn apply_keyless(&mut self, m: &TableMapping, op: &RowOp) -> Result<()> {
         let (sql, params, what) = match op {
             RowOp::Insert { new } => {
@@ -1460,10 +1460,19 @@ impl Applier {
             .await
             .map_err(target_err(&format!("applying changes to {}", m.display)))?;
         if n == 0 && what != "insert" {
-            // PostgreSQL's apply worker logs the same and goes on: with no
-            // key there is no row version to resolve a conflict by.
-            tracing::warn!(table = %m.display, operation = what, "no row equal to the old image was found on the target (a table without a key); skipped, as PostgreSQL does");
-            self.stats.updates_of_missing_rows += 1;
+            // PostgreSQL's apply worker logs this and goes on. The target
+            // already differs from the source here, and with no key there is
+            // no row version to resolve it by: stop rather than go on wrong.
+            return Err(ReplicationError::operator(
+                format!(
+                    "an {what} of {} found no row equal to the source's old row on the target (the table has no key): the target's rows of it differ from the source's",
+                    m.display
+                ),
+                format!(
+                    "copy the table again: give it a primary key and run resync --table {}, or drop the slot and run init --resync",
+                    m.display
+                ),
+            ));
         }
         Ok(())
     }
