@@ -293,7 +293,12 @@ impl Applier {
         let m = Arc::new(
             TableMapping::resolve(&self.client, relation.clone(), &self.id.tenant_column).await?,
         );
-        schema::record_definition(&self.client, &self.id.tenant, relation).await?;
+        // Not from a lane: its transaction stays open until the source
+        // commits, and another lane recording the same table would wait for
+        // it while the loop waits for that lane.
+        if self.id.lane.is_none() {
+            schema::record_definition(&self.client, &self.id.tenant, relation).await?;
+        }
         // Versions are kept by key: a table without one has none.
         if self.track_tables && !m.key.is_empty() && self.tracked.insert(m.display.clone()) {
             self.track(&m).await?;
