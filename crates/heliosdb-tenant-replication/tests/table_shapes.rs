@@ -352,3 +352,63 @@ async fn a_row_without_a_key_missing_on_the_target_stops_the_tenant() {
         daemon.log()
     );
 }
+
+/// Many types (ranges, arrays, enums, domains, composites, network and
+/// text-search types), and a target whose columns come in another order,
+/// with a column of its own.
+const TYPES_SOURCE: &str = "
+CREATE TYPE color AS ENUM ('red', 'green', 'blue');
+CREATE DOMAIN short_code AS varchar(5) CHECK (VALUE ~ '^[a-z]+$');
+CREATE TYPE pair AS (a int, b text);
+CREATE TABLE kinds(tenant_id text, id int, r int4range, tr tstzrange, c color, cs color[], d short_code,
+                   p pair, ip inet, mac macaddr, u uuid, b bytea, j jsonb, tv tsvector, m money,
+                   f float8, ff real[], bits varbit, t time(2), PRIMARY KEY (tenant_id, id));
+";
+const TYPES_TARGET: &str = "
+CREATE TYPE color AS ENUM ('red', 'green', 'blue');
+CREATE DOMAIN short_code AS varchar(5) CHECK (VALUE ~ '^[a-z]+$');
+CREATE TYPE pair AS (a int, b text);
+CREATE TABLE kinds(local_note text DEFAULT 'target only', t time(2), bits varbit, ff real[], f float8,
+                   m money, tv tsvector, j jsonb, b bytea, u uuid, mac macaddr, ip inet, p pair,
+                   d short_code, cs color[], c color, tr tstzrange, r int4range, id int, tenant_id text,
+                   PRIMARY KEY (tenant_id, id));
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_types_into_a_target_with_another_column_order_as_postgresql_does() {
+    let env = Env::new("").await;
+    env.src()
+        .await
+        .batch_execute(TYPES_SOURCE)
+        .await
+        .expect("source schema");
+    env.dst()
+        .await
+        .batch_execute(TYPES_TARGET)
+        .await
+        .expect("target schema");
+    let config = env.config();
+    let src = env.src().await;
+    let rows = |from: i32| {
+        format!(
+            "INSERT INTO kinds SELECT t, g, int4range(g, g + 10), tstzrange('2026-01-01', '2026-02-01 12:00:00.123456+02'),
+                    'green', ARRAY['red', 'blue']::color[], 'abc', ROW(g, 'x,\"y\"')::pair, '10.0.0.1/24', '08:00:2b:01:02:03',
+                    md5(g::text)::uuid, decode('00ff10', 'hex'), jsonb_build_object('k', g, 'n', NULL), to_tsvector('english', 'the quick foxes'),
+                    12.34, 1.0 / 3, ARRAY[0.1, 1e-30]::real[], B'10101', '12:34:56.789'
+               FROM generate_series({from}, {from} + 9) g, (VALUES ('tenant-123'), ('tenant-456')) v(t)"
+        )
+    };
+    src.batch_execute(&rows(1)).await.expect("rows before init");
+    env.init(&config);
+    pg_reference(&env, TYPES_TARGET).await;
+    let daemon = env.start_daemon(&config);
+    src.batch_execute(&rows(100)).await.expect("rows");
+    src.batch_execute(
+        "UPDATE kinds SET r = 'empty', c = 'blue', p = ROW(NULL, NULL), j = '[1, 2.50, \"x\"]', f = 'NaN', ff = '{-Infinity}'
+          WHERE tenant_id = 'tenant-123' AND id % 3 = 0;
+         DELETE FROM kinds WHERE tenant_id = 'tenant-123' AND id % 5 = 0;",
+    )
+    .await
+    .expect("changes");
+    wait_equal_to_reference(&env, &["kinds"], &daemon).await;
+}

@@ -682,6 +682,38 @@ pub async fn tenant_rows(c: &Client, table: &str) -> Vec<String> {
     .collect()
 }
 
+/// The tenant's rows of `table`: the source's columns (by name, so a
+/// target with another column order or columns of its own compares too),
+/// as text, ordered.
+pub async fn source_columns_rows(source: &Client, c: &Client, table: &str) -> Vec<String> {
+    let cols: Vec<String> = source
+        .query(
+            "SELECT quote_ident(attname) FROM pg_attribute
+              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("columns of {table}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.query(
+        &format!(
+            "SELECT ROW({})::text FROM {table} t WHERE tenant_id = $1 ORDER BY 1",
+            cols.iter()
+                .map(|c| format!("t.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        &[&TENANT],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("rows of {table}: {e}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// Wait until the daemon's target and PostgreSQL's subscriber (see
 /// [`pg_reference`]) both hold exactly the source's tenant rows of `tables`.
 pub async fn wait_equal_to_reference(env: &Env, tables: &[&str], daemon: &Daemon) {
@@ -692,9 +724,9 @@ pub async fn wait_equal_to_reference(env: &Env, tables: &[&str], daemon: &Daemon
         let mut differ = None;
         for t in tables {
             let (a, b, c) = (
-                tenant_rows(&s, t).await,
-                tenant_rows(&d, t).await,
-                tenant_rows(&r, t).await,
+                source_columns_rows(&s, &s, t).await,
+                source_columns_rows(&s, &d, t).await,
+                source_columns_rows(&s, &r, t).await,
             );
             if a != b || a != c {
                 differ = Some((t, a, b, c));
