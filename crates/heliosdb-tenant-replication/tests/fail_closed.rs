@@ -79,6 +79,19 @@ async fn a_dropped_slot_is_a_gap_init_refuses_and_init_resync_closes() {
         .expect("slots")
         .get(0);
     assert_eq!(slots, 0);
+    // Made again by hand (as the deployment guide's §5.5 suggests), the slot
+    // starts from now: start finds the gap too.
+    write(
+        &env,
+        "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput')",
+    )
+    .await;
+    fails(
+        &config,
+        &["start"],
+        3,
+        &["delivers changes from", "never replicated", "init --resync"],
+    );
 
     let out = env.init_with(&config, &["--resync"]);
     assert!(out.contains("deleted, to be copied again"), "{out}");

@@ -880,3 +880,54 @@ async fn a_backlog_crosses_the_split_in_few_full_batches() {
         capture.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tenant_moves_the_slot_through_the_apply_node_and_a_restart_finds_no_gap() {
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    let configs = split_configs(&env, 1000);
+    let _apply = start(&configs.apply, &env, "apply");
+    let mut capture = start(&configs.capture, &env, "capture");
+    let src = env.src().await;
+    // Only another tenant writes: the slot moves, and the target records
+    // where before it is acknowledged there.
+    src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")
+        .await
+        .expect("other tenant writes");
+    let after: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let dst = env.dst().await;
+    wait_until(Duration::from_secs(30), "the slot to pass the other tenant's writes", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&after],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    let covered: bool = dst
+        .query_one(
+            "SELECT p.end_lsn >= $1::text::pg_lsn FROM heliosdb_replication.progress p WHERE tenant_id = $2",
+            &[&after, &TENANT],
+        )
+        .await
+        .expect("progress")
+        .get(0);
+    assert!(covered, "the slot passed what the target recorded");
+    // A restart of the capture node resumes (no gap), and the tenant's rows flow.
+    capture.kill9();
+    let capture = start(&configs.capture, &env, "capture-again");
+    src.batch_execute("INSERT INTO accounts VALUES ('tenant-123', 1, 'after idle', 'e', 1, now())")
+        .await
+        .expect("row");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &capture).await;
+    assert!(
+        !capture.log().contains("never replicated"),
+        "{}",
+        capture.log()
+    );
+}

@@ -228,6 +228,11 @@ impl Applier {
     }
 
     /// The target connection (no transaction of ours may be open to use it).
+    /// The tenant this applier writes for.
+    pub fn tenant(&self) -> &str {
+        &self.id.tenant
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

@@ -173,6 +173,13 @@ pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
 }
 
 impl Progress {
+    /// The slot must not have moved past what the target recorded: the
+    /// changes in between were delivered to no one (a slot dropped and made
+    /// again by hand, or advanced).
+    pub fn check_slot_covered(&self, tenant: &str, slot: &str, slot_confirmed: Lsn) -> Result<()> {
+        check_slot_covered(tenant, slot, self.end_lsn, slot_confirmed)
+    }
+
     /// Progress recorded from another source cluster is never trusted.
     pub fn check_source(&self, tenant: &str, system_id: &str, slot: &str) -> Result<()> {
         if self.source_system_id != system_id {
@@ -193,6 +200,61 @@ impl Progress {
         }
         Ok(())
     }
+}
+
+/// The slot's confirmed position must not pass `end_lsn`, where the
+/// target's progress says streaming resumes (see [`Progress::check_slot_covered`]).
+pub fn check_slot_covered(
+    tenant: &str,
+    slot: &str,
+    end_lsn: Lsn,
+    slot_confirmed: Lsn,
+) -> Result<()> {
+    if slot_confirmed <= end_lsn {
+        return Ok(());
+    }
+    Err(ReplicationError::operator(
+        format!(
+            "source: slot '{slot}' delivers changes from {slot_confirmed} on, but the target holds tenant '{tenant}' only up to {end_lsn}: the changes in between were never replicated (was the slot dropped and made again, or advanced by hand?)"
+        ),
+        "copy the tenant again: heliosdb-tenant-replication --config <file> init --resync (it replaces the tenant's rows on the target)",
+    ))
+}
+
+/// Between two idle positions recorded on the target (see [`record_idle`]).
+pub const IDLE_RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Nothing of the tenant is pending before `lsn` (a keepalive's position,
+/// everything before it applied or another tenant's): record it as where
+/// streaming resumes, before the slot is acknowledged there. So the slot's
+/// confirmed position never passes the target's recorded one, and a slot
+/// that did (dropped and made again, moved by hand) is a gap found at start.
+/// `mark`: the batch that carried it (apply node), recorded like a commit's.
+pub async fn record_idle(
+    target: &Client,
+    tenant: &str,
+    lsn: Lsn,
+    mark: Option<&BatchMark>,
+) -> Result<()> {
+    target
+        .execute(
+            "UPDATE heliosdb_replication.progress
+                SET end_lsn = $2::text::pg_lsn, updated_at = now(),
+                    batch_sequence = COALESCE($3::bigint, batch_sequence),
+                    seal_key_id = COALESCE($4::text, seal_key_id),
+                    seal_key_batches = COALESCE($5::bigint, seal_key_batches)
+              WHERE tenant_id = $1 AND end_lsn < $2::text::pg_lsn",
+            &[
+                &tenant,
+                &lsn.to_string(),
+                &mark.map(|m| m.sequence as i64),
+                &mark.map(|m| m.key_id.as_str()),
+                &mark.map(|m| m.key_batches as i64),
+            ],
+        )
+        .await
+        .map_err(|e| ReplicationError::db(Side::Target, "recording an idle position", e))?;
+    Ok(())
 }
 
 /// After a copy that did not use the slot's exported snapshot: changes the

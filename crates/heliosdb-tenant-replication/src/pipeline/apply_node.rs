@@ -543,7 +543,28 @@ async fn apply_events(
                 commits.extend(a.streams.commit(top, point, mark.clone()).await?);
             }
             TxEvent::StreamAbort { top, xid } => a.streams.abort(top, xid).await?,
-            TxEvent::Keepalive { .. } => {}
+            TxEvent::Keepalive { wal_end } => {
+                // Sent between transactions, with nothing of the tenant in
+                // flight: recorded first, then answered as committed, and
+                // the capture node acknowledges the slot there.
+                commit_main(a, &mark, &mut commits).await?;
+                if !a.in_source_txn {
+                    progress::record_idle(
+                        a.applier.client(),
+                        a.applier.tenant(),
+                        wal_end,
+                        mark.as_ref(),
+                    )
+                    .await?;
+                    a.seen = a.seen.max(wal_end);
+                    let point = CommitPoint {
+                        commit_lsn: wal_end,
+                        end_lsn: wal_end,
+                        commit_time_us: 0,
+                    };
+                    commits.push((point, Committed::default()));
+                }
+            }
         }
     }
     if !a.in_source_txn {

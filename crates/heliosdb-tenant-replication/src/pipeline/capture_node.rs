@@ -34,6 +34,7 @@ use crate::batch::row_bytes;
 use crate::capture::assemble::Assembler;
 use crate::capture::pgoutput::RelationDesc;
 use crate::capture::TxEvent;
+use crate::checkpoint::progress;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
 use crate::lsn::Lsn;
@@ -155,6 +156,9 @@ pub async fn run(
             sealing.count_at_least(*n);
         }
     }
+    if let Some(p) = &remote.progress {
+        progress::check_slot_covered(&t.tenant_id, &t.slot, Lsn(p.end_lsn), report.slot_confirmed)?;
+    }
     let resume = remote
         .progress
         .as_ref()
@@ -189,6 +193,8 @@ pub async fn run(
         reading_backlog: false,
         opened_at: None,
         remote_open: false,
+        idle_pending: None,
+        idle_shipped_at: None,
         in_flight: VecDeque::new(),
         carried: Committed::default(),
         rx,
@@ -324,6 +330,11 @@ struct Shipper<'a> {
     checkpoint: CheckpointWriter,
     stats: Stats,
     last_log: Instant,
+    /// A keepalive's position waiting to be shipped for the apply node to
+    /// record (at most one per [`progress::IDLE_RECORD_EVERY`]), and when
+    /// the last one went.
+    idle_pending: Option<Lsn>,
+    idle_shipped_at: Option<Instant>,
 }
 
 impl Shipper<'_> {
@@ -334,6 +345,9 @@ impl Shipper<'_> {
                 .opened_at
                 .filter(|_| !self.in_source_txn)
                 .map(|at| tokio::time::Instant::from_std(at + timeout));
+            let idle_due = tokio::time::Instant::from_std(
+                self.idle_shipped_at.unwrap_or_else(Instant::now) + progress::IDLE_RECORD_EVERY,
+            );
             let flight = self.in_flight.front_mut();
             let answered = async move {
                 match flight {
@@ -358,6 +372,10 @@ impl Shipper<'_> {
                     self.send().await?;
                     continue;
                 }
+                _ = tokio::time::sleep_until(idle_due), if self.idle_pending.is_some() => {
+                    self.ship_idle().await?;
+                    continue;
+                }
                 ev = self.rx.recv() => ev.ok_or_else(|| closed("the capture queue"))?,
             };
             self.handle(event).await?;
@@ -373,9 +391,11 @@ impl Shipper<'_> {
                     self.send().await?;
                 }
                 self.settle().await?;
-                // Nothing of this tenant is in flight: the slot may move on.
+                // Nothing of this tenant is in flight: the slot may move on,
+                // once the apply node has recorded the position.
                 if self.enc.is_empty() && !self.remote_open {
-                    self.acknowledge(*wal_end);
+                    self.idle_pending = Some(*wal_end);
+                    self.ship_idle().await?;
                     self.tel.caught_up();
                 }
                 return Ok(());
@@ -513,6 +533,36 @@ impl Shipper<'_> {
         self.opened_at = None;
         self.first_lsn = self.last_lsn;
         Ok(())
+    }
+
+    /// Ship the pending idle position in a batch of its own, between
+    /// transactions with nothing else on the wire; the apply node records it
+    /// and answers it as committed, and the slot is acknowledged there.
+    async fn ship_idle(&mut self) -> Result<()> {
+        let Some(lsn) = self.idle_pending else {
+            return Ok(());
+        };
+        if lsn <= self.acked.position() {
+            self.idle_pending = None;
+            return Ok(());
+        }
+        let recent = self
+            .idle_shipped_at
+            .is_some_and(|at| at.elapsed() < progress::IDLE_RECORD_EVERY);
+        let busy = !self.enc.is_empty()
+            || self.in_source_txn
+            || self.remote_open
+            || !self.in_flight.is_empty();
+        if recent || busy {
+            return Ok(());
+        }
+        self.idle_pending = None;
+        self.idle_shipped_at = Some(Instant::now());
+        self.first_lsn = lsn;
+        self.last_lsn = lsn;
+        self.enc.event(&TxEvent::Keepalive { wal_end: lsn });
+        self.send().await?;
+        self.settle().await
     }
 
     /// Wait for every batch on the wire to be answered.

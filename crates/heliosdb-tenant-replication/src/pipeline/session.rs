@@ -44,6 +44,7 @@ pub async fn run(
     let mut recorded = progress::load(&target, &t.tenant_id).await?;
     if let Some(p) = &recorded {
         p.check_source(&t.tenant_id, &system_id, &t.slot)?;
+        p.check_slot_covered(&t.tenant_id, &t.slot, report.slot_confirmed)?;
     }
     if snapshot::wanted(config, recorded.is_some()) {
         tel.set_state(State::Snapshotting);
@@ -145,6 +146,8 @@ pub async fn run(
         last_log: Instant::now(),
         events_at_log: 0,
         last_commit_time_us: None,
+        idle_pending: None,
+        idle_recorded_at: None,
     };
     let outcome = apply.run(&mut shutdown).await;
 
@@ -442,6 +445,10 @@ struct ApplyLoop<'a> {
     last_log: Instant,
     events_at_log: u64,
     last_commit_time_us: Option<i64>,
+    /// A keepalive's position waiting to be recorded on the target (at most
+    /// one record per [`progress::IDLE_RECORD_EVERY`]), and the last record.
+    idle_pending: Option<Lsn>,
+    idle_recorded_at: Option<Instant>,
 }
 
 impl ApplyLoop<'_> {
@@ -580,19 +587,47 @@ impl ApplyLoop<'_> {
                 }
                 // Every transaction that committed before `wal_end` is
                 // committed on the target (or was another tenant's): the slot
-                // may move on. A streamed transaction still open is sent
-                // again from its start after a reconnect (the slot keeps
-                // restart_lsn before it), so an open lane does not hold this.
-                self.acknowledge(wal_end);
+                // may move on, once the target has recorded it. A streamed
+                // transaction still open is sent again from its start after
+                // a reconnect (the slot keeps restart_lsn before it), so an
+                // open lane does not hold this.
+                self.idle_pending = Some(wal_end);
+                self.record_idle().await?;
                 self.tel.caught_up();
             }
         }
         Ok(())
     }
 
+    /// Record the pending idle position on the target, then acknowledge
+    /// it (not more than once per [`progress::IDLE_RECORD_EVERY`]; the tick
+    /// records what waited).
+    async fn record_idle(&mut self) -> Result<()> {
+        let Some(lsn) = self.idle_pending else {
+            return Ok(());
+        };
+        if lsn <= self.acked.position() {
+            self.idle_pending = None;
+            return Ok(());
+        }
+        let recent = self
+            .idle_recorded_at
+            .is_some_and(|at| at.elapsed() < progress::IDLE_RECORD_EVERY);
+        if recent || self.applier.is_open() {
+            return Ok(());
+        }
+        let tenant = &self.config.tenant.tenant_id;
+        progress::record_idle(self.applier.client(), tenant, lsn, None).await?;
+        self.idle_recorded_at = Some(Instant::now());
+        self.idle_pending = None;
+        self.acknowledge(lsn);
+        Ok(())
+    }
+
     /// Perform resync requests (`resync` command) between transactions.
     async fn resync_if_requested(&mut self) -> Result<()> {
         self.last_resync_check = Instant::now();
+        self.record_idle().await?;
         // Not while a streamed transaction is half applied.
         if !self.streams.is_empty() {
             return Ok(());

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! record := 'R' relation | 'B' begin | 'I' | 'U' | 'D' row | 'V' version | 'T' truncate | 'C' commit
-//!         | 'X' streamed | 'c' stream_commit | 'A' stream_abort
+//!         | 'X' streamed | 'c' stream_commit | 'A' stream_abort | 'K' keepalive
 //! relation := id u32, namespace str, name str, replica_identity u8,
 //!             ncols u16, (is_key u8, name str, type_oid u32, typmod i32)*,
 //!             nsource u16, (name str, type str, has_missing u8, [missing str], has_default u8)*
@@ -17,6 +17,8 @@
 //!             in-progress transaction top, made by its (sub)transaction xid)
 //! stream_commit := top u32, commit_lsn u64, end_lsn u64, commit_time i64
 //! stream_abort  := top u32, xid u32
+//! keepalive     := wal_end u64 (nothing of the tenant is pending before it: the apply node
+//!                  records it as where streaming resumes, and answers it as committed)
 //! tuple    := n u16, ('n' | 'u' | 't' len u32 bytes | 'b' len u32 bytes)*
 //! str      := len u32, UTF-8 bytes
 //! ```
@@ -220,7 +222,10 @@ impl Encoder {
                 b.put_u32(*top);
                 b.put_u32(*xid);
             }
-            TxEvent::Keepalive { .. } => {}
+            TxEvent::Keepalive { wal_end } => {
+                b.put_u8(b'K');
+                b.put_u64(wal_end.0);
+            }
         }
     }
 
@@ -293,6 +298,9 @@ impl Decoder {
                 b'A' => out.events.push(TxEvent::StreamAbort {
                     top: r.u32("stream abort xid")?,
                     xid: r.u32("stream abort subxid")?,
+                }),
+                b'K' => out.events.push(TxEvent::Keepalive {
+                    wal_end: Lsn(r.u64("keepalive lsn")?),
                 }),
                 b'R' => {
                     let (rel, source) = r.relation()?;
