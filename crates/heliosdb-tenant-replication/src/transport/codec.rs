@@ -631,6 +631,7 @@ mod tests {
                 end_lsn: Lsn(530),
                 commit_time_us: 7,
             },
+            TxEvent::Keepalive { wal_end: Lsn(600) },
         ];
         let mut enc = Encoder::new();
         let body = encode(&mut enc, &events);
