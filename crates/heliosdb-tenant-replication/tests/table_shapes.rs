@@ -210,17 +210,7 @@ CREATE TABLE derived(extra text, PRIMARY KEY (tenant_id, id)) INHERITS (base);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_and_inheritance_replicate_as_postgresql_does() {
-    let env = Env::new("").await;
-    env.src()
-        .await
-        .batch_execute(TREES_SOURCE)
-        .await
-        .expect("source schema");
-    env.dst()
-        .await
-        .batch_execute(TREES_TARGET)
-        .await
-        .expect("target schema");
+    let env = Env::with_schemas(TREES_SOURCE, TREES_TARGET).await;
     let config = env.config();
     let src = env.src().await;
     src.batch_execute(
@@ -376,17 +366,7 @@ CREATE TABLE kinds(local_note text DEFAULT 'target only', t time(2), bits varbit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_types_into_a_target_with_another_column_order_as_postgresql_does() {
-    let env = Env::new("").await;
-    env.src()
-        .await
-        .batch_execute(TYPES_SOURCE)
-        .await
-        .expect("source schema");
-    env.dst()
-        .await
-        .batch_execute(TYPES_TARGET)
-        .await
-        .expect("target schema");
+    let env = Env::with_schemas(TYPES_SOURCE, TYPES_TARGET).await;
     let config = env.config();
     let src = env.src().await;
     let rows = |from: i32| {

@@ -130,40 +130,30 @@ pub fn update_columns(m: &TableMapping, set: &[usize]) -> String {
     )
 }
 
-/// One row whose primary key changed: update it in place by its old key.
-/// Parameters: old key values, then the values of `set`.
-pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
-    let nk = m.key.len();
-    let assignments: Vec<String> = set
-        .iter()
+/// `"col" = $n::text::<type>, …` for `cols` (source column indices), the
+/// parameters numbered from `first`.
+fn equals_params(m: &TableMapping, cols: &[usize], first: usize) -> Vec<String> {
+    cols.iter()
         .enumerate()
         .map(|(j, &i)| {
             format!(
                 "{} = ${}::text::{}",
                 quote_ident(m.column_name(i)),
-                nk + j + 1,
+                first + j,
                 m.casts[i]
             )
         })
-        .collect();
-    let cond: Vec<String> = m
-        .key
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            format!(
-                "{} = ${}::text::{}",
-                quote_ident(m.column_name(i)),
-                k + 1,
-                m.casts[i]
-            )
-        })
-        .collect();
+        .collect()
+}
+
+/// One row whose primary key changed: update it in place by its old key.
+/// Parameters: old key values, then the values of `set`.
+pub fn move_row(m: &TableMapping, set: &[usize]) -> String {
     format!(
         "UPDATE {} SET {} WHERE {}",
         m.own_rows,
-        assignments.join(", "),
-        cond.join(" AND ")
+        equals_params(m, set, m.key.len() + 1).join(", "),
+        equals_params(m, &m.key, 1).join(" AND ")
     )
 }
 
@@ -222,22 +212,10 @@ fn one_row_like(m: &TableMapping, image: &[Option<bool>], first: usize) -> Strin
 /// Update one row like `image` (see [`one_row_like`]) in a table without a
 /// key. Parameters: the values of `set`, then the image's non-null values.
 pub fn update_like(m: &TableMapping, set: &[usize], image: &[Option<bool>]) -> String {
-    let assignments: Vec<String> = set
-        .iter()
-        .enumerate()
-        .map(|(j, &i)| {
-            format!(
-                "{} = ${}::text::{}",
-                quote_ident(m.column_name(i)),
-                j + 1,
-                m.casts[i]
-            )
-        })
-        .collect();
     format!(
         "UPDATE {} SET {} WHERE {}",
         m.own_rows,
-        assignments.join(", "),
+        equals_params(m, set, 1).join(", "),
         one_row_like(m, image, set.len() + 1)
     )
 }

@@ -224,6 +224,51 @@ pub fn check_slot_covered(
 /// Between two idle positions recorded on the target (see [`record_idle`]).
 pub const IDLE_RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A keepalive's position on its way to the target's record (see
+/// [`record_idle`]): the latest one seen, recorded at most once per
+/// [`IDLE_RECORD_EVERY`].
+#[derive(Debug, Default)]
+pub struct IdlePosition {
+    pending: Option<Lsn>,
+    recorded_at: Option<std::time::Instant>,
+}
+
+impl IdlePosition {
+    /// A keepalive said nothing of the tenant is pending before `lsn`.
+    pub fn seen(&mut self, lsn: Lsn) {
+        self.pending = Some(lsn);
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// When a pending position may be recorded.
+    pub fn due_at(&self) -> std::time::Instant {
+        self.recorded_at.unwrap_or_else(std::time::Instant::now) + IDLE_RECORD_EVERY
+    }
+
+    /// The position to record now (counted as recorded): pending, past
+    /// `acked`, and the last record long enough ago. The caller records it
+    /// before it acknowledges the slot there.
+    pub fn take_due(&mut self, acked: Lsn) -> Option<Lsn> {
+        let lsn = self.pending?;
+        if lsn <= acked {
+            self.pending = None;
+            return None;
+        }
+        if self
+            .recorded_at
+            .is_some_and(|at| at.elapsed() < IDLE_RECORD_EVERY)
+        {
+            return None;
+        }
+        self.pending = None;
+        self.recorded_at = Some(std::time::Instant::now());
+        Some(lsn)
+    }
+}
+
 /// Nothing of the tenant is pending before `lsn` (a keepalive's position,
 /// everything before it applied or another tenant's): record it as where
 /// streaming resumes, before the slot is acknowledged there. So the slot's

@@ -193,8 +193,7 @@ pub async fn run(
         reading_backlog: false,
         opened_at: None,
         remote_open: false,
-        idle_pending: None,
-        idle_shipped_at: None,
+        idle: progress::IdlePosition::default(),
         in_flight: VecDeque::new(),
         carried: Committed::default(),
         rx,
@@ -331,10 +330,8 @@ struct Shipper<'a> {
     stats: Stats,
     last_log: Instant,
     /// A keepalive's position waiting to be shipped for the apply node to
-    /// record (at most one per [`progress::IDLE_RECORD_EVERY`]), and when
-    /// the last one went.
-    idle_pending: Option<Lsn>,
-    idle_shipped_at: Option<Instant>,
+    /// record.
+    idle: progress::IdlePosition,
 }
 
 impl Shipper<'_> {
@@ -345,9 +342,8 @@ impl Shipper<'_> {
                 .opened_at
                 .filter(|_| !self.in_source_txn)
                 .map(|at| tokio::time::Instant::from_std(at + timeout));
-            let idle_due = tokio::time::Instant::from_std(
-                self.idle_shipped_at.unwrap_or_else(Instant::now) + progress::IDLE_RECORD_EVERY,
-            );
+            let idle_due = tokio::time::Instant::from_std(self.idle.due_at());
+            let idle_ready = self.idle.is_pending() && !self.busy();
             let flight = self.in_flight.front_mut();
             let answered = async move {
                 match flight {
@@ -372,11 +368,11 @@ impl Shipper<'_> {
                     self.send().await?;
                     continue;
                 }
-                _ = tokio::time::sleep_until(idle_due), if self.idle_pending.is_some() => {
+                ev = self.rx.recv() => ev.ok_or_else(|| closed("the capture queue"))?,
+                _ = tokio::time::sleep_until(idle_due), if idle_ready => {
                     self.ship_idle().await?;
                     continue;
                 }
-                ev = self.rx.recv() => ev.ok_or_else(|| closed("the capture queue"))?,
             };
             self.handle(event).await?;
             self.log_progress();
@@ -394,7 +390,7 @@ impl Shipper<'_> {
                 // Nothing of this tenant is in flight: the slot may move on,
                 // once the apply node has recorded the position.
                 if self.enc.is_empty() && !self.remote_open {
-                    self.idle_pending = Some(*wal_end);
+                    self.idle.seen(*wal_end);
                     self.ship_idle().await?;
                     self.tel.caught_up();
                 }
@@ -535,29 +531,22 @@ impl Shipper<'_> {
         Ok(())
     }
 
+    /// Something of the tenant is being built, is on the wire, or is open
+    /// on the apply node.
+    fn busy(&self) -> bool {
+        !self.enc.is_empty() || self.in_source_txn || self.remote_open || !self.in_flight.is_empty()
+    }
+
     /// Ship the pending idle position in a batch of its own, between
     /// transactions with nothing else on the wire; the apply node records it
     /// and answers it as committed, and the slot is acknowledged there.
     async fn ship_idle(&mut self) -> Result<()> {
-        let Some(lsn) = self.idle_pending else {
+        if self.busy() {
+            return Ok(());
+        }
+        let Some(lsn) = self.idle.take_due(self.acked.position()) else {
             return Ok(());
         };
-        if lsn <= self.acked.position() {
-            self.idle_pending = None;
-            return Ok(());
-        }
-        let recent = self
-            .idle_shipped_at
-            .is_some_and(|at| at.elapsed() < progress::IDLE_RECORD_EVERY);
-        let busy = !self.enc.is_empty()
-            || self.in_source_txn
-            || self.remote_open
-            || !self.in_flight.is_empty();
-        if recent || busy {
-            return Ok(());
-        }
-        self.idle_pending = None;
-        self.idle_shipped_at = Some(Instant::now());
         self.first_lsn = lsn;
         self.last_lsn = lsn;
         self.enc.event(&TxEvent::Keepalive { wal_end: lsn });

@@ -146,8 +146,7 @@ pub async fn run(
         last_log: Instant::now(),
         events_at_log: 0,
         last_commit_time_us: None,
-        idle_pending: None,
-        idle_recorded_at: None,
+        idle: progress::IdlePosition::default(),
     };
     let outcome = apply.run(&mut shutdown).await;
 
@@ -445,10 +444,8 @@ struct ApplyLoop<'a> {
     last_log: Instant,
     events_at_log: u64,
     last_commit_time_us: Option<i64>,
-    /// A keepalive's position waiting to be recorded on the target (at most
-    /// one record per [`progress::IDLE_RECORD_EVERY`]), and the last record.
-    idle_pending: Option<Lsn>,
-    idle_recorded_at: Option<Instant>,
+    /// A keepalive's position waiting to be recorded on the target.
+    idle: progress::IdlePosition,
 }
 
 impl ApplyLoop<'_> {
@@ -591,7 +588,7 @@ impl ApplyLoop<'_> {
                 // transaction still open is sent again from its start after
                 // a reconnect (the slot keeps restart_lsn before it), so an
                 // open lane does not hold this.
-                self.idle_pending = Some(wal_end);
+                self.idle.seen(wal_end);
                 self.record_idle().await?;
                 self.tel.caught_up();
             }
@@ -600,26 +597,17 @@ impl ApplyLoop<'_> {
     }
 
     /// Record the pending idle position on the target, then acknowledge
-    /// it (not more than once per [`progress::IDLE_RECORD_EVERY`]; the tick
-    /// records what waited).
+    /// it (at most once per [`progress::IDLE_RECORD_EVERY`]; the tick
+    /// records what waited), never inside an open target transaction.
     async fn record_idle(&mut self) -> Result<()> {
-        let Some(lsn) = self.idle_pending else {
+        if self.applier.is_open() {
+            return Ok(());
+        }
+        let Some(lsn) = self.idle.take_due(self.acked.position()) else {
             return Ok(());
         };
-        if lsn <= self.acked.position() {
-            self.idle_pending = None;
-            return Ok(());
-        }
-        let recent = self
-            .idle_recorded_at
-            .is_some_and(|at| at.elapsed() < progress::IDLE_RECORD_EVERY);
-        if recent || self.applier.is_open() {
-            return Ok(());
-        }
         let tenant = &self.config.tenant.tenant_id;
         progress::record_idle(self.applier.client(), tenant, lsn, None).await?;
-        self.idle_recorded_at = Some(Instant::now());
-        self.idle_pending = None;
         self.acknowledge(lsn);
         Ok(())
     }

@@ -54,6 +54,23 @@ impl Env {
         }
     }
 
+    /// Clusters with another schema on each side (a target partitioned
+    /// differently, columns in another order, …).
+    pub async fn with_schemas(source: &str, target: &str) -> Env {
+        let env = Env::new("").await;
+        env.src()
+            .await
+            .batch_execute(source)
+            .await
+            .expect("source schema");
+        env.dst()
+            .await
+            .batch_execute(target)
+            .await
+            .expect("target schema");
+        env
+    }
+
     pub async fn src(&self) -> Client {
         self.source.connect("app").await.expect("connect source")
     }
