@@ -187,3 +187,39 @@ async fn row_values_never_reach_the_log_at_debug() {
         assert!(!log.contains(canary), "{canary} in the log:\n{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_back_off_starts_anew_after_a_session_that_made_progress() {
+    let (mut env, config) = Env::provisioned(SCHEMA).await;
+    let daemon = env.start_daemon(&config);
+    let insert = |from: i64| {
+        format!("INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', g, now() FROM generate_series({from}, {from} + 9) g")
+    };
+    write(&env, &insert(1)).await;
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
+
+    // A long outage: the back-off grows (200 ms, 400, 800, 1600, …).
+    env.target.stop().expect("stop target");
+    write(&env, &insert(100)).await;
+    wait_for_log(&daemon, "attempt=4 ", Duration::from_secs(30)).await;
+    env.target.start_again().expect("start target");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+
+    // A short cut after the session applied rows retries at the base delay.
+    let before = daemon.log().len();
+    env.target.stop().expect("stop target");
+    write(&env, &insert(200)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "a retry after the second cut",
+        || async { daemon.log()[before..].contains("replication interrupted; retrying") },
+    )
+    .await;
+    let after = daemon.log()[before..].to_string();
+    assert!(
+        after.contains("attempt=1 retry_in_ms=200"),
+        "the back-off did not start anew:\n{after}"
+    );
+    env.target.start_again().expect("start target");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+}
