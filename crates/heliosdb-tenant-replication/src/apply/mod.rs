@@ -227,12 +227,12 @@ impl Applier {
         })
     }
 
-    /// The target connection (no transaction of ours may be open to use it).
     /// The tenant this applier writes for.
     pub fn tenant(&self) -> &str {
         &self.id.tenant
     }
 
+    /// The target connection (no transaction of ours may be open to use it).
     pub fn client(&self) -> &Client {
         &self.client
     }
@@ -510,10 +510,15 @@ impl Applier {
             .iter()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .collect();
+        let key = if key.is_empty() {
+            "none: the table has no key".to_string()
+        } else {
+            key.join(", ")
+        };
         let what = format!(
             "a row of {} (key {}) moved into the tenant by an UPDATE of {} arrived without its unchanged large value {}",
             m.display,
-            key.join(", "),
+            key,
             self.id.tenant_column,
             m.column_name(column)
         );
