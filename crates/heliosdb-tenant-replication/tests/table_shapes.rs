@@ -392,3 +392,32 @@ async fn many_types_into_a_target_with_another_column_order_as_postgresql_does()
     .expect("changes");
     wait_equal_to_reference(&env, &["kinds"], &daemon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_moving_into_and_out_of_the_tenant_and_truncate_replicate_as_postgresql_does() {
+    let (env, config) = Env::provisioned(SCHEMA).await;
+    pg_reference(&env, SCHEMA).await;
+    let daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO accounts SELECT t, g, 'n' || g, 'e', g, now() FROM generate_series(1, 40) g,
+                (VALUES ('tenant-123'), ('tenant-456')) v(t);
+         INSERT INTO orders SELECT 'tenant-123', g, g, 'new', g, '{}', now() FROM generate_series(1, 20) g;
+         -- out of the tenant (a delete for it), into it (an insert), within it with a new key
+         UPDATE accounts SET tenant_id = 'tenant-456', id = id + 1000 WHERE tenant_id = 'tenant-123' AND id <= 5;
+         UPDATE accounts SET tenant_id = 'tenant-123', id = id + 2000 WHERE tenant_id = 'tenant-456' AND id BETWEEN 10 AND 14;
+         UPDATE accounts SET id = id + 3000, name = 'moved' WHERE tenant_id = 'tenant-123' AND id BETWEEN 20 AND 22;
+         -- in and out within one transaction
+         BEGIN;
+         UPDATE accounts SET tenant_id = 'tenant-123', id = 4030 WHERE tenant_id = 'tenant-456' AND id = 30;
+         UPDATE accounts SET name = 'visited' WHERE tenant_id = 'tenant-123' AND id = 4030;
+         UPDATE accounts SET tenant_id = 'tenant-456' WHERE tenant_id = 'tenant-123' AND id = 4030;
+         COMMIT;
+         TRUNCATE orders;
+         INSERT INTO orders VALUES ('tenant-123', 1, 1, 'after truncate', 1, '{}', now());",
+    )
+    .await
+    .expect("changes");
+    wait_equal_to_reference(&env, &["accounts", "orders"], &daemon).await;
+    assert_eq!(foreign_rows(&env.dst().await).await, 0);
+}
