@@ -1,12 +1,10 @@
-//! Errors of the replication pipeline, classified in one place.
+//! Errors of the replication pipeline, classified in one place. Shared
+//! vocabulary: this module depends on no other module of the crate.
 //!
 //! Every error is one of three classes ([`ErrorClass`]): a passing outage is
 //! retried with back-off; a problem only a person can fix stops the tenant
 //! with a hint saying what to do; anything else is fatal. Messages never
 //! contain passwords (connection strings are shown masked) or row values.
-
-use crate::capture::pgoutput::DecodeError;
-use crate::checkpoint::CheckpointError;
 
 /// What to do about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +39,40 @@ pub enum ReplicationError {
     /// A check found something a person has to fix.
     #[error("{message}\n  fix: {hint}")]
     Operator { message: String, hint: String },
+    /// Bytes of the replication stream that are not valid pgoutput (the
+    /// decoder's own error converts into this).
     #[error("source sent bytes that are not valid pgoutput: {0}")]
-    Decode(#[from] DecodeError),
+    Decode(String),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// Broken internal invariant.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Checkpoint problems, with the file and the way out (the vocabulary of
+/// the `checkpoint` module, defined here so errors depend on nothing above).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint file {path} is corrupted ({reason}).\n  fix: the target database holds the real progress, so nothing is lost: remove the file (rm {path}) and restart; it is rewritten after the next commit")]
+    Corrupted { path: String, reason: String },
+    #[error("cannot write checkpoint file {path}: {reason}.\n  fix: make the directory writable by the daemon's user (e.g. chown heliosdb {dir}) or set [cdc] checkpoint_dir")]
+    Write {
+        path: String,
+        dir: String,
+        reason: String,
+    },
+    #[error("the target's progress for tenant '{tenant}' was written by another source ({what}).\n  fix: if the source really changed (restored or rebuilt), re-copy the tenant; to accept the new source as is, delete its progress row: DELETE FROM heliosdb_replication.progress WHERE tenant_id = '{tenant}'")]
+    ForeignProgress { tenant: String, what: String },
+}
+
+impl CheckpointError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Write { .. } => ErrorClass::Retry,
+            _ => ErrorClass::OperatorAction,
+        }
+    }
 }
 
 /// Which database an error came from.

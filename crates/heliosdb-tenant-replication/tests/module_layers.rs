@@ -14,8 +14,6 @@ const KNOWN_MUTUAL: &[(&str, &str)] = &[
     ("apply", "checkpoint"),
     ("apply", "config"),
     ("apply", "telemetry"),
-    ("capture", "error"),
-    ("checkpoint", "error"),
     ("config", "seal"),
     ("config", "transport"),
     ("pipeline", "telemetry"),

@@ -38,6 +38,12 @@ pub enum DecodeError {
     Trailing { tag: char, extra: usize },
 }
 
+impl From<DecodeError> for crate::error::ReplicationError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e.to_string())
+    }
+}
+
 /// One column value of a row image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {

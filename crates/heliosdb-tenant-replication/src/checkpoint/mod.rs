@@ -15,28 +15,4 @@
 pub mod file;
 pub mod progress;
 
-use crate::error::ErrorClass;
-
-/// Checkpoint problems, with the file and the way out.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("checkpoint file {path} is corrupted ({reason}).\n  fix: the target database holds the real progress, so nothing is lost: remove the file (rm {path}) and restart; it is rewritten after the next commit")]
-    Corrupted { path: String, reason: String },
-    #[error("cannot write checkpoint file {path}: {reason}.\n  fix: make the directory writable by the daemon's user (e.g. chown heliosdb {dir}) or set [cdc] checkpoint_dir")]
-    Write {
-        path: String,
-        dir: String,
-        reason: String,
-    },
-    #[error("the target's progress for tenant '{tenant}' was written by another source ({what}).\n  fix: if the source really changed (restored or rebuilt), re-copy the tenant; to accept the new source as is, delete its progress row: DELETE FROM heliosdb_replication.progress WHERE tenant_id = '{tenant}'")]
-    ForeignProgress { tenant: String, what: String },
-}
-
-impl CheckpointError {
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            Self::Write { .. } => ErrorClass::Retry,
-            _ => ErrorClass::OperatorAction,
-        }
-    }
-}
+pub use crate::error::CheckpointError;
