@@ -13,11 +13,8 @@ const KNOWN_MUTUAL: &[(&str, &str)] = &[
     ("apply", "capture"),
     ("apply", "checkpoint"),
     ("apply", "config"),
-    ("apply", "telemetry"),
     ("config", "seal"),
     ("config", "transport"),
-    ("pipeline", "telemetry"),
-    ("pipeline", "transport"),
     ("provision", "snapshot"),
     ("seal", "transport"),
 ];

@@ -56,46 +56,32 @@ impl Kind {
     }
 }
 
-/// One detected and resolved conflict.
-#[derive(Debug, Clone)]
-pub struct Conflict {
-    pub table: String,
-    pub primary_key: Value,
-    pub kind: Kind,
-    pub strategy: &'static str,
-    /// `source` (the change was applied) or `target` (the target's state stays).
-    pub winner: &'static str,
-    /// The change's row (column → text) and the target's row as it was;
-    /// `None` for a sensitive table, a delete, or a missing row.
-    pub source_row: Option<Value>,
-    pub target_row: Option<Value>,
-}
+pub use crate::telemetry::Conflict;
 
-impl Conflict {
-    pub fn new(
-        m: &TableMapping,
-        key: &Key,
-        kind: Kind,
-        strategy: Strategy,
-        winner: Winner,
-    ) -> Self {
-        let mut pk = Map::new();
-        for (k, &i) in m.key.iter().enumerate() {
-            let v = key
-                .get(k)
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            pk.insert(m.column_name(i).to_string(), Value::String(v));
-        }
-        Self {
-            table: m.display.clone(),
-            primary_key: Value::Object(pk),
-            kind,
-            strategy: strategy.name(),
-            winner: winner.name(),
-            source_row: None,
-            target_row: None,
-        }
+/// The report of a conflict on `key` of `m`'s table.
+pub fn report(
+    m: &TableMapping,
+    key: &Key,
+    kind: Kind,
+    strategy: Strategy,
+    winner: Winner,
+) -> Conflict {
+    let mut pk = Map::new();
+    for (k, &i) in m.key.iter().enumerate() {
+        let v = key
+            .get(k)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default();
+        pk.insert(m.column_name(i).to_string(), Value::String(v));
+    }
+    Conflict {
+        table: m.display.clone(),
+        primary_key: Value::Object(pk),
+        kind: kind.name(),
+        strategy: strategy.name(),
+        winner: winner.name(),
+        source_row: None,
+        target_row: None,
     }
 }
 

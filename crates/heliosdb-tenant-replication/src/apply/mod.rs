@@ -54,42 +54,7 @@ pub struct CommitPoint {
     pub commit_time_us: i64,
 }
 
-/// What one target commit contained (for metrics).
-#[derive(Debug, Default, Clone)]
-pub struct Committed {
-    /// Source commit times (PostgreSQL epoch µs) of the transactions in it.
-    pub commit_times_us: Vec<i64>,
-    /// Row changes and truncates per table (`schema.table`).
-    pub events_by_table: HashMap<String, u64>,
-    /// Bytes of row values (as the source sent them).
-    pub bytes: u64,
-    /// How long the target transaction was open.
-    pub duration: std::time::Duration,
-    /// Conflicts found (and recorded in the target's conflict log table).
-    pub conflicts: Vec<Conflict>,
-}
-
-impl Committed {
-    /// `n` more events of `table` (allocates the name only the first time).
-    pub fn count(&mut self, table: &str, n: u64) {
-        match self.events_by_table.get_mut(table) {
-            Some(c) => *c += n,
-            None => {
-                self.events_by_table.insert(table.to_string(), n);
-            }
-        }
-    }
-
-    /// Add what `other` holds (transactions confirmed together later).
-    pub fn absorb(&mut self, other: Committed) {
-        self.commit_times_us.extend(other.commit_times_us);
-        for (table, n) in other.events_by_table {
-            *self.events_by_table.entry(table).or_insert(0) += n;
-        }
-        self.bytes += other.bytes;
-        self.conflicts.extend(other.conflicts);
-    }
-}
+pub use crate::telemetry::Committed;
 
 /// Counters for logs.
 #[derive(Debug, Default, Clone)]
@@ -1191,7 +1156,7 @@ impl Applier {
                 }
             }
             if let Some(kind) = d.kind {
-                let mut c = Conflict::new(&m, key, kind, strategy, d.winner);
+                let mut c = conflict::report(&m, key, kind, strategy, d.winner);
                 if !sensitive {
                     c.source_row = match slot {
                         Slot::Upsert(i) => Some(conflict::image(&m, &p.upserts[*i])),
@@ -1268,7 +1233,7 @@ impl Applier {
         let c = &self.pending.conflicts;
         let tables: Vec<&str> = c.iter().map(|c| c.table.as_str()).collect();
         let keys: Vec<String> = c.iter().map(|c| c.primary_key.to_string()).collect();
-        let kinds: Vec<&str> = c.iter().map(|c| c.kind.name()).collect();
+        let kinds: Vec<&str> = c.iter().map(|c| c.kind).collect();
         let strategies: Vec<&str> = c.iter().map(|c| c.strategy).collect();
         let winners: Vec<&str> = c.iter().map(|c| c.winner).collect();
         let source_rows: Vec<Option<String>> = c
@@ -1533,7 +1498,7 @@ impl Applier {
                 self.stats.updates_of_missing_rows += 1;
                 tracing::warn!(table = %m.display, "a key-changing update of a row missing on the target; its unchanged large values are unknown");
                 if detect {
-                    self.pending.conflicts.push(Conflict::new(
+                    self.pending.conflicts.push(conflict::report(
                         m,
                         &old_key,
                         Kind::UpdateMissing,
@@ -1547,7 +1512,7 @@ impl Applier {
                 let plans = one.plan()?;
                 self.apply_plans(&plans, false).await?;
                 if detect {
-                    self.pending.conflicts.push(Conflict::new(
+                    self.pending.conflicts.push(conflict::report(
                         m,
                         &old_key,
                         Kind::UpdateMissing,

@@ -179,7 +179,7 @@ impl Streams {
             if let SourceCatalog::Shipped(map) = applier.source_catalog_mut() {
                 map.extend(self.shipped.iter().map(|(k, v)| (*k, v.clone())));
             }
-            applier.begin(seen, crate::telemetry::pg_now_us()).await?;
+            applier.begin(seen, crate::clock::pg_now_us()).await?;
             tracing::debug!(
                 xid = top,
                 "a streamed transaction opens its own target transaction"

@@ -593,7 +593,7 @@ impl Drop for WalStream {
 
 /// `r`: written, flushed and applied up to `lsn`.
 fn status_update(lsn: u64, reply: bool) -> BytesMut {
-    let now_us = crate::telemetry::pg_now_us();
+    let now_us = crate::clock::pg_now_us();
     let mut body = BytesMut::with_capacity(34);
     body.put_u8(b'r');
     body.put_u64(lsn);

@@ -29,7 +29,7 @@ use crate::pg;
 use crate::seal::{self, FileKeys, KeyProvider, SealError};
 use crate::telemetry::{State, TenantTelemetry};
 use crate::transport::codec::Decoder;
-use crate::transport::server::Refusal;
+use crate::transport::server::{BatchService, Refusal};
 use crate::transport::{BatchResponse, RemoteProgress, SessionRequest, SessionResponse};
 
 /// Serves the tenants of its configuration.
@@ -631,4 +631,31 @@ fn refuse_envelope(tenant: &str, e: &SealError) -> Refusal {
     let mut r = Refusal::new(status, error_type, e.to_string());
     r.body.hint = Some(hint.into());
     r
+}
+
+impl BatchService for ApplyNode {
+    fn open_session(
+        &self,
+        tenant: &str,
+        req: SessionRequest,
+    ) -> impl std::future::Future<Output = Result<SessionResponse, Refusal>> + Send {
+        ApplyNode::open_session(self, tenant, req)
+    }
+
+    fn apply_batch(
+        &self,
+        tenant: &str,
+        session: &str,
+        envelope: Bytes,
+    ) -> impl std::future::Future<Output = Result<BatchResponse, Refusal>> + Send {
+        ApplyNode::apply_batch(self, tenant, session, envelope)
+    }
+
+    fn refused_connection(&self, peer: &str, reason: &str) {
+        ApplyNode::refused_connection(self, peer, reason)
+    }
+
+    fn request_timeout(&self) -> std::time::Duration {
+        ApplyNode::request_timeout(self)
+    }
 }

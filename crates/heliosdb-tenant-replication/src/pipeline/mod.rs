@@ -23,14 +23,13 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::config::{Config, Mode};
 use crate::error::{ErrorClass, ReplicationError, Result};
 use crate::telemetry::{State, Telemetry, TenantTelemetry};
 
-/// The shutdown signal: `true` once shutdown was requested.
-pub type Shutdown = watch::Receiver<bool>;
+pub use crate::shutdown::Shutdown;
 
 /// A source commit this much older than now means a backlog is being read:
 /// batches (and, in one process, target transactions) then fill up to
@@ -43,7 +42,7 @@ pub(crate) const BACKLOG_AGE_US: i64 = 1_000_000;
 /// Is a source transaction that committed at `commit_time_us` (PostgreSQL
 /// epoch) part of a backlog?
 pub(crate) fn is_backlog(commit_time_us: i64) -> bool {
-    crate::telemetry::pg_now_us().saturating_sub(commit_time_us) > BACKLOG_AGE_US
+    crate::clock::pg_now_us().saturating_sub(commit_time_us) > BACKLOG_AGE_US
 }
 
 /// A tenant's pipeline running on its own thread: await it for the result.

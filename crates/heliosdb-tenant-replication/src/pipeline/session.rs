@@ -331,10 +331,7 @@ pub(super) async fn capture_loop(
     result
 }
 
-/// Resolves once shutdown is requested (holding no guard across awaits).
-pub(super) async fn stopped(shutdown: &mut Shutdown) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
+pub(super) use crate::shutdown::stopped;
 
 /// What apply has let the slot release: only ever moves forward, and is
 /// sent to the capture task (which tells the walsender).
@@ -679,7 +676,7 @@ impl ApplyLoop<'_> {
         let rate = (s.events - self.events_at_log) as f64 / elapsed.as_secs_f64();
         let lag_ms = self
             .last_commit_time_us
-            .map(|us| chrono::Utc::now().timestamp_micros() - (us + crate::telemetry::PG_EPOCH_US))
+            .map(|us| chrono::Utc::now().timestamp_micros() - (us + crate::clock::PG_EPOCH_US))
             .map(|us| us / 1000);
         tracing::info!(
             events = s.events, transactions = s.transactions, events_per_sec = rate as u64,

@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod health;
 pub mod metrics;
+pub mod report;
 pub mod server;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -26,8 +27,9 @@ use crate::error::ReplicationError;
 use crate::lsn::Lsn;
 use metrics::{Metrics, TenantMetrics};
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
+use crate::clock::now_us;
+pub use crate::clock::{pg_now_us, PG_EPOCH_US};
+pub use report::{Committed, Conflict};
 
 /// Where a tenant's replication stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,16 +158,6 @@ pub struct TenantTelemetry {
     recent_lag: Mutex<std::collections::VecDeque<f64>>,
 }
 
-fn now_us() -> i64 {
-    Utc::now().timestamp_micros()
-}
-
-/// Now in PostgreSQL's epoch (microseconds since 2000-01-01), as commit
-/// times arrive.
-pub fn pg_now_us() -> i64 {
-    now_us() - PG_EPOCH_US
-}
-
 impl TenantTelemetry {
     pub fn tenant(&self) -> &str {
         &self.m.tenant
@@ -259,7 +251,7 @@ impl TenantTelemetry {
 
     /// A target transaction committed `c`, ending at source `end_lsn`.
     /// `wire_bytes`: what crossed the network for it (split deployment).
-    pub fn committed(&self, c: &crate::apply::Committed, end_lsn: Lsn, wire_bytes: Option<u64>) {
+    pub fn committed(&self, c: &Committed, end_lsn: Lsn, wire_bytes: Option<u64>) {
         self.progressed.store(true, Ordering::Relaxed);
         for t in &c.commit_times_us {
             self.applied(*t, end_lsn);
@@ -280,19 +272,19 @@ impl TenantTelemetry {
     /// A conflict the target committed: counted, logged with the word
     /// CONFLICT (the guide's troubleshooting greps for it), written to the
     /// conflict log and the audit log.
-    pub fn conflict(&self, c: &crate::apply::conflict::Conflict) {
+    pub fn conflict(&self, c: &Conflict) {
         self.m.conflict(c.strategy);
         tracing::warn!(
             tenant = %self.tenant(), table = %c.table, primary_key = %c.primary_key,
-            conflict_type = c.kind.name(), strategy = c.strategy, winner = c.winner,
-            "CONFLICT {} on {} resolved {} (winner: {})", c.kind.name(), c.table, c.strategy, c.winner
+            conflict_type = c.kind, strategy = c.strategy, winner = c.winner,
+            "CONFLICT {} on {} resolved {} (winner: {})", c.kind, c.table, c.strategy, c.winner
         );
         let mut record = serde_json::json!({
             "timestamp": Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
             "tenant_id": self.tenant(),
             "table_name": c.table,
             "primary_key": c.primary_key,
-            "conflict_type": c.kind.name(),
+            "conflict_type": c.kind,
             "resolution_strategy": c.strategy,
             "winner": c.winner,
         });
@@ -311,7 +303,7 @@ impl TenantTelemetry {
                 serde_json::json!({
                     "table_name": c.table,
                     "primary_key": c.primary_key,
-                    "conflict_type": c.kind.name(),
+                    "conflict_type": c.kind,
                     "resolution_strategy": c.strategy,
                     "winner": c.winner,
                 }),

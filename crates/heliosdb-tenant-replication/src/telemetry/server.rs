@@ -18,7 +18,7 @@ use super::health::Health;
 use super::Telemetry;
 use crate::config::{Config, Mode};
 use crate::error::{ReplicationError, Result, Side};
-use crate::pipeline::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// Bind both ports (an error names the port) and serve until shutdown.
 pub async fn start(

@@ -1,5 +1,5 @@
 //! The apply node's HTTPS server: TLS 1.3 with client certificates, routes
-//! to [`ApplyNode`].
+//! to a [`BatchService`] (the apply node implements it).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,10 +14,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use super::{class_name, ErrorBody, SessionRequest, MAX_BODY, SESSION_HEADER};
+use super::{
+    class_name, BatchResponse, ErrorBody, SessionRequest, SessionResponse, MAX_BODY, SESSION_HEADER,
+};
 use crate::error::{ErrorClass, ReplicationError};
-use crate::pipeline::apply_node::ApplyNode;
-use crate::pipeline::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// A refusal: HTTP status and JSON body.
 #[derive(Debug)]
@@ -68,6 +69,27 @@ impl Refusal {
     }
 }
 
+/// What the server serves: a capture node's sessions and batches.
+pub trait BatchService: Send + Sync + 'static {
+    /// Start (or replace) a tenant's session.
+    fn open_session(
+        &self,
+        tenant: &str,
+        req: SessionRequest,
+    ) -> impl std::future::Future<Output = Result<SessionResponse, Refusal>> + Send;
+    /// Open, decode and apply one batch; answer after the target committed.
+    fn apply_batch(
+        &self,
+        tenant: &str,
+        session: &str,
+        envelope: Bytes,
+    ) -> impl std::future::Future<Output = Result<BatchResponse, Refusal>> + Send;
+    /// A connection was refused before any request (TLS, limits).
+    fn refused_connection(&self, peer: &str, reason: &str);
+    /// How long a request body may take to arrive.
+    fn request_timeout(&self) -> Duration;
+}
+
 /// Connections served at once (a capture node keeps a few per tenant);
 /// more are closed right after they are accepted.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -88,10 +110,10 @@ struct Limits {
 }
 
 /// Accept capture nodes until shutdown.
-pub async fn serve(
+pub async fn serve<S: BatchService>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    node: Arc<ApplyNode>,
+    node: Arc<S>,
     mut shutdown: Shutdown,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -138,7 +160,7 @@ pub async fn serve(
                 };
             let service = hyper::service::service_fn(move |req| {
                 let (node, limits) = (node.clone(), limits.clone());
-                async move { Ok::<_, Infallible>(route(&node, &limits, req).await) }
+                async move { Ok::<_, Infallible>(route(node.as_ref(), &limits, req).await) }
             });
             // The header timer also runs while a kept-alive connection waits
             // for its next request: an idle connection is closed.
@@ -173,7 +195,11 @@ fn refused(r: Refusal) -> Response<Full<Bytes>> {
     json(r.status, &r.body)
 }
 
-async fn route(node: &ApplyNode, limits: &Limits, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route<S: BatchService>(
+    node: &S,
+    limits: &Limits,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (tenant, action) = match parts.as_slice() {
