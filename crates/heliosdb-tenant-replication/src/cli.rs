@@ -460,7 +460,7 @@ async fn resync(config: Arc<Config>, table: Option<String>) -> ExitCode {
             "heliosdb-tenant-replication resync",
         )
         .await?;
-        crate::checkpoint::progress::ensure_schema(&target).await?;
+        crate::apply::tracking::ensure_schema(&target).await?;
         crate::snapshot::request_resync(&target, &t.tenant_id, table.as_deref()).await
     }
     .await;
@@ -500,7 +500,7 @@ async fn train_dictionary(
         )
         .await?;
         let report = crate::provision::preflight::check_source(&source, t).await?;
-        let samples = crate::seal::dictionary::samples(
+        let samples = crate::transport::dictionary::samples(
             &source,
             &report.tables,
             &t.tenant_column,
@@ -508,7 +508,7 @@ async fn train_dictionary(
             rows_per_table,
         )
         .await?;
-        crate::seal::dictionary::train(&samples, size, &out)
+        crate::transport::dictionary::train(&samples, size, &out)
     }
     .await;
     match result {

@@ -1,23 +1,10 @@
 //! Dependencies between the library's top-level modules (`src/<module>`)
-//! must go one way along the data flow. Today some pairs still import each
-//! other; they are listed below and may only go away (#19 removes them). A
-//! pair that newly imports each other fails this test, as does a listed pair
-//! that no longer does (take it off the list).
+//! go one way along the data flow: the graph of `crate::<module>` references
+//! between them has no cycle, and CI fails on the first one (it names the
+//! modules in it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-/// Pairs of top-level modules that import each other, left to untangle.
-const KNOWN_MUTUAL: &[(&str, &str)] = &[
-    ("apply", "batch"),
-    ("apply", "capture"),
-    ("apply", "checkpoint"),
-    ("apply", "config"),
-    ("config", "seal"),
-    ("config", "transport"),
-    ("provision", "snapshot"),
-    ("seal", "transport"),
-];
 
 /// Top-level module → the top-level modules its files name as `crate::…`.
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
@@ -72,36 +59,65 @@ fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     graph
 }
 
-#[test]
-fn no_two_top_level_modules_newly_import_each_other() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let graph = module_graph(&src);
-    let mut mutual = BTreeSet::new();
-    for (a, deps) in &graph {
-        for b in deps {
-            if graph.get(b).is_some_and(|d| d.contains(a)) {
-                mutual.insert(if a < b {
-                    (a.clone(), b.clone())
-                } else {
-                    (b.clone(), a.clone())
-                });
+/// A cycle of the graph, if there is one (depth-first search).
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
             }
         }
+        path.pop();
+        done.insert(node.to_string());
+        None
     }
-    let known: BTreeSet<(String, String)> = KNOWN_MUTUAL
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    let new: Vec<_> = mutual.difference(&known).collect();
-    assert!(
-        new.is_empty(),
-        "modules that now import each other (dependencies must go one way along the data flow; see docs/architecture.md): {new:?}"
-    );
-    let gone: Vec<_> = known.difference(&mutual).collect();
-    assert!(
-        gone.is_empty(),
-        "these pairs no longer import each other: take them off KNOWN_MUTUAL: {gone:?}"
-    );
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn top_level_modules_depend_one_way() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let graph = module_graph(&src);
     // The scan sees the graph at all.
     assert!(graph.get("pipeline").is_some_and(|d| d.contains("apply")));
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!(
+            "modules depend on each other in a cycle ({}): dependencies must go one way along the data flow (docs/architecture.md)",
+            cycle.join(" -> ")
+        );
+    }
+}
+
+#[test]
+fn a_cycle_is_found() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [
+        ("a", vec!["b"]),
+        ("b", vec!["c"]),
+        ("c", vec!["a"]),
+        ("d", vec!["a"]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(
+        find_cycle(&graph).map(|c| c.join(" -> ")),
+        Some("a -> b -> c -> a".to_string())
+    );
 }

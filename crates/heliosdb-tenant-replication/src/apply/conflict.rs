@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 
 use super::catalog::TableMapping;
 use super::version::{Strategy, Winner};
-use crate::batch::Key;
+use crate::apply::batch::Key;
 use crate::capture::pgoutput::{Tuple, Value as TupleValue};
 
 /// What kind of divergence.

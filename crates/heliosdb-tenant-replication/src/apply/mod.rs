@@ -20,6 +20,7 @@
 //! On any error the open target transaction is rolled back by the caller,
 //! which reconnects and resumes from the target's progress.
 
+pub mod batch;
 pub mod catalog;
 pub mod conflict;
 pub mod schema;
@@ -35,7 +36,9 @@ use std::time::Instant;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
-use crate::batch::{has_unchanged, key_of, key_texts, row_bytes, Chunk, FirstOp, Key, TablePlan};
+use crate::apply::batch::{
+    has_unchanged, key_of, key_texts, row_bytes, Chunk, FirstOp, Key, TablePlan,
+};
 use crate::capture::pgoutput::{RelationDesc, Tuple, Value};
 use crate::capture::{Announced, RowChange, RowOp};
 use crate::checkpoint::progress;

@@ -27,12 +27,7 @@ use crate::capture::pgoutput::RelationDesc;
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::{qualified, quote_ident, quote_literal};
 
-/// `[cdc] schema_changes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchemaChanges {
-    Apply,
-    Halt,
-}
+pub use crate::config::SchemaChanges;
 
 /// A column as the source's catalog describes it now.
 #[derive(Debug, Clone, PartialEq, Eq)]

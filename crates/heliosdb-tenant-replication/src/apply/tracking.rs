@@ -28,11 +28,7 @@ use super::sql::{key_aliases, key_match, text_arrays};
 use crate::error::{on_target as target_err, ReplicationError, Result, Side};
 use crate::pg::{quote_ident, quote_literal};
 
-/// Prefix of the logical decoding messages that carry a row's version.
-pub const VERSION_PREFIX: &str = "heliosdb_version";
-
-/// Replication origins the daemon tags its writes with start with this.
-pub const ORIGIN_PREFIX: &str = "heliosdb_";
+pub use crate::capture::{ORIGIN_PREFIX, VERSION_PREFIX};
 
 /// The daemon's tables and functions for row versions (part of the schema
 /// DDL, idempotent).
@@ -392,4 +388,25 @@ fn short_hash(s: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// Create the daemon's schema on the target where missing: progress and
+/// copy state (`checkpoint::progress::SCHEMA_DDL`) and row versions
+/// ([`VERSION_DDL`]).
+pub async fn ensure_schema(target: &Client) -> Result<()> {
+    let batch = format!(
+        "BEGIN; SET LOCAL client_min_messages = warning; {} {} COMMIT;",
+        crate::checkpoint::progress::SCHEMA_DDL,
+        VERSION_DDL
+    );
+    target.batch_execute(&batch).await.map_err(|e| {
+        if e.code().map(|c| c.code()) == Some("42501") {
+            ReplicationError::operator(
+                "target: the role cannot create the schema heliosdb_replication (permission denied)",
+                "run `heliosdb-tenant-replication --config … init` as a role that may, or: CREATE SCHEMA heliosdb_replication AUTHORIZATION <writer role>",
+            )
+        } else {
+            ReplicationError::db(Side::Target, "creating the heliosdb_replication schema", e)
+        }
+    })
 }

@@ -21,7 +21,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use crate::batch::FirstOp;
+use crate::apply::batch::FirstOp;
 
 use super::conflict::Kind;
 
@@ -107,36 +107,7 @@ impl Version {
     }
 }
 
-/// `[conflict] resolution_strategy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Strategy {
-    LastWriteWins,
-    #[default]
-    SourcePreferred,
-    TargetPreferred,
-    VectorClock,
-}
-
-impl Strategy {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "LastWriteWins" => Self::LastWriteWins,
-            "SourcePreferred" => Self::SourcePreferred,
-            "TargetPreferred" => Self::TargetPreferred,
-            "VectorClock" => Self::VectorClock,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::LastWriteWins => "LastWriteWins",
-            Self::SourcePreferred => "SourcePreferred",
-            Self::TargetPreferred => "TargetPreferred",
-            Self::VectorClock => "VectorClock",
-        }
-    }
-}
+pub use crate::config::Strategy;
 
 /// Which side's state a conflict ends with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

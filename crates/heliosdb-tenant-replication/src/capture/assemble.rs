@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::pgoutput::{Message, RelationDesc};
 use super::{Announced, RowChange, RowOp, SourceEvent, TxEvent};
-use crate::apply::tracking::{ORIGIN_PREFIX, VERSION_PREFIX};
+use super::{ORIGIN_PREFIX, VERSION_PREFIX};
 use crate::error::{ReplicationError, Result};
 use crate::lsn::Lsn;
 

@@ -19,6 +19,7 @@
 //! back-pressure reaches the walsender instead of memory.
 
 pub mod assemble;
+pub mod catalog;
 pub mod pgoutput;
 pub mod stream;
 pub mod walsender;
@@ -28,6 +29,14 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::lsn::Lsn;
 use pgoutput::{Message, RelationDesc, Tuple};
+
+/// Prefix of the logical decoding messages that carry a row's version
+/// (written by the version triggers the daemon installs).
+pub const VERSION_PREFIX: &str = "heliosdb_version";
+
+/// Replication origins the daemon tags its writes with start with this:
+/// changes under them are its own and are not captured again.
+pub const ORIGIN_PREFIX: &str = "heliosdb_";
 
 /// What the replication connection delivers.
 #[derive(Debug)]

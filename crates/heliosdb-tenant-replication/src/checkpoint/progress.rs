@@ -118,24 +118,6 @@ pub struct BatchMark {
     pub key_batches: u64,
 }
 
-/// Create the daemon's schema and tables where missing.
-pub async fn ensure_schema(target: &Client) -> Result<()> {
-    let batch = format!(
-        "BEGIN; SET LOCAL client_min_messages = warning; {SCHEMA_DDL} {} COMMIT;",
-        crate::apply::tracking::VERSION_DDL
-    );
-    target.batch_execute(&batch).await.map_err(|e| {
-        if e.code().map(|c| c.code()) == Some("42501") {
-            ReplicationError::operator(
-                "target: the role cannot create the schema heliosdb_replication (permission denied)",
-                "run `heliosdb-tenant-replication --config … init` as a role that may, or: CREATE SCHEMA heliosdb_replication AUTHORIZATION <writer role>",
-            )
-        } else {
-            ReplicationError::db(Side::Target, "creating the heliosdb_replication schema", e)
-        }
-    })
-}
-
 /// Read the tenant's progress (check it with [`Progress::check_source`]).
 pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
     let row = target

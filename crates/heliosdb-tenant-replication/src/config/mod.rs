@@ -11,6 +11,7 @@
 //! * [`Config::render_masked`] prints the effective configuration with
 //!   passwords replaced by `***`.
 
+mod choices;
 mod conninfo;
 pub mod model;
 mod secret;
@@ -18,6 +19,7 @@ mod secret;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use choices::{host_name, SchemaChanges, Strategy};
 pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
 pub use secret::SecretString;
 
@@ -59,7 +61,7 @@ pub struct TenantConfig {
     pub start_lsn: Lsn,
     pub checkpoint_dir: PathBuf,
     /// What to do when a table's definition changes on the source.
-    pub schema_changes: crate::apply::schema::SchemaChanges,
+    pub schema_changes: SchemaChanges,
 }
 
 impl TenantConfig {
@@ -132,10 +134,32 @@ pub struct SealConfig {
     pub key_path: Option<PathBuf>,
 }
 
+impl SealConfig {
+    /// The compression `[compression]` asks for; reads the dictionary file.
+    pub fn compression(&self) -> Result<crate::seal::Compression, String> {
+        let dictionary = match &self.dictionary_path {
+            Some(p) => {
+                let raw = std::fs::read(p)
+                    .map_err(|e| format!("[compression] dictionary_path {}: {e}", p.display()))?;
+                Some(std::sync::Arc::new(crate::seal::Dictionary::new(
+                    &raw, self.level,
+                )))
+            }
+            None => None,
+        };
+        Ok(crate::seal::Compression {
+            algorithm: self.compression,
+            level: self.level,
+            min_size_bytes: self.min_size_bytes,
+            dictionary,
+        })
+    }
+}
+
 /// `[conflict]` and `[replication] node_id`: how divergent rows are resolved.
 #[derive(Debug, Clone)]
 pub struct ConflictConfig {
-    pub strategy: crate::apply::version::Strategy,
+    pub strategy: Strategy,
     /// The region of the target database this daemon applies to: the name
     /// its local writes carry in version vectors.
     pub node_id: String,
@@ -146,8 +170,8 @@ pub struct ConflictConfig {
 impl Default for ConflictConfig {
     fn default() -> Self {
         Self {
-            strategy: crate::apply::version::Strategy::SourcePreferred,
-            node_id: crate::transport::client::host_name(),
+            strategy: Strategy::SourcePreferred,
+            node_id: host_name(),
             sensitive_tables: Vec::new(),
         }
     }
@@ -545,8 +569,8 @@ fn resolve(
         notice("[cdc] wal_path", "not used: large transactions stream into one open target transaction instead of spilling to disk");
     }
     let schema_changes = match raw.cdc.schema_changes.as_deref() {
-        None | Some("apply") => crate::apply::schema::SchemaChanges::Apply,
-        Some("halt") => crate::apply::schema::SchemaChanges::Halt,
+        None | Some("apply") => SchemaChanges::Apply,
+        Some("halt") => SchemaChanges::Halt,
         Some(other) => {
             return Err(c.err(
                 "[cdc] schema_changes",
@@ -670,13 +694,13 @@ fn resolve(
 
     // --- conflict ---
     let strategy = match raw.conflict.resolution_strategy.as_deref() {
-        None => crate::apply::version::Strategy::default(),
-        Some(s) => crate::apply::version::Strategy::parse(s).ok_or_else(|| {
+        None => Strategy::default(),
+        Some(s) => Strategy::parse(s).ok_or_else(|| {
             c.err("[conflict] resolution_strategy", format!("'{s}' is not supported: allowed LastWriteWins, SourcePreferred, TargetPreferred, VectorClock"))
         })?,
     };
     let node_id = match raw.replication.node_id.as_deref() {
-        None => crate::transport::client::host_name(),
+        None => host_name(),
         Some(n) if n.is_empty() || n.len() > 63 || n.chars().any(|ch| ch.is_control()) => {
             return Err(c.err(
                 "[replication] node_id",
@@ -1005,7 +1029,7 @@ fn resolve(
     cdc.insert("start_lsn".into(), start_lsn.to_string().into());
     cdc.insert(
         "schema_changes".into(),
-        (if schema_changes == crate::apply::schema::SchemaChanges::Apply {
+        (if schema_changes == SchemaChanges::Apply {
             "apply"
         } else {
             "halt"

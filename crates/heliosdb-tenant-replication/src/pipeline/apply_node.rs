@@ -87,7 +87,9 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemet
     })?;
     let keys = FileKeys::load(&t.tenant_id, key_path)
         .map_err(|e| ReplicationError::operator(e.to_string(), key_hint()))?;
-    let compression = seal::Compression::from_config(&config.seal)
+    let compression = config
+        .seal
+        .compression()
         .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
     let tls = crate::transport::tls::server_config(&config.transport)?;
     let addr = config.transport.listen_address.ok_or_else(|| {
@@ -254,7 +256,7 @@ impl ApplyNode {
         let t = &self.config.tenant;
         let app = format!("heliosdb-tenant-replication/{tenant} apply");
         let target = pg::connect(t.target()?, &self.config.network, Side::Target, &app).await?;
-        progress::ensure_schema(&target).await?;
+        crate::apply::tracking::ensure_schema(&target).await?;
         let recorded = progress::load(&target, tenant).await?;
         if let Some(p) = &recorded {
             p.check_source(tenant, &req.source_system_id, &req.slot)?;

@@ -28,9 +28,9 @@ use tokio_postgres::Client;
 
 use super::session::{capture_loop, open_stream, stopped, Acknowledger, CheckpointWriter};
 use super::{closed, Shutdown};
+use crate::apply::batch::row_bytes;
 use crate::apply::schema::describe_source_table;
 use crate::apply::Committed;
-use crate::batch::row_bytes;
 use crate::capture::assemble::Assembler;
 use crate::capture::pgoutput::RelationDesc;
 use crate::capture::TxEvent;
@@ -101,7 +101,9 @@ impl CaptureContext {
                 "create the key with `openssl rand -hex 32 > FILE && chmod 600 FILE` and give the apply node the same key",
             )
         })?;
-        let compression = Compression::from_config(&config.seal)
+        let compression = config
+            .seal
+            .compression()
             .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
         let mut ctx = Self {
             keys: Arc::new(keys),

@@ -10,6 +10,7 @@ use super::{closed, Shutdown};
 use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
 use crate::apply::{Applier, ApplyIdentity, CommitPoint};
 use crate::capture::assemble::Assembler;
+use crate::capture::catalog::SourceTable;
 use crate::capture::stream::{PgwireSource, StreamSpec};
 use crate::capture::{ChangeSource, TxEvent};
 use crate::checkpoint::file::{CheckpointFile, FileState};
@@ -18,7 +19,6 @@ use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg;
-use crate::provision::catalog::SourceTable;
 use crate::provision::preflight;
 use crate::snapshot::{self, Snapshot};
 use crate::telemetry::{State, TenantTelemetry};
@@ -35,7 +35,7 @@ pub async fn run(
     let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
     let report = preflight::check_source(&source, t).await?;
     let mut target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
-    progress::ensure_schema(&target).await?;
+    crate::apply::tracking::ensure_schema(&target).await?;
     preflight::check_target(&target, t, &report.tables).await?;
 
     // Progress recorded from another source cluster is refused before

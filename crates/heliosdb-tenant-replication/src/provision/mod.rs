@@ -8,19 +8,18 @@
 //! PostgreSQL 15 on. So `init` lists the tables that carry the tenant column
 //! and builds `FOR TABLE t1 WHERE (tenant_id = '…'), t2 WHERE (…)`.
 
-pub mod catalog;
 pub mod preflight;
 pub mod status;
 
 use tokio_postgres::Client;
 
+use crate::capture::catalog::{source_table, SourceTable};
 use crate::capture::stream::SlotSnapshot;
 use crate::checkpoint::progress;
 use crate::config::{Config, TenantConfig};
 use crate::error::{on_source as src, ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
 use crate::snapshot::{self, Snapshot};
-use catalog::{source_table, SourceTable};
 
 /// What `init` did, line by line, for the terminal.
 #[derive(Debug, Default)]
@@ -81,7 +80,7 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
         "heliosdb-tenant-replication init",
     )
     .await?;
-    progress::ensure_schema(&target).await?;
+    crate::apply::tracking::ensure_schema(&target).await?;
     report
         .lines
         .push("target: schema heliosdb_replication ready".into());

@@ -3,8 +3,8 @@
 
 use tokio_postgres::Client;
 
-use super::catalog::{source_table, SourceTable};
 use crate::apply::catalog::TableMapping;
+use crate::capture::catalog::{source_table, SourceTable};
 use crate::config::TenantConfig;
 use crate::error::{on_source as src, on_target, ReplicationError, Result};
 use crate::lsn::Lsn;

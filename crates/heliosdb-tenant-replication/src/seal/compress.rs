@@ -79,26 +79,6 @@ impl std::fmt::Debug for Dictionary {
     }
 }
 
-impl Compression {
-    /// `[compression]` as configured; reads the dictionary file.
-    pub fn from_config(c: &crate::config::SealConfig) -> Result<Self, String> {
-        let dictionary = match &c.dictionary_path {
-            Some(p) => {
-                let raw = std::fs::read(p)
-                    .map_err(|e| format!("[compression] dictionary_path {}: {e}", p.display()))?;
-                Some(std::sync::Arc::new(Dictionary::new(&raw, c.level)))
-            }
-            None => None,
-        };
-        Ok(Self {
-            algorithm: c.compression,
-            level: c.level,
-            min_size_bytes: c.min_size_bytes,
-            dictionary,
-        })
-    }
-}
-
 pub(super) fn compress(c: &Compression, plain: &[u8]) -> Result<(Algorithm, Vec<u8>), SealError> {
     let algorithm = if plain.len() < c.min_size_bytes {
         Algorithm::None

@@ -16,11 +16,10 @@
 //! before using it, and decompresses to at most the authenticated
 //! `plain_len` (≤ [`MAX_PLAIN_LEN`]). Fuzz target: `fuzz/fuzz_targets/envelope.rs`.
 //!
-//! The capture node seals, the apply node opens (`crate::transport`); in
+//! The capture node seals, the apply node opens (the transport module); in
 //! one process (`[transport] mode = "local"`) nothing is sealed.
 
 pub mod compress;
-pub mod dictionary;
 pub mod keys;
 
 use aes_gcm::aead::{AeadInOut, KeyInit};

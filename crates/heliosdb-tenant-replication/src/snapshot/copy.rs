@@ -11,11 +11,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, Transaction};
 
 use super::Range;
+use crate::capture::catalog::SourceTable;
 use crate::config::Config;
 use crate::error::{on_source as src, on_target as dst};
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
-use crate::provision::catalog::SourceTable;
 
 /// Rows copied so far, shared by the workers and the progress display.
 #[derive(Debug, Default)]

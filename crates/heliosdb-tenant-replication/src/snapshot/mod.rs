@@ -31,11 +31,11 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
+use crate::capture::catalog::SourceTable;
 use crate::config::Config;
 use crate::error::{on_source as src, on_target as dst, ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg::{self, quote_ident, quote_literal};
-use crate::provision::catalog::SourceTable;
 
 pub use copy::CopyProgress;
 
@@ -391,7 +391,7 @@ pub async fn resync_tables(
     let count = chosen.len();
     for (i, table) in chosen.into_iter().enumerate() {
         // The definition now, not the one seen at start (columns may have been added since).
-        let table = &crate::provision::catalog::source_table(
+        let table = &crate::capture::catalog::source_table(
             &source,
             &table.schema,
             &table.name,

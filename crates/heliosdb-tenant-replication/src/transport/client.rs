@@ -241,11 +241,4 @@ fn tls_failure(endpoint: &str, e: std::io::Error) -> ReplicationError {
     }
 }
 
-/// This host's name (for the apply node's logs and the default node id).
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown-host".into())
-}
+pub use crate::config::host_name;

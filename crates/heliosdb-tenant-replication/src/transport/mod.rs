@@ -32,6 +32,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod dictionary;
 pub mod server;
 pub mod tls;
 

@@ -15,13 +15,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
+use super::codec::Encoder;
+use crate::capture::catalog::SourceTable;
 use crate::capture::pgoutput::Value;
 use crate::capture::{RowChange, RowOp, TxEvent};
 use crate::error::{on_source, ReplicationError, Result};
 use crate::lsn::Lsn;
 use crate::pg::{quote_ident, quote_literal};
-use crate::provision::catalog::SourceTable;
-use crate::transport::codec::Encoder;
 
 /// Rows per sample (a small batch).
 const ROWS_PER_SAMPLE: usize = 50;

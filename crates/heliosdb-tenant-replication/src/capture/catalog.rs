@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use crate::capture::pgoutput::{ColumnDesc, RelationDesc};
+use super::pgoutput::{ColumnDesc, RelationDesc};
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::quote_ident;
 
