@@ -10,11 +10,24 @@
 //!   nothing is silently ignored.
 //! * [`Config::render_masked`] prints the effective configuration with
 //!   passwords replaced by `***`.
+//!
+//! Files: one per section, next to its defaults and checks (`cdc.rs`,
+//! `seal.rs` for `[compression]` and `[encryption]`, `conflict.rs`,
+//! `monitoring.rs`, `transport.rs`, `performance.rs` with `[network]`);
+//! `model.rs` the raw TOML; `choices.rs` the value words stages act on;
+//! `conninfo.rs` connection strings. This file checks `[replication]` and
+//! `[features]` and puts the sections together.
 
+mod cdc;
 mod choices;
+mod conflict;
 mod conninfo;
 pub mod model;
+mod monitoring;
+mod performance;
+mod seal;
 mod secret;
+mod transport;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +37,7 @@ pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
 pub use secret::SecretString;
 
 use crate::lsn::Lsn;
-use model::{LsnValue, RawConfig};
+use model::RawConfig;
 
 /// A config file that cannot be used. The message names the file and key and
 /// says what is allowed; it never contains a password.
@@ -304,6 +317,15 @@ fn without_quoted_values(message: &str) -> String {
     out
 }
 
+/// A key that is accepted but changes nothing (or is not supported): said
+/// by `check-config` and at start.
+fn notice(notices: &mut Vec<Notice>, key: &str, message: &str) {
+    notices.push(Notice {
+        key: key.to_string(),
+        message: message.to_string(),
+    })
+}
+
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> Option<usize> {
     let span = span?;
     Some(text.get(..span.start)?.matches('\n').count() + 1)
@@ -406,12 +428,6 @@ fn resolve(
 ) -> Result<Config, ConfigError> {
     let c = Checker { file };
     let mut notices = Vec::new();
-    let mut notice = |key: &str, message: &str| {
-        notices.push(Notice {
-            key: key.to_string(),
-            message: message.to_string(),
-        })
-    };
 
     // --- tenant and connections ---
     let tenant_id = raw.replication.tenant_id.clone().ok_or_else(|| {
@@ -479,528 +495,39 @@ fn resolve(
     }
     if f.enable_semantic_resolution == Some(true) {
         notice(
+            &mut notices,
             "[features] enable_semantic_resolution",
             "not supported: conflicts are not resolved by a model in this build",
         );
     }
     if f.enable_predictive_replication == Some(true) {
         notice(
+            &mut notices,
             "[features] enable_predictive_replication",
             "not supported: changes are replicated in commit order",
         );
     }
 
-    // --- cdc ---
-    let slug: String = tenant_id
-        .chars()
-        .map(|ch| {
-            if ch.is_ascii_alphanumeric() {
-                ch.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let slot = raw
-        .cdc
-        .replication_slot
-        .clone()
-        .unwrap_or_else(|| format!("{slug}_slot"));
-    if slot.is_empty()
-        || slot.len() > 63
-        || !slot
-            .chars()
-            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
-    {
-        return Err(c.err(
-            "[cdc] replication_slot",
-            format!("'{slot}' is not a valid slot name: PostgreSQL allows 1 to 63 characters from a-z 0-9 _"),
-        ));
-    }
-    let publication = raw
-        .cdc
-        .publication_name
-        .clone()
-        .unwrap_or_else(|| format!("{slug}_pub"));
-    if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
-        return Err(c.err(
-            "[cdc] publication_name",
-            format!("'{publication}' is not a valid publication name: 1 to 63 bytes"),
-        ));
-    }
-    let tenant_column = raw
-        .cdc
-        .tenant_column
-        .clone()
-        .unwrap_or_else(|| "tenant_id".into());
-    if tenant_column.is_empty() || tenant_column.len() > 63 || tenant_column.contains('\0') {
-        return Err(c.err(
-            "[cdc] tenant_column",
-            "must be a column name of 1 to 63 bytes",
-        ));
-    }
-    let batch_size = c.alias(
-        ("[cdc] batch_size", raw.cdc.batch_size),
-        ("[performance] batch_size", raw.performance.batch_size),
-    )?;
-    let batch_size = c.range("[cdc] batch_size", batch_size, 1000, 1, 100_000)?;
-    let checkpoint_interval = c.alias(
-        ("[cdc] checkpoint_interval", raw.cdc.checkpoint_interval),
-        (
-            "[performance] checkpoint_interval",
-            raw.performance.checkpoint_interval,
-        ),
-    )?;
-    let checkpoint_interval = c.range(
-        "[cdc] checkpoint_interval",
+    let cdc::Cdc {
+        slot,
+        publication,
+        tenant_column,
+        batch_size,
         checkpoint_interval,
-        1000,
-        1,
-        100_000_000,
-    )?;
-    let start_lsn = match &raw.cdc.start_lsn {
-        None => Lsn::ZERO,
-        Some(LsnValue::Number(n)) => Lsn(*n),
-        Some(LsnValue::Text(t)) => t
-            .parse()
-            .map_err(|e: crate::lsn::ParseLsnError| c.err("[cdc] start_lsn", e.to_string()))?,
-    };
-    if raw.cdc.wal_path.is_some() {
-        notice("[cdc] wal_path", "not used: large transactions stream into one open target transaction instead of spilling to disk");
-    }
-    let schema_changes = match raw.cdc.schema_changes.as_deref() {
-        None | Some("apply") => SchemaChanges::Apply,
-        Some("halt") => SchemaChanges::Halt,
-        Some(other) => {
-            return Err(c.err(
-                "[cdc] schema_changes",
-                format!("'{other}' is not allowed: apply or halt"),
-            ))
-        }
-    };
-    let checkpoint_dir = PathBuf::from(
-        raw.cdc
-            .checkpoint_dir
-            .clone()
-            .unwrap_or_else(|| DEFAULT_CHECKPOINT_DIR.into()),
-    );
-
-    // --- compression ---
-    let level = c.alias(
-        ("[compression] level", raw.compression.level),
-        (
-            "[performance] compression_level",
-            raw.performance.compression_level,
-        ),
-    )?;
-    let min_size = c.alias(
-        (
-            "[compression] min_size_bytes",
-            raw.compression.min_size_bytes,
-        ),
-        (
-            "[performance] compression_min_size_bytes",
-            raw.performance.compression_min_size_bytes,
-        ),
-    )?;
-    let algorithm = raw.compression.algorithm.as_deref().unwrap_or("zstd");
-    let level_range = match algorithm {
-        "zstd" => Some((1, 22)),
-        "gzip" => Some((0, 9)),
-        "lz4" | "snappy" => None,
-        other => {
-            return Err(c.err(
-                "[compression] algorithm",
-                format!("'{other}' is not supported: allowed zstd, snappy, lz4, gzip"),
-            ))
-        }
-    };
-    if let (Some(l), Some((lo, hi))) = (level, level_range) {
-        if l < lo || l > hi {
-            return Err(c.err(
-                "[compression] level",
-                format!("{l} is out of range for {algorithm}: allowed {lo} to {hi}"),
-            ));
-        }
-    }
-    let compression_set = raw.compression.algorithm.is_some()
-        || level.is_some()
-        || min_size.is_some()
-        || raw.compression.dictionary_path.is_some();
-    if mode == Mode::Local && (f.enable_compression == Some(true) || compression_set) {
-        notice("[compression]", "no effect with [transport] mode = \"local\": capture and apply run in this process, so no batch crosses a network; batches are compressed when a capture node ships them to an apply node");
-    }
-    let compression = if f.enable_compression == Some(false) {
-        crate::seal::Algorithm::None
-    } else {
-        crate::seal::Algorithm::from_name(algorithm).unwrap_or(crate::seal::Algorithm::Zstd)
-    };
-    let default_level = if algorithm == "gzip" { 6 } else { 3 };
-    let min_size_bytes = c.range(
-        "[compression] min_size_bytes",
-        min_size,
-        512,
-        0,
-        crate::seal::MAX_PLAIN_LEN as u64,
-    )? as usize;
-    if raw.compression.dictionary_path.is_some() && algorithm != "zstd" {
-        return Err(c.err(
-            "[compression] dictionary_path",
-            format!("dictionaries are used by zstd only (algorithm is {algorithm}); remove the key or choose zstd"),
-        ));
-    }
-
-    // --- encryption ---
-    if let Some(a) = raw.encryption.algorithm.as_deref() {
-        if a != "aes256gcm" {
-            return Err(c.err(
-                "[encryption] algorithm",
-                format!("'{a}' is not supported: allowed aes256gcm"),
-            ));
-        }
-    }
-    let e = &raw.encryption;
-    if mode == Mode::Local
-        && (f.enable_encryption == Some(true)
-            || e.key_file.is_some()
-            || e.kms_key_arn.is_some()
-            || e.key_rotation_days.is_some())
-    {
-        notice("[encryption]", "no effect with [transport] mode = \"local\": no batch crosses a network (protect the PostgreSQL connections with sslmode=verify-full); batches are sealed with the tenant key when a capture node ships them to an apply node");
-    }
-    if mode != Mode::Local {
-        if f.enable_encryption == Some(false) {
-            return Err(c.err(
-                "[features] enable_encryption",
-                format!("false is not allowed with [transport] mode = \"{}\": every batch that crosses the network is sealed with the tenant's key", mode.name()),
-            ));
-        }
-        if e.key_file.is_none() {
-            return Err(c.err(
-                "[encryption] key_file",
-                format!("missing: [transport] mode = \"{}\" seals every batch with the tenant's key; create one with `openssl rand -hex 32 > /etc/heliosdb/key.txt && chmod 600 /etc/heliosdb/key.txt` and set key_file (or a keys directory <dir>/<tenant>/<key_id>.key)", mode.name()),
-            ));
-        }
-        if e.kms_key_arn.is_some() {
-            notice(
-                "[encryption] kms_key_arn",
-                "not supported in this build: keys come from key_file",
-            );
-        }
-        if e.key_rotation_days.is_some() {
-            notice("[encryption] key_rotation_days", "not enforced: rotate by adding a newer <key_id>.key to the keys directory (batches are sealed with the greatest key id; older keys keep opening batches until renamed to .retired)");
-        }
-    }
-
-    // --- conflict ---
-    let strategy = match raw.conflict.resolution_strategy.as_deref() {
-        None => Strategy::default(),
-        Some(s) => Strategy::parse(s).ok_or_else(|| {
-            c.err("[conflict] resolution_strategy", format!("'{s}' is not supported: allowed LastWriteWins, SourcePreferred, TargetPreferred, VectorClock"))
-        })?,
-    };
-    let node_id = match raw.replication.node_id.as_deref() {
-        None => host_name(),
-        Some(n) if n.is_empty() || n.len() > 63 || n.chars().any(|ch| ch.is_control()) => {
-            return Err(c.err(
-                "[replication] node_id",
-                "must be 1-63 printable characters naming this region, e.g. \"eu-west-1\"",
-            ))
-        }
-        Some(n) => n.to_string(),
-    };
-    let sensitive_tables = raw
-        .conflict
-        .sensitive_tables
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| {
-            if t.contains('.') {
-                t
-            } else {
-                format!("public.{t}")
-            }
-        })
-        .collect();
-    let conflict = ConflictConfig {
-        strategy,
-        node_id,
-        sensitive_tables,
-    };
-    let conflict_log = match (raw.conflict.log_conflicts, &raw.conflict.conflict_log_path) {
-        (Some(true), Some(p)) if !p.is_empty() => Some(PathBuf::from(p)),
-        (Some(true), _) => Some(PathBuf::from("/var/log/heliosdb/conflicts.log")),
-        (_, Some(_)) => {
-            notice(
-                "[conflict] conflict_log_path",
-                "no effect without log_conflicts = true (conflicts still go to the target's heliosdb_replication.heliosdb_conflict_log table)",
-            );
-            None
-        }
-        _ => None,
-    };
-
-    // --- monitoring ---
-    let m = &raw.monitoring;
-    for (key, port) in [
-        ("[monitoring] prometheus_port", m.prometheus_port),
-        ("[monitoring] health_check_port", m.health_check_port),
-    ] {
-        if port == Some(0) {
-            return Err(c.err(key, "0 is not a port: allowed 1 to 65535"));
-        }
-    }
-    if m.prometheus_port.unwrap_or(9090) == m.health_check_port.unwrap_or(8080) {
-        return Err(c.err(
-            "[monitoring] health_check_port",
-            "must differ from prometheus_port",
-        ));
-    }
-    if let Some(fmt) = m.audit_log_format.as_deref() {
-        if fmt != "json" {
-            return Err(c.err(
-                "[monitoring] audit_log_format",
-                format!("'{fmt}' is not supported: allowed json"),
-            ));
-        }
-    }
-    for ev in m.audit_events.iter().flatten() {
-        if !matches!(
-            ev.as_str(),
-            "replication_start"
-                | "replication_stop"
-                | "failover"
-                | "conflict_resolved"
-                | "checkpoint_created"
-                | "error"
-        ) {
-            return Err(c.err("[monitoring] audit_events", format!("'{ev}' is not an audit event: allowed replication_start, replication_stop, failover, conflict_resolved, checkpoint_created, error")));
-        }
-    }
-    let metrics_interval = c.range(
-        "[monitoring] metrics_interval_seconds",
-        m.metrics_interval_seconds,
-        10,
-        1,
-        3600,
-    )?;
-    let bind_address = match m.bind_address.as_deref() {
-        None => std::net::IpAddr::from([0, 0, 0, 0]),
-        Some(a) => a.parse().map_err(|_| {
-            c.err(
-                "[monitoring] bind_address",
-                format!("'{a}' is not an IP address, e.g. 0.0.0.0 or 127.0.0.1"),
-            )
-        })?,
-    };
-    let audit_log = match (m.enable_audit_log, &m.audit_log_path) {
-        (Some(true), Some(p)) if !p.is_empty() => {
-            Some((PathBuf::from(p), m.audit_events.clone().unwrap_or_default()))
-        }
-        (Some(true), _) => Some((
-            PathBuf::from("/var/log/heliosdb/audit.log"),
-            m.audit_events.clone().unwrap_or_default(),
-        )),
-        _ => {
-            if m.audit_log_path.is_some() || m.audit_events.is_some() {
-                notice(
-                    "[monitoring] audit_log_path",
-                    "no effect without enable_audit_log = true",
-                );
-            }
-            None
-        }
-    };
-    let monitoring = MonitoringConfig {
-        enabled: f.enable_monitoring != Some(false),
-        bind_address,
-        prometheus_port: m.prometheus_port.unwrap_or(9090),
-        health_check_port: m.health_check_port.unwrap_or(8080),
-        metrics_interval: Duration::from_secs(metrics_interval),
-        audit_log,
-        conflict_log,
-    };
-
-    // --- transport ---
-    let tr = &raw.transport;
-    let path_of = |key: &str,
-                   v: &Option<String>,
-                   needed: bool|
-     -> Result<Option<PathBuf>, ConfigError> {
-        match v {
-            Some(p) if p.is_empty() => Err(c.err(key, "must not be empty")),
-            Some(p) => Ok(Some(PathBuf::from(p))),
-            None if needed => Err(c.err(
-                key,
-                format!("missing: [transport] mode = \"{}\" uses TLS 1.3 with certificates on both sides; set ca_file, cert_file and key_file (PEM)", mode.name()),
-            )),
-            None => Ok(None),
-        }
-    };
-    let split = mode != Mode::Local;
-    let ca_file = path_of("[transport] ca_file", &tr.ca_file, split)?;
-    let cert_file = path_of("[transport] cert_file", &tr.cert_file, split)?;
-    let tls_key_file = path_of("[transport] key_file", &tr.key_file, split)?;
-    let apply_url = match (&tr.apply_url, mode) {
-        (Some(u), _) if !u.starts_with("https://") => {
-            return Err(c.err(
-                "[transport] apply_url",
-                format!("'{u}' must start with https:// (batches never travel in plaintext)"),
-            ))
-        }
-        (None, Mode::Capture) => {
-            return Err(c.err(
-                "[transport] apply_url",
-                "missing: the capture node ships batches to the apply node at this URL, e.g. apply_url = \"https://apply-eu.internal:8443\"",
-            ))
-        }
-        (u, _) => u.clone(),
-    };
-    let listen_address = match (&tr.listen_address, mode) {
-        (Some(a), _) => Some(a.parse::<std::net::SocketAddr>().map_err(|_| {
-            c.err(
-                "[transport] listen_address",
-                format!("'{a}' is not an address:port, e.g. 0.0.0.0:8443"),
-            )
-        })?),
-        (None, Mode::Apply) => {
-            return Err(c.err(
-                "[transport] listen_address",
-                "missing: the apply node listens for capture nodes here, e.g. listen_address = \"0.0.0.0:8443\"",
-            ))
-        }
-        (None, _) => None,
-    };
-    let request_timeout = c.range(
-        "[transport] request_timeout_seconds",
-        tr.request_timeout_seconds,
-        60,
-        1,
-        3600,
-    )?;
-    if mode == Mode::Local
-        && (tr.apply_url.is_some()
-            || tr.listen_address.is_some()
-            || tr.ca_file.is_some()
-            || tr.cert_file.is_some()
-            || tr.key_file.is_some())
-    {
-        notice(
-            "[transport]",
-            "no effect with mode = \"local\" (set mode = \"capture\" or \"apply\" to split the nodes)",
-        );
-    }
-
-    // --- performance ---
-    let p = &raw.performance;
-    let buffer_events = c.range(
-        "[performance] buffer_size_events",
-        p.buffer_size_events,
-        10_000,
-        1,
-        10_000_000,
-    )?;
-    let worker_threads = c.range("[performance] worker_threads", p.worker_threads, 4, 1, 256)?;
-    let batch_timeout_ms = c.range(
-        "[performance] batch_timeout_ms",
-        p.batch_timeout_ms,
-        100,
-        1,
-        60_000,
-    )?;
-    if let Some(t) = p.target_replication_lag_seconds {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(c.err(
-                "[performance] target_replication_lag_seconds",
-                format!("{t} must be a positive number of seconds"),
-            ));
-        }
-        notice(
-            "[performance] target_replication_lag_seconds",
-            "not yet supported: no lag target is enforced or reported in this build",
-        );
-    }
-    if p.max_throughput_events_per_sec.is_some() {
-        c.range(
-            "[performance] max_throughput_events_per_sec",
-            p.max_throughput_events_per_sec,
-            1,
-            1,
-            u64::MAX,
-        )?;
-        notice(
-            "[performance] max_throughput_events_per_sec",
-            "not yet supported: replication is not rate-limited in this build",
-        );
-    }
-    if p.checkpoint_async.is_some() {
-        notice("[performance] checkpoint_async", "no effect: progress is committed with the data on the target; checkpoint files are written after commits");
-    }
-
-    // --- network ---
-    let n = &raw.network;
-    let keepalive = c.alias(
-        ("[network] tcp_keepalive_seconds", n.tcp_keepalive_seconds),
-        (
-            "[performance] tcp_keepalive_seconds",
-            p.tcp_keepalive_seconds,
-        ),
-    )?;
-    let pool = c.alias(
-        ("[network] connection_pool_size", n.connection_pool_size),
-        ("[performance] connection_pool_size", p.connection_pool_size),
-    )?;
-    let connect_timeout = c.alias(
-        (
-            "[network] connect_timeout_seconds",
-            n.connect_timeout_seconds,
-        ),
-        (
-            "[performance] connect_timeout_seconds",
-            p.connect_timeout_seconds,
-        ),
-    )?;
-    let read_timeout = c.alias(
-        ("[network] read_timeout_seconds", n.read_timeout_seconds),
-        ("[performance] read_timeout_seconds", p.read_timeout_seconds),
-    )?;
-    let keepalive = c.range("[network] tcp_keepalive_seconds", keepalive, 30, 1, 7200)?;
-    c.range("[network] connection_pool_size", pool, 10, 1, 1000)?;
-    if pool.is_some() {
-        notice("[network] connection_pool_size", "no effect: each tenant uses one target connection, so its transactions apply in commit order");
-    }
-    let connect_timeout = c.range(
-        "[network] connect_timeout_seconds",
-        connect_timeout,
-        10,
-        1,
-        600,
-    )?;
-    c.range(
-        "[network] read_timeout_seconds",
-        read_timeout,
-        60,
-        1,
-        86_400,
-    )?;
-    if read_timeout.is_some() {
-        notice("[network] read_timeout_seconds", "not yet supported: the replication stream relies on PostgreSQL's wal_sender_timeout and TCP keepalives");
-    }
-    let retry_max_attempts = c.range(
-        "[network] retry_max_attempts",
-        n.retry_max_attempts,
-        3,
-        0,
-        1000,
-    )?;
-    let retry_backoff_ms = c.range(
-        "[network] retry_backoff_ms",
-        n.retry_backoff_ms,
-        1000,
-        10,
-        600_000,
-    )?;
+        start_lsn,
+        schema_changes,
+        checkpoint_dir,
+    } = cdc::cdc(&c, &raw, &tenant_id, &mut notices)?;
+    let seal = seal::seal(&c, &raw, mode, &mut notices)?;
+    let (conflict, conflict_log) = conflict::conflict(&c, &raw, &mut notices)?;
+    let monitoring = monitoring::monitoring(&c, &raw, conflict_log, &mut notices)?;
+    let transport = transport::transport(&c, &raw, mode, &mut notices)?;
+    let performance::Performance {
+        buffer_events,
+        worker_threads,
+        batch_timeout_ms,
+    } = performance::performance(&c, &raw, &mut notices)?;
+    let network = performance::network(&c, &raw, &mut notices)?;
 
     // The effective configuration, for check-config (no secrets in it).
     let mut view = toml::Table::new();
@@ -1043,16 +570,22 @@ fn resolve(
     perf.insert("batch_timeout_ms".into(), (batch_timeout_ms as i64).into());
     view.insert("performance".into(), perf.into());
     let mut net = toml::Table::new();
-    net.insert("tcp_keepalive_seconds".into(), (keepalive as i64).into());
+    net.insert(
+        "tcp_keepalive_seconds".into(),
+        (network.tcp_keepalive.as_secs() as i64).into(),
+    );
     net.insert(
         "connect_timeout_seconds".into(),
-        (connect_timeout as i64).into(),
+        (network.connect_timeout.as_secs() as i64).into(),
     );
     net.insert(
         "retry_max_attempts".into(),
-        (retry_max_attempts as i64).into(),
+        i64::from(network.retry_max_attempts).into(),
     );
-    net.insert("retry_backoff_ms".into(), (retry_backoff_ms as i64).into());
+    net.insert(
+        "retry_backoff_ms".into(),
+        (network.retry_backoff.as_millis() as i64).into(),
+    );
     view.insert("network".into(), net.into());
     for (name, section) in [
         ("features", toml::Table::try_from(&raw.features)),
@@ -1088,30 +621,11 @@ fn resolve(
             buffer_events: buffer_events as usize,
             checkpoint_interval,
         },
-        transport: TransportConfig {
-            mode,
-            apply_url,
-            listen_address,
-            ca_file,
-            cert_file,
-            key_file: tls_key_file,
-            request_timeout: Duration::from_secs(request_timeout),
-        },
+        transport,
         monitoring,
         conflict,
-        seal: SealConfig {
-            compression,
-            level: level.map(|l| l as i32).unwrap_or(default_level),
-            min_size_bytes,
-            dictionary_path: raw.compression.dictionary_path.as_ref().map(PathBuf::from),
-            key_path: raw.encryption.key_file.as_ref().map(PathBuf::from),
-        },
-        network: NetworkConfig {
-            connect_timeout: Duration::from_secs(connect_timeout),
-            tcp_keepalive: Duration::from_secs(keepalive),
-            retry_max_attempts: retry_max_attempts as u32,
-            retry_backoff: Duration::from_millis(retry_backoff_ms),
-        },
+        seal,
+        network,
         worker_threads: worker_threads as usize,
         notices,
         raw_view: view,
