@@ -256,6 +256,17 @@ impl Applier {
             Some(m) => Some(m.relation.clone()),
             None => None,
         };
+        // What the source says the table is now (type oids and modifiers),
+        // for diagnosing a schema change that was not applied.
+        tracing::debug!(
+            table = %format!("{}.{}", relation.namespace, relation.name),
+            columns = ?relation
+                .columns
+                .iter()
+                .map(|c| (c.name.as_str(), c.type_oid, c.type_modifier))
+                .collect::<Vec<_>>(),
+            "relation"
+        );
         // Rows queued under the old definition go first.
         self.flush().await?;
         let done = schema::reconcile(
