@@ -7,15 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn fails(config: &std::path::Path, args: &[&str], code: i32, needles: &[&str]) {
-    let out = run(config, args);
-    let all = format!("{}{}", out.stdout, out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {all}");
-    for n in needles {
-        assert!(all.contains(n), "{args:?}: expected {n:?} in:\n{all}");
-    }
-}
-
 async fn write(env: &Env, sql: &str) {
     env.src()
         .await
@@ -60,8 +51,8 @@ async fn a_dropped_slot_is_a_gap_init_refuses_and_init_resync_closes() {
     write(&env, "UPDATE orders SET status = 'in the gap' WHERE id <= 10;
                  DELETE FROM orders WHERE id > 90;
                  INSERT INTO orders SELECT 'tenant-123', g, 1, 'gap', g, '{}', now() FROM generate_series(500, 520) g").await;
-    fails(&config, &["start"], 3, &["does not exist", "init"]);
-    fails(
+    assert_fails(&config, &["start"], 3, &["does not exist", "init"]);
+    assert_fails(
         &config,
         &["init"],
         3,
@@ -86,7 +77,7 @@ async fn a_dropped_slot_is_a_gap_init_refuses_and_init_resync_closes() {
         "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput')",
     )
     .await;
-    fails(
+    assert_fails(
         &config,
         &["start"],
         3,
@@ -128,7 +119,7 @@ async fn an_invalidated_slot_stops_the_tenant_with_the_fix() {
         .get::<_, bool>(0)
     })
     .await;
-    fails(
+    assert_fails(
         &config,
         &["start"],
         3,
@@ -138,7 +129,7 @@ async fn an_invalidated_slot_stops_the_tenant_with_the_fix() {
             "init --resync",
         ],
     );
-    fails(&config, &["init"], 3, &["was invalidated", "init --resync"]);
+    assert_fails(&config, &["init"], 3, &["was invalidated", "init --resync"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,19 +145,11 @@ async fn commit_time_strategies_refuse_a_target_without_commit_timestamps() {
         let config = env.write_config("replication.toml", &text);
         env.init(&config);
         let mut daemon = env.start_daemon(&config);
-        assert_eq!(
-            daemon.wait_exit(Duration::from_secs(30)),
-            Some(3),
-            "{}",
-            daemon.log()
-        );
-        let log = daemon.log();
-        assert!(log.contains("track_commit_timestamp is off"), "{log}");
-        assert!(
-            log.contains("ALTER SYSTEM SET track_commit_timestamp = on"),
-            "{log}"
-        );
-        assert!(log.contains(strategy), "{log}");
+        daemon.assert_stops_with(&[
+            "track_commit_timestamp is off",
+            "ALTER SYSTEM SET track_commit_timestamp = on",
+            strategy,
+        ]);
     }
 }
 

@@ -177,16 +177,6 @@ async fn rows_committed_asynchronously_before_the_first_copy_are_replayed_withou
     assert_eq!(conflicts_logged(&dst).await, 0, "{}", daemon.log());
 }
 
-fn assert_fails(config: &std::path::Path, args: &[&str], code: i32, needles: &[&str]) -> String {
-    let out = run(config, args);
-    let all = format!("{}{}", out.stdout, out.stderr);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {all}");
-    for n in needles {
-        assert!(all.contains(n), "{args:?}: expected {n:?} in:\n{all}");
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stops_with_the_fix_for_each_common_mistake() {
     let env = Env::new(SCHEMA).await;

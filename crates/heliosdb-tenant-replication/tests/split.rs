@@ -890,25 +890,9 @@ async fn an_idle_tenant_moves_the_slot_through_the_apply_node_and_a_restart_find
     let src = env.src().await;
     // Only another tenant writes: the slot moves, and the target records
     // where before it is acknowledged there.
-    src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")
-        .await
-        .expect("other tenant writes");
-    let after: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
+    let after = other_tenant_writes(&src).await;
     let dst = env.dst().await;
-    wait_until(Duration::from_secs(30), "the slot to pass the other tenant's writes", || async {
-        src.query_one(
-            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
-            &[&after],
-        )
-        .await
-        .expect("slot")
-        .get::<_, bool>(0)
-    })
-    .await;
+    wait_slot_confirmed(&src, &after).await;
     let covered: bool = dst
         .query_one(
             "SELECT p.end_lsn >= $1::text::pg_lsn FROM heliosdb_replication.progress p WHERE tenant_id = $2",

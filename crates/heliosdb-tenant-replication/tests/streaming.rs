@@ -154,16 +154,6 @@ async fn values_keep_full_fidelity() {
     assert_eq!(foreign_rows_of(&dst, "typed").await, 0);
 }
 
-async fn foreign_rows_of(c: &tokio_postgres::Client, table: &str) -> i64 {
-    c.query_one(
-        &format!("SELECT count(*) FROM {table} WHERE tenant_id <> $1"),
-        &[&TENANT],
-    )
-    .await
-    .expect("count")
-    .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_toast_values_are_kept_across_updates() {
     let (env, config) = Env::provisioned(SCHEMA).await;
@@ -252,24 +242,8 @@ async fn an_idle_tenant_does_not_hold_back_the_slot() {
     let daemon = env.start_daemon(&config);
     let src = env.src().await;
     // Only other tenants write: nothing reaches our target, yet the slot must move.
-    src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")
-        .await
-        .expect("other tenant writes");
-    let after: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
-    wait_until(Duration::from_secs(30), "the slot's confirmed_flush_lsn to pass the other tenant's writes", || async {
-        src.query_one(
-            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
-            &[&after],
-        )
-        .await
-        .expect("slot")
-        .get::<_, bool>(0)
-    })
-    .await;
+    let after = other_tenant_writes(&src).await;
+    wait_slot_confirmed(&src, &after).await;
     assert_eq!(
         tenant_digest(&env.dst().await, "events", "tenant-456")
             .await

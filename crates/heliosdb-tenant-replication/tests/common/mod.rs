@@ -259,6 +259,22 @@ impl Daemon {
         self.child.try_wait().ok().flatten()
     }
 
+    /// The daemon stops by itself for an operator's action (exit code 3)
+    /// and its log names each of `needles`; the log.
+    pub fn assert_stops_with(&mut self, needles: &[&str]) -> String {
+        assert_eq!(
+            self.wait_exit(Duration::from_secs(30)),
+            Some(3),
+            "{}",
+            self.log()
+        );
+        let log = self.log();
+        for n in needles {
+            assert!(log.contains(n), "expected {n:?} in the daemon log:\n{log}");
+        }
+        log
+    }
+
     /// Wait for the daemon to exit by itself; its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
@@ -758,4 +774,53 @@ pub async fn wait_equal_to_reference(env: &Env, tables: &[&str], daemon: &Daemon
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A one-shot command must exit with `code` and say each of `needles`; its
+/// output.
+pub fn assert_fails(config: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
+    let out = run(config, args);
+    let all = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {all}");
+    for n in needles {
+        assert!(all.contains(n), "{args:?}: expected {n:?} in:\n{all}");
+    }
+    all
+}
+
+/// Rows of `table` that are not the tenant's.
+pub async fn foreign_rows_of(c: &Client, table: &str) -> i64 {
+    c.query_one(
+        &format!("SELECT count(*) FROM {table} WHERE tenant_id <> $1"),
+        &[&TENANT],
+    )
+    .await
+    .expect("count")
+    .get(0)
+}
+
+/// Another tenant writes 20,000 rows (nothing of ours); the source's WAL
+/// position after them.
+pub async fn other_tenant_writes(src: &Client) -> String {
+    src.batch_execute("INSERT INTO events SELECT 'tenant-456', g, 'k', 'b', now() FROM generate_series(1, 20000) g")
+        .await
+        .expect("other tenant writes");
+    src.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0)
+}
+
+/// Wait until the tenant's slot is confirmed at `lsn` or beyond.
+pub async fn wait_slot_confirmed(src: &Client, lsn: &str) {
+    wait_until(Duration::from_secs(30), "the slot's confirmed_flush_lsn to pass the other tenant's writes", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&lsn],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
 }
