@@ -915,3 +915,35 @@ async fn an_idle_tenant_moves_the_slot_through_the_apply_node_and_a_restart_find
         capture.log()
     );
 }
+
+/// An `apply_url` that names a plain-HTTP port (here the capture node's own
+/// health port, the mistake a port collision or a copied config makes)
+/// is named as such, not as a corrupt message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_url_that_is_not_an_apply_node_is_named() {
+    let (env, _local) = Env::provisioned(SCHEMA).await;
+    let configs = split_configs(&env, 1000);
+    let (_, health) = monitoring_ports(&configs.capture);
+    let text = std::fs::read_to_string(&configs.capture)
+        .expect("capture config")
+        .replace(
+            &format!("127.0.0.1:{}", configs.port),
+            &format!("127.0.0.1:{health}"),
+        );
+    let capture = start(
+        &env.write_config("capture-wrong.toml", &text),
+        &env,
+        "capture",
+    );
+    wait_for_log(
+        &capture,
+        "the server does not speak TLS",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        capture.log().contains("not a monitoring port"),
+        "{}",
+        capture.log()
+    );
+}

@@ -24,10 +24,11 @@ pub mod pki;
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// What can go wrong while starting or stopping a cluster.
@@ -539,14 +540,64 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that is free now and that no other caller of this
+/// function, in this process or another, is handed while this process lives.
+///
+/// Picking a port by binding port 0 and closing it is racy twice over: the
+/// kernel hands the same port to the next `bind(0)` of a parallel test, and
+/// to outgoing connections. So ports come from below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`), which neither uses, and each is
+/// claimed by a lock on a file under `$TMPDIR/heliosdb-ports/` held until the
+/// process exits (the kernel drops the lock then, also after a kill).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
-    let port = l
-        .local_addr()
-        .map_err(io_err(Path::new("127.0.0.1:0")))?
-        .port();
-    Ok(port)
+    static CLAIMS: Mutex<Vec<fs::File>> = Mutex::new(Vec::new());
+    let (low, high) = claimable_ports();
+    let dir = std::env::temp_dir().join("heliosdb-ports");
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    // Anyone may claim: the directory is shared by root and other users.
+    let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777));
+    let span = u32::from(high - low);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 0..span {
+        let port = low + ((seed.wrapping_add(i)) % span) as u16;
+        let path = dir.join(port.to_string());
+        // Read access is enough for a lock, so files another user made serve.
+        let Ok(file) = fs::File::open(&path).or_else(|_| {
+            fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o644)
+                .open(&path)
+        }) else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            claims.push(file);
+            return Ok(port);
+        }
+    }
+    Err(ClusterError::Command {
+        what: "finding a free loopback port".into(),
+        detail: format!("every port from {low} to {high} is claimed or bound"),
+    })
+}
+
+/// The ports below the kernel's ephemeral range that `free_port` hands out.
+fn claimable_ports() -> (u16, u16) {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.max(12_000);
+    (high - 10_000, high)
 }
 
 /// Poll `check` until it returns `Some`, or fail after `timeout`.

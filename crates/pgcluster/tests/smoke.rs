@@ -35,3 +35,52 @@ async fn a_port_taken_before_the_server_binds_it_is_replaced() {
     assert_eq!(shown, cluster.port().to_string());
     drop(taken);
 }
+
+/// Ports handed out are never handed out again while their holder lives:
+/// not within one process (a test's daemon and its monitoring ports) and not
+/// to another process (parallel tests), and they are free to bind.
+#[test]
+fn free_ports_are_distinct_across_callers_and_processes() {
+    let claim = || -> Vec<u16> {
+        (0..20)
+            .map(|_| pgcluster::free_port().expect("free port"))
+            .collect()
+    };
+    if std::env::var_os("PGCLUSTER_PORT_CHILD").is_some() {
+        let ports: Vec<String> = claim().iter().map(u16::to_string).collect();
+        println!("ports={}", ports.join(","));
+        return;
+    }
+    let mine = claim();
+    let distinct: std::collections::BTreeSet<u16> = mine.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        mine.len(),
+        "one process got a port twice: {mine:?}"
+    );
+    for p in &mine {
+        std::net::TcpListener::bind(("127.0.0.1", *p)).expect("a handed-out port binds");
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "free_ports_are_distinct_across_callers_and_processes",
+            "--nocapture",
+        ])
+        .env("PGCLUSTER_PORT_CHILD", "1")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let theirs: Vec<u16> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ports="))
+        .expect("child printed its ports")
+        .split(',')
+        .map(|p| p.parse().expect("port"))
+        .collect();
+    assert_eq!(theirs.len(), 20);
+    assert!(
+        theirs.iter().all(|p| !distinct.contains(p)),
+        "another process got a port this one holds: {mine:?} / {theirs:?}"
+    );
+}

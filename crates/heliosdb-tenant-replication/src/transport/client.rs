@@ -217,21 +217,28 @@ impl ApplyClient {
 /// A TLS failure: certificate problems need a person; others may pass.
 fn tls_failure(endpoint: &str, e: std::io::Error) -> ReplicationError {
     let text = e.to_string();
-    let certificate = e
+    let cause = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|r| {
-            matches!(
-                r,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::AlertReceived(_)
-            )
-        });
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let certificate = cause.is_some_and(|r| {
+        matches!(
+            r,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::AlertReceived(_)
+        )
+    });
+    let not_tls = cause.is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_)));
     if certificate {
         ReplicationError::operator(
             format!("{endpoint}: TLS handshake refused: {text}"),
             "the apply node's certificate must be signed by [transport] ca_file and name the host of apply_url; this node's certificate must be signed by the CA the apply node trusts",
+        )
+    } else if not_tls {
+        // Retried: a port can be between owners during a restart.
+        error(
+            ErrorClass::Retry,
+            format!("{endpoint}: TLS handshake: the server does not speak TLS ({text}); apply_url must name the apply node's [transport] listen_address, not a monitoring port or another service"),
         )
     } else {
         error(
