@@ -62,9 +62,10 @@ impl Applier {
                     .batch_execute("ROLLBACK TO SAVEPOINT heliosdb_chunk")
                     .await
                     .map_err(target_err("ROLLBACK TO SAVEPOINT"))?;
-                for ((mapping, op), time) in chunk.ops.into_iter().zip(chunk.times) {
+                let each = chunk.times.into_iter().zip(chunk.versions);
+                for ((mapping, op), (time, version)) in chunk.ops.into_iter().zip(each) {
                     let mut one = Chunk::default();
-                    one.push_at(mapping.clone(), op, time);
+                    one.push_versioned(mapping.clone(), op, time, version);
                     let mut plans = one.plan()?;
                     if let Err(e) = self.resolve_and_apply(&mut plans, detect, &mut found).await {
                         if e.class() != ErrorClass::OperatorAction {
@@ -332,6 +333,9 @@ impl Applier {
                         again.upserts.push(p.upserts[i].clone());
                         again.upsert_first.push(p.upsert_first[i]);
                         again.upsert_time.push(p.upsert_time[i]);
+                        again
+                            .upsert_version
+                            .push(p.upsert_version.get(i).cloned().flatten());
                     }
                 }
                 collided.push(again);

@@ -462,7 +462,16 @@ impl Applier {
             }
         }
         self.chunk_lsn.get_or_insert(self.txn_lsn);
-        self.chunk.push_at(mapping, change.op, self.txn_time_us);
+        // The version announced just before this change is its own; take
+        // it now, before a later change of the same row announces another.
+        let version = if self.announced.is_empty() {
+            None
+        } else {
+            let key = key_texts(&key_of(&mapping, image)?);
+            self.announced.get(&(mapping.display.clone(), key)).cloned()
+        };
+        self.chunk
+            .push_versioned(mapping, change.op, self.txn_time_us, version);
         if self.chunk.len() >= self.batch_size {
             self.flush().await?;
         }

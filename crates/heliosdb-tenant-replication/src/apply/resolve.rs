@@ -125,18 +125,24 @@ impl Applier {
             Partial(usize),
             Delete(usize),
         }
-        let mut entries: Vec<(Key, FirstOp, Slot, i64)> = Vec::new();
+        // Each key with its first change, its slot, and the time and
+        // announced version of its last change.
+        let announced_of = |v: &[Option<Version>], i: usize| v.get(i).cloned().flatten();
+        let mut entries: Vec<(Key, FirstOp, Slot, i64, Option<Version>)> = Vec::new();
         for (i, row) in p.upserts.iter().enumerate() {
             let (first, time) = (p.upsert_first[i], p.upsert_time[i]);
-            entries.push((key_of(&m, row)?, first, Slot::Upsert(i), time));
+            let v = announced_of(&p.upsert_version, i);
+            entries.push((key_of(&m, row)?, first, Slot::Upsert(i), time, v));
         }
         for (i, row) in p.partial_updates.iter().enumerate() {
             let (first, time) = (p.partial_first[i], p.partial_time[i]);
-            entries.push((key_of(&m, row)?, first, Slot::Partial(i), time));
+            let v = announced_of(&p.partial_version, i);
+            entries.push((key_of(&m, row)?, first, Slot::Partial(i), time, v));
         }
         for (i, key) in p.deletes.iter().enumerate() {
             let (first, time) = (p.delete_first[i], p.delete_time[i]);
-            entries.push((key.clone(), first, Slot::Delete(i), time));
+            let v = announced_of(&p.delete_version, i);
+            entries.push((key.clone(), first, Slot::Delete(i), time, v));
         }
         if entries.is_empty() {
             return Ok(Resolved::default());
@@ -179,7 +185,8 @@ impl Applier {
         let mut conflicted: Vec<(usize, Conflict)> = Vec::new();
         let mut conflicts: Vec<(Vec<String>, Conflict)> = Vec::new();
         let mut upsert_present = vec![false; p.upserts.len()];
-        for (n, ((key, first, slot, time), row)) in entries.iter().zip(&rows).enumerate() {
+        for (n, ((key, first, slot, time, announced), row)) in entries.iter().zip(&rows).enumerate()
+        {
             let present: bool = row.get(0);
             if let Slot::Upsert(i) = slot {
                 upsert_present[*i] = present;
@@ -191,14 +198,18 @@ impl Applier {
                 deleted: row.get(4),
             });
             let deletes = matches!(slot, Slot::Delete(_));
-            // Kept until the target commit: a collided insert is decided again.
-            let announced = if self.announced.is_empty() {
-                None
-            } else {
-                self.announced
-                    .get(&(m.display.clone(), texts[n].clone()))
-                    .cloned()
-            };
+            // The version announced with the change (taken when it arrived:
+            // replayed row by row, each change keeps its own); else what
+            // was announced for the key in this target transaction.
+            let announced = announced.clone().or_else(|| {
+                (!self.announced.is_empty())
+                    .then(|| {
+                        self.announced
+                            .get(&(m.display.clone(), texts[n].clone()))
+                            .cloned()
+                    })
+                    .flatten()
+            });
             let explicit = announced.is_some();
             let incoming = announced
                 .unwrap_or_else(|| version::derived(&source_node, *time, deletes, stored.as_ref()));
@@ -280,6 +291,15 @@ impl Applier {
         retain(&mut p.deletes, &keep_delete);
         retain(&mut p.delete_first, &keep_delete);
         retain(&mut p.delete_time, &keep_delete);
+        for (versions, keep) in [
+            (&mut p.upsert_version, &keep_upsert),
+            (&mut p.partial_version, &keep_partial),
+            (&mut p.delete_version, &keep_delete),
+        ] {
+            if versions.len() == keep.len() {
+                retain(versions, keep);
+            }
+        }
         Ok(Resolved {
             stores: stores
                 .into_iter()

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::apply::catalog::TableMapping;
+use crate::apply::version::Version;
 use crate::capture::pgoutput::{Tuple, Value};
 use crate::capture::RowOp;
 use crate::error::{ReplicationError, Result};
@@ -31,6 +32,10 @@ pub struct Chunk {
     pub ops: Vec<(Arc<TableMapping>, RowOp)>,
     /// Source commit time of each op's transaction (µs, PostgreSQL epoch).
     pub times: Vec<i64>,
+    /// The version the source announced for each op (active-active), taken
+    /// when the op arrived: a later change of the same row announces its
+    /// own, which must not decide this one.
+    pub versions: Vec<Option<Version>>,
 }
 
 /// The first change to a key in a chunk: what the source expects the
@@ -62,6 +67,10 @@ pub struct TablePlan {
     pub upsert_time: Vec<i64>,
     pub partial_time: Vec<i64>,
     pub delete_time: Vec<i64>,
+    /// The version announced with each key's last change, per list.
+    pub upsert_version: Vec<Option<Version>>,
+    pub partial_version: Vec<Option<Version>>,
+    pub delete_version: Vec<Option<Version>>,
     /// Set by conflict resolution: was each upsert's row on the target?
     /// (Empty: not known.)
     pub upsert_present: Vec<bool>,
@@ -80,6 +89,9 @@ impl TablePlan {
             upsert_time: Vec::new(),
             partial_time: Vec::new(),
             delete_time: Vec::new(),
+            upsert_version: Vec::new(),
+            partial_version: Vec::new(),
+            delete_version: Vec::new(),
             upsert_present: Vec::new(),
         }
     }
@@ -106,8 +118,20 @@ impl Chunk {
 
     /// A change of a source transaction that committed at `time_us`.
     pub fn push_at(&mut self, mapping: Arc<TableMapping>, op: RowOp, time_us: i64) {
+        self.push_versioned(mapping, op, time_us, None);
+    }
+
+    /// [`Self::push_at`] with the version the source announced for it.
+    pub fn push_versioned(
+        &mut self,
+        mapping: Arc<TableMapping>,
+        op: RowOp,
+        time_us: i64,
+        version: Option<Version>,
+    ) {
         self.ops.push((mapping, op));
         self.times.push(time_us);
+        self.versions.push(version);
     }
 
     /// Final state per key, per table in order of first appearance.
@@ -115,6 +139,7 @@ impl Chunk {
         let mut tables: Vec<TableState> = Vec::new();
         for (n, (mapping, op)) in self.ops.iter().enumerate() {
             let time = self.times.get(n).copied().unwrap_or(0);
+            let version = self.versions.get(n).cloned().flatten();
             let t = match tables.iter().position(|t| Arc::ptr_eq(&t.mapping, mapping)) {
                 Some(i) => i,
                 None => {
@@ -128,11 +153,16 @@ impl Chunk {
                     key_of(mapping, new)?,
                     Final::Upsert(new.clone()),
                     FirstOp::Insert,
-                    time,
+                    (time, version),
                 ),
                 RowOp::Delete { old } => {
                     let k = key_of(mapping, old)?;
-                    table.set(k.clone(), Final::Delete(k), FirstOp::Delete, time)
+                    table.set(
+                        k.clone(),
+                        Final::Delete(k),
+                        FirstOp::Delete,
+                        (time, version),
+                    )
                 }
                 RowOp::Update { old, new } => {
                     let k = key_of(mapping, new)?;
@@ -152,7 +182,7 @@ impl Chunk {
                             _ => Final::Partial(new.clone()),
                         }
                     };
-                    table.set(k, state, FirstOp::Update, time)
+                    table.set(k, state, FirstOp::Update, (time, version))
                 }
             }
         }
@@ -160,12 +190,15 @@ impl Chunk {
     }
 }
 
+/// The source commit time and announced version of a key's last change.
+type Last = (i64, Option<Version>);
+
 /// The final state of each key of one table, in order of first appearance.
 struct TableState {
     mapping: Arc<TableMapping>,
-    /// Final state, first change, time of the last change (the key is in
-    /// `index`).
-    entries: Vec<(Final, FirstOp, i64)>,
+    /// Final state, first change, time and announced version of the last
+    /// change (the key is in `index`).
+    entries: Vec<(Final, FirstOp, Last)>,
     index: HashMap<Key, usize>,
 }
 
@@ -182,38 +215,41 @@ impl TableState {
         self.index.get(key).map(|&i| &self.entries[i].0)
     }
 
-    fn set(&mut self, key: Key, state: Final, first: FirstOp, time: i64) {
+    fn set(&mut self, key: Key, state: Final, first: FirstOp, last: Last) {
         match self.index.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let entry = &mut self.entries[*e.get()];
                 entry.0 = state;
-                entry.2 = time;
+                entry.2 = last;
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(self.entries.len());
-                self.entries.push((state, first, time));
+                self.entries.push((state, first, last));
             }
         }
     }
 
     fn into_plan(self) -> TablePlan {
         let mut plan = TablePlan::new(self.mapping);
-        for (state, first, time) in self.entries {
+        for (state, first, (time, version)) in self.entries {
             match state {
                 Final::Upsert(t) => {
                     plan.upserts.push(t);
                     plan.upsert_first.push(first);
                     plan.upsert_time.push(time);
+                    plan.upsert_version.push(version);
                 }
                 Final::Partial(t) => {
                     plan.partial_updates.push(t);
                     plan.partial_first.push(first);
                     plan.partial_time.push(time);
+                    plan.partial_version.push(version);
                 }
                 Final::Delete(k) => {
                     plan.deletes.push(k);
                     plan.delete_first.push(first);
                     plan.delete_time.push(time);
+                    plan.delete_version.push(version);
                 }
             }
         }

@@ -146,3 +146,52 @@ fn a_missing_key_value_is_an_operator_error() {
     let e = c.plan().expect_err("no key");
     assert!(e.to_string().contains("primary key column id"), "{e}");
 }
+
+/// Each change keeps the version announced with it: a plan of one change
+/// (the row-by-row replay) carries that change's version, not a later
+/// one's; a coalesced key carries its last change's.
+#[test]
+fn each_change_keeps_its_own_announced_version() {
+    use crate::apply::version::{VClock, Version};
+    let m = mapping();
+    let v = |n: u64| Version {
+        node: "region-b".into(),
+        time_us: n as i64,
+        vclock: VClock([("region-b".to_string(), n)].into_iter().collect()),
+        deleted: false,
+    };
+    let mut c = Chunk::default();
+    c.push_versioned(
+        m.clone(),
+        RowOp::Insert {
+            new: row("1", "first", t("B")),
+        },
+        1,
+        Some(v(1)),
+    );
+    c.push_versioned(
+        m.clone(),
+        RowOp::Update {
+            old: None,
+            new: row("1", "second", t("B")),
+        },
+        2,
+        Some(v(2)),
+    );
+    let coalesced = c.plan().expect("plan");
+    assert_eq!(coalesced[0].upsert_version, vec![Some(v(2))]);
+    assert_eq!(coalesced[0].upsert_first, vec![FirstOp::Insert]);
+
+    // Replayed alone, the first change carries its own version.
+    let mut first = Chunk::default();
+    first.push_versioned(
+        m.clone(),
+        c.ops[0].1.clone(),
+        c.times[0],
+        c.versions[0].clone(),
+    );
+    assert_eq!(
+        first.plan().expect("plan")[0].upsert_version,
+        vec![Some(v(1))]
+    );
+}
