@@ -230,6 +230,14 @@ impl IdlePosition {
         self.recorded_at.unwrap_or_else(std::time::Instant::now) + IDLE_RECORD_EVERY
     }
 
+    /// The pending position, to record now whatever the pace (a sender
+    /// that paces its keepalives itself).
+    pub fn take_now(&mut self) -> Option<Lsn> {
+        let lsn = self.pending.take()?;
+        self.recorded_at = Some(std::time::Instant::now());
+        Some(lsn)
+    }
+
     /// The position to record now (counted as recorded): pending, past
     /// `acked`, and the last record long enough ago. The caller records it
     /// before it acknowledges the slot there.

@@ -1,12 +1,14 @@
 //! The apply node (`[transport] mode = "apply"`): receives sealed batches
 //! from capture nodes over HTTPS and applies them to the target.
 //!
-//! One session per tenant at a time. A session owns a target connection and
-//! an [`Applier`]; a new session drops the old one (PostgreSQL rolls back
-//! whatever it left uncommitted). Each batch is opened (tenant, key,
-//! sequence checked), decoded and applied; when it ends between source
-//! transactions the target transaction commits with the tenant's progress
-//! and the batch sequence, and only then is the batch answered.
+//! One session per tenant at a time. A session is a task running the apply
+//! [`Driver`] on its own target connection, fed the session's batches in
+//! order; a new session ends the old one (it rolls back what is open and
+//! lets go of the replication origin). Each batch is opened (tenant, key,
+//! sequence checked) and decoded here, in turn, then handed to the session's
+//! driver, which commits where the batch ends between source transactions
+//! (with the tenant's progress and the batch's mark) and only then is the
+//! batch answered. Decoding the next batch overlaps applying this one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,17 +16,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::StatusCode;
 use rand::RngCore;
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, MutexGuard, Notify};
+use tokio::task::JoinHandle;
 
+use super::driver::{Batch, CommitPolicy, Delivery, Driver, Source};
 use super::Shutdown;
 use crate::apply::schema::SourceCatalog;
 use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
-use crate::apply::{Applier, ApplyIdentity, CommitPoint, Committed};
-use crate::capture::TxEvent;
+use crate::apply::{Applier, ApplyIdentity};
 use crate::checkpoint::progress::{self, BatchMark};
 use crate::checkpoint::CheckpointError;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
+use crate::lsn::Lsn;
 use crate::pg;
 use crate::seal::{self, FileKeys, KeyProvider, SealError};
 use crate::telemetry::{State, TenantTelemetry};
@@ -61,19 +65,79 @@ struct TenantState {
 struct Active {
     id: String,
     capture_node: String,
-    applier: Applier,
-    /// Streamed source transactions in progress, each in its own target
-    /// transaction.
-    streams: Streams,
-    /// The latest source position a batch carried (a commit's end).
-    seen: crate::lsn::Lsn,
     decoder: Decoder,
     last_sequence: u64,
-    in_source_txn: bool,
     /// The sealing key of the last batch and its batch count.
     key: Option<(String, u64)>,
-    /// Envelope bytes received since the last commit.
-    wire_uncommitted: u64,
+    /// The session's driver task: its inbox, its stop signal, its end.
+    batches: mpsc::Sender<Shipment>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Active {
+    /// End the session: the driver stops after the batch in hand, rolls
+    /// back what is open and lets go of the replication origin; batches
+    /// still queued are answered `session_unknown`.
+    async fn end(self) {
+        let _ = self.stop.send(true);
+        drop(self.batches);
+        let _ = self.task.await;
+    }
+}
+
+/// A decoded batch on its way to the session's driver, and who waits for
+/// the answer.
+struct Shipment {
+    sequence: u64,
+    batch: Batch,
+    answer: Answer,
+}
+
+/// Where a batch's answer goes: the end of its last commit, or a refusal.
+type Answer = oneshot::Sender<Result<Option<Lsn>, Refusal>>;
+
+/// A session's batches, as the driver's source: each is answered when the
+/// driver has applied it (with the end of its last commit), or refused
+/// with the error that ended the session.
+struct Shipped {
+    tenant: String,
+    tel: Arc<TenantTelemetry>,
+    rx: mpsc::Receiver<Shipment>,
+    /// The batch in hand: its sequence and who waits for its answer.
+    in_hand: Option<(u64, Answer)>,
+}
+
+impl Source for Shipped {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        Ok(self.rx.recv().await.map(|s| {
+            self.in_hand = Some((s.sequence, s.answer));
+            Delivery::Batch(s.batch)
+        }))
+    }
+
+    fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// The batch's answer carries it; the capture node acknowledges the
+    /// slot there.
+    async fn committed(&mut self, _end_lsn: Lsn, _events: u64) {}
+
+    fn delivered(&mut self, last_end: Option<Lsn>) {
+        if let Some((_, answer)) = self.in_hand.take() {
+            let _ = answer.send(Ok(last_end));
+        }
+    }
+
+    fn failed(&mut self, e: &ReplicationError) {
+        self.tel.failed(e, true);
+        let sequence = self.in_hand.as_ref().map(|(s, _)| *s);
+        tracing::error!(tenant = %self.tenant, sequence, error = %e, "applying a batch failed; the session ends");
+        if let Some((_, answer)) = self.in_hand.take() {
+            let _ = answer.send(Err(Refusal::from_error(e)));
+        }
+    }
 }
 
 /// Run the apply node until shutdown.
@@ -128,11 +192,12 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemet
     crate::transport::server::serve(listener, tls, node.clone(), shutdown).await;
     for (tenant, entry) in &node.tenants {
         let mut state = entry.state.lock().await;
-        if let Some(mut active) = state.session.take() {
+        if let Some(active) = state.session.take() {
             // Batches commit when they end between source transactions;
             // what is open here is an unfinished source transaction.
-            active.applier.rollback().await;
-            tracing::info!(%tenant, capture_node = %active.capture_node, last_sequence = active.last_sequence, "replication_stop: apply node stopped");
+            let (capture_node, last_sequence) = (active.capture_node.clone(), active.last_sequence);
+            active.end().await;
+            tracing::info!(%tenant, %capture_node, last_sequence, "replication_stop: apply node stopped");
         }
     }
     Ok(())
@@ -206,13 +271,12 @@ impl ApplyNode {
         let mut state = entry.state.lock().await;
         // The replaced session holds the tenant's replication origin, which
         // the new one takes.
-        if let Some(mut old) = state.session.take() {
-            old.streams.rollback_all().await;
-            old.applier.release().await;
+        if let Some(old) = state.session.take() {
             tracing::info!(%tenant, old = %old.capture_node, new = %req.capture_node, "a new session replaces the previous one");
+            old.end().await;
         }
         let active = self
-            .activate(tenant, &req, target, progress.as_ref())
+            .activate(tenant, &req, target, progress.as_ref(), entry.tel.clone())
             .await
             .map_err(|e| {
                 entry.tel.failed(&e, true);
@@ -270,14 +334,15 @@ impl ApplyNode {
         Ok((target, recorded))
     }
 
-    /// The session's applier on the checked connection (it takes the
-    /// tenant's replication origin).
+    /// The session's driver on the checked connection (it takes the
+    /// tenant's replication origin), running in a task of its own.
     async fn activate(
         &self,
         tenant: &str,
         req: &SessionRequest,
         target: tokio_postgres::Client,
         recorded: Option<&progress::Progress>,
+        tel: Arc<TenantTelemetry>,
     ) -> Result<Active> {
         let t = &self.config.tenant;
         let identity = ApplyIdentity {
@@ -296,29 +361,52 @@ impl ApplyNode {
             self.config.batch.batch_size,
         )
         .await?;
-        let mut applier = applier;
-        let mut streams = Streams::new(lane_opener(
+        let streams = Streams::new(lane_opener(
             self.config.clone(),
             identity,
             LaneCatalog::Shipped,
         ));
+        let end = recorded.map(|p| p.end_lsn).unwrap_or_default();
+        let mut driver = Driver::new(
+            applier,
+            streams,
+            CommitPolicy::AtBatchEnd,
+            tel.clone(),
+            end,
+            end,
+        );
         if let Some(p) = recorded {
-            applier.set_converge_until(p.converge_until);
-            streams.set_converge_until(p.converge_until);
+            driver.set_converge_until(p.converge_until);
         }
+        // The capture node keeps two batches on the wire.
+        let (batches, rx) = mpsc::channel(2);
+        let (stop, mut stopped) = watch::channel(false);
+        let mut source = Shipped {
+            tenant: tenant.to_string(),
+            tel,
+            rx,
+            in_hand: None,
+        };
+        let task = tokio::spawn(async move {
+            match driver.run(&mut source, &mut stopped).await {
+                Ok(()) => {
+                    let _ = driver.finish(&mut source).await;
+                }
+                Err(_) => driver.abandon().await,
+            }
+            driver.release().await;
+        });
         let mut id = [0u8; 16];
         rand::rng().fill_bytes(&mut id);
         Ok(Active {
             id: id.iter().map(|b| format!("{b:02x}")).collect(),
             capture_node: req.capture_node.clone(),
-            applier,
-            streams,
-            seen: recorded.map(|p| p.end_lsn).unwrap_or_default(),
             decoder: Decoder::new(),
             last_sequence: 0,
-            in_source_txn: false,
             key: None,
-            wire_uncommitted: 0,
+            batches,
+            stop,
+            task,
         })
     }
 
@@ -400,47 +488,59 @@ impl ApplyNode {
                 ));
             }
         };
-        active.streams.ship(&decoded.source_columns);
-        if let SourceCatalog::Shipped(map) = active.applier.source_catalog_mut() {
-            map.extend(decoded.source_columns);
-        }
         active.last_sequence = header.sequence;
-        active.key = Some(match active.key.take() {
+        let (key_id, key_batches) = match active.key.take() {
             Some((id, n)) if id == header.key_id => (id, n + 1),
             _ => (header.key_id.clone(), 1),
-        });
+        };
+        active.key = Some((key_id.clone(), key_batches));
         let wire = envelope.len() as u64;
         tel.m
             .compression_ratio
             .set(wire as f64 / f64::from(header.plain_len.max(1)));
-        match apply_events(active, decoded.events).await {
-            Ok(commits) => {
-                tel.m.in_flight.set(active.applier.pending_events() as i64);
-                active.wire_uncommitted += wire;
-                let last = commits.len().saturating_sub(1);
-                for (i, (point, c)) in commits.iter().enumerate() {
-                    // The batch's bytes count with its last commit.
-                    let wire = (i == last).then_some(active.wire_uncommitted);
-                    tel.committed(c, point.end_lsn, wire);
-                }
-                if !commits.is_empty() {
-                    active.wire_uncommitted = 0;
-                    tel.caught_up();
-                }
-                Ok(BatchResponse {
+        let (answer, answered) = oneshot::channel();
+        let shipment = Shipment {
+            sequence: header.sequence,
+            batch: Batch {
+                events: decoded.events,
+                // Recorded with every commit this batch makes: a replay of
+                // it is refused even when only part of it was committed.
+                mark: Some(BatchMark {
                     sequence: header.sequence,
-                    committed_end_lsn: commits.iter().map(|(p, _)| p.end_lsn.0).max(),
-                })
+                    key_id,
+                    key_batches,
+                }),
+                source_columns: decoded.source_columns,
+                wire_bytes: wire,
+            },
+            answer,
+        };
+        if active.batches.send(shipment).await.is_err() {
+            // The session's driver ended (an error the batch before it met).
+            if let Some(a) = state.session.take() {
+                a.end().await;
             }
-            Err(e) => {
-                tel.failed(&e, true);
-                tracing::error!(%tenant, sequence = header.sequence, error = %e, "applying a batch failed; the session ends");
-                if let Some(mut a) = state.session.take() {
-                    a.applier.rollback().await;
-                    a.streams.rollback_all().await;
+            return Err(session_unknown());
+        }
+        drop(guard);
+        // The next batch's turn has come (it needs this one handed over,
+        // not applied).
+        entry.progressed.notify_waiters();
+        match answered.await {
+            Ok(Ok(last_end)) => Ok(BatchResponse {
+                sequence: header.sequence,
+                committed_end_lsn: last_end.map(|l| l.0),
+            }),
+            Ok(Err(refusal)) => {
+                // The session ends with the error.
+                let mut state = entry.state.lock().await;
+                if let Some(a) = state.session.take_if(|a| a.id == session) {
+                    a.end().await;
                 }
-                Err(Refusal::from_error(&e))
+                Err(refusal)
             }
+            // The session ended before this batch was applied.
+            Err(_) => Err(session_unknown()),
         }
     }
 
@@ -478,127 +578,6 @@ impl ApplyNode {
             let _ = tokio::time::timeout_at(deadline, progressed).await;
         }
     }
-}
-
-/// Apply a batch's events; commit when it ends between source transactions.
-/// Returns every target commit it made (the main transaction, streamed
-/// transactions that committed), in order.
-async fn apply_events(
-    a: &mut Active,
-    events: Vec<TxEvent>,
-) -> Result<Vec<(CommitPoint, Committed)>> {
-    // Recorded with every commit this batch makes: a replay of it is refused
-    // even when only part of it was committed.
-    let mark = a.key.as_ref().map(|(key_id, key_batches)| BatchMark {
-        sequence: a.last_sequence,
-        key_id: key_id.clone(),
-        key_batches: *key_batches,
-    });
-    let mut commits = Vec::new();
-    for event in events {
-        match event {
-            TxEvent::Begin {
-                final_lsn,
-                commit_time_us,
-                ..
-            } => {
-                a.in_source_txn = true;
-                a.applier.begin(final_lsn, commit_time_us).await?;
-            }
-            TxEvent::Row(change) => a.applier.row(change).await?,
-            TxEvent::Version(note) => a.applier.version(&note),
-            TxEvent::Truncate { relations, .. } => a.applier.truncate(&relations).await?,
-            TxEvent::Commit {
-                commit_lsn,
-                end_lsn,
-                commit_time_us,
-            } => {
-                a.in_source_txn = false;
-                a.seen = a.seen.max(end_lsn);
-                a.applier.source_commit(CommitPoint {
-                    commit_lsn,
-                    end_lsn,
-                    commit_time_us,
-                });
-            }
-            TxEvent::Streamed { top, xid, event } => {
-                // The main transaction may hold locks the lane would wait for.
-                commit_main(a, &mark, &mut commits).await?;
-                a.streams
-                    .apply(&mut a.applier, top, xid, *event, a.seen)
-                    .await?;
-            }
-            TxEvent::StreamCommit {
-                top,
-                commit_lsn,
-                end_lsn,
-                commit_time_us,
-            } => {
-                // Commit order: what committed before it on the source first.
-                commit_main(a, &mark, &mut commits).await?;
-                a.seen = a.seen.max(end_lsn);
-                let point = CommitPoint {
-                    commit_lsn,
-                    end_lsn,
-                    commit_time_us,
-                };
-                commits.extend(a.streams.commit(top, point, mark.clone()).await?);
-            }
-            TxEvent::StreamAbort { top, xid } => a.streams.abort(top, xid).await?,
-            TxEvent::Keepalive { wal_end } => {
-                // Sent between transactions, with nothing of the tenant in
-                // flight: recorded first, then answered as committed, and
-                // the capture node acknowledges the slot there.
-                commit_main(a, &mark, &mut commits).await?;
-                if !a.in_source_txn {
-                    progress::record_idle(
-                        a.applier.client(),
-                        a.applier.tenant(),
-                        wal_end,
-                        mark.as_ref(),
-                    )
-                    .await?;
-                    a.seen = a.seen.max(wal_end);
-                    let point = CommitPoint {
-                        commit_lsn: wal_end,
-                        end_lsn: wal_end,
-                        commit_time_us: 0,
-                    };
-                    commits.push((point, Committed::default()));
-                }
-            }
-        }
-    }
-    if !a.in_source_txn {
-        commit_main(a, &mark, &mut commits).await?;
-    } else if let Some(m) = &mark {
-        a.applier.mark_batch(m.clone());
-    }
-    Ok(commits)
-}
-
-/// Commit the main target transaction if one is open (between source
-/// transactions only: a streamed change never arrives inside one).
-async fn commit_main(
-    a: &mut Active,
-    mark: &Option<BatchMark>,
-    commits: &mut Vec<(CommitPoint, Committed)>,
-) -> Result<()> {
-    if a.in_source_txn {
-        return Err(ReplicationError::Internal(
-            "a streamed change arrived inside a source transaction".into(),
-        ));
-    }
-    if !a.applier.is_open() {
-        return Ok(());
-    }
-    if let Some(m) = mark {
-        a.applier.mark_batch(m.clone());
-    }
-    if let Some(point) = a.applier.commit().await? {
-        commits.push((point, a.applier.take_committed()));
-    }
-    Ok(())
 }
 
 fn session_unknown() -> Refusal {

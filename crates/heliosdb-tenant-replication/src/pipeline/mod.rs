@@ -18,6 +18,7 @@
 
 pub mod apply_node;
 mod capture_node;
+pub mod driver;
 mod session;
 
 use std::sync::Arc;

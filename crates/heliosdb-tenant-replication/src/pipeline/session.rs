@@ -2,13 +2,14 @@
 
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::driver::{CommitPolicy, Delivery, Driver, Source};
 use super::{closed, Shutdown};
 use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
-use crate::apply::{Applier, ApplyIdentity, CommitPoint};
+use crate::apply::{Applier, ApplyIdentity};
 use crate::capture::assemble::Assembler;
 use crate::capture::catalog::SourceTable;
 use crate::capture::stream::{PgwireSource, StreamSpec};
@@ -106,15 +107,19 @@ pub async fn run(
         config.batch.batch_size,
     )
     .await?;
-    let mut applier = applier;
-    let mut streams = Streams::new(lane_opener(
+    let streams = Streams::new(lane_opener(
         Arc::new(config.clone()),
         identity,
         LaneCatalog::Source,
     ));
+    let policy = CommitPolicy::Size {
+        batch_size: config.batch.batch_size as u64,
+        timeout: config.batch.batch_timeout,
+    };
+    let seen = recorded.as_ref().map(|p| p.end_lsn).unwrap_or(Lsn::ZERO);
+    let mut driver = Driver::new(applier, streams, policy, tel.clone(), seen, ack_lsn);
     if let Some(p) = &recorded {
-        applier.set_converge_until(p.converge_until);
-        streams.set_converge_until(p.converge_until);
+        driver.set_converge_until(p.converge_until);
     }
 
     let (tx, rx) = mpsc::channel(config.batch.buffer_events);
@@ -126,16 +131,11 @@ pub async fn run(
     );
     let capture = tokio::spawn(capture_loop(stream, assembler, tx, ack_rx, final_rx));
 
-    let mut apply = ApplyLoop {
+    let mut queue = CaptureQueue {
         config,
         tables: report.tables.clone(),
-        last_resync_check: Instant::now(),
-        applier,
-        streams,
-        seen: recorded.as_ref().map(|p| p.end_lsn).unwrap_or(Lsn::ZERO),
         rx,
         acked: Acknowledger::new(ack_tx, ack_lsn),
-        in_source_txn: false,
         checkpoint: CheckpointWriter::new(
             file,
             system_id,
@@ -143,36 +143,24 @@ pub async fn run(
             tel.clone(),
         ),
         tel: tel.clone(),
-        last_log: Instant::now(),
-        events_at_log: 0,
-        last_commit_time_us: None,
-        idle: progress::IdlePosition::default(),
     };
-    let outcome = apply.run(&mut shutdown).await;
-
-    match outcome {
+    match driver.run(&mut queue, &mut shutdown).await {
         Ok(()) => {
             // Shutdown: keep what ends on a source commit, drop the rest
             // (streamed transactions are sent again from their start).
-            apply.streams.rollback_all().await;
-            let finish = if apply.applier.is_open() && !apply.in_source_txn {
-                apply.commit().await
-            } else {
-                apply.applier.rollback().await;
-                Ok(())
-            };
-            apply
+            let finish = driver.finish(&mut queue).await;
+            let acknowledged = queue.acked.position();
+            queue
                 .checkpoint
-                .write_now(&t.tenant_id, &t.slot, apply.acked.position())
+                .write_now(&t.tenant_id, &t.slot, acknowledged)
                 .await;
-            let _ = final_tx.send(apply.acked.position());
+            let _ = final_tx.send(acknowledged);
             let _ = tokio::time::timeout(Duration::from_secs(6), capture).await;
-            tracing::info!(tenant = %t.tenant_id, acknowledged = %apply.acked.position(), "replication_stop: stopped");
+            tracing::info!(tenant = %t.tenant_id, %acknowledged, "replication_stop: stopped");
             finish
         }
         Err(e) => {
-            apply.applier.rollback().await;
-            apply.streams.rollback_all().await;
+            driver.abandon().await;
             drop(final_tx);
             // A capture error explains an apply-side "queue closed".
             match tokio::time::timeout(Duration::from_secs(6), capture).await {
@@ -424,266 +412,66 @@ impl CheckpointWriter {
     }
 }
 
-struct ApplyLoop<'a> {
+/// The capture queue of one process as the driver's source: the slot is
+/// acknowledged (and the checkpoint file written) as the target commits;
+/// between transactions, requested resyncs run and the target's table
+/// definitions are checked.
+struct CaptureQueue<'a> {
     config: &'a Config,
     tel: Arc<TenantTelemetry>,
     tables: Vec<SourceTable>,
-    last_resync_check: Instant,
-    applier: Applier,
-    /// Streamed transactions in progress, each in its own target transaction.
-    streams: Streams,
-    /// The latest source position seen (a commit's end or a keepalive).
-    seen: Lsn,
     rx: mpsc::Receiver<TxEvent>,
     acked: Acknowledger,
-    in_source_txn: bool,
     checkpoint: CheckpointWriter,
-    last_log: Instant,
-    events_at_log: u64,
-    last_commit_time_us: Option<i64>,
-    /// A keepalive's position waiting to be recorded on the target.
-    idle: progress::IdlePosition,
 }
 
-impl ApplyLoop<'_> {
-    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<()> {
-        let timeout = self.config.batch.batch_timeout;
-        loop {
-            let deadline = self
-                .applier
-                .opened_at()
-                .filter(|_| self.applier.has_pending_commit() && !self.in_source_txn)
-                .map(|at| tokio::time::Instant::from_std(at + timeout));
-            enum Step {
-                Stop,
-                Deadline,
-                Tick,
-                Event(Option<TxEvent>),
-            }
-            let tick =
-                tokio::time::Instant::from_std(self.last_resync_check + Duration::from_secs(2));
-            let step = tokio::select! {
-                biased;
-                _ = stopped(shutdown) => Step::Stop,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Step::Deadline,
-                ev = self.rx.recv() => Step::Event(ev),
-                _ = tokio::time::sleep_until(tick), if !self.in_source_txn => Step::Tick,
-            };
-            let event = match step {
-                Step::Stop => return Ok(()),
-                Step::Deadline => {
-                    self.commit().await?;
-                    continue;
-                }
-                Step::Tick => {
-                    self.resync_if_requested().await?;
-                    continue;
-                }
-                Step::Event(ev) => ev.ok_or_else(|| closed("the capture queue"))?,
-            };
-            self.handle(event).await?;
-            self.tel
-                .m
-                .in_flight
-                .set((self.rx.len() as u64 + self.applier.pending_events()) as i64);
-            self.log_progress();
-            if !self.in_source_txn && self.last_resync_check.elapsed() >= Duration::from_secs(2) {
-                self.resync_if_requested().await?;
-            }
+impl Source for CaptureQueue<'_> {
+    async fn next(&mut self) -> Result<Option<Delivery>> {
+        match self.rx.recv().await {
+            Some(event) => Ok(Some(Delivery::Event(event))),
+            // The capture task ended (its error, if any, is reported).
+            None => Err(closed("the capture queue")),
         }
     }
 
-    async fn handle(&mut self, event: TxEvent) -> Result<()> {
-        match event {
-            TxEvent::Begin {
-                final_lsn,
-                commit_time_us,
-                ..
-            } => {
-                let timeout = self.config.batch.batch_timeout;
-                if self.applier.has_pending_commit()
-                    && self
-                        .applier
-                        .opened_at()
-                        .is_some_and(|t| t.elapsed() >= timeout)
-                {
-                    self.commit().await?;
-                }
-                self.in_source_txn = true;
-                self.tel.behind();
-                self.applier.begin(final_lsn, commit_time_us).await?;
-            }
-            TxEvent::Row(change) => self.applier.row(change).await?,
-            TxEvent::Version(note) => self.applier.version(&note),
-            TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
-            TxEvent::Streamed { top, xid, event } => {
-                // The main transaction may hold locks the lane would wait for.
-                if self.applier.is_open() {
-                    self.commit().await?;
-                }
-                self.tel.behind();
-                self.streams
-                    .apply(&mut self.applier, top, xid, *event, self.seen)
-                    .await?;
-            }
-            TxEvent::StreamCommit {
-                top,
-                commit_lsn,
-                end_lsn,
-                commit_time_us,
-            } => {
-                // Commit order: what committed before it on the source first.
-                if self.applier.is_open() {
-                    self.commit().await?;
-                }
-                self.last_commit_time_us = Some(commit_time_us);
-                self.seen = self.seen.max(end_lsn);
-                let point = CommitPoint {
-                    commit_lsn,
-                    end_lsn,
-                    commit_time_us,
-                };
-                if let Some((point, committed)) = self.streams.commit(top, point, None).await? {
-                    self.report_commit(point.end_lsn, &committed).await;
-                }
-            }
-            TxEvent::StreamAbort { top, xid } => self.streams.abort(top, xid).await?,
-            TxEvent::Commit {
-                commit_lsn,
-                end_lsn,
-                commit_time_us,
-            } => {
-                self.in_source_txn = false;
-                self.seen = self.seen.max(end_lsn);
-                self.last_commit_time_us = Some(commit_time_us);
-                self.applier.source_commit(CommitPoint {
-                    commit_lsn,
-                    end_lsn,
-                    commit_time_us,
-                });
-                let full = self.applier.pending_events() >= self.config.batch.batch_size as u64;
-                let late = self
-                    .applier
-                    .opened_at()
-                    .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout);
-                // Nothing more queued: commit now rather than wait, unless a
-                // backlog is being read (the queue then runs empty whenever
-                // the walsender is the slower side; the transaction stays
-                // open until full or `batch_timeout_ms`).
-                if full || late || (self.rx.is_empty() && !super::is_backlog(commit_time_us)) {
-                    self.commit().await?;
-                }
-            }
-            TxEvent::Keepalive { wal_end } => {
-                self.seen = self.seen.max(wal_end);
-                if self.applier.is_open() {
-                    self.commit().await?;
-                }
-                // Every transaction that committed before `wal_end` is
-                // committed on the target (or was another tenant's): the slot
-                // may move on, once the target has recorded it. A streamed
-                // transaction still open is sent again from its start after
-                // a reconnect (the slot keeps restart_lsn before it), so an
-                // open lane does not hold this.
-                self.idle.seen(wal_end);
-                self.record_idle().await?;
-                self.tel.caught_up();
-            }
-        }
-        Ok(())
+    fn queued(&self) -> usize {
+        self.rx.len()
     }
 
-    /// Record the pending idle position on the target, then acknowledge
-    /// it (at most once per [`progress::IDLE_RECORD_EVERY`]; the tick
-    /// records what waited), never inside an open target transaction.
-    async fn record_idle(&mut self) -> Result<()> {
-        if self.applier.is_open() {
-            return Ok(());
-        }
-        let Some(lsn) = self.idle.take_due(self.acked.position()) else {
-            return Ok(());
-        };
-        let tenant = &self.config.tenant.tenant_id;
-        progress::record_idle(self.applier.client(), tenant, lsn, None).await?;
-        self.acknowledge(lsn);
-        Ok(())
+    async fn committed(&mut self, end_lsn: Lsn, events: u64) {
+        self.acked.advance(end_lsn);
+        let t = &self.config.tenant;
+        self.checkpoint
+            .after_commit(&t.tenant_id, &t.slot, events, end_lsn)
+            .await;
     }
 
-    /// Perform resync requests (`resync` command) between transactions.
-    async fn resync_if_requested(&mut self) -> Result<()> {
-        self.last_resync_check = Instant::now();
-        self.record_idle().await?;
+    /// Perform resync requests (`resync` command); without one, check the
+    /// target's table definitions (a table changed outside replication
+    /// stops the tenant within seconds, not at the next restart).
+    async fn between_transactions(&mut self, driver: &mut Driver) -> Result<()> {
         // Not while a streamed transaction is half applied.
-        if !self.streams.is_empty() {
+        if !driver.streams.is_empty() {
             return Ok(());
         }
         let tenant = &self.config.tenant.tenant_id;
-        let pending = snapshot::pending_resyncs(self.applier.client(), tenant).await?;
+        let pending = snapshot::pending_resyncs(driver.applier.client(), tenant).await?;
         if pending.is_empty() {
-            // A target table changed outside replication stops the tenant
-            // within seconds, not at the next restart.
-            return self.applier.check_definitions().await;
+            return driver.applier.check_definitions().await;
         }
-        self.commit().await?;
+        driver.commit(self).await?;
         self.tel.set_state(State::Snapshotting);
         tracing::info!(%tenant, state = "snapshotting", "resync requested: copying again while the stream waits");
         let (_, converge_until) = snapshot::resync_tables(
             self.config,
-            self.applier.client_mut(),
+            driver.applier.client_mut(),
             &self.tables,
             &pending,
         )
         .await?;
-        self.applier.set_converge_until(converge_until);
-        self.streams.set_converge_until(converge_until);
+        driver.set_converge_until(converge_until);
         tracing::info!(%tenant, state = "streaming", "resync done");
         self.tel.set_state(State::Running);
         Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<()> {
-        if let Some(point) = self.applier.commit().await? {
-            let committed = self.applier.take_committed();
-            self.report_commit(point.end_lsn, &committed).await;
-        }
-        Ok(())
-    }
-
-    /// A target commit (main or a streamed transaction's) reached `end_lsn`:
-    /// metrics, the slot's acknowledgement, the checkpoint file.
-    async fn report_commit(&mut self, end_lsn: Lsn, committed: &crate::apply::Committed) {
-        self.tel.committed(committed, end_lsn, None);
-        if self.rx.is_empty() {
-            self.tel.caught_up();
-        }
-        self.acknowledge(end_lsn);
-        let t = &self.config.tenant;
-        self.checkpoint
-            .after_commit(&t.tenant_id, &t.slot, self.applier.stats.events, end_lsn)
-            .await;
-    }
-
-    fn acknowledge(&mut self, lsn: Lsn) {
-        self.acked.advance(lsn);
-    }
-
-    fn log_progress(&mut self) {
-        let elapsed = self.last_log.elapsed();
-        if elapsed < Duration::from_secs(10) {
-            return;
-        }
-        let s = &self.applier.stats;
-        let rate = (s.events - self.events_at_log) as f64 / elapsed.as_secs_f64();
-        let lag_ms = self
-            .last_commit_time_us
-            .map(|us| chrono::Utc::now().timestamp_micros() - (us + crate::clock::PG_EPOCH_US))
-            .map(|us| us / 1000);
-        tracing::info!(
-            events = s.events, transactions = s.transactions, events_per_sec = rate as u64,
-            acknowledged = %self.acked.position(), lag_ms, foreign_rows_dropped = s.foreign_rows_dropped,
-            "progress"
-        );
-        self.last_log = Instant::now();
-        self.events_at_log = s.events;
     }
 }

@@ -263,7 +263,10 @@ impl TenantTelemetry {
         self.m
             .bytes_replicated
             .inc_by(wire_bytes.unwrap_or(c.bytes));
-        self.m.batch_seconds.observe(c.duration.as_secs_f64());
+        // An idle position recorded is no target transaction of rows.
+        if !c.duration.is_zero() {
+            self.m.batch_seconds.observe(c.duration.as_secs_f64());
+        }
         for conflict in &c.conflicts {
             self.conflict(conflict);
         }
