@@ -407,6 +407,10 @@ pub async fn run(tps: u32, seconds: u32, runs: usize, dir: &Path, out: &Path) ->
                     .await?;
                 }
                 System::Ours => {
+                    // Each run reads a new slot from now: the progress of
+                    // the run before would be a gap (`init` refuses it).
+                    dst.batch_execute("DROP SCHEMA IF EXISTS heliosdb_replication CASCADE")
+                        .await?;
                     crate::nodes::init_slot(&source, &target, work.path(), &slot).await?;
                     crate::reset_peak_rss();
                     nodes = Some(

@@ -28,57 +28,13 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use super::schema::{SourceCatalog, SourceColumn};
-use super::{Applier, ApplyIdentity, CommitPoint, Committed};
+use super::{Applier, CommitPoint, Committed};
 use crate::capture::TxEvent;
 use crate::checkpoint::progress::BatchMark;
-use crate::config::Config;
-use crate::error::Side;
 use crate::error::{ReplicationError, Result};
 use crate::lsn::Lsn;
-use crate::pg;
-
-/// Where a lane's applier reads source table definitions from.
-#[derive(Debug, Clone, Copy)]
-pub enum LaneCatalog {
-    /// A source connection of its own (capture and apply in one process).
-    Source,
-    /// What the capture node shipped (an apply node; see [`Streams::ship`]).
-    Shipped,
-}
-
-/// Lanes on connections made from `config`: a target connection each, and a
-/// source connection with [`LaneCatalog::Source`].
-pub fn lane_opener(config: Arc<Config>, identity: ApplyIdentity, catalog: LaneCatalog) -> OpenLane {
-    Box::new(move |lane| {
-        let config = config.clone();
-        let identity = ApplyIdentity {
-            lane: Some(lane),
-            ..identity.clone()
-        };
-        Box::pin(async move {
-            let t = &config.tenant;
-            let app = format!("heliosdb-tenant-replication/{} stream", identity.tenant);
-            let target = pg::connect(t.target()?, &config.network, Side::Target, &app).await?;
-            let source = match catalog {
-                LaneCatalog::Source => SourceCatalog::Live(
-                    pg::connect(t.source()?, &config.network, Side::Source, &app).await?,
-                ),
-                LaneCatalog::Shipped => SourceCatalog::Shipped(HashMap::new()),
-            };
-            Applier::new(
-                target,
-                source,
-                t.schema_changes,
-                identity,
-                config.batch.batch_size,
-            )
-            .await
-        })
-    })
-}
 
 /// Opens lane number `n` (1, 2, …; the lowest free one): a new [`Applier`]
 /// on its own target connection, with replication origin

@@ -20,9 +20,10 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex, MutexGuard, Notify};
 use tokio::task::JoinHandle;
 
 use super::driver::{Batch, CommitPolicy, Delivery, Driver, Source};
+use super::lanes::{lane_opener, LaneCatalog};
 use super::Shutdown;
 use crate::apply::schema::SourceCatalog;
-use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
+use crate::apply::streams::Streams;
 use crate::apply::{Applier, ApplyIdentity};
 use crate::checkpoint::progress::{self, BatchMark};
 use crate::checkpoint::CheckpointError;

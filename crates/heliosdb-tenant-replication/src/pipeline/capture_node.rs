@@ -140,7 +140,7 @@ pub async fn run(
             },
         )
         .await?;
-    if remote.progress.is_none() && crate::snapshot::wanted(config, false) {
+    if remote.progress.is_none() && crate::snapshot::wanted(&config.tenant, false) {
         return Err(ReplicationError::operator(
             format!(
                 "tenant '{}' has no progress on the target and [cdc] start_lsn = 0: its existing rows were never copied",

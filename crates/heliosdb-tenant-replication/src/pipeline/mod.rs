@@ -19,6 +19,7 @@
 pub mod apply_node;
 mod capture_node;
 pub mod driver;
+mod lanes;
 mod session;
 
 use std::sync::Arc;

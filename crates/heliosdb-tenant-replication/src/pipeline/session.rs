@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::driver::{CommitPolicy, Delivery, Driver, Source};
+use super::lanes::{lane_opener, LaneCatalog};
 use super::{closed, Shutdown};
-use crate::apply::streams::{lane_opener, LaneCatalog, Streams};
+use crate::apply::streams::Streams;
 use crate::apply::{Applier, ApplyIdentity};
 use crate::capture::assemble::Assembler;
 use crate::capture::catalog::SourceTable;
@@ -21,7 +22,7 @@ use crate::error::{ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg;
 use crate::provision::preflight;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, CopyConfig, Snapshot};
 use crate::telemetry::{State, TenantTelemetry};
 
 /// Run a session until shutdown (`Ok`) or an error.
@@ -47,12 +48,12 @@ pub async fn run(
         p.check_source(&t.tenant_id, &system_id, &t.slot)?;
         p.check_slot_covered(&t.tenant_id, &t.slot, report.slot_confirmed)?;
     }
-    if snapshot::wanted(config, recorded.is_some()) {
+    if snapshot::wanted(&config.tenant, recorded.is_some()) {
         tel.set_state(State::Snapshotting);
         // The slot already exists (made by hand, or a copy was interrupted):
         // copy now, stream from the slot's position, replay converges.
         snapshot::initial_copy(
-            config,
+            &CopyConfig::of(config),
             &report.tables,
             Snapshot::Fresh,
             report.slot_confirmed,
@@ -64,7 +65,13 @@ pub async fn run(
         let pending = snapshot::pending_resyncs(&target, &t.tenant_id).await?;
         if !pending.is_empty() {
             tel.set_state(State::Snapshotting);
-            snapshot::resync_tables(config, &mut target, &report.tables, &pending).await?;
+            snapshot::resync_tables(
+                &CopyConfig::of(config),
+                &mut target,
+                &report.tables,
+                &pending,
+            )
+            .await?;
             recorded = progress::load(&target, &t.tenant_id).await?;
         }
     }
@@ -463,7 +470,7 @@ impl Source for CaptureQueue<'_> {
         self.tel.set_state(State::Snapshotting);
         tracing::info!(%tenant, state = "snapshotting", "resync requested: copying again while the stream waits");
         let (_, converge_until) = snapshot::resync_tables(
-            self.config,
+            &CopyConfig::of(self.config),
             driver.applier.client_mut(),
             &self.tables,
             &pending,

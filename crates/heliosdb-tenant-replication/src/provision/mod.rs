@@ -110,7 +110,7 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
             recorded = None;
         }
     }
-    let copy = copy && snapshot::wanted(config, recorded.is_some());
+    let copy = copy && snapshot::wanted(&config.tenant, recorded.is_some());
     if copy {
         let system_id = preflight::system_id(&source).await?;
         let rows = match slot_lsn {
@@ -122,7 +122,7 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
                     t.slot, slot.consistent_point
                 ));
                 let rows = snapshot::initial_copy(
-                    config,
+                    &snapshot::CopyConfig::of(config),
                     &tables,
                     Snapshot::Exported(slot.snapshot_name.clone()),
                     slot.consistent_point,
@@ -134,7 +134,14 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
             }
             // The slot existed: copy now, streaming replays from the slot.
             Some(lsn) => {
-                snapshot::initial_copy(config, &tables, Snapshot::Fresh, lsn, &system_id).await?
+                snapshot::initial_copy(
+                    &snapshot::CopyConfig::of(config),
+                    &tables,
+                    Snapshot::Fresh,
+                    lsn,
+                    &system_id,
+                )
+                .await?
             }
         };
         report.lines.push(format!(

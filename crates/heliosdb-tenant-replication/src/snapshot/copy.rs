@@ -10,9 +10,9 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, Transaction};
 
+use super::CopyConfig;
 use super::Range;
 use crate::capture::catalog::SourceTable;
-use crate::config::Config;
 use crate::error::{on_source as src, on_target as dst};
 use crate::error::{ReplicationError, Result, Side};
 use crate::pg::{self, quote_ident, quote_literal};
@@ -26,7 +26,7 @@ pub struct CopyProgress {
 /// Copy `pending` ranges with up to `[performance] worker_threads` workers,
 /// all reading under `snapshot`.
 pub(super) async fn run(
-    config: &Config,
+    config: &CopyConfig,
     source: &Client,
     target: &Client,
     snapshot: &str,
@@ -75,7 +75,7 @@ pub(super) async fn run(
             .await
             .map_err(dst("RESET session_replication_role"))?;
         let n = pending.len();
-        (pending, config.worker_threads.min(n).max(1))
+        (pending, config.workers.min(n).max(1))
     } else {
         tracing::info!("the target role may not set session_replication_role: tables are copied one range at a time, referenced tables first");
         (referenced_first(target, pending).await?, 1)
@@ -122,7 +122,7 @@ pub(super) async fn run(
 
 async fn worker(
     id: usize,
-    config: &Config,
+    config: &CopyConfig,
     snapshot: &str,
     queue: Arc<Mutex<VecDeque<Range>>>,
     progress: Arc<CopyProgress>,

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::capture::catalog::SourceTable;
-use crate::config::Config;
+use crate::config::{Config, NetworkConfig, TenantConfig};
 use crate::error::{on_source as src, on_target as dst, ReplicationError, Result, Side};
 use crate::lsn::Lsn;
 use crate::pg::{self, quote_ident, quote_literal};
@@ -61,16 +61,36 @@ pub struct Range {
 /// Blocks (8 KiB) per range: about 128 MiB of table.
 const BLOCKS_PER_RANGE: i64 = 16384;
 
+/// What copying reads of the configuration: the tenant's section, the
+/// connection settings, and how many ranges are copied at once.
+#[derive(Debug, Clone)]
+pub struct CopyConfig {
+    pub tenant: TenantConfig,
+    pub network: NetworkConfig,
+    /// `[performance] worker_threads`.
+    pub workers: usize,
+}
+
+impl CopyConfig {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            tenant: config.tenant.clone(),
+            network: config.network.clone(),
+            workers: config.worker_threads,
+        }
+    }
+}
+
 /// Does the tenant still need its initial copy? (No progress yet, and
 /// `[cdc] start_lsn = 0`.)
-pub fn wanted(config: &Config, has_progress: bool) -> bool {
-    !has_progress && config.tenant.start_lsn.is_zero()
+pub fn wanted(tenant: &TenantConfig, has_progress: bool) -> bool {
+    !has_progress && tenant.start_lsn.is_zero()
 }
 
 /// Copy the tenant's rows of `tables`, then record `start_point` as the
 /// tenant's progress: streaming continues from there.
 pub async fn initial_copy(
-    config: &Config,
+    config: &CopyConfig,
     tables: &[SourceTable],
     snapshot: Snapshot,
     start_point: Lsn,
@@ -214,7 +234,7 @@ async fn load_plan(
 async fn make_plan(
     source: &Client,
     target: &Client,
-    config: &Config,
+    config: &CopyConfig,
     tables: &[Arc<SourceTable>],
 ) -> Result<Vec<(Range, bool)>> {
     let t = &config.tenant;
@@ -349,7 +369,7 @@ pub async fn request_resync(target: &Client, tenant: &str, table: Option<&str>) 
 /// stream then goes on from where it was; the changes it still has to apply
 /// were made before or after the snapshot and converge (idempotent apply).
 pub async fn resync_tables(
-    config: &Config,
+    config: &CopyConfig,
     target: &mut Client,
     tables: &[SourceTable],
     only: &[Option<String>],
