@@ -53,6 +53,10 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// In a file of several tenants (`[[tenants]]`), act on this one only.
+    #[arg(long, env = "HELIOSDB_TENANT", global = true)]
+    pub tenant: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -254,30 +258,49 @@ pub fn run(cli: Cli) -> ExitCode {
             };
         }
     }
-    let config = match Config::load(&cli.config) {
+    let mut configs = match Config::load_node(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Command::CheckConfig = cli.command {
-        return check_config(&config);
+    if let Some(id) = &cli.tenant {
+        let listed: Vec<String> = configs.iter().map(|c| c.tenant.tenant_id.clone()).collect();
+        configs.retain(|c| c.tenant.tenant_id == *id);
+        if configs.is_empty() {
+            eprintln!(
+                "error: --tenant {id}: {} lists no such tenant (it lists: {})",
+                cli.config.display(),
+                listed.join(", ")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
+    if let Command::CheckConfig = cli.command {
+        for c in &configs {
+            check_config(c);
+        }
+        return ExitCode::SUCCESS;
+    }
+    // What the node shares (every tenant has the same node sections).
+    let node = configs[0].clone();
     if let Command::AuditVerify { .. } = cli.command {
-        return match &config.monitoring.audit_log {
+        return match &node.monitoring.audit_log {
             Some((path, _)) => audit_verify(path),
             None => {
-                eprintln!("error: {}: the audit log is not enabled ([monitoring] enable_audit_log); give the file with --path", config.file);
+                eprintln!("error: {}: the audit log is not enabled ([monitoring] enable_audit_log); give the file with --path", node.file);
                 ExitCode::from(EXIT_CONFIG)
             }
         };
     }
-    for n in &config.notices {
-        tracing::warn!(key = %n.key, "{}", n.message);
+    for c in &configs {
+        for n in &c.notices {
+            tracing::warn!(tenant = %c.tenant.tenant_id, key = %n.key, "{}", n.message);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+        .worker_threads(node.worker_threads)
         .enable_all()
         .build()
     {
@@ -287,12 +310,32 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
-    let config = Arc::new(config);
+    let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
     match cli.command {
-        Command::Start => runtime.block_on(start(config)),
-        Command::Init { no_copy, resync } => runtime.block_on(init(config, !no_copy, resync)),
+        Command::Start => return runtime.block_on(start(configs)),
+        // Replacing rows is asked for one tenant at a time.
+        Command::Init { no_copy, resync } if !resync || configs.len() == 1 => {
+            return each_tenant(&configs, |c| runtime.block_on(init(c, !no_copy, resync)))
+        }
+        Command::Status => return each_tenant(&configs, |c| runtime.block_on(status(c))),
+        _ => {}
+    }
+    if configs.len() > 1 {
+        let ids: Vec<&str> = configs
+            .iter()
+            .map(|c| c.tenant.tenant_id.as_str())
+            .collect();
+        eprintln!(
+            "error: {} lists {} tenants ({}): name one with --tenant ID",
+            cli.config.display(),
+            ids.len(),
+            ids.join(", ")
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = configs[0].clone();
+    match cli.command {
         Command::Resync { table } => runtime.block_on(resync(config, table)),
-        Command::Status => runtime.block_on(status(config)),
         Command::TrainDictionary {
             out,
             rows_per_table,
@@ -305,10 +348,29 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::CheckConfig | Command::AuditVerify { .. } | Command::Demo { .. } => {
-            ExitCode::SUCCESS
+        Command::Init { no_copy, resync } => runtime.block_on(init(config, !no_copy, resync)),
+        Command::Start
+        | Command::Status
+        | Command::CheckConfig
+        | Command::AuditVerify { .. }
+        | Command::Demo { .. } => ExitCode::SUCCESS,
+    }
+}
+
+/// Run a one-shot command for each tenant (a header names it when there
+/// are several); the exit code is the first failure's.
+fn each_tenant(configs: &[Arc<Config>], mut run: impl FnMut(Arc<Config>) -> ExitCode) -> ExitCode {
+    let mut first_failure = None;
+    for c in configs {
+        if configs.len() > 1 {
+            println!("== tenant {}", c.tenant.tenant_id);
+        }
+        let code = run(c.clone());
+        if code != ExitCode::SUCCESS {
+            first_failure.get_or_insert(code);
         }
     }
+    first_failure.unwrap_or(ExitCode::SUCCESS)
 }
 
 fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
@@ -562,52 +624,91 @@ async fn init(config: Arc<Config>, copy: bool, resync: bool) -> ExitCode {
     }
 }
 
-async fn start(config: Arc<Config>) -> ExitCode {
+/// Run every tenant's pipeline, each on a thread of its own, until a
+/// signal. A tenant that stops (an error a person must fix) stops alone:
+/// the others go on, `/health` shows it; the process exits when none is
+/// left, with the first stopped tenant's code.
+async fn start(configs: Vec<Arc<Config>>) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let telemetry = match start_telemetry(&config, stop_rx.clone()).await {
+    let telemetry = match start_telemetry(&configs, stop_rx.clone()).await {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
             return exit_for(&e);
         }
     };
-    let mut pipeline = match crate::pipeline::spawn_tenant(config.clone(), stop_rx, telemetry) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit_for(&e);
-        }
-    };
-    let signal = wait_for_signal();
-    let result = tokio::select! {
-        r = &mut pipeline => r,
-        sig = signal => {
-            tracing::info!(signal = sig, "shutting down: finishing the open transaction and writing checkpoints");
-            let _ = stop_tx.send(true);
-            match tokio::time::timeout(Duration::from_secs(9), &mut pipeline).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
-                    return ExitCode::SUCCESS;
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    for config in &configs {
+        let pipeline =
+            match crate::pipeline::spawn_tenant(config.clone(), stop_rx.clone(), telemetry.clone())
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    let _ = stop_tx.send(true);
+                    return exit_for(&e);
                 }
+            };
+        let (tenant, done_tx) = (config.tenant.tenant_id.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let _ = done_tx.send((tenant, pipeline.await));
+        });
+    }
+    drop(done_tx);
+    let mut running = configs.len();
+    let mut code = ExitCode::SUCCESS;
+    let finished = |tenant: String, result: crate::error::Result<()>, code: &mut ExitCode| {
+        if let Err(e) = result {
+            tracing::error!(%tenant, "replication_stop: {e}");
+            if *code == ExitCode::SUCCESS {
+                *code = exit_for(&e);
             }
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(tenant = %config.tenant.tenant_id, "replication_stop: {e}");
-            exit_for(&e)
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    while running > 0 {
+        tokio::select! {
+            ended = done.recv() => {
+                let Some((tenant, result)) = ended else { break };
+                running -= 1;
+                finished(tenant, result, &mut code);
+                if running > 0 {
+                    tracing::warn!(running, "a tenant stopped; the others go on");
+                }
+            }
+            sig = &mut signal => {
+                tracing::info!(signal = sig, "shutting down: finishing the open transaction and writing checkpoints");
+                let _ = stop_tx.send(true);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
+                while running > 0 {
+                    match tokio::time::timeout_at(deadline, done.recv()).await {
+                        Ok(Some((tenant, result))) => {
+                            running -= 1;
+                            finished(tenant, result, &mut code);
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
+                            return ExitCode::SUCCESS;
+                        }
+                    }
+                }
+                return code;
+            }
         }
     }
+    code
 }
 
 /// The audit log (if enabled) and the monitoring endpoints (unless
 /// `[features] enable_monitoring = false`).
 async fn start_telemetry(
-    config: &Arc<Config>,
+    configs: &[Arc<Config>],
     shutdown: crate::pipeline::Shutdown,
 ) -> Result<Arc<crate::telemetry::Telemetry>, ReplicationError> {
+    // The node's sections are every tenant's.
+    let config = &configs[0];
     let audit = match &config.monitoring.audit_log {
         Some((path, events)) => {
             let t = &config.tenant;
@@ -646,7 +747,7 @@ async fn start_telemetry(
     };
     let telemetry = crate::telemetry::Telemetry::new(audit, conflicts);
     if config.monitoring.enabled {
-        crate::telemetry::server::start(config.clone(), telemetry.clone(), shutdown).await?;
+        crate::telemetry::server::start(configs.to_vec(), telemetry.clone(), shutdown).await?;
     }
     Ok(telemetry)
 }

@@ -24,6 +24,7 @@ mod conflict;
 mod conninfo;
 pub mod model;
 mod monitoring;
+mod node;
 mod performance;
 mod seal;
 mod secret;

@@ -340,3 +340,107 @@ fn no_part_of_a_secret_in_any_config_error() {
     assert!(!e.to_string().contains("pw-canary"), "{e}");
     assert!(e.to_string().contains("prometheus_port"), "{e}");
 }
+
+/// A node file: shared sections at the top, one `[[tenants]]` entry each.
+const NODE: &str = r#"
+[replication]
+source_connection = "postgresql://rep:pw@source:5432/production"
+[monitoring]
+prometheus_port = 9090
+
+[[tenants]]
+[tenants.replication]
+tenant_id = "acme"
+target_connection = "postgresql://w:pw@eu:5432/acme"
+[tenants.cdc]
+replication_slot = "acme_slot"
+publication_name = "acme_pub"
+[tenants.conflict]
+resolution_strategy = "TargetPreferred"
+
+[[tenants]]
+[tenants.replication]
+tenant_id = "globex"
+target_connection = "postgresql://w:pw@us:5432/globex"
+[tenants.cdc]
+replication_slot = "globex_slot"
+publication_name = "globex_pub"
+"#;
+
+#[test]
+fn a_node_file_gives_each_tenant_the_shared_sections_and_its_own() {
+    let all = Config::node_from_toml(NODE, "node.toml", no_env).expect("valid");
+    assert_eq!(all.len(), 2);
+    let (acme, globex) = (&all[0], &all[1]);
+    assert_eq!(acme.tenant.tenant_id, "acme");
+    assert_eq!(acme.tenant.slot, "acme_slot");
+    assert_eq!(globex.tenant.publication, "globex_pub");
+    assert_eq!(acme.tenant.target().expect("target").host, "eu");
+    assert_eq!(globex.tenant.target().expect("target").host, "us");
+    // Shared: the source and the node's monitoring.
+    assert_eq!(acme.tenant.source().expect("source").host, "source");
+    assert_eq!(globex.monitoring.prometheus_port, 9090);
+    // Per tenant: its conflict strategy.
+    assert_eq!(acme.conflict.strategy, Strategy::TargetPreferred);
+    assert_ne!(globex.conflict.strategy, Strategy::TargetPreferred);
+    // The guide's one-tenant form is one tenant.
+    assert_eq!(
+        Config::node_from_toml(REFERENCE, "r.toml", no_env)
+            .expect("valid")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_node_file_refuses_what_would_mix_tenants_up() {
+    let fails = |text: &str| {
+        Config::node_from_toml(text, "node.toml", no_env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let twice = NODE.replace("\"globex\"", "\"acme\"");
+    assert!(fails(&twice).contains("listed twice"), "{}", fails(&twice));
+    let shared_slot = NODE.replace("globex_slot", "acme_slot");
+    assert!(
+        fails(&shared_slot).contains("another tenant's on the same source"),
+        "{}",
+        fails(&shared_slot)
+    );
+    let node_section = NODE.replace(
+        "[tenants.conflict]",
+        "[tenants.monitoring]\nprometheus_port = 1\n[tenants.conflict]",
+    );
+    assert!(
+        fails(&node_section).contains("is the node's"),
+        "{}",
+        fails(&node_section)
+    );
+    let typo = NODE.replace(
+        "publication_name = \"globex_pub\"",
+        "publication_nam = \"globex_pub\"",
+    );
+    let e = fails(&typo);
+    assert!(
+        e.contains("tenants[1]") && e.contains("publication_nam"),
+        "{e}"
+    );
+    // Secrets stay out of the errors.
+    for e in [fails(&twice), fails(&shared_slot), fails(&typo)] {
+        assert!(!e.contains("pw@"), "{e}");
+    }
+}
+
+#[test]
+fn one_target_override_for_several_tenants_is_refused() {
+    let env = |k: &str| {
+        (k == "REPLICATION_TARGET_CONNECTION").then(|| "postgresql://w:pw@x/db".to_string())
+    };
+    let e = Config::node_from_toml(NODE, "node.toml", env).expect_err("refused");
+    assert!(
+        e.to_string().contains("each tenant its target_connection"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("pw@"), "{e}");
+}

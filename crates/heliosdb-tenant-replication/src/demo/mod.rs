@@ -127,8 +127,12 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let apply_tel = Telemetry::disabled();
-    crate::telemetry::server::start(configs.apply.clone(), apply_tel.clone(), stop_rx.clone())
-        .await?;
+    crate::telemetry::server::start(
+        vec![configs.apply.clone()],
+        apply_tel.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
     let apply =
         crate::pipeline::spawn_tenant(configs.apply.clone(), stop_rx.clone(), apply_tel.clone())?;
     let capture = crate::pipeline::spawn_tenant(

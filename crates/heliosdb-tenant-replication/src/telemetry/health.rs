@@ -30,20 +30,23 @@ pub struct Check {
     pub latency_ms: f64,
     /// Why it failed (no secrets: connection strings are masked).
     pub error: Option<String>,
+    /// The tenants it serves (said when the node has several).
+    pub tenants: Vec<String>,
 }
 
 /// Builds the health and readiness answers.
 pub struct Health {
-    config: Arc<Config>,
+    /// The node's tenants.
+    configs: Vec<Arc<Config>>,
     telemetry: Arc<Telemetry>,
     cache: tokio::sync::Mutex<Option<(Instant, Vec<Check>)>>,
     cpu: Mutex<(Instant, f64)>,
 }
 
 impl Health {
-    pub fn new(config: Arc<Config>, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(configs: Vec<Arc<Config>>, telemetry: Arc<Telemetry>) -> Self {
         Self {
-            config,
+            configs,
             telemetry,
             cache: tokio::sync::Mutex::new(None),
             cpu: Mutex::new((Instant::now(), process_cpu_seconds())),
@@ -57,16 +60,50 @@ impl Health {
                 return checks.clone();
             }
         }
-        let t = &self.config.tenant;
-        let mut checks = Vec::new();
-        let mode = self.config.transport.mode;
-        if let (Some(info), true) = (&t.source, mode != Mode::Apply) {
-            checks.push(self.database("source_database", info, Side::Source).await);
+        // Each database once, naming the tenants it serves when the node
+        // has several.
+        let mut checks: Vec<Check> = Vec::new();
+        let mut seen: Vec<(&'static str, String)> = Vec::new();
+        let several = self.configs.len() > 1;
+        for config in &self.configs {
+            let t = &config.tenant;
+            let mode = config.transport.mode;
+            let databases = [
+                (
+                    "source_database",
+                    t.source.as_ref().filter(|_| mode != Mode::Apply),
+                    Side::Source,
+                ),
+                (
+                    "target_database",
+                    t.target.as_ref().filter(|_| mode != Mode::Capture),
+                    Side::Target,
+                ),
+            ];
+            for (name, info, side) in databases {
+                let Some(info) = info else { continue };
+                let key = (name, info.masked());
+                let at = match seen.iter().position(|k| *k == key) {
+                    Some(at) => at,
+                    None => {
+                        seen.push(key);
+                        checks.push(self.database(name, info, side, config).await);
+                        checks.len() - 1
+                    }
+                };
+                if several {
+                    checks[at].tenants.push(t.tenant_id.clone());
+                }
+            }
         }
-        if let (Some(info), true) = (&t.target, mode != Mode::Capture) {
-            checks.push(self.database("target_database", info, Side::Target).await);
+        let mut dirs: Vec<&std::path::Path> = Vec::new();
+        for config in &self.configs {
+            let dir = config.tenant.checkpoint_dir.as_path();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+                checks.push(checkpoint_storage(dir));
+            }
         }
-        checks.push(checkpoint_storage(&t.checkpoint_dir));
         *cache = Some((Instant::now(), checks.clone()));
         checks
     }
@@ -76,12 +113,13 @@ impl Health {
         name: &'static str,
         info: &crate::config::ConnInfo,
         side: Side,
+        config: &Config,
     ) -> Check {
         let started = Instant::now();
         let probe = async {
             let c = pg::connect(
                 info,
-                &self.config.network,
+                &config.network,
                 side,
                 "heliosdb-tenant-replication health",
             )
@@ -101,6 +139,7 @@ impl Health {
             healthy: error.is_none(),
             latency_ms: round2(started.elapsed().as_secs_f64() * 1000.0),
             error,
+            tenants: Vec::new(),
         }
     }
 
@@ -143,7 +182,7 @@ impl Health {
             "system": {
                 "cpu_usage_percent": round2(self.cpu_percent()),
                 "memory_usage_mb": memory_mb(),
-                "disk_usage_percent": disk_percent(&self.config.tenant.checkpoint_dir).map(round2),
+                "disk_usage_percent": disk_percent(&self.configs[0].tenant.checkpoint_dir).map(round2),
             },
             "checks": checks.iter().map(|c| {
                 let mut v = json!({
@@ -152,6 +191,7 @@ impl Health {
                     "latency_ms": c.latency_ms,
                 });
                 if let Some(e) = &c.error { v["error"] = json!(e); }
+                if !c.tenants.is_empty() { v["tenants"] = json!(c.tenants); }
                 v
             }).collect::<Vec<_>>(),
         });
@@ -220,6 +260,7 @@ fn checkpoint_storage(dir: &Path) -> Check {
         error: result
             .err()
             .map(|e| format!("{} is not writable: {e}", dir.display())),
+        tenants: Vec::new(),
     }
 }
 

@@ -21,12 +21,16 @@ use crate::error::{ReplicationError, Result, Side};
 use crate::shutdown::Shutdown;
 
 /// Bind both ports (an error names the port) and serve until shutdown.
+/// `configs`: the node's tenants (their node sections are the same).
 pub async fn start(
-    config: Arc<Config>,
+    configs: Vec<Arc<Config>>,
     telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let m = &config.monitoring;
+    let Some(node) = configs.first().cloned() else {
+        return Ok(());
+    };
+    let m = &node.monitoring;
     let bind = |port: u16| async move {
         let addr = SocketAddr::new(m.bind_address, port);
         TcpListener::bind(addr).await.map_err(|e| {
@@ -43,14 +47,14 @@ pub async fn start(
         health = %format!("http://{}/health", health.local_addr().map(|a| a.to_string()).unwrap_or_default()),
         "monitoring endpoints"
     );
-    let checker = Arc::new(Health::new(config.clone(), telemetry.clone()));
+    let checker = Arc::new(Health::new(configs.clone(), telemetry.clone()));
     tokio::spawn(listen(
         metrics,
         Endpoints::Metrics(telemetry.clone()),
         shutdown.clone(),
     ));
     tokio::spawn(listen(health, Endpoints::Health(checker), shutdown.clone()));
-    tokio::spawn(collect(config, telemetry, shutdown));
+    tokio::spawn(collect(configs, telemetry, shutdown));
     Ok(())
 }
 
@@ -119,11 +123,15 @@ async fn route(endpoints: &Endpoints, req: Request<Incoming>) -> Response<Full<B
     }
 }
 
-/// Every `metrics_interval_seconds`: throughput per tenant, and the slot's
-/// retained WAL and confirmed position (nodes that reach the source).
-async fn collect(config: Arc<Config>, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
-    let interval = config.monitoring.metrics_interval;
-    let mut source = None;
+/// Every `metrics_interval_seconds`: throughput per tenant, and each
+/// tenant's slot: retained WAL and confirmed position (nodes that reach the
+/// source; one connection per source database).
+async fn collect(configs: Vec<Arc<Config>>, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
+    let Some(interval) = configs.first().map(|c| c.monitoring.metrics_interval) else {
+        return;
+    };
+    let mut sources: std::collections::HashMap<String, tokio_postgres::Client> =
+        std::collections::HashMap::new();
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -132,45 +140,55 @@ async fn collect(config: Arc<Config>, telemetry: Arc<Telemetry>, mut shutdown: S
         for t in telemetry.tenants() {
             t.m.update_throughput();
         }
-        let tc = &config.tenant;
-        let Some(info) = tc
-            .source
-            .as_ref()
-            .filter(|_| config.transport.mode != Mode::Apply)
-        else {
-            continue;
-        };
-        if source.is_none() {
-            source = crate::pg::connect(
-                info,
-                &config.network,
-                Side::Source,
-                "heliosdb-tenant-replication metrics",
-            )
-            .await
-            .ok();
-        }
-        let Some(client) = &source else { continue };
-        let row = client
-            .query_opt(
-                "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint,
-                        (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint
-                   FROM pg_replication_slots WHERE slot_name = $1",
-                &[&tc.slot],
-            )
-            .await;
-        match row {
-            Ok(Some(r)) => {
-                let retained: Option<i64> = r.get(0);
-                let confirmed: Option<i64> = r.get(1);
-                telemetry.tenant(&tc.tenant_id).m.slot(
-                    &tc.slot,
-                    retained.unwrap_or(0),
-                    confirmed.unwrap_or(0).max(0) as u64,
-                );
+        for config in &configs {
+            let tc = &config.tenant;
+            let Some(info) = tc
+                .source
+                .as_ref()
+                .filter(|_| config.transport.mode != Mode::Apply)
+            else {
+                continue;
+            };
+            let key = info.masked();
+            if !sources.contains_key(&key) {
+                let Ok(client) = crate::pg::connect(
+                    info,
+                    &config.network,
+                    Side::Source,
+                    "heliosdb-tenant-replication metrics",
+                )
+                .await
+                else {
+                    continue;
+                };
+                sources.insert(key.clone(), client);
             }
-            Ok(None) => {}
-            Err(_) => source = None,
+            let Some(client) = sources.get(&key) else {
+                continue;
+            };
+            let row = client
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint,
+                            (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint
+                       FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&tc.slot],
+                )
+                .await;
+            match row {
+                Ok(Some(r)) => {
+                    let retained: Option<i64> = r.get(0);
+                    let confirmed: Option<i64> = r.get(1);
+                    telemetry.tenant(&tc.tenant_id).m.slot(
+                        &tc.slot,
+                        retained.unwrap_or(0),
+                        confirmed.unwrap_or(0).max(0) as u64,
+                    );
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    sources.remove(&key);
+                }
+            }
         }
     }
 }

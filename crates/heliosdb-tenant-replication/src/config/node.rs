@@ -1,0 +1,171 @@
+//! A node's file: one tenant (the guide's form, unchanged), or many as
+//! `[[tenants]]` entries.
+//!
+//! ```toml
+//! [replication]                 # what every tenant shares
+//! source_connection = "postgresql://…"
+//! tenant_column = "tenant_id"
+//! [monitoring]                  # the node's: one /metrics, one /health
+//! prometheus_port = 9090
+//!
+//! [[tenants]]
+//! [tenants.replication]
+//! tenant_id = "acme"
+//! target_connection = "postgresql://…/acme"
+//! [tenants.cdc]
+//! replication_slot = "acme_slot"
+//! publication_name = "acme_pub"
+//! ```
+//!
+//! Each entry's sections are laid over the file's own, key by key, and the
+//! result is checked as a one-tenant file would be. What belongs to the
+//! node (monitoring, performance, network, transport, features) cannot be
+//! set per tenant.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::{Config, ConfigError, Mode};
+
+/// Sections a `[[tenants]]` entry may set.
+const PER_TENANT: [&str; 7] = [
+    "replication",
+    "source",
+    "target",
+    "cdc",
+    "encryption",
+    "conflict",
+    "compression",
+];
+
+impl Config {
+    /// Every tenant of the node file at `path` (one for the guide's form).
+    pub fn load_node(path: &Path) -> Result<Vec<Config>, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::node_from_toml(&text, &file, |k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load_node`] of TOML text; `env` supplies overrides.
+    pub fn node_from_toml(
+        text: &str,
+        file: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<Config>, ConfigError> {
+        let fail = |key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        // Parse errors are reported as for one tenant, with their line.
+        let Ok(mut base) = toml::from_str::<toml::Table>(text) else {
+            return Ok(vec![Self::from_toml(text, file, &env)?]);
+        };
+        let Some(entries) = base.remove("tenants") else {
+            return Ok(vec![Self::from_toml(text, file, &env)?]);
+        };
+        let toml::Value::Array(entries) = entries else {
+            return Err(fail(
+                "tenants",
+                "must be a list of [[tenants]] entries".into(),
+            ));
+        };
+        if entries.is_empty() {
+            return Err(fail(
+                "tenants",
+                "lists no tenant: add a [[tenants]] entry".into(),
+            ));
+        }
+        if entries.len() > 1 && env("REPLICATION_TARGET_CONNECTION").is_some() {
+            return Err(fail(
+                "REPLICATION_TARGET_CONNECTION",
+                "names one target, and this file has several tenants: unset it and give each tenant its target_connection in its [[tenants]] entry".into(),
+            ));
+        }
+        let mut configs = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.into_iter().enumerate() {
+            let key = format!("tenants[{i}]");
+            let toml::Value::Table(entry) = entry else {
+                return Err(fail(&key, "must be a table of sections".into()));
+            };
+            let mut merged = base.clone();
+            for (section, value) in entry {
+                if !PER_TENANT.contains(&section.as_str()) {
+                    return Err(fail(
+                        &format!("{key}.{section}"),
+                        format!(
+                            "a tenant may set [{}]; [{section}] is the node's: set it once at the top of the file",
+                            PER_TENANT.join("], [")
+                        ),
+                    ));
+                }
+                let toml::Value::Table(over) = value else {
+                    return Err(fail(
+                        &format!("{key}.{section}"),
+                        "must be a section ([tenants.<section>])".into(),
+                    ));
+                };
+                match merged.get_mut(&section) {
+                    Some(toml::Value::Table(own)) => own.extend(over),
+                    _ => {
+                        merged.insert(section, toml::Value::Table(over));
+                    }
+                }
+            }
+            let text = toml::to_string(&merged)
+                .map_err(|e| fail(&key, format!("cannot be combined with the file: {e}")))?;
+            // A line number would count lines of the combined text.
+            let config =
+                Self::from_toml(&text, &format!("{file} ({key})"), &env).map_err(|mut e| {
+                    if let Some(at) = e.message.rfind(" (line ") {
+                        e.message.truncate(at);
+                    }
+                    e
+                })?;
+            configs.push(config);
+        }
+        check_node(&configs, file)?;
+        Ok(configs)
+    }
+}
+
+/// What must differ between the tenants of one node.
+fn check_node(configs: &[Config], file: &str) -> Result<(), ConfigError> {
+    let fail = |key: &str, message: String| ConfigError {
+        file: file.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let mut ids = HashSet::new();
+    let mut slots = HashSet::new();
+    for (i, c) in configs.iter().enumerate() {
+        let t = &c.tenant;
+        if !ids.insert(t.tenant_id.clone()) {
+            return Err(fail(
+                &format!("tenants[{i}].replication.tenant_id"),
+                format!("tenant '{}' is listed twice", t.tenant_id),
+            ));
+        }
+        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
+        if !slots.insert((source, t.slot.clone())) {
+            return Err(fail(
+                &format!("tenants[{i}].cdc.replication_slot"),
+                format!(
+                    "slot '{}' is another tenant's on the same source: give each tenant its own [tenants.cdc] replication_slot and publication_name",
+                    t.slot
+                ),
+            ));
+        }
+        if c.transport.mode != Mode::Local && configs.len() > 1 {
+            return Err(fail(
+                "transport.mode",
+                "several tenants in one file run in mode = \"local\" (capture and apply nodes serve one tenant each in this version): run one node per tenant, or use mode = \"local\"".into(),
+            ));
+        }
+    }
+    Ok(())
+}

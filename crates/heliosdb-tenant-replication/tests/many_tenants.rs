@@ -1,0 +1,208 @@
+//! Many tenants in one process: a node file with `[[tenants]]` entries, each
+//! with its own target database, slot and publication, on real clusters.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::Client;
+
+/// Served tenants and the target database of each.
+const SERVED: [(&str, &str); 3] = [("t-1", "app"), ("t-2", "app"), ("t-3", "app2")];
+
+/// A node file for [`SERVED`]: the tenant's own keys move into its entry.
+fn node_file(env: &Env) -> PathBuf {
+    let shared: String = env
+        .config_text("")
+        .lines()
+        .filter(|l| {
+            ![
+                "tenant_id",
+                "target_connection",
+                "replication_slot",
+                "publication_name",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut text = shared;
+    for (tenant, db) in SERVED {
+        let name = tenant.replace('-', "_");
+        text.push_str(&format!(
+            "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{tenant}\"\ntarget_connection = \"{}\"\n[tenants.cdc]\nreplication_slot = \"{name}_slot\"\npublication_name = \"{name}_pub\"\n",
+            env.target.superuser_url(db)
+        ));
+    }
+    env.write_config("node.toml", &text)
+}
+
+async fn target_of(env: &Env, db: &str) -> Client {
+    env.target.connect(db).await.expect("connect target")
+}
+
+/// Every served tenant's rows equal on its target.
+async fn all_equal(env: &Env) -> bool {
+    let src = env.src().await;
+    for (tenant, db) in SERVED {
+        let dst = target_of(env, db).await;
+        for table in TABLES {
+            if tenant_digest(&src, table, tenant).await != tenant_digest(&dst, table, tenant).await
+            {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+async fn write(src: &Client, tenant: &str, from: i64, n: i64) {
+    src.batch_execute(&format!(
+        "INSERT INTO accounts SELECT '{tenant}', g, 'n' || g, 'e', g, now() FROM generate_series({from}, {}) g;
+         INSERT INTO orders SELECT '{tenant}', g, g, 'new', g, '{{}}', now() FROM generate_series({from}, {}) g",
+        from + n - 1,
+        from + n - 1
+    ))
+    .await
+    .expect("writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_the_others_running() {
+    let env = Env::new(SCHEMA).await;
+    env.target
+        .create_database("app2")
+        .await
+        .expect("second target database");
+    target_of(&env, "app2")
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
+    let src = env.src().await;
+    for (tenant, _) in SERVED {
+        write(&src, tenant, 1, 200).await;
+    }
+    write(&src, "unserved", 1, 200).await;
+    let node = node_file(&env);
+
+    // check-config and init cover every tenant.
+    let out = run(&node, &["check-config"]);
+    let text = &out.stdout;
+    assert!(out.status.success(), "{text}");
+    for (tenant, _) in SERVED {
+        assert!(
+            text.contains(&format!("tenant_id = \"{tenant}\"")),
+            "{text}"
+        );
+    }
+    let init = env.init(&node);
+    for (tenant, _) in SERVED {
+        assert!(init.contains(&format!("== tenant {tenant}")), "{init}");
+    }
+    // A command for one tenant, or one that replaces rows, must name it.
+    for args in [&["resync"][..], &["init", "--resync"][..]] {
+        let out = run(&node, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stderr.contains("--tenant"), "{}", out.stderr);
+    }
+    let out = run(&node, &["--tenant", "nobody", "status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stderr.contains("t-1, t-2, t-3"), "{}", out.stderr);
+
+    let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
+    wait_until(Duration::from_secs(60), "every tenant copied", || {
+        all_equal(&env)
+    })
+    .await;
+    for (tenant, _) in SERVED {
+        write(&src, tenant, 1000, 100).await;
+    }
+    wait_until(Duration::from_secs(60), "every tenant streamed", || {
+        all_equal(&env)
+    })
+    .await;
+    // One walsender per tenant, one process; no unserved row anywhere.
+    let walsenders: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name LIKE 'heliosdb-tenant-replication/%'",
+            &[],
+        )
+        .await
+        .expect("walsenders")
+        .get(0);
+    assert_eq!(walsenders, 3);
+    for db in ["app", "app2"] {
+        let dst = target_of(&env, db).await;
+        for table in TABLES {
+            let stray: i64 = dst
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM {table} WHERE tenant_id NOT IN ('t-1', 't-2', 't-3')"
+                    ),
+                    &[],
+                )
+                .await
+                .expect("count")
+                .get(0);
+            assert_eq!(stray, 0, "{table} in {db}");
+        }
+    }
+    // /health lists every tenant and names the tenants of each database.
+    let (_, health_port) = monitoring_ports(&node);
+    let (code, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(code, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let tenants: Vec<&str> = doc["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .filter_map(|t| t["tenant_id"].as_str())
+        .collect();
+    for (tenant, _) in SERVED {
+        assert!(tenants.contains(&tenant), "{body}");
+    }
+    let targets: Vec<&serde_json::Value> = doc["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["name"] == "target_database")
+        .collect();
+    assert_eq!(targets.len(), 2, "{body}");
+
+    // t-3's target drifts (a column dropped outside replication): t-3
+    // stops with the fix; t-1 and t-2 go on in the same process.
+    target_of(&env, "app2")
+        .await
+        .batch_execute("ALTER TABLE accounts DROP COLUMN email")
+        .await
+        .expect("drift");
+    write(&src, "t-3", 5000, 10).await;
+    wait_for_log(
+        &daemon,
+        "a tenant stopped; the others go on",
+        Duration::from_secs(30),
+    )
+    .await;
+    write(&src, "t-1", 5000, 50).await;
+    write(&src, "t-2", 5000, 50).await;
+    wait_until(Duration::from_secs(30), "t-1 and t-2 go on", || async {
+        let src = env.src().await;
+        let dst = target_of(&env, "app").await;
+        let mut equal = true;
+        for tenant in ["t-1", "t-2"] {
+            equal &= tenant_digest(&src, "accounts", tenant).await
+                == tenant_digest(&dst, "accounts", tenant).await;
+        }
+        equal
+    })
+    .await;
+    assert!(daemon.exited().is_none(), "{}", daemon.log());
+    let (code, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(code, 503, "{body}");
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(3), "the stopped tenant's exit code");
+}
