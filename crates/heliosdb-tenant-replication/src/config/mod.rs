@@ -15,8 +15,10 @@
 //! `seal.rs` for `[compression]` and `[encryption]`, `conflict.rs`,
 //! `monitoring.rs`, `transport.rs`, `performance.rs` with `[network]`);
 //! `model.rs` the raw TOML; `choices.rs` the value words stages act on;
-//! `conninfo.rs` connection strings. This file checks `[replication]` and
-//! `[features]` and puts the sections together.
+//! `conninfo.rs` connection strings; `node.rs` files of several tenants
+//! (`[[tenants]]`). This file checks `[replication]` and `[features]` and
+//! puts the sections together (~670 lines: the keys that span sections,
+//! the guide's aliases and the masked rendering are checked in one place).
 
 mod cdc;
 mod choices;
@@ -259,18 +261,24 @@ pub struct Config {
     raw_view: toml::Table,
 }
 
+/// The text of the file at `path`, and its name for messages.
+fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        key: "(file)".into(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    Ok((text, file))
+}
+
 /// Default for `[cdc] checkpoint_dir`.
 pub const DEFAULT_CHECKPOINT_DIR: &str = "/var/lib/heliosdb/checkpoints";
 
 impl Config {
     /// Read and check `path`, applying environment overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            key: "(file)".into(),
-            message: format!("cannot read the config file: {e}"),
-        })?;
+        let (text, file) = read_file(path)?;
         Self::from_toml(&text, &file, |k| std::env::var(k).ok())
     }
 

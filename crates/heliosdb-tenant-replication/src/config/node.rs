@@ -41,12 +41,7 @@ const PER_TENANT: [&str; 7] = [
 impl Config {
     /// Every tenant of the node file at `path` (one for the guide's form).
     pub fn load_node(path: &Path) -> Result<Vec<Config>, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            key: "(file)".into(),
-            message: format!("cannot read the config file: {e}"),
-        })?;
+        let (text, file) = super::read_file(path)?;
         Self::node_from_toml(&text, &file, |k| std::env::var(k).ok())
     }
 

@@ -9,6 +9,9 @@
 //! driver, which commits where the batch ends between source transactions
 //! (with the tenant's progress and the batch's mark) and only then is the
 //! batch answered. Decoding the next batch overlaps applying this one.
+//!
+//! (~640 lines: the session's lifecycle, the batches' turn-taking and the
+//! driver task they feed change together; a batch's answer is the task's.)
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -29,6 +29,9 @@
 //! without a source connection. The decoder reads bytes that were
 //! authenticated by the envelope but are still checked like outside bytes:
 //! it never panics and never allocates more than the input could describe.
+//!
+//! (~680 lines, of which ~190 are its tests: the encoder and decoder of one
+//! format stay side by side.)
 
 use std::collections::HashMap;
 use std::sync::Arc;

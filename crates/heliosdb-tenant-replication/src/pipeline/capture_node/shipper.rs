@@ -1,266 +1,43 @@
-//! The capture node (`[transport] mode = "capture"`): reads the tenant's
-//! changes from the source slot and ships them, sealed, to the apply node.
-//!
-//! ```text
-//! slot ─► capture task ─► [queue] ─► Shipper: Encoder ─► seal ─► POST ─► apply node
-//!              ▲                                                    │ answered after commit
-//!              └──────── acknowledged LSN ◄── committed end LSN ◄───┘
-//! ```
-//!
-//! A session starts by asking the apply node where the target stands (its
-//! progress and the next batch sequence); streaming resumes from there, as
-//! in one process. Batches close at `[cdc] batch_size` events (a source
-//! transaction larger than that spans several batches, applied into one
-//! open target transaction), or at a source commit when nothing more is
-//! queued or `batch_timeout_ms` passed; a full batch waits for the end of
-//! its source transaction so the apply node can commit it. Up to
-//! [`WINDOW`] batches are on the wire at once, each on its own connection:
-//! the apply node opens the next while it applies one, and applies them in
-//! sequence order; answers are settled in that order too.
+//! The shipper: a capture session's events into sealed batches, up to
+//! [`WINDOW`] on the wire, answers settled in order, the slot acknowledged
+//! at what the apply node committed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-use super::session::{capture_loop, open_stream, stopped, Acknowledger, CheckpointWriter};
-use super::{closed, Shutdown};
+use super::super::session::{stopped, Acknowledger, CheckpointWriter};
+use super::super::{closed, Shutdown};
+use super::*;
 use crate::apply::batch::row_bytes;
 use crate::apply::schema::describe_source_table;
 use crate::apply::Committed;
-use crate::capture::assemble::Assembler;
 use crate::capture::pgoutput::RelationDesc;
 use crate::capture::TxEvent;
 use crate::checkpoint::progress;
 use crate::config::Config;
-use crate::error::{ReplicationError, Result, Side};
+use crate::error::{ReplicationError, Result};
 use crate::lsn::Lsn;
-use crate::pg;
-use crate::provision::preflight;
-use crate::seal::{self, BatchInfo, Compression, FileKeys, KeyProvider};
-use crate::telemetry::{State, TenantTelemetry};
-use crate::transport::client::{host_name, ApplyClient};
+use crate::seal::{self, BatchInfo};
+use crate::telemetry::TenantTelemetry;
+use crate::transport::client::ApplyClient;
 use crate::transport::codec::Encoder;
-use crate::transport::SessionRequest;
-
-/// Batches on the wire at once.
-const WINDOW: usize = 2;
-
-/// What outlives sessions: keys (their batch counts), compression, the
-/// connections to the apply node.
-pub struct CaptureContext {
-    keys: Arc<FileKeys>,
-    compression: Compression,
-    /// Idle connections (one per batch the window allows); a request on
-    /// the wire owns the one it uses.
-    clients: Vec<ApplyClient>,
-}
-
-impl CaptureContext {
-    fn client(&mut self) -> Result<&mut ApplyClient> {
-        self.clients.last_mut().ok_or_else(client_in_use)
-    }
-
-    /// Hand a connection to a request on the wire.
-    fn take_client(&mut self) -> Result<ApplyClient> {
-        self.clients.pop().ok_or_else(client_in_use)
-    }
-
-    /// One idle connection per batch the window allows (a request task
-    /// that died took its connection with it).
-    fn refill(&mut self, config: &Config) -> Result<()> {
-        while self.clients.len() < WINDOW {
-            self.clients.push(ApplyClient::new(
-                &config.transport,
-                config.network.connect_timeout,
-            )?);
-        }
-        Ok(())
-    }
-}
-
-fn client_in_use() -> ReplicationError {
-    ReplicationError::Internal("the apply client is in use".into())
-}
-
-impl CaptureContext {
-    /// Load keys, dictionary and TLS material; any problem stops start-up.
-    pub fn new(config: &Config) -> Result<Self> {
-        let path = config.seal.key_path.as_deref().ok_or_else(|| {
-            ReplicationError::operator(
-                "[encryption] key_file is not set",
-                "set it to the tenant's key file or keys directory",
-            )
-        })?;
-        let keys = FileKeys::load(&config.tenant.tenant_id, path).map_err(|e| {
-            ReplicationError::operator(
-                e.to_string(),
-                "create the key with `openssl rand -hex 32 > FILE && chmod 600 FILE` and give the apply node the same key",
-            )
-        })?;
-        let compression = config
-            .seal
-            .compression()
-            .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
-        let mut ctx = Self {
-            keys: Arc::new(keys),
-            compression,
-            clients: Vec::new(),
-        };
-        ctx.refill(config)?;
-        Ok(ctx)
-    }
-}
-
-/// One session of the capture node; ends on shutdown (`Ok`) or an error.
-pub async fn run(
-    config: &Config,
-    ctx: &mut CaptureContext,
-    shutdown: Shutdown,
-    tel: &Arc<TenantTelemetry>,
-) -> Result<()> {
-    let t = &config.tenant;
-    let app = format!("heliosdb-tenant-replication/{} capture", t.tenant_id);
-    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
-    let report = preflight::check_source(&source, t).await?;
-    let system_id = preflight::system_id(&source).await?;
-    ctx.refill(config)?;
-
-    let remote = ctx
-        .client()?
-        .session(
-            &t.tenant_id,
-            &SessionRequest {
-                source_system_id: system_id.clone(),
-                slot: t.slot.clone(),
-                capture_node: host_name(),
-            },
-        )
-        .await?;
-    if remote.progress.is_none() && crate::snapshot::wanted(&config.tenant, false) {
-        return Err(ReplicationError::operator(
-            format!(
-                "tenant '{}' has no progress on the target and [cdc] start_lsn = 0: its existing rows were never copied",
-                t.tenant_id
-            ),
-            "provision it once from a host that reaches both databases (`heliosdb-tenant-replication --config <file naming source and target> init`), or set [cdc] start_lsn to stream without copying",
-        ));
-    }
-    let sealing = ctx
-        .keys
-        .sealing_key(&t.tenant_id)
-        .map_err(|e| ReplicationError::operator(e.to_string(), "add a key for the tenant"))?;
-    if let Some((id, n)) = &remote.key_batches {
-        if *id == sealing.id {
-            sealing.count_at_least(*n);
-        }
-    }
-    if let Some(p) = &remote.progress {
-        progress::check_slot_covered(&t.tenant_id, &t.slot, Lsn(p.end_lsn), report.slot_confirmed)?;
-    }
-    let resume = remote
-        .progress
-        .as_ref()
-        .map(|p| (Lsn(p.commit_lsn), Lsn(p.end_lsn)));
-    let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
-    tracing::info!(
-        tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
-        start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
-        "replication_start: streaming to the apply node"
-    );
-    tel.set_state(State::Running);
-
-    let (tx, rx) = mpsc::channel(config.batch.buffer_events);
-    let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
-    let (final_tx, final_rx) = oneshot::channel();
-    let assembler = Assembler::new(
-        resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
-        &config.tenant.tenant_id,
-    );
-    let capture = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
-
-    let mut shipper = Shipper {
-        config,
-        ctx,
-        source,
-        session: remote.session,
-        sequence: remote.next_sequence,
-        enc: Encoder::new(),
-        first_lsn: Lsn::ZERO,
-        last_lsn: Lsn::ZERO,
-        in_source_txn: false,
-        reading_backlog: false,
-        opened_at: None,
-        remote_open: false,
-        idle: progress::IdlePosition::default(),
-        in_flight: VecDeque::new(),
-        carried: Committed::default(),
-        rx,
-        acked: Acknowledger::new(ack_tx, opened.ack_lsn),
-        checkpoint: CheckpointWriter::new(
-            opened.file,
-            system_id,
-            config.batch.checkpoint_interval,
-            tel.clone(),
-        ),
-        tel: tel.clone(),
-        open_txn: Committed::default(),
-        open_streams: Default::default(),
-        done: Committed::default(),
-        wire_uncommitted: 0,
-        names: TableNames::default(),
-        stats: Stats::default(),
-        last_log: Instant::now(),
-    };
-    let mut shutdown = shutdown;
-    let outcome = shipper.run(&mut shutdown).await;
-    let outcome = match outcome {
-        // Shutdown: ship what ends on a source commit.
-        Ok(()) if !shipper.in_source_txn && !shipper.enc.is_empty() => match shipper.send().await {
-            Ok(()) => shipper.settle().await,
-            Err(e) => Err(e),
-        },
-        Ok(()) => shipper.settle().await,
-        // Requests on the wire still own their connections: get them back
-        // for the next session (their answers no longer matter).
-        Err(e) => {
-            shipper.recover().await;
-            Err(e)
-        }
-    };
-    shipper
-        .checkpoint
-        .write_now(&t.tenant_id, &t.slot, shipper.acked.position())
-        .await;
-    let _ = final_tx.send(shipper.acked.position());
-    let captured = tokio::time::timeout(Duration::from_secs(6), capture).await;
-    match outcome {
-        Ok(()) => {
-            tracing::info!(tenant = %t.tenant_id, acknowledged = %shipper.acked.position(), "replication_stop: stopped");
-            Ok(())
-        }
-        // A capture error explains a "queue closed".
-        Err(e) => match captured {
-            Ok(Ok(Err(capture_err))) => Err(capture_err),
-            _ => Err(e),
-        },
-    }
-}
 
 #[derive(Default)]
-struct Stats {
-    events: u64,
-    batches: u64,
-    plain_bytes: u64,
-    wire_bytes: u64,
-    events_at_log: u64,
+pub(super) struct Stats {
+    pub(super) events: u64,
+    pub(super) batches: u64,
+    pub(super) plain_bytes: u64,
+    pub(super) wire_bytes: u64,
+    pub(super) events_at_log: u64,
 }
 
 /// A batch sent and not answered yet.
-struct InFlight {
+pub(super) struct InFlight {
     request: tokio::task::JoinHandle<(ApplyClient, Result<crate::transport::BatchResponse>)>,
     /// Fires when the request has its answer.
     answered: tokio::sync::oneshot::Receiver<()>,
@@ -292,52 +69,52 @@ fn count_change(txn: &mut Committed, names: &mut TableNames, event: &TxEvent) {
     }
 }
 
-struct Shipper<'a> {
-    config: &'a Config,
-    tel: Arc<TenantTelemetry>,
+pub(super) struct Shipper<'a> {
+    pub(super) config: &'a Config,
+    pub(super) tel: Arc<TenantTelemetry>,
     /// Events of the source transaction being shipped (for metrics).
-    open_txn: Committed,
+    pub(super) open_txn: Committed,
     /// Events of streamed transactions being shipped, by transaction id.
-    open_streams: std::collections::HashMap<u32, Committed>,
+    pub(super) open_streams: std::collections::HashMap<u32, Committed>,
     /// Shipped, complete transactions not yet confirmed committed.
-    done: Committed,
+    pub(super) done: Committed,
     /// Envelope bytes sent since the last confirmed commit.
-    wire_uncommitted: u64,
-    names: TableNames,
-    ctx: &'a mut CaptureContext,
+    pub(super) wire_uncommitted: u64,
+    pub(super) names: TableNames,
+    pub(super) ctx: &'a mut CaptureContext,
     /// For the source catalog's view of relations the apply node needs.
-    source: Client,
-    session: String,
+    pub(super) source: Client,
+    pub(super) session: String,
     /// Sequence of the next batch.
-    sequence: u64,
-    enc: Encoder,
-    first_lsn: Lsn,
-    last_lsn: Lsn,
-    in_source_txn: bool,
+    pub(super) sequence: u64,
+    pub(super) enc: Encoder,
+    pub(super) first_lsn: Lsn,
+    pub(super) last_lsn: Lsn,
+    pub(super) in_source_txn: bool,
     /// The last source commit read is older than [`super::BACKLOG_AGE_US`]: a backlog
     /// is being read, and batches fill up instead of going at each commit.
-    reading_backlog: bool,
+    pub(super) reading_backlog: bool,
     /// When the batch being built got its first record.
-    opened_at: Option<Instant>,
+    pub(super) opened_at: Option<Instant>,
     /// The apply node holds part of a source transaction uncommitted.
-    remote_open: bool,
+    pub(super) remote_open: bool,
     /// Batches on the wire, oldest first: the next one is sealed while they
     /// are applied.
-    in_flight: VecDeque<InFlight>,
+    pub(super) in_flight: VecDeque<InFlight>,
     /// Transactions of answered batches the apply node has not committed yet.
-    carried: Committed,
-    rx: mpsc::Receiver<TxEvent>,
-    acked: Acknowledger,
-    checkpoint: CheckpointWriter,
-    stats: Stats,
-    last_log: Instant,
+    pub(super) carried: Committed,
+    pub(super) rx: mpsc::Receiver<TxEvent>,
+    pub(super) acked: Acknowledger,
+    pub(super) checkpoint: CheckpointWriter,
+    pub(super) stats: Stats,
+    pub(super) last_log: Instant,
     /// A keepalive's position waiting to be shipped for the apply node to
     /// record.
-    idle: progress::IdlePosition,
+    pub(super) idle: progress::IdlePosition,
 }
 
 impl Shipper<'_> {
-    async fn run(&mut self, shutdown: &mut Shutdown) -> Result<()> {
+    pub(super) async fn run(&mut self, shutdown: &mut Shutdown) -> Result<()> {
         let timeout = self.config.batch.batch_timeout;
         loop {
             let deadline = self
@@ -411,7 +188,7 @@ impl Shipper<'_> {
                 ..
             } => {
                 self.in_source_txn = false;
-                self.reading_backlog = super::is_backlog(*commit_time_us);
+                self.reading_backlog = crate::pipeline::is_backlog(*commit_time_us);
                 self.last_lsn = *end_lsn;
                 self.done.absorb(std::mem::take(&mut self.open_txn));
                 self.done.commit_times_us.push(*commit_time_us);
@@ -431,7 +208,7 @@ impl Shipper<'_> {
                 commit_time_us,
                 ..
             } => {
-                self.reading_backlog = super::is_backlog(*commit_time_us);
+                self.reading_backlog = crate::pipeline::is_backlog(*commit_time_us);
                 self.last_lsn = *end_lsn;
                 self.done
                     .absorb(self.open_streams.remove(top).unwrap_or_default());
@@ -481,7 +258,7 @@ impl Shipper<'_> {
     /// Seal the batch and put it on the wire; with the window full, the
     /// oldest batch's answer is awaited first (sealing this batch overlapped
     /// applying that one).
-    async fn send(&mut self) -> Result<()> {
+    pub(super) async fn send(&mut self) -> Result<()> {
         if self.enc.is_empty() {
             return Ok(());
         }
@@ -557,7 +334,7 @@ impl Shipper<'_> {
     }
 
     /// Wait for every batch on the wire to be answered.
-    async fn settle(&mut self) -> Result<()> {
+    pub(super) async fn settle(&mut self) -> Result<()> {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await?;
         }
@@ -566,7 +343,7 @@ impl Shipper<'_> {
 
     /// After an error: wait for the requests still on the wire, ignoring
     /// their answers, to get their connections back.
-    async fn recover(&mut self) {
+    pub(super) async fn recover(&mut self) {
         while let Some(f) = self.in_flight.pop_front() {
             if let Ok((client, _)) = f.request.await {
                 self.ctx.clients.push(client);
@@ -653,7 +430,7 @@ impl Shipper<'_> {
 /// `schema.table` of each relation, formatted once per definition rather
 /// than once per row.
 #[derive(Default)]
-struct TableNames(std::collections::HashMap<u32, (Arc<RelationDesc>, String)>);
+pub(super) struct TableNames(std::collections::HashMap<u32, (Arc<RelationDesc>, String)>);
 
 impl TableNames {
     fn of(&mut self, rel: &Arc<RelationDesc>) -> &str {
