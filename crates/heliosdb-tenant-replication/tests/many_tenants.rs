@@ -14,6 +14,11 @@ const SERVED: [(&str, &str); 3] = [("t-1", "app"), ("t-2", "app"), ("t-3", "app2
 
 /// A node file for [`SERVED`]: the tenant's own keys move into its entry.
 fn node_file(env: &Env) -> PathBuf {
+    node_file_of(env, &SERVED, "")
+}
+
+/// A node file for `tenants` (id, target database); `extra` goes at the top.
+fn node_file_of(env: &Env, tenants: &[(&str, &str)], extra: &str) -> PathBuf {
     let shared: String = env
         .config_text("")
         .lines()
@@ -29,8 +34,8 @@ fn node_file(env: &Env) -> PathBuf {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    let mut text = shared;
-    for (tenant, db) in SERVED {
+    let mut text = extra.to_string() + &shared;
+    for &(tenant, db) in tenants {
         let name = tenant.replace('-', "_");
         text.push_str(&format!(
             "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{tenant}\"\ntarget_connection = \"{}\"\n[tenants.cdc]\nreplication_slot = \"{name}_slot\"\npublication_name = \"{name}_pub\"\n",
@@ -205,4 +210,126 @@ async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_th
     assert_eq!(code, 503, "{body}");
     let (status, _) = daemon.terminate();
     assert_eq!(status.code(), Some(3), "the stopped tenant's exit code");
+}
+
+/// SIGHUP while tenants stream: a tenant added to the file is provisioned
+/// (its rows copied) and streams; a tenant removed stops, lets go of its
+/// slot and leaves `/health` and `/metrics`; the others never stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
+    let env = Env::new(SCHEMA).await;
+    env.target
+        .create_database("app2")
+        .await
+        .expect("second target database");
+    target_of(&env, "app2")
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
+    let src = env.src().await;
+    for (tenant, _) in SERVED {
+        write(&src, tenant, 1, 100).await;
+    }
+    let audit = env.dir.path().join("audit.log");
+    let top = format!(
+        "[monitoring]\nenable_audit_log = true\naudit_log_path = \"{}\"\n",
+        audit.display()
+    );
+    // The [monitoring] keys of the shared part come after ours: move ours
+    // into it by writing the file with the audit keys in that section.
+    let with_audit = |tenants: &[(&str, &str)]| {
+        let path = node_file_of(&env, tenants, "");
+        let text =
+            std::fs::read_to_string(&path)
+                .expect("node file")
+                .replacen("[monitoring]\n", &top, 1);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let node = with_audit(&SERVED[..2]);
+    env.init(&node);
+    let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
+    let (metrics_port, health_port) = monitoring_ports(&node);
+    let equal = |tenant: &'static str, db: &'static str| {
+        let env = &env;
+        async move {
+            let (src, dst) = (env.src().await, target_of(env, db).await);
+            let mut same = true;
+            for table in TABLES {
+                same &= tenant_digest(&src, table, tenant).await
+                    == tenant_digest(&dst, table, tenant).await;
+            }
+            same
+        }
+    };
+    wait_until(Duration::from_secs(60), "t-1 and t-2 stream", || async {
+        equal("t-1", "app").await && equal("t-2", "app").await
+    })
+    .await;
+
+    // t-3 in, t-2 out; t-1 writes all along.
+    std::fs::write(
+        &node,
+        std::fs::read_to_string(with_audit(&[SERVED[0], SERVED[2]])).expect("new file"),
+    )
+    .expect("rewrite");
+    std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    write(&src, "t-1", 1000, 50).await;
+    wait_for_log(&daemon, "tenant added: streaming", Duration::from_secs(60)).await;
+    write(&src, "t-3", 1000, 50).await;
+    write(&src, "t-1", 2000, 50).await;
+    wait_until(Duration::from_secs(60), "t-1 and t-3 stream", || async {
+        equal("t-1", "app").await && equal("t-3", "app2").await
+    })
+    .await;
+    wait_for_log(&daemon, "tenant removed", Duration::from_secs(30)).await;
+    let slots: Vec<String> = src
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, ["t_1_slot", "t_3_slot"], "{}", daemon.log());
+    let (code, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"t-3\"") && !body.contains("\"t-2\""),
+        "{body}"
+    );
+    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    assert!(metrics.contains("tenant_id=\"t-3\""), "{metrics}");
+    assert!(!metrics.contains("tenant_id=\"t-2\""), "{metrics}");
+    let log = std::fs::read_to_string(&audit).expect("audit log");
+    assert!(
+        log.contains("\"tenant_added\"") && log.contains("\"t-3\""),
+        "{log}"
+    );
+    assert!(log.contains("\"tenant_removed\""), "{log}");
+    // A file that does not parse changes nothing.
+    std::fs::write(&node, "[replication\n").expect("broken file");
+    std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    wait_for_log(
+        &daemon,
+        "was not reloaded, nothing changed",
+        Duration::from_secs(10),
+    )
+    .await;
+    write(&src, "t-3", 3000, 10).await;
+    wait_until(Duration::from_secs(30), "t-3 goes on", || {
+        equal("t-3", "app2")
+    })
+    .await;
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
 }

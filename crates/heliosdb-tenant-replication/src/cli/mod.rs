@@ -318,7 +318,9 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
     match cli.command {
-        Command::Start => return runtime.block_on(start(configs)),
+        Command::Start => {
+            return runtime.block_on(start(cli.config.clone(), cli.tenant.clone(), configs))
+        }
         // Replacing rows is asked for one tenant at a time.
         Command::Init { no_copy, resync } if !resync || configs.len() == 1 => {
             return each_tenant(&configs, |c| runtime.block_on(init(c, !no_copy, resync)))

@@ -1,92 +1,291 @@
 //! `start`: every tenant's pipeline, the monitoring endpoints, signals.
 
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
 
-/// Run every tenant's pipeline, each on a thread of its own, until a
-/// signal. A tenant that stops (an error a person must fix) stops alone:
-/// the others go on, `/health` shows it; the process exits when none is
-/// left, with the first stopped tenant's code.
-pub(super) async fn start(configs: Vec<Arc<Config>>) -> ExitCode {
+/// Run every tenant's pipeline, each on a thread of its own, until
+/// SIGTERM/SIGINT. A tenant that stops (an error a person must fix) stops
+/// alone: the others go on, `/health` shows it; the process exits when
+/// none is left, with the first stopped tenant's code. SIGHUP reads `file`
+/// again: tenants added are provisioned (`init`: publication, slot, copy)
+/// and started while the others stream; tenants removed are stopped, their
+/// slot and publication dropped, their series and `/health` entry removed.
+pub(super) async fn start(
+    file: PathBuf,
+    only: Option<String>,
+    configs: Vec<Arc<Config>>,
+) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let telemetry = match start_telemetry(&configs, stop_rx.clone()).await {
+    let served: crate::telemetry::NodeTenants = Arc::new(std::sync::RwLock::new(configs.clone()));
+    let telemetry = match start_telemetry(&configs, &served, stop_rx).await {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
+            let _ = stop_tx.send(true);
             return exit_for(&e);
         }
     };
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
-    for config in &configs {
-        let pipeline =
-            match crate::pipeline::spawn_tenant(config.clone(), stop_rx.clone(), telemetry.clone())
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    let _ = stop_tx.send(true);
-                    return exit_for(&e);
-                }
-            };
-        let (tenant, done_tx) = (config.tenant.tenant_id.clone(), done_tx.clone());
-        tokio::spawn(async move {
-            let _ = done_tx.send((tenant, pipeline.await));
-        });
-    }
-    drop(done_tx);
-    let mut running = configs.len();
-    let mut code = ExitCode::SUCCESS;
-    let finished = |tenant: String, result: crate::error::Result<()>, code: &mut ExitCode| {
-        if let Err(e) = result {
-            tracing::error!(%tenant, "replication_stop: {e}");
-            if *code == ExitCode::SUCCESS {
-                *code = exit_for(&e);
-            }
-        }
+    let (added_tx, mut added) =
+        tokio::sync::mpsc::unbounded_channel::<(String, Option<Arc<Config>>)>();
+    let mut node = Node {
+        running: HashMap::new(),
+        removing: HashMap::new(),
+        adding: HashSet::new(),
+        served,
+        telemetry,
+        done_tx,
+        code: ExitCode::SUCCESS,
     };
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
-    while running > 0 {
+    for config in configs {
+        if let Err(e) = node.spawn(config) {
+            eprintln!("error: {e}");
+            node.stop_all();
+            return exit_for(&e);
+        }
+    }
+    let mut signals = match Signals::new() {
+        Some(s) => s,
+        None => Signals::none(),
+    };
+    while !node.running.is_empty() || !node.adding.is_empty() {
         tokio::select! {
             ended = done.recv() => {
                 let Some((tenant, result)) = ended else { break };
-                running -= 1;
-                finished(tenant, result, &mut code);
-                if running > 0 {
-                    tracing::warn!(running, "a tenant stopped; the others go on");
+                node.ended(tenant, result).await;
+            }
+            ready = added.recv() => {
+                let Some((tenant, provisioned)) = ready else { continue };
+                node.adding.remove(&tenant);
+                let Some(config) = provisioned else { continue };
+                match node.spawn(config) {
+                    Ok(()) => {
+                        node.audit("tenant_added", &tenant);
+                        tracing::info!(%tenant, "tenant added: streaming");
+                    }
+                    Err(e) => tracing::error!(%tenant, "tenant not added: {e}"),
                 }
             }
-            sig = &mut signal => {
-                tracing::info!(signal = sig, "shutting down: finishing the open transaction and writing checkpoints");
-                let _ = stop_tx.send(true);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
-                while running > 0 {
-                    match tokio::time::timeout_at(deadline, done.recv()).await {
-                        Ok(Some((tenant, result))) => {
-                            running -= 1;
-                            finished(tenant, result, &mut code);
-                        }
-                        Ok(None) => break,
-                        Err(_) => {
-                            tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
-                            return ExitCode::SUCCESS;
+            signal = signals.next() => match signal {
+                Signal::Reload => node.reload(&file, only.as_deref(), &added_tx),
+                Signal::Stop(name) => {
+                    tracing::info!(signal = name, "shutting down: finishing the open transaction and writing checkpoints");
+                    node.stop_all();
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
+                    while !node.running.is_empty() {
+                        match tokio::time::timeout_at(deadline, done.recv()).await {
+                            Ok(Some((tenant, result))) => node.ended(tenant, result).await,
+                            Ok(None) => break,
+                            Err(_) => {
+                                tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
+                                return ExitCode::SUCCESS;
+                            }
                         }
                     }
+                    return node.code;
                 }
-                return code;
             }
         }
     }
-    code
+    node.code
+}
+
+/// Where a provisioned tenant (or `None`: provisioning failed) is handed
+/// back to the node's loop.
+type Added = tokio::sync::mpsc::UnboundedSender<(String, Option<Arc<Config>>)>;
+
+/// The tenants a running node serves.
+struct Node {
+    /// Tenants whose pipeline runs, with their stop signal.
+    running: HashMap<String, (Arc<Config>, tokio::sync::watch::Sender<bool>)>,
+    /// Tenants being stopped because a reload removed them.
+    removing: HashMap<String, Arc<Config>>,
+    /// Tenants being provisioned before they start.
+    adding: HashSet<String>,
+    served: crate::telemetry::NodeTenants,
+    telemetry: Arc<crate::telemetry::Telemetry>,
+    done_tx: tokio::sync::mpsc::UnboundedSender<(String, crate::error::Result<()>)>,
+    /// The first stopped tenant's exit code.
+    code: ExitCode,
+}
+
+impl Node {
+    fn spawn(&mut self, config: Arc<Config>) -> crate::error::Result<()> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let pipeline =
+            crate::pipeline::spawn_tenant(config.clone(), stopped, self.telemetry.clone())?;
+        let tenant = config.tenant.tenant_id.clone();
+        let done_tx = self.done_tx.clone();
+        let id = tenant.clone();
+        tokio::spawn(async move {
+            let _ = done_tx.send((id, pipeline.await));
+        });
+        let mut served = self.served.write().unwrap_or_else(|p| p.into_inner());
+        if !served.iter().any(|c| c.tenant.tenant_id == tenant) {
+            served.push(config.clone());
+        }
+        drop(served);
+        self.running.insert(tenant, (config, stop));
+        Ok(())
+    }
+
+    fn stop_all(&self) {
+        for (_, stop) in self.running.values() {
+            let _ = stop.send(true);
+        }
+    }
+
+    fn audit(&self, event: &str, tenant: &str) {
+        if let Some(audit) = &self.telemetry.audit {
+            audit.record(event, tenant, serde_json::json!({}));
+        }
+    }
+
+    /// A tenant's pipeline ended: removed by a reload (let go of its slot),
+    /// or stopped by an error (the others go on).
+    async fn ended(&mut self, tenant: String, result: crate::error::Result<()>) {
+        self.running.remove(&tenant);
+        if let Some(config) = self.removing.remove(&tenant) {
+            self.served
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|c| c.tenant.tenant_id != tenant);
+            self.telemetry.remove_tenant(&tenant);
+            match crate::provision::release(&config).await {
+                Ok(dropped) => {
+                    tracing::info!(%tenant, dropped = %dropped.join(", "), "tenant removed; its rows and progress stay on the target")
+                }
+                Err(e) => tracing::error!(
+                    %tenant, slot = %config.tenant.slot,
+                    "tenant removed, but its slot could not be dropped and keeps WAL on the source: {e}; drop it with SELECT pg_drop_replication_slot('{}')",
+                    config.tenant.slot
+                ),
+            }
+            self.audit("tenant_removed", &tenant);
+            return;
+        }
+        if let Err(e) = result {
+            tracing::error!(%tenant, "replication_stop: {e}");
+            if self.code == ExitCode::SUCCESS {
+                self.code = exit_for(&e);
+            }
+        }
+        if !self.running.is_empty() {
+            tracing::warn!(
+                running = self.running.len(),
+                "a tenant stopped; the others go on"
+            );
+        }
+    }
+
+    /// SIGHUP: read the file again; add and remove tenants. An invalid file
+    /// changes nothing (and says why).
+    fn reload(&mut self, file: &Path, only: Option<&str>, added: &Added) {
+        let mut configs = match Config::load_node(file) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: the configuration was not reloaded, nothing changed: {e}");
+                return;
+            }
+        };
+        if let Some(id) = only {
+            configs.retain(|c| c.tenant.tenant_id == id);
+        }
+        let wanted: HashSet<String> = configs.iter().map(|c| c.tenant.tenant_id.clone()).collect();
+        let mut changed = 0;
+        let gone: Vec<(String, Arc<Config>)> = self
+            .running
+            .iter()
+            .filter(|(t, _)| !wanted.contains(*t) && !self.removing.contains_key(*t))
+            .map(|(t, (config, stop))| {
+                let _ = stop.send(true);
+                (t.clone(), config.clone())
+            })
+            .collect();
+        for (tenant, config) in gone {
+            tracing::info!(%tenant, "SIGHUP: tenant removed from the configuration: stopping it");
+            self.removing.insert(tenant, config);
+            changed += 1;
+        }
+        for config in configs {
+            let tenant = config.tenant.tenant_id.clone();
+            if let Some((running, _)) = self.running.get(&tenant) {
+                if running.render_masked() != config.render_masked() {
+                    tracing::warn!(%tenant, "SIGHUP: this tenant's settings changed; they take effect when the node restarts");
+                }
+                continue;
+            }
+            if !self.adding.insert(tenant.clone()) {
+                continue;
+            }
+            changed += 1;
+            tracing::info!(%tenant, "SIGHUP: tenant added to the configuration: provisioning it (publication, slot, copy of its rows) while the others stream");
+            let (config, added) = (Arc::new(config), added.clone());
+            tokio::spawn(async move {
+                let ready = match crate::provision::init(&config, true, false).await {
+                    Ok(_) => Some(config),
+                    Err(e) => {
+                        tracing::error!(%tenant, "tenant not added (fix it and send SIGHUP again): {e}");
+                        None
+                    }
+                };
+                let _ = added.send((tenant, ready));
+            });
+        }
+        if changed == 0 {
+            tracing::info!("SIGHUP: configuration read again; no tenant added or removed");
+        }
+    }
+}
+
+/// What a signal asks of the node.
+enum Signal {
+    Stop(&'static str),
+    Reload,
+}
+
+/// SIGTERM, SIGINT (stop) and SIGHUP (reload; systemd's ExecReload).
+struct Signals(Option<(Unix, Unix, Unix)>);
+
+type Unix = tokio::signal::unix::Signal;
+
+impl Signals {
+    fn new() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(Self(Some((
+            signal(SignalKind::terminate()).ok()?,
+            signal(SignalKind::interrupt()).ok()?,
+            signal(SignalKind::hangup()).ok()?,
+        ))))
+    }
+
+    /// Without signal handlers the node runs until its tenants end.
+    fn none() -> Self {
+        Self(None)
+    }
+
+    async fn next(&mut self) -> Signal {
+        let Some((term, int, hup)) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => Signal::Stop("SIGTERM"),
+            _ = int.recv() => Signal::Stop("SIGINT"),
+            _ = hup.recv() => Signal::Reload,
+        }
+    }
 }
 
 /// The audit log (if enabled) and the monitoring endpoints (unless
 /// `[features] enable_monitoring = false`).
 pub(super) async fn start_telemetry(
     configs: &[Arc<Config>],
+    served: &crate::telemetry::NodeTenants,
     shutdown: crate::pipeline::Shutdown,
 ) -> Result<Arc<crate::telemetry::Telemetry>, ReplicationError> {
     // The node's sections are every tenant's.
@@ -129,27 +328,7 @@ pub(super) async fn start_telemetry(
     };
     let telemetry = crate::telemetry::Telemetry::new(audit, conflicts);
     if config.monitoring.enabled {
-        crate::telemetry::server::start(configs.to_vec(), telemetry.clone(), shutdown).await?;
+        crate::telemetry::server::start(served.clone(), telemetry.clone(), shutdown).await?;
     }
     Ok(telemetry)
-}
-
-/// SIGTERM or SIGINT; SIGHUP (systemd's ExecReload) is logged, not fatal.
-pub(super) async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without signal handlers, run until the pipeline ends.
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => tracing::info!("SIGHUP: configuration reload is not supported; restart the service to apply changes"),
-        }
-    }
 }

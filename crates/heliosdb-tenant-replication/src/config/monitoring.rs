@@ -47,8 +47,10 @@ pub(super) fn monitoring(
                 | "conflict_resolved"
                 | "checkpoint_created"
                 | "error"
+                | "tenant_added"
+                | "tenant_removed"
         ) {
-            return Err(c.err("[monitoring] audit_events", format!("'{ev}' is not an audit event: allowed replication_start, replication_stop, failover, conflict_resolved, checkpoint_created, error")));
+            return Err(c.err("[monitoring] audit_events", format!("'{ev}' is not an audit event: allowed replication_start, replication_stop, failover, conflict_resolved, checkpoint_created, error, tenant_added, tenant_removed")));
         }
     }
     let metrics_interval = c.range(

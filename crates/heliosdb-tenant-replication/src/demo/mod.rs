@@ -128,7 +128,7 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let apply_tel = Telemetry::disabled();
     crate::telemetry::server::start(
-        vec![configs.apply.clone()],
+        std::sync::Arc::new(std::sync::RwLock::new(vec![configs.apply.clone()])),
         apply_tel.clone(),
         stop_rx.clone(),
     )

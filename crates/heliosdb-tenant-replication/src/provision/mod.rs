@@ -406,3 +406,63 @@ pub fn invalidated_slot(slot: &str) -> ReplicationError {
         format!("drop it (SELECT pg_drop_replication_slot({})), then run init --resync to copy the tenant again; raise max_slot_wal_keep_size or alert on heliosdb_slot_retained_wal_bytes to keep it from happening", quote_literal(slot)),
     )
 }
+
+/// A tenant the node no longer serves lets go of the source: its slot (so
+/// the source stops keeping WAL for it) and its publication. Its rows and
+/// progress stay on the target; serving it again finds the slot gone and
+/// asks for `init --resync`. Returns what was dropped.
+pub async fn release(config: &Config) -> Result<Vec<String>> {
+    let t = &config.tenant;
+    let app = format!("heliosdb-tenant-replication/{} release", t.tenant_id);
+    let source = pg::connect(t.source()?, &config.network, Side::Source, &app).await?;
+    let mut dropped = Vec::new();
+    // The stopped pipeline's walsender lets go of the slot a moment after
+    // the connection closes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let active: Option<bool> = source
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&t.slot],
+            )
+            .await
+            .map_err(src("reading the replication slot"))?
+            .map(|r| r.get(0));
+        match active {
+            None => break,
+            Some(true) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Some(true) => {
+                return Err(ReplicationError::operator(
+                    format!("slot '{}' is still in use by another connection", t.slot),
+                    format!("find who reads it (pg_stat_replication) and drop it with SELECT pg_drop_replication_slot('{}')", t.slot),
+                ))
+            }
+            Some(false) => {
+                source
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&t.slot])
+                    .await
+                    .map_err(src("dropping the replication slot"))?;
+                dropped.push(format!("slot {}", t.slot));
+                break;
+            }
+        }
+    }
+    let publication: bool = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&t.publication],
+        )
+        .await
+        .map_err(src("reading publications"))?
+        .get(0);
+    if publication {
+        source
+            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&t.publication)))
+            .await
+            .map_err(src("dropping the publication"))?;
+        dropped.push(format!("publication {}", t.publication));
+    }
+    Ok(dropped)
+}

@@ -37,14 +37,14 @@ pub struct Check {
 /// Builds the health and readiness answers.
 pub struct Health {
     /// The node's tenants.
-    configs: Vec<Arc<Config>>,
+    configs: super::NodeTenants,
     telemetry: Arc<Telemetry>,
     cache: tokio::sync::Mutex<Option<(Instant, Vec<Check>)>>,
     cpu: Mutex<(Instant, f64)>,
 }
 
 impl Health {
-    pub fn new(configs: Vec<Arc<Config>>, telemetry: Arc<Telemetry>) -> Self {
+    pub fn new(configs: super::NodeTenants, telemetry: Arc<Telemetry>) -> Self {
         Self {
             configs,
             telemetry,
@@ -64,8 +64,9 @@ impl Health {
         // has several.
         let mut checks: Vec<Check> = Vec::new();
         let mut seen: Vec<(&'static str, String)> = Vec::new();
-        let several = self.configs.len() > 1;
-        for config in &self.configs {
+        let configs = super::server::read(&self.configs);
+        let several = configs.len() > 1;
+        for config in &configs {
             let t = &config.tenant;
             let mode = config.transport.mode;
             let databases = [
@@ -97,7 +98,7 @@ impl Health {
             }
         }
         let mut dirs: Vec<&std::path::Path> = Vec::new();
-        for config in &self.configs {
+        for config in &configs {
             let dir = config.tenant.checkpoint_dir.as_path();
             if !dirs.contains(&dir) {
                 dirs.push(dir);
@@ -182,7 +183,9 @@ impl Health {
             "system": {
                 "cpu_usage_percent": round2(self.cpu_percent()),
                 "memory_usage_mb": memory_mb(),
-                "disk_usage_percent": disk_percent(&self.configs[0].tenant.checkpoint_dir).map(round2),
+                "disk_usage_percent": super::server::read(&self.configs)
+                    .first()
+                    .and_then(|c| disk_percent(&c.tenant.checkpoint_dir)).map(round2),
             },
             "checks": checks.iter().map(|c| {
                 let mut v = json!({

@@ -155,6 +155,7 @@ impl Metrics {
             slot_retained: self.slot_retained.clone(),
             slot_confirmed: self.slot_confirmed.clone(),
             tables: Mutex::new(HashMap::new()),
+            labelled: Mutex::new(std::collections::HashSet::new()),
             events_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             conflicts_total: AtomicU64::new(0),
@@ -164,9 +165,43 @@ impl Metrics {
         m.throughput.set(0.0);
         m.current_lag.set(0.0);
         for error_type in crate::error::ReplicationError::ERROR_TYPES {
-            m.errors.with_label_values(&[tenant, error_type]).inc_by(0);
+            m.error_series(error_type).inc_by(0);
         }
         m
+    }
+
+    /// Drop every series of the tenant `m` is for (a tenant removed from
+    /// the node): dashboards stop showing it, alerts stop firing for it.
+    pub fn remove_tenant(&self, m: &TenantMetrics) {
+        let t = &[m.tenant.as_str()];
+        let _ = self.lag.remove_label_values(t);
+        let _ = self.current_lag.remove_label_values(t);
+        let _ = self.throughput.remove_label_values(t);
+        let _ = self.bytes.remove_label_values(t);
+        let _ = self.bytes_replicated.remove_label_values(t);
+        let _ = self.checkpoints.remove_label_values(t);
+        let _ = self.checkpoint_failures.remove_label_values(t);
+        let _ = self.compression_ratio.remove_label_values(t);
+        let _ = self.in_flight.remove_label_values(t);
+        let _ = self.vector_clock_drift.remove_label_values(t);
+        let _ = self.transactions.remove_label_values(t);
+        let _ = self.batch_seconds.remove_label_values(t);
+        let _ = self.applied_lsn.remove_label_values(t);
+        let _ = self.up.remove_label_values(t);
+        for table in m.tables.lock().unwrap_or_else(|p| p.into_inner()).keys() {
+            let _ = self.events.remove_label_values(&[&m.tenant, table]);
+        }
+        for (family, second) in m.labelled.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let labels = [m.tenant.as_str(), second.as_str()];
+            let _ = match *family {
+                "errors" => self.errors.remove_label_values(&labels),
+                "conflicts" => self.conflicts.remove_label_values(&labels),
+                _ => self
+                    .slot_retained
+                    .remove_label_values(&labels)
+                    .and(self.slot_confirmed.remove_label_values(&labels)),
+            };
+        }
     }
 }
 
@@ -199,6 +234,9 @@ pub struct TenantMetrics {
     slot_retained: IntGaugeVec,
     slot_confirmed: IntGaugeVec,
     tables: Mutex<HashMap<String, IntCounter>>,
+    /// Second labels this tenant's series were made with (errors,
+    /// conflicts, slots), so that a removed tenant's series go too.
+    labelled: Mutex<std::collections::HashSet<(&'static str, String)>>,
     events_total: AtomicU64,
     errors_total: AtomicU64,
     conflicts_total: AtomicU64,
@@ -222,27 +260,40 @@ impl TenantMetrics {
 
     /// An error of `error_type` (a stable, low-cardinality label).
     pub fn error(&self, error_type: &str) {
-        self.errors
-            .with_label_values(&[&self.tenant, error_type])
-            .inc();
+        self.error_series(error_type).inc();
         self.errors_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The series of `family` with second label `value`, remembered.
+    fn labelled(&self, family: &'static str, value: &str) {
+        self.labelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((family, value.to_string()));
+    }
+
+    fn error_series(&self, error_type: &str) -> IntCounter {
+        self.labelled("errors", error_type);
+        self.errors.with_label_values(&[&self.tenant, error_type])
+    }
+
+    fn conflict_series(&self, strategy: &str) -> IntCounter {
+        self.labelled("conflicts", strategy);
+        self.conflicts.with_label_values(&[&self.tenant, strategy])
     }
 
     /// The conflict counter of `strategy` exists at 0 from the start.
     pub fn conflict_strategy(&self, strategy: &str) {
-        self.conflicts
-            .with_label_values(&[&self.tenant, strategy])
-            .inc_by(0);
+        self.conflict_series(strategy).inc_by(0);
     }
 
     pub fn conflict(&self, strategy: &str) {
-        self.conflicts
-            .with_label_values(&[&self.tenant, strategy])
-            .inc();
+        self.conflict_series(strategy).inc();
         self.conflicts_total.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn slot(&self, slot: &str, retained_bytes: i64, confirmed_lsn: u64) {
+        self.labelled("slots", slot);
         self.slot_retained
             .with_label_values(&[&self.tenant, slot])
             .set(retained_bytes);
@@ -322,5 +373,13 @@ mod tests {
         assert!(text.contains(r#"heliosdb_replication_conflicts_total{strategy="LastWriteWins",tenant_id="tenant-123"} 1"#));
         assert_eq!(t.events_total(), 3);
         assert_eq!(t.errors_total(), 1);
+
+        // A removed tenant leaves no series behind; another keeps its own.
+        let other = m.tenant("tenant-456");
+        other.add_events("public.orders", 1);
+        m.remove_tenant(&t);
+        let text = m.render();
+        assert!(!text.contains("tenant-123"), "{text}");
+        assert!(text.contains("tenant-456"), "{text}");
     }
 }

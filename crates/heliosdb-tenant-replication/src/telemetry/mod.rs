@@ -67,6 +67,10 @@ impl State {
     }
 }
 
+/// The configurations of the tenants a node serves now (a reload changes
+/// them; `/health` and the gauge collector read them at each use).
+pub type NodeTenants = Arc<std::sync::RwLock<Vec<Arc<crate::config::Config>>>>;
+
 /// The process's telemetry: metrics registry, tenants, audit log.
 pub struct Telemetry {
     pub metrics: Metrics,
@@ -116,6 +120,16 @@ impl Telemetry {
         t.m.up.set(1);
         tenants.push(t.clone());
         t
+    }
+
+    /// A tenant the node no longer serves: gone from `/health`, its
+    /// series gone from `/metrics`.
+    pub fn remove_tenant(&self, tenant: &str) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = tenants.iter().position(|t| t.m.tenant == tenant) {
+            let t = tenants.remove(i);
+            self.metrics.remove_tenant(&t.m);
+        }
     }
 
     pub fn tenants(&self) -> Vec<Arc<TenantTelemetry>> {

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::health::Health;
-use super::Telemetry;
+use super::{NodeTenants, Telemetry};
 use crate::config::{Config, Mode};
 use crate::error::{ReplicationError, Result, Side};
 use crate::shutdown::Shutdown;
@@ -23,11 +23,11 @@ use crate::shutdown::Shutdown;
 /// Bind both ports (an error names the port) and serve until shutdown.
 /// `configs`: the node's tenants (their node sections are the same).
 pub async fn start(
-    configs: Vec<Arc<Config>>,
+    configs: NodeTenants,
     telemetry: Arc<Telemetry>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let Some(node) = configs.first().cloned() else {
+    let Some(node) = read(&configs).first().cloned() else {
         return Ok(());
     };
     let m = &node.monitoring;
@@ -56,6 +56,11 @@ pub async fn start(
     tokio::spawn(listen(health, Endpoints::Health(checker), shutdown.clone()));
     tokio::spawn(collect(configs, telemetry, shutdown));
     Ok(())
+}
+
+/// The tenants served now.
+pub(crate) fn read(tenants: &NodeTenants) -> Vec<Arc<Config>> {
+    tenants.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 #[derive(Clone)]
@@ -126,8 +131,11 @@ async fn route(endpoints: &Endpoints, req: Request<Incoming>) -> Response<Full<B
 /// Every `metrics_interval_seconds`: throughput per tenant, and each
 /// tenant's slot: retained WAL and confirmed position (nodes that reach the
 /// source; one connection per source database).
-async fn collect(configs: Vec<Arc<Config>>, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
-    let Some(interval) = configs.first().map(|c| c.monitoring.metrics_interval) else {
+async fn collect(tenants: NodeTenants, telemetry: Arc<Telemetry>, mut shutdown: Shutdown) {
+    let Some(interval) = read(&tenants)
+        .first()
+        .map(|c| c.monitoring.metrics_interval)
+    else {
         return;
     };
     let mut sources: std::collections::HashMap<String, tokio_postgres::Client> =
@@ -140,6 +148,7 @@ async fn collect(configs: Vec<Arc<Config>>, telemetry: Arc<Telemetry>, mut shutd
         for t in telemetry.tenants() {
             t.m.update_throughput();
         }
+        let configs = read(&tenants);
         for config in &configs {
             let tc = &config.tenant;
             let Some(info) = tc
