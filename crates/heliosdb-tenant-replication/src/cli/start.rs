@@ -40,7 +40,7 @@ pub(super) async fn start(
         served,
         telemetry,
         done_tx,
-        code: ExitCode::SUCCESS,
+        failed: Vec::new(),
     };
     for config in configs {
         if let Err(e) = node.spawn(config) {
@@ -57,7 +57,7 @@ pub(super) async fn start(
         tokio::select! {
             ended = done.recv() => {
                 let Some((tenant, result)) = ended else { break };
-                node.ended(tenant, result).await;
+                node.ended(tenant, result);
             }
             ready = added.recv() => {
                 let Some((tenant, provisioned)) = ready else { continue };
@@ -79,7 +79,7 @@ pub(super) async fn start(
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
                     while !node.running.is_empty() {
                         match tokio::time::timeout_at(deadline, done.recv()).await {
-                            Ok(Some((tenant, result))) => node.ended(tenant, result).await,
+                            Ok(Some((tenant, result))) => node.ended(tenant, result),
                             Ok(None) => break,
                             Err(_) => {
                                 tracing::warn!("shutdown took too long; exiting (the target's progress is consistent, nothing is lost)");
@@ -87,12 +87,12 @@ pub(super) async fn start(
                             }
                         }
                     }
-                    return node.code;
+                    return node.code();
                 }
             }
         }
     }
-    node.code
+    node.code()
 }
 
 /// Where a provisioned tenant (or `None`: provisioning failed) is handed
@@ -110,8 +110,9 @@ struct Node {
     served: crate::telemetry::NodeTenants,
     telemetry: Arc<crate::telemetry::Telemetry>,
     done_tx: tokio::sync::mpsc::UnboundedSender<(String, crate::error::Result<()>)>,
-    /// The first stopped tenant's exit code.
-    code: ExitCode,
+    /// Tenants that stopped with an error, and the exit code each means
+    /// (the process exits with the first one's).
+    failed: Vec<(String, ExitCode)>,
 }
 
 impl Node {
@@ -134,6 +135,14 @@ impl Node {
         Ok(())
     }
 
+    /// The first failed tenant's exit code (one removed since does not count).
+    fn code(&self) -> ExitCode {
+        self.failed
+            .first()
+            .map(|(_, code)| *code)
+            .unwrap_or(ExitCode::SUCCESS)
+    }
+
     fn stop_all(&self) {
         for (_, stop) in self.running.values() {
             let _ = stop.send(true);
@@ -146,34 +155,44 @@ impl Node {
         }
     }
 
-    /// A tenant's pipeline ended: removed by a reload (let go of its slot),
-    /// or stopped by an error (the others go on).
-    async fn ended(&mut self, tenant: String, result: crate::error::Result<()>) {
-        self.running.remove(&tenant);
-        if let Some(config) = self.removing.remove(&tenant) {
-            self.served
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|c| c.tenant.tenant_id != tenant);
-            self.telemetry.remove_tenant(&tenant);
+    /// A tenant the node no longer serves (its pipeline has ended): out of
+    /// `/health` and `/metrics`, audited, and its slot and publication
+    /// dropped in the background.
+    fn forget(&mut self, config: Arc<Config>) {
+        let tenant = config.tenant.tenant_id.clone();
+        self.served
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| c.tenant.tenant_id != tenant);
+        self.telemetry.remove_tenant(&tenant);
+        self.failed.retain(|(t, _)| *t != tenant);
+        self.audit("tenant_removed", &tenant);
+        tokio::spawn(async move {
             match crate::provision::release(&config).await {
-                Ok(dropped) => {
-                    tracing::info!(%tenant, dropped = %dropped.join(", "), "tenant removed; its rows and progress stay on the target")
-                }
+                Ok(dropped) => tracing::info!(
+                    %tenant, dropped = %dropped.join(", "),
+                    "tenant removed; its rows and progress stay on the target"
+                ),
                 Err(e) => tracing::error!(
                     %tenant, slot = %config.tenant.slot,
                     "tenant removed, but its slot could not be dropped and keeps WAL on the source: {e}; drop it with SELECT pg_drop_replication_slot('{}')",
                     config.tenant.slot
                 ),
             }
-            self.audit("tenant_removed", &tenant);
+        });
+    }
+
+    /// A tenant's pipeline ended: removed by a reload (let go of its slot),
+    /// or stopped by an error (the others go on).
+    fn ended(&mut self, tenant: String, result: crate::error::Result<()>) {
+        self.running.remove(&tenant);
+        if let Some(config) = self.removing.remove(&tenant) {
+            self.forget(config);
             return;
         }
         if let Err(e) = result {
             tracing::error!(%tenant, "replication_stop: {e}");
-            if self.code == ExitCode::SUCCESS {
-                self.code = exit_for(&e);
-            }
+            self.failed.push((tenant, exit_for(&e)));
         }
         if !self.running.is_empty() {
             tracing::warn!(
@@ -210,6 +229,22 @@ impl Node {
         for (tenant, config) in gone {
             tracing::info!(%tenant, "SIGHUP: tenant removed from the configuration: stopping it");
             self.removing.insert(tenant, config);
+            changed += 1;
+        }
+        // Tenants that had stopped already (an error) and are gone from the
+        // file: nothing to stop, the rest as for the others.
+        let stopped: Vec<Arc<Config>> = crate::telemetry::server::read(&self.served)
+            .into_iter()
+            .filter(|c| {
+                let t = &c.tenant.tenant_id;
+                !wanted.contains(t)
+                    && !self.running.contains_key(t)
+                    && !self.removing.contains_key(t)
+            })
+            .collect();
+        for config in stopped {
+            tracing::info!(tenant = %config.tenant.tenant_id, "SIGHUP: stopped tenant removed from the configuration");
+            self.forget(config);
             changed += 1;
         }
         for config in configs {

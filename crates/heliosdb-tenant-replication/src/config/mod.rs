@@ -219,6 +219,9 @@ pub struct BatchConfig {
     pub buffer_events: usize,
     /// Events between two checkpoint-file writes.
     pub checkpoint_interval: u64,
+    /// Row changes applied per second at most, per tenant
+    /// (`[performance] max_throughput_events_per_sec`).
+    pub max_events_per_sec: Option<u64>,
 }
 
 /// Connections and retries.
@@ -535,6 +538,7 @@ fn resolve(
         buffer_events,
         worker_threads,
         batch_timeout_ms,
+        max_events_per_sec,
     } = performance::performance(&c, &raw, &mut notices)?;
     let network = performance::network(&c, &raw, &mut notices)?;
 
@@ -629,6 +633,7 @@ fn resolve(
             batch_timeout: Duration::from_millis(batch_timeout_ms),
             buffer_events: buffer_events as usize,
             checkpoint_interval,
+            max_events_per_sec,
         },
         transport,
         monitoring,

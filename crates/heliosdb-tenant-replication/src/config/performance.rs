@@ -13,6 +13,7 @@ pub(super) struct Performance {
     pub buffer_events: u64,
     pub worker_threads: u64,
     pub batch_timeout_ms: u64,
+    pub max_events_per_sec: Option<u64>,
 }
 
 pub(super) fn performance(
@@ -49,20 +50,16 @@ pub(super) fn performance(
             "not yet supported: no lag target is enforced or reported in this build",
         );
     }
-    if p.max_throughput_events_per_sec.is_some() {
-        c.range(
+    let max_events_per_sec = match p.max_throughput_events_per_sec {
+        Some(_) => Some(c.range(
             "[performance] max_throughput_events_per_sec",
             p.max_throughput_events_per_sec,
             1,
             1,
             u64::MAX,
-        )?;
-        notice(
-            notices,
-            "[performance] max_throughput_events_per_sec",
-            "not yet supported: replication is not rate-limited in this build",
-        );
-    }
+        )?),
+        None => None,
+    };
     if p.checkpoint_async.is_some() {
         notice(notices, "[performance] checkpoint_async", "no effect: progress is committed with the data on the target; checkpoint files are written after commits");
     }
@@ -70,6 +67,7 @@ pub(super) fn performance(
         buffer_events,
         worker_threads,
         batch_timeout_ms,
+        max_events_per_sec,
     })
 }
 

@@ -69,6 +69,7 @@ fn every_key_of_the_reference_parses() {
     assert_eq!(c.batch.batch_timeout, Duration::from_millis(100));
     assert_eq!(c.worker_threads, 4);
     assert_eq!(c.network.retry_max_attempts, 3);
+    assert_eq!(c.batch.max_events_per_sec, Some(10_000), "a cap per tenant");
     assert_eq!(c.tenant.source().expect("source").dbname, "production");
     // Features that are not built yet are reported, not ignored.
     for key in ["[compression]", "[encryption]", "[cdc] wal_path"] {

@@ -378,7 +378,8 @@ impl ApplyNode {
             tel.clone(),
             end,
             end,
-        );
+        )
+        .paced(self.config.batch.max_events_per_sec);
         if let Some(p) = recorded {
             driver.set_converge_until(p.converge_until);
         }

@@ -137,6 +137,42 @@ pub struct Driver {
     last_log: Instant,
     events_at_log: u64,
     last_commit_time_us: Option<i64>,
+    /// `[performance] max_throughput_events_per_sec`.
+    pace: Option<Pace>,
+}
+
+/// At most `rate` row changes a second: a token bucket holding one
+/// second's worth, so a burst after a quiet spell is not delayed.
+struct Pace {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Self {
+        let rate = rate.max(1) as f64;
+        Self {
+            rate,
+            tokens: rate,
+            at: Instant::now(),
+        }
+    }
+
+    /// Wait until one more change may be applied.
+    async fn take(&mut self) {
+        let now = Instant::now();
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.at = now;
+        if self.tokens < 1.0 {
+            let wait = (1.0 - self.tokens) / self.rate;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.tokens = 1.0;
+            self.at = Instant::now();
+        }
+        self.tokens -= 1.0;
+    }
 }
 
 impl Driver {
@@ -166,6 +202,20 @@ impl Driver {
             last_log: Instant::now(),
             events_at_log: 0,
             last_commit_time_us: None,
+            pace: None,
+        }
+    }
+
+    /// Apply at most `rate` row changes a second (none: as fast as the
+    /// target takes them). The source waits meanwhile (back-pressure).
+    pub fn paced(mut self, rate: Option<u64>) -> Self {
+        self.pace = rate.map(Pace::new);
+        self
+    }
+
+    async fn take_pace(&mut self) {
+        if let Some(p) = &mut self.pace {
+            p.take().await;
         }
     }
 
@@ -300,9 +350,15 @@ impl Driver {
                 self.tel.behind();
                 self.applier.begin(final_lsn, commit_time_us).await?;
             }
-            TxEvent::Row(change) => self.applier.row(change).await?,
+            TxEvent::Row(change) => {
+                self.take_pace().await;
+                self.applier.row(change).await?
+            }
             TxEvent::Version(note) => self.applier.version(&note),
-            TxEvent::Truncate { relations, .. } => self.applier.truncate(&relations).await?,
+            TxEvent::Truncate { relations, .. } => {
+                self.take_pace().await;
+                self.applier.truncate(&relations).await?
+            }
             TxEvent::Commit {
                 commit_lsn,
                 end_lsn,
@@ -339,6 +395,7 @@ impl Driver {
                 // The main transaction may hold locks the lane would wait for.
                 self.commit_main().await?;
                 self.tel.behind();
+                self.take_pace().await;
                 self.streams
                     .apply(&mut self.applier, top, xid, *event, self.seen)
                     .await?;

@@ -124,7 +124,8 @@ pub async fn run(
         timeout: config.batch.batch_timeout,
     };
     let seen = recorded.as_ref().map(|p| p.end_lsn).unwrap_or(Lsn::ZERO);
-    let mut driver = Driver::new(applier, streams, policy, tel.clone(), seen, ack_lsn);
+    let mut driver = Driver::new(applier, streams, policy, tel.clone(), seen, ack_lsn)
+        .paced(config.batch.max_events_per_sec);
     if let Some(p) = &recorded {
         driver.set_converge_until(p.converge_until);
     }
