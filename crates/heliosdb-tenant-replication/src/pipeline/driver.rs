@@ -219,11 +219,6 @@ impl Driver {
         }
     }
 
-    /// What the source was told is committed.
-    pub fn acknowledged(&self) -> Lsn {
-        self.acknowledged
-    }
-
     /// Apply what `source` delivers until shutdown or the source ends
     /// (`Ok`), or an error (the source is told first). Nothing is rolled
     /// back here: [`Driver::finish`] or [`Driver::abandon`] decides.
