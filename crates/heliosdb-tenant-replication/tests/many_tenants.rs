@@ -45,20 +45,41 @@ fn node_file_of(env: &Env, tenants: &[(&str, &str)], extra: &str) -> PathBuf {
     env.write_config("node.toml", &text)
 }
 
+/// Clusters with the schema, and a second target database `app2`.
+async fn two_targets() -> Env {
+    let env = Env::new(SCHEMA).await;
+    env.target
+        .create_database("app2")
+        .await
+        .expect("second target database");
+    target_of(&env, "app2")
+        .await
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
+    env
+}
+
+/// `tenant`'s rows of `tables` equal on the source and target database `db`.
+async fn tenant_equal(env: &Env, tenant: &str, db: &str, tables: &[&str]) -> bool {
+    let (src, dst) = (env.src().await, target_of(env, db).await);
+    for table in tables {
+        if tenant_digest(&src, table, tenant).await != tenant_digest(&dst, table, tenant).await {
+            return false;
+        }
+    }
+    true
+}
+
 async fn target_of(env: &Env, db: &str) -> Client {
     env.target.connect(db).await.expect("connect target")
 }
 
 /// Every served tenant's rows equal on its target.
 async fn all_equal(env: &Env) -> bool {
-    let src = env.src().await;
     for (tenant, db) in SERVED {
-        let dst = target_of(env, db).await;
-        for table in TABLES {
-            if tenant_digest(&src, table, tenant).await != tenant_digest(&dst, table, tenant).await
-            {
-                return false;
-            }
+        if !tenant_equal(env, tenant, db, &TABLES).await {
+            return false;
         }
     }
     true
@@ -77,16 +98,7 @@ async fn write(src: &Client, tenant: &str, from: i64, n: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_the_others_running() {
-    let env = Env::new(SCHEMA).await;
-    env.target
-        .create_database("app2")
-        .await
-        .expect("second target database");
-    target_of(&env, "app2")
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .expect("schema");
+    let env = two_targets().await;
     let src = env.src().await;
     for (tenant, _) in SERVED {
         write(&src, tenant, 1, 200).await;
@@ -195,14 +207,8 @@ async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_th
     write(&src, "t-1", 5000, 50).await;
     write(&src, "t-2", 5000, 50).await;
     wait_until(Duration::from_secs(30), "t-1 and t-2 go on", || async {
-        let src = env.src().await;
-        let dst = target_of(&env, "app").await;
-        let mut equal = true;
-        for tenant in ["t-1", "t-2"] {
-            equal &= tenant_digest(&src, "accounts", tenant).await
-                == tenant_digest(&dst, "accounts", tenant).await;
-        }
-        equal
+        tenant_equal(&env, "t-1", "app", &["accounts"]).await
+            && tenant_equal(&env, "t-2", "app", &["accounts"]).await
     })
     .await;
     assert!(daemon.exited().is_none(), "{}", daemon.log());
@@ -241,16 +247,7 @@ async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_th
 /// slot and leaves `/health` and `/metrics`; the others never stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
-    let env = Env::new(SCHEMA).await;
-    env.target
-        .create_database("app2")
-        .await
-        .expect("second target database");
-    target_of(&env, "app2")
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .expect("schema");
+    let env = two_targets().await;
     let src = env.src().await;
     for (tenant, _) in SERVED {
         write(&src, tenant, 1, 100).await;
@@ -275,18 +272,7 @@ async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
     env.init(&node);
     let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
     let (metrics_port, health_port) = monitoring_ports(&node);
-    let equal = |tenant: &'static str, db: &'static str| {
-        let env = &env;
-        async move {
-            let (src, dst) = (env.src().await, target_of(env, db).await);
-            let mut same = true;
-            for table in TABLES {
-                same &= tenant_digest(&src, table, tenant).await
-                    == tenant_digest(&dst, table, tenant).await;
-            }
-            same
-        }
-    };
+    let equal = |tenant: &'static str, db: &'static str| tenant_equal(&env, tenant, db, &TABLES);
     wait_until(Duration::from_secs(60), "t-1 and t-2 stream", || async {
         equal("t-1", "app").await && equal("t-2", "app").await
     })
@@ -368,16 +354,7 @@ async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
 /// not held behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_throughput_cap_holds_per_tenant() {
-    let env = Env::new(SCHEMA).await;
-    env.target
-        .create_database("app2")
-        .await
-        .expect("second target database");
-    target_of(&env, "app2")
-        .await
-        .batch_execute(SCHEMA)
-        .await
-        .expect("schema");
+    let env = two_targets().await;
     let node = node_file_of(&env, &SERVED, "");
     let text = std::fs::read_to_string(&node).expect("node file").replacen(
         "[performance]\n",
@@ -393,14 +370,8 @@ async fn the_throughput_cap_holds_per_tenant() {
     let started = std::time::Instant::now();
     write(&src, "t-1", 1, 400).await;
     write(&src, "t-3", 1, 10).await;
-    let equal = |tenant: &'static str, db: &'static str| {
-        let env = &env;
-        async move {
-            let (src, dst) = (env.src().await, target_of(env, db).await);
-            tenant_digest(&src, "orders", tenant).await
-                == tenant_digest(&dst, "orders", tenant).await
-        }
-    };
+    let equal =
+        |tenant: &'static str, db: &'static str| tenant_equal(&env, tenant, db, &["orders"]);
     wait_until(
         Duration::from_secs(30),
         "t-3 is not held behind t-1",
