@@ -49,10 +49,7 @@ pub(super) async fn start(
             return exit_for(&e);
         }
     }
-    let mut signals = match Signals::new() {
-        Some(s) => s,
-        None => Signals::none(),
-    };
+    let mut signals = Signals::new().unwrap_or_else(Signals::none);
     while !node.running.is_empty() || !node.adding.is_empty() {
         tokio::select! {
             ended = done.recv() => {
@@ -76,6 +73,7 @@ pub(super) async fn start(
                 Signal::Stop(name) => {
                     tracing::info!(signal = name, "shutting down: finishing the open transaction and writing checkpoints");
                     node.stop_all();
+                    let _ = stop_tx.send(true);
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
                     while !node.running.is_empty() {
                         match tokio::time::timeout_at(deadline, done.recv()).await {
@@ -131,6 +129,8 @@ impl Node {
             served.push(config.clone());
         }
         drop(served);
+        // Started again (a reload after it stopped): its failure is over.
+        self.failed.retain(|(t, _)| *t != tenant);
         self.running.insert(tenant, (config, stop));
         Ok(())
     }
