@@ -389,3 +389,70 @@ async fn the_throughput_cap_holds_per_tenant() {
     );
     assert!(t3 < t1, "t-3 ({t3:?}) waited for t-1 ({t1:?})");
 }
+
+/// A tenant stopped by an error it needs a person for is fixed and
+/// started again by a reload, while the others stream: the operator
+/// restores the target, asks that tenant's resync (`--tenant`), sends
+/// SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_tenant_is_fixed_and_started_again_by_a_reload() {
+    let env = two_targets().await;
+    let served = [SERVED[0], SERVED[2]];
+    let src = env.src().await;
+    for (tenant, _) in served {
+        write(&src, tenant, 1, 100).await;
+    }
+    let node = node_file_of(&env, &served, "");
+    env.init(&node);
+    let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
+    let (_, health_port) = monitoring_ports(&node);
+    wait_until(Duration::from_secs(60), "both stream", || async {
+        tenant_equal(&env, "t-1", "app", &TABLES).await
+            && tenant_equal(&env, "t-3", "app2", &TABLES).await
+    })
+    .await;
+    let app2 = target_of(&env, "app2").await;
+    app2.batch_execute("ALTER TABLE accounts DROP COLUMN email")
+        .await
+        .expect("drift");
+    write(&src, "t-3", 500, 10).await;
+    wait_for_log(
+        &daemon,
+        "a tenant stopped; the others go on",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The fix: the column back, the tenant's table copied again.
+    app2.batch_execute("ALTER TABLE accounts ADD COLUMN email text")
+        .await
+        .expect("restore");
+    let out = run(&node, &["--tenant", "t-3", "resync", "--table", "accounts"]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    write(&src, "t-1", 500, 10).await;
+    // The restored column is now the table's last: compare by name.
+    let accounts = |c: Client| async move {
+        c.query_one(
+            "SELECT count(*), md5(string_agg(concat_ws(',', id, name, email, balance, updated_at), '|' ORDER BY id))
+               FROM accounts WHERE tenant_id = 't-3'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<String>>(1)))
+        .expect("digest")
+    };
+    wait_until(Duration::from_secs(60), "t-3 is back and equal", || async {
+        accounts(env.src().await).await == accounts(target_of(&env, "app2").await).await
+            && tenant_equal(&env, "t-3", "app2", &["orders", "events"]).await
+            && tenant_equal(&env, "t-1", "app", &TABLES).await
+    })
+    .await;
+    let (code, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(code, 200, "{body}");
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}

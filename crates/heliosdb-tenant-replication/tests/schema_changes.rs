@@ -246,3 +246,33 @@ async fn a_target_changed_outside_replication_stops_the_tenant_until_restored_an
     assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
     assert_eq!(foreign_rows(&env.dst().await).await, 0);
 }
+
+/// A column dropped on the target after `init` copied the tenant's rows,
+/// before any change streamed: drift (the copied values are gone), never a
+/// source column to add back empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_dropped_between_the_copy_and_the_first_change_is_drift() {
+    let env = Env::new(SCHEMA).await;
+    env.src()
+        .await
+        .batch_execute("INSERT INTO orders SELECT 'tenant-123', g, g, 'new', g, '{}', now() FROM generate_series(1, 50) g")
+        .await
+        .expect("rows");
+    let config = env.config();
+    env.init(&config);
+    env.dst()
+        .await
+        .batch_execute("ALTER TABLE orders DROP COLUMN status")
+        .await
+        .expect("drop on the target");
+    let mut daemon = env.start_daemon(&config);
+    daemon.assert_stops_with(&[
+        "target table public.orders was changed outside replication",
+        "column status (text) was dropped",
+        "resync --table public.orders",
+    ]);
+    assert!(!target_columns(&env)
+        .await
+        .iter()
+        .any(|c| c == "status"));
+}

@@ -311,33 +311,13 @@ pub async fn reconcile(
 /// streamed transaction's lane holds its locks until the source commits.
 pub async fn record_definition(target: &Client, tenant: &str, rel: &RelationDesc) -> Result<()> {
     let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
-    let row = target
-        .query_one(
-            "SELECT coalesce(array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attname), '{}'),
-                    (SELECT d.columns FROM heliosdb_replication.table_definitions d
-                      WHERE d.tenant_id = $1::text AND d.schema_name = $2::text AND d.table_name = $3::text)
-               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = $2::text AND c.relname = $3::text AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attname = ANY($4::text[])",
-            &[&tenant, &rel.namespace, &rel.name, &names],
-        )
-        .await
-        .map_err(|e| ReplicationError::db(Side::Target, "reading a table definition", e))?;
-    let (now, stored): (Vec<String>, Option<Vec<String>>) = (row.get(0), row.get(1));
-    if stored.as_ref() == Some(&now) {
-        return Ok(());
-    }
-    target
-        .execute(
-            "INSERT INTO heliosdb_replication.table_definitions (tenant_id, schema_name, table_name, columns)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (tenant_id, schema_name, table_name) DO UPDATE
-                SET columns = EXCLUDED.columns, updated_at = now()",
-            &[&tenant, &rel.namespace, &rel.name, &now],
-        )
-        .await
-        .map_err(|e| ReplicationError::db(Side::Target, "recording a table definition", e))?;
-    Ok(())
+    crate::checkpoint::definitions::record_columns(
+        target,
+        tenant,
+        (&rel.namespace, &rel.name),
+        &names,
+    )
+    .await
 }
 
 /// Tables of the tenant whose target definition lost a column replication

@@ -12,6 +12,7 @@
 //! (system identifier) and slot it belongs to; a file from another source or
 //! slot is recognised and never trusted.
 
+pub mod definitions;
 pub mod file;
 pub mod progress;
 

@@ -111,6 +111,9 @@ pub async fn initial_copy(
     if ranges.is_empty() {
         ranges = make_plan(&source, &target, config, &tables).await?;
     }
+    for table in &tables {
+        record_copied_columns(&target, &t.tenant_id, table).await?;
+    }
     let pending: Vec<Range> = ranges
         .into_iter()
         .filter(|(_, done)| !done)
@@ -226,6 +229,22 @@ async fn load_plan(
         );
     }
     Ok(out)
+}
+
+/// The columns a copy writes into, recorded as replication made them.
+async fn record_copied_columns(
+    target: &impl tokio_postgres::GenericClient,
+    tenant: &str,
+    table: &SourceTable,
+) -> Result<()> {
+    let names: Vec<&str> = table.columns.iter().map(|(n, _)| n.as_str()).collect();
+    crate::checkpoint::definitions::record_columns(
+        target,
+        tenant,
+        (&table.schema, &table.name),
+        &names,
+    )
+    .await
 }
 
 /// Split each table into block ranges and record the plan. Refuses to copy
@@ -440,6 +459,7 @@ pub async fn resync_tables(
         )
         .await
         .map_err(dst("deleting the tenant's rows for resync"))?;
+        record_copied_columns(&tx, &t.tenant_id, table).await?;
         let n = copy::copy_range(
             &source,
             &tx,
