@@ -271,8 +271,5 @@ async fn a_column_dropped_between_the_copy_and_the_first_change_is_drift() {
         "column status (text) was dropped",
         "resync --table public.orders",
     ]);
-    assert!(!target_columns(&env)
-        .await
-        .iter()
-        .any(|c| c == "status"));
+    assert!(!target_columns(&env).await.iter().any(|c| c == "status"));
 }
