@@ -719,6 +719,16 @@ pub async fn tenant_rows(c: &Client, table: &str) -> Vec<String> {
 /// target with another column order or columns of its own compares too),
 /// as text, ordered.
 pub async fn source_columns_rows(source: &Client, c: &Client, table: &str) -> Vec<String> {
+    source_columns_rows_of(source, c, table, TENANT).await
+}
+
+/// [`source_columns_rows`] of another tenant.
+pub async fn source_columns_rows_of(
+    source: &Client,
+    c: &Client,
+    table: &str,
+    tenant: &str,
+) -> Vec<String> {
     let cols: Vec<String> = source
         .query(
             "SELECT quote_ident(attname) FROM pg_attribute
@@ -738,7 +748,7 @@ pub async fn source_columns_rows(source: &Client, c: &Client, table: &str) -> Ve
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        &[&TENANT],
+        &[&tenant],
     )
     .await
     .unwrap_or_else(|e| panic!("rows of {table}: {e}"))
