@@ -387,3 +387,89 @@ async fn rows_moving_into_and_out_of_the_tenant_and_truncate_replicate_as_postgr
     wait_equal_to_reference(&env, &["accounts", "orders"], &daemon).await;
     assert_eq!(foreign_rows(&env.dst().await).await, 0);
 }
+
+/// The source computes `doubled`, which pgoutput never sends; the target
+/// computes its own (another expression) and has columns the source lacks,
+/// filled by their defaults.
+const GENERATED_SOURCE: &str = "
+CREATE TABLE gen(tenant_id text, id int, a int, doubled int GENERATED ALWAYS AS (a * 2) STORED,
+                 PRIMARY KEY (tenant_id, id));
+";
+const GENERATED_TARGET: &str = "
+CREATE TABLE gen(tenant_id text, id int, a int, doubled int GENERATED ALWAYS AS (a * 22) STORED,
+                 extra text DEFAULT 'target default', counted int GENERATED ALWAYS AS (id + 1000) STORED,
+                 PRIMARY KEY (tenant_id, id));
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_and_target_only_columns_as_postgresql_does() {
+    let env = Env::with_schemas(GENERATED_SOURCE, GENERATED_TARGET).await;
+    let config = env.config();
+    let src = env.src().await;
+    let rows = |from: i32| {
+        format!(
+            "INSERT INTO gen(tenant_id, id, a) SELECT t, g, g FROM generate_series({from}, {from} + 9) g,
+                    (VALUES ('tenant-123'), ('tenant-456')) v(t)"
+        )
+    };
+    src.batch_execute(&rows(1)).await.expect("rows before init");
+    env.init(&config);
+    pg_reference(&env, GENERATED_TARGET).await;
+    let daemon = env.start_daemon(&config);
+    src.batch_execute(&rows(100)).await.expect("rows");
+    src.batch_execute(
+        "UPDATE gen SET a = a + 7 WHERE tenant_id = 'tenant-123' AND id % 3 = 0;
+         DELETE FROM gen WHERE tenant_id = 'tenant-123' AND id % 4 = 0;",
+    )
+    .await
+    .expect("changes");
+
+    // Every target column, the target's own included, equal to PostgreSQL's
+    // subscriber; the replicated ones equal to the source.
+    let (d, r) = (
+        env.dst().await,
+        env.target.connect("pgref").await.expect("pgref"),
+    );
+    let all =
+        "SELECT id, a, doubled, extra, counted FROM gen WHERE tenant_id = 'tenant-123' ORDER BY id";
+    let text = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        rows.iter()
+            .map(|r| {
+                let v: (i32, i32, i32, String, i32) =
+                    (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                format!("{v:?}")
+            })
+            .collect()
+    };
+    let source: Vec<(i32, i32)> = src
+        .query(
+            "SELECT id, a FROM gen WHERE tenant_id = 'tenant-123' ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("source rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<String> = source
+        .iter()
+        .map(|&(id, a)| {
+            format!(
+                "{:?}",
+                (id, a, a * 22, "target default".to_string(), id + 1000)
+            )
+        })
+        .collect();
+    let (d, r, expected) = (&d, &r, &expected);
+    wait_until(
+        Duration::from_secs(60),
+        "target and PostgreSQL's subscriber hold the source's rows",
+        move || async move {
+            text(d.query(all, &[]).await.expect("target rows")) == *expected
+                && text(r.query(all, &[]).await.expect("reference rows")) == *expected
+        },
+    )
+    .await;
+    assert_eq!(foreign_rows_of(d, "gen").await, 0);
+    assert!(!daemon.log().contains(" ERROR "), "{}", daemon.log());
+}
