@@ -218,12 +218,14 @@ impl Split {
         let apply_tel = Telemetry::disabled();
         let mut tasks = vec![spawn_tenant(
             Arc::new(apply),
+            None,
             stop_rx.clone(),
             apply_tel.clone(),
         )?];
         wait_listening(&apply_tel).await?;
         tasks.push(spawn_tenant(
             Arc::new(capture),
+            None,
             stop_rx,
             Telemetry::disabled(),
         )?);

@@ -1,7 +1,8 @@
 //! Version tracking on a target, and tagging the daemon's own writes.
 //!
 //! * **Local writes.** For each replicated table the daemon installs two
-//!   row triggers (per tenant) on the target. A `BEFORE` trigger announces
+//!   row triggers on the target (one pair per node, whichever tenants it
+//!   replicates there: their ids are inlined in the trigger function). A `BEFORE` trigger announces
 //!   the row's next version in the WAL (`pg_logical_emit_message`,
 //!   transactional, prefix [`VERSION_PREFIX`]) right before the row change,
 //!   so a daemon reading this database as its source ships the version with
@@ -46,6 +47,13 @@ CREATE TABLE IF NOT EXISTS heliosdb_replication.row_version (
     -- of this tuple's xmin (when track_commit_timestamp is on).
     local_write boolean NOT NULL DEFAULT false,
     PRIMARY KEY (tenant_id, table_name, pk)
+);
+-- The tenants whose local writes each table's trigger of a node tracks.
+CREATE TABLE IF NOT EXISTS heliosdb_replication.tracked_tenant (
+    table_name text NOT NULL,
+    node       text NOT NULL,
+    tenant_id  text NOT NULL,
+    PRIMARY KEY (table_name, node, tenant_id)
 );
 CREATE OR REPLACE FUNCTION heliosdb_replication.next_vclock(p_tenant text, p_table text, p_pk text[], p_node text)
 RETURNS jsonb LANGUAGE sql STABLE AS $f$
@@ -99,9 +107,10 @@ impl<'a> From<&'a TableMapping> for Tracked<'a> {
     }
 }
 
-/// The trigger function of one table (its key columns inlined) and the
-/// two triggers of one tenant on it.
-pub fn trigger_sql(m: &Tracked<'_>, tenant: &str, node: &str) -> String {
+/// The trigger function of one table and node: its key columns and the
+/// tenants it tracks inlined (a local write of another tenant's row is not
+/// tracked, as before any tenant was replicated here).
+pub fn function_sql(m: &Tracked<'_>, node: &str, tenants: &[String]) -> String {
     let tenant_col = quote_ident(m.tenant_column);
     let key = |rec: &str| {
         let parts: Vec<String> = m
@@ -111,79 +120,190 @@ pub fn trigger_sql(m: &Tracked<'_>, tenant: &str, node: &str) -> String {
             .collect();
         format!("ARRAY[{}]", parts.join(", "))
     };
-    let function = format!(
-        "heliosdb_replication.{}",
-        quote_ident(&format!("track_{}", short_hash(m.display)))
-    );
     let table = quote_literal(m.display);
-    let name = |when: &str| {
-        // BEFORE triggers fire in name order: ours last, after any that may
-        // change or skip the row.
-        quote_ident(&format!("zz_heliosdb_{}_{when}", short_hash(tenant)))
-    };
-    let args = format!("{}, {}", quote_literal(node), quote_literal(tenant));
+    let tenants = format!(
+        "ARRAY[{}]::text[]",
+        tenants
+            .iter()
+            .map(|t| quote_literal(t))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $f$
 DECLARE
     old_pk text[];
     new_pk text[];
+    old_t text;
+    new_t text;
 BEGIN
     IF current_setting('heliosdb.applying', true) = 'on' THEN
         IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
         RETURN NEW;
     END IF;
-    IF TG_OP <> 'INSERT' AND OLD.{tenant_col}::text = TG_ARGV[1] THEN old_pk := {old}; END IF;
-    IF TG_OP <> 'DELETE' AND NEW.{tenant_col}::text = TG_ARGV[1] THEN new_pk := {new}; END IF;
+    IF TG_OP <> 'INSERT' AND OLD.{tenant_col}::text = ANY ({tenants}) THEN
+        old_t := OLD.{tenant_col}::text; old_pk := {old};
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.{tenant_col}::text = ANY ({tenants}) THEN
+        new_t := NEW.{tenant_col}::text; new_pk := {new};
+    END IF;
     IF TG_WHEN = 'BEFORE' THEN
         IF new_pk IS NOT NULL THEN
-            PERFORM heliosdb_replication.announce_version(TG_ARGV[1], {table}, new_pk, TG_ARGV[0], false);
+            PERFORM heliosdb_replication.announce_version(new_t, {table}, new_pk, TG_ARGV[0], false);
         ELSIF old_pk IS NOT NULL THEN
-            PERFORM heliosdb_replication.announce_version(TG_ARGV[1], {table}, old_pk, TG_ARGV[0], true);
+            PERFORM heliosdb_replication.announce_version(old_t, {table}, old_pk, TG_ARGV[0], true);
         END IF;
         IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
         RETURN NEW;
     END IF;
-    IF old_pk IS NOT NULL AND old_pk IS DISTINCT FROM new_pk THEN
-        PERFORM heliosdb_replication.record_version(TG_ARGV[1], {table}, old_pk, TG_ARGV[0], true);
+    IF old_pk IS NOT NULL AND (old_t, old_pk) IS DISTINCT FROM (new_t, new_pk) THEN
+        PERFORM heliosdb_replication.record_version(old_t, {table}, old_pk, TG_ARGV[0], true);
     END IF;
     IF new_pk IS NOT NULL THEN
-        PERFORM heliosdb_replication.record_version(TG_ARGV[1], {table}, new_pk, TG_ARGV[0], false);
+        PERFORM heliosdb_replication.record_version(new_t, {table}, new_pk, TG_ARGV[0], false);
     END IF;
     RETURN NULL;
 END
-$f$;
-CREATE OR REPLACE TRIGGER {before} BEFORE INSERT OR UPDATE OR DELETE ON {target}
-    FOR EACH ROW EXECUTE FUNCTION {function}({args});
-CREATE OR REPLACE TRIGGER {after} AFTER INSERT OR UPDATE OR DELETE ON {target}
-    FOR EACH ROW EXECUTE FUNCTION {function}({args});",
+$f$;",
+        function = function_name(m, node),
         old = key("OLD"),
         new = key("NEW"),
-        before = name("b"),
-        after = name("a"),
-        target = m.target,
     )
 }
 
-/// Install (or refresh) the local-write triggers of one table. Runs inside
-/// the apply transaction, so the table is tracked from this change on.
+/// The trigger function of a table and node.
+fn function_name(m: &Tracked<'_>, node: &str) -> String {
+    format!(
+        "heliosdb_replication.{}",
+        quote_ident(&format!(
+            "track_{}",
+            short_hash(&format!("{}/{node}", m.display))
+        ))
+    )
+}
+
+/// The two triggers of a node on a table (BEFORE triggers fire in name
+/// order: ours last, after any that may change or skip the row).
+fn trigger_names(node: &str) -> [String; 2] {
+    let h = short_hash(node);
+    [format!("zz_heliosdb_n{h}_b"), format!("zz_heliosdb_n{h}_a")]
+}
+
+/// The advisory lock (transaction scope) taken while version tracking is
+/// installed on a target database.
+const INSTALL_LOCK: i64 = 0x6865_6c69_6f73_01;
+
+/// Install (or extend to `tenant`) the local-write triggers of one table:
+/// one pair per table and node, whichever tenants they track. A tenant is
+/// added by replacing the function, which takes no lock on the table; the
+/// triggers are created once (a lock on the table, waited for at most 2 s:
+/// another tenant's open apply transaction must not queue every writer of
+/// the table behind this one).
 pub async fn install(client: &Client, m: &Tracked<'_>, tenant: &str, node: &str) -> Result<()> {
+    let function = function_name(m, node);
+    let [before, after] = trigger_names(node);
+    let old = format!("zz_heliosdb_{}", short_hash(tenant));
+    let step = |e: tokio_postgres::Error| {
+        if e.code().map(|c| c.code()) == Some("42501") {
+            ReplicationError::operator(
+                format!(
+                    "target: the role may not create triggers on {} (permission denied)",
+                    m.display
+                ),
+                format!(
+                    "run the daemon as the table's owner, or: GRANT TRIGGER ON {} TO <daemon role>",
+                    m.display
+                ),
+            )
+        } else {
+            ReplicationError::db(
+                Side::Target,
+                format!("installing version tracking on {}", m.display),
+                e,
+            )
+        }
+    };
+    // Tenants applying to one database share the function: one at a time
+    // (else "tuple concurrently updated"), until this transaction ends.
     client
-        .batch_execute(&trigger_sql(m, tenant, node))
+        .execute(
+            "SELECT pg_advisory_xact_lock($1), set_config('lock_timeout', '2s', true)",
+            &[&INSTALL_LOCK],
+        )
         .await
-        .map_err(|e| {
-            if e.code().map(|c| c.code()) == Some("42501") {
-                ReplicationError::operator(
-                    format!("target: the role may not create triggers on {} (permission denied)", m.display),
-                    format!("run the daemon as the table's owner, or: GRANT TRIGGER ON {} TO <daemon role>", m.display),
-                )
-            } else {
-                ReplicationError::db(
-                    Side::Target,
-                    format!("installing version tracking on {}", m.display),
-                    e,
-                )
-            }
-        })
+        .map_err(step)?;
+    client
+        .execute(
+            "INSERT INTO heliosdb_replication.tracked_tenant (table_name, node, tenant_id)
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&m.display, &node, &tenant],
+        )
+        .await
+        .map_err(step)?;
+    let tenants: Vec<String> = client
+        .query(
+            "SELECT tenant_id FROM heliosdb_replication.tracked_tenant
+              WHERE table_name = $1 AND node = $2 ORDER BY 1",
+            &[&m.display, &node],
+        )
+        .await
+        .map_err(step)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    client
+        .batch_execute(&function_sql(m, node, &tenants))
+        .await
+        .map_err(step)?;
+    let names = [
+        before.clone(),
+        after.clone(),
+        format!("{old}_b"),
+        format!("{old}_a"),
+    ];
+    let present: Vec<String> = client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = $1::text::regclass AND tgname::text = ANY ($2)",
+            &[&m.target, &names.as_slice()],
+        )
+        .await
+        .map_err(step)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut ddl = String::new();
+    for (name, when) in [(&before, "BEFORE"), (&after, "AFTER")] {
+        if !present.contains(name) {
+            ddl.push_str(&format!(
+                "CREATE TRIGGER {} {when} INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW EXECUTE FUNCTION {function}({});",
+                quote_ident(name),
+                m.target,
+                quote_literal(node)
+            ));
+        }
+    }
+    // A tenant's own triggers, from versions before triggers were shared.
+    for name in &names[2..] {
+        if present.contains(name) {
+            ddl.push_str(&format!(
+                "DROP TRIGGER {} ON {};",
+                quote_ident(name),
+                m.target
+            ));
+        }
+    }
+    if !ddl.is_empty() {
+        client.batch_execute(&ddl).await.map_err(step)?;
+    }
+    client
+        .execute(
+            "SELECT set_config('lock_timeout', (SELECT reset_val FROM pg_settings WHERE name = 'lock_timeout'), true)",
+            &[],
+        )
+        .await
+        .map_err(step)?;
+    Ok(())
 }
 
 /// Install the local-write triggers on every table of the tenant's
@@ -258,7 +378,19 @@ pub async fn install_table(
         tenant_column,
         key: key.iter().map(String::as_str).collect(),
     };
-    install(target, &m, tenant, node).await?;
+    // In a transaction of its own: the install's lock lasts until it ends.
+    target
+        .batch_execute("BEGIN")
+        .await
+        .map_err(target_err("BEGIN"))?;
+    if let Err(e) = install(target, &m, tenant, node).await {
+        let _ = target.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
+    target
+        .batch_execute("COMMIT")
+        .await
+        .map_err(target_err("COMMIT"))?;
     Ok(true)
 }
 
@@ -287,6 +419,11 @@ pub async fn tag_session(client: &Client, tenant: &str, lane: Option<u32>) -> Re
     match r {
         Ok(()) => Ok(true),
         Err(e) if e.code().map(|c| c.code()) == Some("42501") => Ok(false),
+        // configuration_limit_exceeded: no free replication origin state.
+        Err(e) if e.code().map(|c| c.code()) == Some("53400") => Err(ReplicationError::operator(
+            "target: no free replication origin state: every tenant applying to this cluster holds one (and one more while a large transaction streams)",
+            "raise max_replication_slots on the target cluster (restart needed) to at least twice the number of tenants applying to it",
+        )),
         Err(e) => Err(target_err(
             "tagging the apply session with its replication origin",
         )(e)),

@@ -23,8 +23,9 @@ pub struct Assembler {
     /// The open transaction was written by a daemon's applier (its origin
     /// starts with `heliosdb_`): its changes are not sent back.
     foreign_origin: bool,
-    /// Version notes are passed on for this tenant only.
-    tenant: String,
+    /// Version notes are passed on for this tenant only (`None`: every
+    /// tenant's, for a slot shared by several, routed after).
+    tenant: Option<String>,
     /// A Begin not passed on yet: PostgreSQL sends a transaction's Origin
     /// right after its Begin, and a transaction of the daemon's own
     /// appliers is dropped whole.
@@ -47,12 +48,22 @@ impl Assembler {
             in_txn: false,
             skipping: false,
             foreign_origin: false,
-            tenant: tenant.to_string(),
+            tenant: Some(tenant.to_string()),
             begin: None,
             held: None,
             stream: None,
             foreign_streams: HashSet::new(),
             skipped_transactions: 0,
+        }
+    }
+
+    /// An assembler for a slot shared by several tenants: every tenant's
+    /// version notes pass (they are routed by the tenant they name), and
+    /// nothing is skipped here (each tenant skips what its target has).
+    pub fn for_every_tenant() -> Self {
+        Self {
+            tenant: None,
+            ..Self::new(Lsn::ZERO, "")
         }
     }
 
@@ -222,7 +233,9 @@ impl Assembler {
             } if prefix == VERSION_PREFIX => {
                 // Another tenant's keys never leave for this tenant's target.
                 return Ok(match Announced::parse(&content) {
-                    Some(a) if a.tenant == self.tenant => Some(TxEvent::Version(content)),
+                    Some(a) if self.tenant.as_ref().is_none_or(|t| a.tenant == *t) => {
+                        Some(TxEvent::Version(content))
+                    }
                     _ => None,
                 });
             }

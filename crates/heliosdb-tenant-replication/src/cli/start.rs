@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::pipeline::hub::HubHandle;
 
 /// Run every tenant's pipeline, each on a thread of its own, until
 /// SIGTERM/SIGINT. A tenant that stops (an error a person must fix) stops
@@ -41,6 +42,7 @@ pub(super) async fn start(
         telemetry,
         done_tx,
         failed: Vec::new(),
+        hubs: HashMap::new(),
     };
     for config in configs {
         if let Err(e) = node.spawn(config) {
@@ -85,11 +87,13 @@ pub(super) async fn start(
                             }
                         }
                     }
+                    node.stop_hubs().await;
                     return node.code();
                 }
             }
         }
     }
+    node.stop_hubs().await;
     node.code()
 }
 
@@ -111,13 +115,45 @@ struct Node {
     /// Tenants that stopped with an error, and the exit code each means
     /// (the process exits with the first one's).
     failed: Vec<(String, ExitCode)>,
+    /// The hub of each shared slot, by source and slot.
+    hubs: HashMap<(String, String), HubHandle>,
+}
+
+/// Which shared slot a tenant reads.
+fn slot_key(config: &Config) -> (String, String) {
+    let t = &config.tenant;
+    let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
+    (source, t.slot.clone())
 }
 
 impl Node {
+    /// The hub of `config`'s shared slot (started with its tenants
+    /// registered), or `None` for a tenant with a slot of its own.
+    fn hub(&mut self, config: &Config) -> crate::error::Result<Option<HubHandle>> {
+        if !config.tenant.is_shared() {
+            return Ok(None);
+        }
+        let key = slot_key(config);
+        if let Some(hub) = self.hubs.get(&key) {
+            return Ok(Some(hub.clone()));
+        }
+        let hub = HubHandle::spawn(config, &config.tenant.shared_with)?;
+        self.hubs.insert(key, hub.clone());
+        Ok(Some(hub))
+    }
+
+    /// After the tenants' pipelines ended: each hub's last acknowledgement.
+    async fn stop_hubs(&mut self) {
+        for (_, hub) in self.hubs.drain() {
+            hub.stop().await;
+        }
+    }
+
     fn spawn(&mut self, config: Arc<Config>) -> crate::error::Result<()> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let hub = self.hub(&config)?;
         let pipeline =
-            crate::pipeline::spawn_tenant(config.clone(), stopped, self.telemetry.clone())?;
+            crate::pipeline::spawn_tenant(config.clone(), hub, stopped, self.telemetry.clone())?;
         let tenant = config.tenant.tenant_id.clone();
         let done_tx = self.done_tx.clone();
         let id = tenant.clone();
@@ -167,7 +203,35 @@ impl Node {
         self.telemetry.remove_tenant(&tenant);
         self.failed.retain(|(t, _)| *t != tenant);
         self.audit("tenant_removed", &tenant);
+        let key = slot_key(&config);
+        let hub = self.hubs.get(&key).cloned();
+        // The tenants still reading its shared slot.
+        let remaining: Vec<String> = crate::telemetry::server::read(&self.served)
+            .iter()
+            .filter(|c| c.tenant.is_shared() && slot_key(c) == key)
+            .map(|c| c.tenant.tenant_id.clone())
+            .collect();
+        if hub.is_some() && remaining.is_empty() {
+            self.hubs.remove(&key);
+        }
         tokio::spawn(async move {
+            if let Some(hub) = hub {
+                if let Err(e) = hub.unregister(&tenant).await {
+                    tracing::error!(%tenant, "tenant removed, but the shared slot's hub did not answer: {e}");
+                }
+                if !remaining.is_empty() {
+                    match crate::provision::publish_for(&config, &remaining).await {
+                        Ok(done) => {
+                            tracing::info!(%tenant, slot = %hub.slot, "tenant removed from the shared slot ({done}); its rows and progress stay on the target")
+                        }
+                        Err(e) => {
+                            tracing::error!(%tenant, "tenant removed from the shared slot, but its publication still lists it (its rows are decoded and dropped): {e}; run init for another tenant of the slot to set it")
+                        }
+                    }
+                    return;
+                }
+                hub.stop().await;
+            }
             match crate::provision::release(&config).await {
                 Ok(dropped) => tracing::info!(
                     %tenant, dropped = %dropped.join(", "),
@@ -259,13 +323,46 @@ impl Node {
                 continue;
             }
             changed += 1;
+            // A slot read alone by a running tenant cannot be shared
+            // without restarting that tenant on a hub.
+            let key = slot_key(&config);
+            let alone = self
+                .running
+                .values()
+                .find(|(c, _)| slot_key(c) == key && !self.hubs.contains_key(&key));
+            if let Some((c, _)) = alone {
+                tracing::error!(%tenant, slot = %config.tenant.slot, "SIGHUP: tenant not added: tenant '{}' reads this slot alone; restart the node to share the slot, or give the new tenant its own replication_slot", c.tenant.tenant_id);
+                self.adding.remove(&tenant);
+                continue;
+            }
+            let hub = match self.hub(&config) {
+                Ok(hub) => hub,
+                Err(e) => {
+                    tracing::error!(%tenant, "SIGHUP: tenant not added: {e}");
+                    self.adding.remove(&tenant);
+                    continue;
+                }
+            };
             tracing::info!(%tenant, "SIGHUP: tenant added to the configuration: provisioning it (publication, slot, copy of its rows) while the others stream");
             let (config, added) = (Arc::new(config), added.clone());
             tokio::spawn(async move {
+                // A shared slot holds for the tenant before its rows are
+                // published and copied: nothing after the copy is released
+                // before it has applied it.
+                if let Some(hub) = &hub {
+                    if let Err(e) = hub.register(&tenant).await {
+                        tracing::error!(%tenant, "tenant not added: {e}");
+                        let _ = added.send((tenant, None));
+                        return;
+                    }
+                }
                 let ready = match crate::provision::init(&config, true, false).await {
                     Ok(_) => Some(config),
                     Err(e) => {
                         tracing::error!(%tenant, "tenant not added (fix it and send SIGHUP again): {e}");
+                        if let Some(hub) = &hub {
+                            let _ = hub.unregister(&tenant).await;
+                        }
                         None
                     }
                 };

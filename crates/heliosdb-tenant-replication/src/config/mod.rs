@@ -78,6 +78,18 @@ pub struct TenantConfig {
     pub checkpoint_dir: PathBuf,
     /// What to do when a table's definition changes on the source.
     pub schema_changes: SchemaChanges,
+    /// Every tenant of this node that reads the same slot (this one
+    /// included), sorted; empty when the slot is this tenant's alone. The
+    /// slot is decoded once for all of them and its publication's row
+    /// filter lists them.
+    pub shared_with: Vec<String>,
+}
+
+impl TenantConfig {
+    /// Does this tenant share its slot with other tenants of the node?
+    pub fn is_shared(&self) -> bool {
+        !self.shared_with.is_empty()
+    }
 }
 
 impl TenantConfig {
@@ -627,6 +639,7 @@ fn resolve(
             start_lsn,
             checkpoint_dir,
             schema_changes,
+            shared_with: Vec::new(),
         },
         batch: BatchConfig {
             batch_size: batch_size as usize,

@@ -22,7 +22,7 @@
 //! node (monitoring, performance, network, transport, features) cannot be
 //! set per tenant.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::{Config, ConfigError, Mode};
@@ -123,20 +123,25 @@ impl Config {
                 })?;
             configs.push(config);
         }
-        check_node(&configs, file)?;
+        check_node(&mut configs, file)?;
         Ok(configs)
     }
 }
 
-/// What must differ between the tenants of one node.
-fn check_node(configs: &[Config], file: &str) -> Result<(), ConfigError> {
+/// What must differ between the tenants of one node, and which tenants
+/// share a slot: tenants naming the same slot of the same source are
+/// decoded once, so they must also name the same publication and tenant
+/// column.
+fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
     let fail = |key: &str, message: String| ConfigError {
         file: file.to_string(),
         key: key.to_string(),
         message,
     };
     let mut ids = HashSet::new();
-    let mut slots = HashSet::new();
+    // (source, slot) → the first tenant reading it.
+    let mut slots: HashMap<(String, String), usize> = HashMap::new();
+    let mut groups: HashMap<(String, String), Vec<String>> = HashMap::new();
     for (i, c) in configs.iter().enumerate() {
         let t = &c.tenant;
         if !ids.insert(t.tenant_id.clone()) {
@@ -145,21 +150,60 @@ fn check_node(configs: &[Config], file: &str) -> Result<(), ConfigError> {
                 format!("tenant '{}' is listed twice", t.tenant_id),
             ));
         }
-        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
-        if !slots.insert((source, t.slot.clone())) {
-            return Err(fail(
-                &format!("tenants[{i}].cdc.replication_slot"),
-                format!(
-                    "slot '{}' is another tenant's on the same source: give each tenant its own [tenants.cdc] replication_slot and publication_name",
-                    t.slot
-                ),
-            ));
-        }
         if c.transport.mode != Mode::Local && configs.len() > 1 {
             return Err(fail(
                 "transport.mode",
                 "several tenants in one file run in mode = \"local\" (capture and apply nodes serve one tenant each in this version): run one node per tenant, or use mode = \"local\"".into(),
             ));
+        }
+        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
+        let key = (source, t.slot.clone());
+        if let Some(&first) = slots.get(&key) {
+            let f = &configs[first].tenant;
+            if f.publication != t.publication {
+                return Err(fail(
+                    &format!("tenants[{i}].cdc.publication_name"),
+                    format!(
+                        "tenants '{}' and '{}' share slot '{}' (decoded once for both), so they share its publication too: give them the same publication_name ('{}'), or each its own replication_slot",
+                        f.tenant_id, t.tenant_id, t.slot, f.publication
+                    ),
+                ));
+            }
+            if f.tenant_column != t.tenant_column {
+                return Err(fail(
+                    &format!("tenants[{i}].cdc.tenant_column"),
+                    format!(
+                        "tenants '{}' and '{}' share slot '{}', and rows are routed to them by one tenant column: give them the same tenant_column ('{}'), or each its own replication_slot",
+                        f.tenant_id, t.tenant_id, t.slot, f.tenant_column
+                    ),
+                ));
+            }
+        } else {
+            slots.insert(key.clone(), i);
+            // A publication is one slot's: two slots on one publication
+            // would rewrite each other's row filter.
+            if let Some(((_, other), _)) = slots.iter().find(|((s, slot), &j)| {
+                *s == key.0 && *slot != t.slot && configs[j].tenant.publication == t.publication
+            }) {
+                return Err(fail(
+                    &format!("tenants[{i}].cdc.publication_name"),
+                    format!(
+                        "publication '{}' is read through slot '{other}' too: tenants that share a publication share its slot; give this tenant the same replication_slot, or its own publication_name",
+                        t.publication
+                    ),
+                ));
+            }
+        }
+        groups.entry(key).or_default().push(t.tenant_id.clone());
+    }
+    for c in configs.iter_mut() {
+        let t = &mut c.tenant;
+        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
+        let group = &groups[&(source, t.slot.clone())];
+        if group.len() > 1 {
+            let mut ids = group.clone();
+            ids.sort();
+            t.shared_with = ids;
         }
     }
     Ok(())

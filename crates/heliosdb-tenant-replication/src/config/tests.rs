@@ -405,9 +405,15 @@ fn a_node_file_refuses_what_would_mix_tenants_up() {
     assert!(fails(&twice).contains("listed twice"), "{}", fails(&twice));
     let shared_slot = NODE.replace("globex_slot", "acme_slot");
     assert!(
-        fails(&shared_slot).contains("another tenant's on the same source"),
+        fails(&shared_slot).contains("share its publication too"),
         "{}",
         fails(&shared_slot)
+    );
+    let shared_publication = NODE.replace("globex_pub", "acme_pub");
+    assert!(
+        fails(&shared_publication).contains("share its slot"),
+        "{}",
+        fails(&shared_publication)
     );
     let node_section = NODE.replace(
         "[tenants.conflict]",
@@ -428,9 +434,46 @@ fn a_node_file_refuses_what_would_mix_tenants_up() {
         "{e}"
     );
     // Secrets stay out of the errors.
-    for e in [fails(&twice), fails(&shared_slot), fails(&typo)] {
+    for e in [
+        fails(&twice),
+        fails(&shared_slot),
+        fails(&shared_publication),
+        fails(&typo),
+    ] {
         assert!(!e.contains("pw@"), "{e}");
     }
+}
+
+#[test]
+fn tenants_naming_one_slot_share_it() {
+    // The file's [cdc] slot and publication, inherited by every entry.
+    let shared = NODE
+        .replace("replication_slot = \"acme_slot\"\n", "")
+        .replace("replication_slot = \"globex_slot\"\n", "")
+        .replace("publication_name = \"acme_pub\"\n", "")
+        .replace("publication_name = \"globex_pub\"\n", "")
+        .replace("[monitoring]", "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n[monitoring]");
+    let all = Config::node_from_toml(&shared, "node.toml", no_env).expect("valid");
+    for c in &all {
+        assert_eq!(c.tenant.slot, "node_slot");
+        assert_eq!(c.tenant.shared_with, ["acme", "globex"]);
+        assert!(c.tenant.is_shared());
+    }
+    // Own slots: nothing shared.
+    let own = Config::node_from_toml(NODE, "node.toml", no_env).expect("valid");
+    assert!(own.iter().all(|c| !c.tenant.is_shared()));
+    // One tenant column per shared slot.
+    let at = shared
+        .rfind("[tenants.cdc]\n")
+        .expect("globex's cdc section")
+        + "[tenants.cdc]\n".len();
+    let columns = format!(
+        "{}tenant_column = \"org_id\"\n{}",
+        &shared[..at],
+        &shared[at..]
+    );
+    let e = Config::node_from_toml(&columns, "node.toml", no_env).expect_err("refused");
+    assert!(e.to_string().contains("one tenant column"), "{e}");
 }
 
 #[test]

@@ -133,10 +133,15 @@ pub async fn run(args: DemoArgs) -> Result<Outcome, ReplicationError> {
         stop_rx.clone(),
     )
     .await?;
-    let apply =
-        crate::pipeline::spawn_tenant(configs.apply.clone(), stop_rx.clone(), apply_tel.clone())?;
+    let apply = crate::pipeline::spawn_tenant(
+        configs.apply.clone(),
+        None,
+        stop_rx.clone(),
+        apply_tel.clone(),
+    )?;
     let capture = crate::pipeline::spawn_tenant(
         configs.capture.clone(),
+        None,
         stop_rx.clone(),
         Telemetry::disabled(),
     )?;

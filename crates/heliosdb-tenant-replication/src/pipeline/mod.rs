@@ -19,6 +19,7 @@
 pub mod apply_node;
 mod capture_node;
 pub mod driver;
+pub mod hub;
 mod lanes;
 mod session;
 
@@ -80,6 +81,7 @@ impl std::future::Future for Pipeline {
 /// (checkpoint files) still goes to a blocking pool.
 pub fn spawn_tenant(
     config: Arc<Config>,
+    hub: Option<hub::HubHandle>,
     shutdown: Shutdown,
     telemetry: Arc<Telemetry>,
 ) -> Result<Pipeline> {
@@ -91,7 +93,7 @@ pub fn spawn_tenant(
     std::thread::Builder::new()
         .name(format!("pipeline {}", config.tenant.tenant_id))
         .spawn(move || {
-            let result = runtime.block_on(run_tenant(config, shutdown, telemetry));
+            let result = runtime.block_on(run_tenant(config, hub, shutdown, telemetry));
             let _ = tx.send(result);
         })
         .map_err(|e| ReplicationError::Internal(format!("starting the pipeline's thread: {e}")))?;
@@ -99,15 +101,17 @@ pub fn spawn_tenant(
 }
 
 /// Run one tenant until shutdown or an error a person must fix.
+/// `hub`: the tenant shares its slot and reads it through this hub.
 pub async fn run_tenant(
     config: Arc<Config>,
+    hub: Option<hub::HubHandle>,
     mut shutdown: Shutdown,
     telemetry: Arc<Telemetry>,
 ) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let tel = telemetry.tenant(&tenant);
     tel.m.conflict_strategy(config.conflict.strategy.name());
-    let result = run_sessions(&config, &mut shutdown, &tel).await;
+    let result = run_sessions(&config, hub.as_ref(), &mut shutdown, &tel).await;
     match &result {
         Ok(()) => tel.set_state(State::Stopped),
         Err(e) => tel.failed(e, false),
@@ -117,6 +121,7 @@ pub async fn run_tenant(
 
 async fn run_sessions(
     config: &Arc<Config>,
+    hub: Option<&hub::HubHandle>,
     shutdown: &mut Shutdown,
     tel: &Arc<TenantTelemetry>,
 ) -> Result<()> {
@@ -131,7 +136,7 @@ async fn run_sessions(
     loop {
         let started = std::time::Instant::now();
         let result = match capture.as_mut() {
-            None => session::run(config, shutdown.clone(), tel).await,
+            None => session::run(config, hub, shutdown.clone(), tel).await,
             Some(ctx) => capture_node::run(config, ctx, shutdown.clone(), tel).await,
         };
         let stopping = *shutdown.borrow();

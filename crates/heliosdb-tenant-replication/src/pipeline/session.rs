@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::driver::{CommitPolicy, Delivery, Driver, Source};
+use super::hub::{HubFeed, HubHandle, Resume};
 use super::lanes::{lane_opener, LaneCatalog};
 use super::{closed, Shutdown};
 use crate::apply::streams::Streams;
@@ -28,6 +29,7 @@ use crate::telemetry::{State, TenantTelemetry};
 /// Run a session until shutdown (`Ok`) or an error.
 pub async fn run(
     config: &Config,
+    hub: Option<&HubHandle>,
     mut shutdown: Shutdown,
     tel: &Arc<TenantTelemetry>,
 ) -> Result<()> {
@@ -87,15 +89,59 @@ pub async fn run(
     .await?;
     tracing::debug!(tables = tracked, node_id = %config.conflict.node_id, "version tracking installed on the target");
     let resume = recorded.as_ref().map(|p| (p.commit_lsn, p.end_lsn));
-    let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
-    let (stream, file, ack_lsn) = (opened.stream, opened.file, opened.ack_lsn);
-    tracing::info!(
-        tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
-        tables = report.tables.len(),
-        resume_after = %recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-        start_lsn = %opened.start_lsn,
-        "replication_start: streaming"
-    );
+    let (feed, capture, file, acked) = match hub {
+        None => {
+            let opened =
+                open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
+            tracing::info!(
+                tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
+                tables = report.tables.len(),
+                resume_after = %recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
+                start_lsn = %opened.start_lsn,
+                "replication_start: streaming"
+            );
+            let (tx, rx) = mpsc::channel(config.batch.buffer_events);
+            let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
+            let (final_tx, final_rx) = oneshot::channel();
+            let assembler = Assembler::new(
+                recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
+                &config.tenant.tenant_id,
+            );
+            let task = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
+            let acked = Acknowledger::new(
+                Box::new(move |lsn| {
+                    let _ = ack_tx.send(lsn);
+                }),
+                opened.ack_lsn,
+            );
+            (Feed::Own(rx), Some((task, final_tx)), opened.file, acked)
+        }
+        Some(hub) => {
+            // The slot is read once for every tenant sharing it.
+            let file = checkpoint_file(config, resume, &system_id)?;
+            let resume = match resume {
+                Some((commit_lsn, end_lsn)) => Resume {
+                    commit_lsn,
+                    end_lsn,
+                },
+                None => Resume {
+                    commit_lsn: Lsn::ZERO,
+                    end_lsn: t.start_lsn,
+                },
+            };
+            let (feed, ack) = hub
+                .attach(&t.tenant_id, resume, &system_id, config.batch.buffer_events)
+                .await?;
+            tracing::info!(
+                tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
+                tables = report.tables.len(), shared_with = t.shared_with.len(),
+                resume_after = %resume.commit_lsn,
+                "replication_start: streaming from the shared slot"
+            );
+            let acked = Acknowledger::new(Box::new(move |lsn| ack.advance(lsn)), resume.end_lsn);
+            (Feed::Hub(feed), None, file, acked)
+        }
+    };
     tel.set_state(State::Running);
 
     let identity = ApplyIdentity {
@@ -124,26 +170,24 @@ pub async fn run(
         timeout: config.batch.batch_timeout,
     };
     let seen = recorded.as_ref().map(|p| p.end_lsn).unwrap_or(Lsn::ZERO);
-    let mut driver = Driver::new(applier, streams, policy, tel.clone(), seen, ack_lsn)
-        .paced(config.batch.max_events_per_sec);
+    let mut driver = Driver::new(
+        applier,
+        streams,
+        policy,
+        tel.clone(),
+        seen,
+        acked.position(),
+    )
+    .paced(config.batch.max_events_per_sec);
     if let Some(p) = &recorded {
         driver.set_converge_until(p.converge_until);
     }
 
-    let (tx, rx) = mpsc::channel(config.batch.buffer_events);
-    let (ack_tx, ack_rx) = watch::channel(ack_lsn);
-    let (final_tx, final_rx) = oneshot::channel();
-    let assembler = Assembler::new(
-        recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-        &config.tenant.tenant_id,
-    );
-    let capture = tokio::spawn(capture_loop(stream, assembler, tx, ack_rx, final_rx));
-
     let mut queue = CaptureQueue {
         config,
         tables: report.tables.clone(),
-        rx,
-        acked: Acknowledger::new(ack_tx, ack_lsn),
+        rx: feed,
+        acked,
         checkpoint: CheckpointWriter::new(
             file,
             system_id,
@@ -162,13 +206,18 @@ pub async fn run(
                 .checkpoint
                 .write_now(&t.tenant_id, &t.slot, acknowledged)
                 .await;
-            let _ = final_tx.send(acknowledged);
-            let _ = tokio::time::timeout(Duration::from_secs(6), capture).await;
+            if let Some((capture, final_tx)) = capture {
+                let _ = final_tx.send(acknowledged);
+                let _ = tokio::time::timeout(Duration::from_secs(6), capture).await;
+            }
             tracing::info!(tenant = %t.tenant_id, %acknowledged, "replication_stop: stopped");
             finish
         }
         Err(e) => {
             driver.abandon().await;
+            let Some((capture, final_tx)) = capture else {
+                return Err(e);
+            };
             drop(final_tx);
             // A capture error explains an apply-side "queue closed".
             match tokio::time::timeout(Duration::from_secs(6), capture).await {
@@ -220,24 +269,13 @@ pub(super) async fn open_stream(
             stream.system_id
         )));
     }
-    let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
-    match file.inspect(&t.tenant_id, system_id, &t.slot) {
-        Ok(FileState::Foreign { reason }) => tracing::warn!(
-            path = %file.path().display(), %reason,
-            "ignoring a checkpoint file that belongs to another source or slot; it will be overwritten"
-        ),
-        Ok(FileState::Valid(rec)) if resume.is_none_or(|(_, end)| Lsn(rec.lsn) > end) => {
-            tracing::warn!(
-                path = %file.path().display(), file_lsn = %Lsn(rec.lsn),
-                "the checkpoint file is ahead of the target's progress (was the target restored?); the target's progress is the truth"
-            )
-        }
-        Ok(_) => {}
+    let file = match checkpoint_file(config, resume, system_id) {
+        Ok(f) => f,
         Err(e) => {
             stream.close().await;
-            return Err(e.into());
+            return Err(e);
         }
-    }
+    };
     Ok(OpenedStream {
         stream,
         file,
@@ -248,6 +286,32 @@ pub(super) async fn open_stream(
             start_lsn
         },
     })
+}
+
+/// The tenant's checkpoint file, looked at: one of another source or slot,
+/// or ahead of the target's progress, is named in the log (the target's
+/// progress is the truth).
+fn checkpoint_file(
+    config: &Config,
+    resume: Option<(Lsn, Lsn)>,
+    system_id: &str,
+) -> Result<CheckpointFile> {
+    let t = &config.tenant;
+    let file = CheckpointFile::new(&t.checkpoint_dir, &t.tenant_id);
+    match file.inspect(&t.tenant_id, system_id, &t.slot)? {
+        FileState::Foreign { reason } => tracing::warn!(
+            path = %file.path().display(), %reason,
+            "ignoring a checkpoint file that belongs to another source or slot; it will be overwritten"
+        ),
+        FileState::Valid(rec) if resume.is_none_or(|(_, end)| Lsn(rec.lsn) > end) => {
+            tracing::warn!(
+                path = %file.path().display(), file_lsn = %Lsn(rec.lsn),
+                "the checkpoint file is ahead of the target's progress (was the target restored?); the target's progress is the truth"
+            )
+        }
+        _ => {}
+    }
+    Ok(file)
 }
 
 /// Reads the stream into the queue; acknowledges what apply committed.
@@ -333,21 +397,23 @@ pub(super) use crate::shutdown::stopped;
 /// sent to the capture task (which tells the walsender).
 pub(super) struct Acknowledger {
     position: Lsn,
-    tx: watch::Sender<Lsn>,
+    send: Box<dyn Fn(Lsn) + Send>,
 }
 
 impl Acknowledger {
-    pub(super) fn new(tx: watch::Sender<Lsn>, start: Lsn) -> Self {
+    /// `send` tells the capture side (the tenant's capture task, or the
+    /// hub of a shared slot).
+    pub(super) fn new(send: Box<dyn Fn(Lsn) + Send>, start: Lsn) -> Self {
         Self {
             position: start,
-            tx,
+            send,
         }
     }
 
     pub(super) fn advance(&mut self, lsn: Lsn) {
         if lsn > self.position {
             self.position = lsn;
-            let _ = self.tx.send(lsn);
+            (self.send)(lsn);
         }
     }
 
@@ -420,6 +486,14 @@ impl CheckpointWriter {
     }
 }
 
+/// Where a tenant's transactions come from in one process.
+enum Feed {
+    /// Its own slot's capture task.
+    Own(mpsc::Receiver<TxEvent>),
+    /// The hub of a slot shared with other tenants.
+    Hub(HubFeed),
+}
+
 /// The capture queue of one process as the driver's source: the slot is
 /// acknowledged (and the checkpoint file written) as the target commits;
 /// between transactions, requested resyncs run and the target's table
@@ -428,14 +502,18 @@ struct CaptureQueue<'a> {
     config: &'a Config,
     tel: Arc<TenantTelemetry>,
     tables: Vec<SourceTable>,
-    rx: mpsc::Receiver<TxEvent>,
+    rx: Feed,
     acked: Acknowledger,
     checkpoint: CheckpointWriter,
 }
 
 impl Source for CaptureQueue<'_> {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        match self.rx.recv().await {
+        let next = match &mut self.rx {
+            Feed::Own(rx) => rx.recv().await,
+            Feed::Hub(feed) => feed.recv().await?,
+        };
+        match next {
             Some(event) => Ok(Some(Delivery::Event(event))),
             // The capture task ended (its error, if any, is reported).
             None => Err(closed("the capture queue")),
@@ -443,7 +521,10 @@ impl Source for CaptureQueue<'_> {
     }
 
     fn queued(&self) -> usize {
-        self.rx.len()
+        match &self.rx {
+            Feed::Own(rx) => rx.len(),
+            Feed::Hub(feed) => feed.len(),
+        }
     }
 
     async fn committed(&mut self, end_lsn: Lsn, events: u64) {

@@ -235,17 +235,34 @@ pub(crate) async fn tenant_tables(
     Ok((tables, skipped))
 }
 
+/// The publication's row filter: the tenant's rows, or those of every
+/// tenant in `tenants` (a shared slot).
+fn row_filter(column: &str, tenants: &[String]) -> String {
+    match tenants {
+        [one] => format!("WHERE ({} = {})", quote_ident(column), quote_literal(one)),
+        many => format!(
+            "WHERE ({} IN ({}))",
+            quote_ident(column),
+            many.iter()
+                .map(|t| quote_literal(t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 async fn ensure_publication(
     source: &Client,
     t: &TenantConfig,
     tables: &[SourceTable],
     report: &mut InitReport,
 ) -> Result<()> {
-    let filter = format!(
-        "WHERE ({} = {})",
-        quote_ident(&t.tenant_column),
-        quote_literal(&t.tenant_id)
-    );
+    let tenants = if t.is_shared() {
+        t.shared_with.clone()
+    } else {
+        vec![t.tenant_id.clone()]
+    };
+    let filter = row_filter(&t.tenant_column, &tenants);
     let exists = source
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -255,6 +272,18 @@ async fn ensure_publication(
         .map_err(src("reading pg_publication"))?
         .is_some();
     let pub_ident = quote_ident(&t.publication);
+    if exists && t.is_shared() {
+        // The filter lists the tenants the slot serves: set it whole (the
+        // tables with it), effective for changes decoded after this commit.
+        set_tables(source, &t.publication, tables, &filter).await?;
+        report.lines.push(format!(
+            "source: publication '{}' (shared by {} tenants) set for {} table(s) {filter}",
+            t.publication,
+            tenants.len(),
+            tables.len()
+        ));
+        return Ok(());
+    }
     if !exists {
         let list: Vec<String> = tables
             .iter()
@@ -345,6 +374,40 @@ async fn ensure_publication(
         ));
     }
     Ok(())
+}
+
+/// `ALTER PUBLICATION … SET TABLE`: every table with `filter`.
+async fn set_tables(
+    source: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+    filter: &str,
+) -> Result<()> {
+    let list: Vec<String> = tables
+        .iter()
+        .map(|tb| format!("{} {filter}", tb.own_rows()))
+        .collect();
+    source
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET TABLE {}",
+            quote_ident(publication),
+            list.join(", ")
+        ))
+        .await
+        .map_err(src("setting the publication's tables and row filter"))?;
+    Ok(())
+}
+
+/// A shared slot's publication lists exactly `tenants` (what remains after
+/// a tenant was removed). Returns what was done, for the log.
+pub async fn publish_for(config: &Config, tenants: &[String]) -> Result<String> {
+    let t = &config.tenant;
+    let app = "heliosdb-tenant-replication publication";
+    let source = pg::connect(t.source()?, &config.network, Side::Source, app).await?;
+    let (tables, _) = tenant_tables(&source, t).await?;
+    let filter = row_filter(&t.tenant_column, tenants);
+    set_tables(&source, &t.publication, &tables, &filter).await?;
+    Ok(format!("publication {} {filter}", t.publication))
 }
 
 /// Check an existing slot; `None` when there is none yet, else its position.

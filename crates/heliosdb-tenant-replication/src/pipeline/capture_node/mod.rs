@@ -197,7 +197,12 @@ pub async fn run(
         in_flight: VecDeque::new(),
         carried: Committed::default(),
         rx,
-        acked: Acknowledger::new(ack_tx, opened.ack_lsn),
+        acked: Acknowledger::new(
+            Box::new(move |lsn| {
+                let _ = ack_tx.send(lsn);
+            }),
+            opened.ack_lsn,
+        ),
         checkpoint: CheckpointWriter::new(
             opened.file,
             system_id,

@@ -1,0 +1,281 @@
+//! Many tenants from one decode: tenants of a node file that name one slot
+//! share it (one publication listing them, one walsender), and each
+//! tenant's rows are routed to its own target, on real clusters.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::Client;
+
+/// Tenant `i` of `n` and its target database (half in `app`, half in `app2`).
+fn tenants(n: usize) -> Vec<(String, &'static str)> {
+    (0..n)
+        .map(|i| (format!("s-{i:02}"), if i % 2 == 0 { "app" } else { "app2" }))
+        .collect()
+}
+
+/// A node file whose tenants inherit one slot and publication from the
+/// file's `[cdc]`; `extra` goes at the top.
+fn shared_node_file(env: &Env, tenants: &[(String, &str)], extra: &str) -> PathBuf {
+    let shared: String = env
+        .config_text("")
+        .lines()
+        .filter(|l| {
+            ![
+                "tenant_id",
+                "target_connection",
+                "replication_slot",
+                "publication_name",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replace(
+            "[cdc]\n",
+            "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n",
+        );
+    let mut text = extra.to_string() + &shared;
+    for (tenant, db) in tenants {
+        text.push_str(&format!(
+            "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{tenant}\"\ntarget_connection = \"{}\"\n",
+            env.target.superuser_url(db)
+        ));
+    }
+    env.write_config("node.toml", &text)
+}
+
+/// Clusters with the schema, a second target database `app2`, and room on
+/// the target for every tenant's replication origin.
+async fn two_targets() -> Env {
+    let mut env = Env::new(SCHEMA).await;
+    env.target
+        .reconfigure(&[("max_replication_slots", "64")])
+        .expect("target settings");
+    env.target.create_database("app2").await.expect("app2");
+    env.target
+        .connect("app2")
+        .await
+        .expect("connect app2")
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
+    env
+}
+
+/// Every tenant's rows equal on its target; the first that differs.
+async fn first_unequal(env: &Env, tenants: &[(String, &str)]) -> Option<String> {
+    let src = env.src().await;
+    let mut targets = std::collections::HashMap::new();
+    for db in ["app", "app2"] {
+        targets.insert(db, env.target.connect(db).await.expect("target"));
+    }
+    for (tenant, db) in tenants {
+        for table in TABLES {
+            let (a, b) = (
+                tenant_digest(&src, table, tenant).await,
+                tenant_digest(&targets[db], table, tenant).await,
+            );
+            if a != b {
+                return Some(format!("{tenant} {table}: source {a:?}, target {b:?}"));
+            }
+        }
+    }
+    None
+}
+
+/// Rows on target database `db` of tenants not served there.
+async fn strangers(env: &Env, db: &str, served: &[String]) -> i64 {
+    let c = env.target.connect(db).await.expect("target");
+    let mut n = 0;
+    for table in TABLES {
+        n += c
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE tenant_id <> ALL($1)"),
+                &[&served],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0);
+    }
+    n
+}
+
+/// Walsenders serving the node's slot.
+async fn walsenders(src: &Client) -> i64 {
+    src.query_one(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = 'node_slot'",
+        &[],
+    )
+    .await
+    .expect("walsenders")
+    .get(0)
+}
+
+/// A mixed workload over `tenants` plus unserved ones, until `stop`:
+/// inserts, updates, deletes, rows moved between tenants, and a
+/// transaction large enough to be streamed while it runs now and then.
+async fn workload(src: Client, tenants: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
+    let mut round: i64 = 0;
+    let all: Vec<String> = tenants
+        .iter()
+        .cloned()
+        .chain(["unserved-a".to_string(), "unserved-b".to_string()])
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let t = &all[round as usize % all.len()];
+        let u = &all[(round as usize * 7 + 3) % all.len()];
+        let base = round * 10;
+        let sql = format!(
+            "BEGIN;
+             INSERT INTO accounts SELECT '{t}', g, 'n' || g, 'e', g, now() FROM generate_series({base}, {base} + 9) g;
+             INSERT INTO orders SELECT '{u}', g, g, 'new', g, '{{\"r\": {round}}}', now() FROM generate_series({base}, {base} + 4) g;
+             UPDATE accounts SET balance = balance + 1, name = 'u{round}' WHERE tenant_id = '{u}' AND id % 3 = {round} % 3;
+             DELETE FROM orders WHERE tenant_id = '{t}' AND id % 11 = {round} % 11;
+             UPDATE accounts SET tenant_id = '{u}', id = id + 1000000 WHERE tenant_id = '{t}' AND id = {base} + 1;
+             COMMIT;"
+        );
+        src.batch_execute(&sql).await.expect("workload");
+        if round % 40 == 0 {
+            // Larger than logical_decoding_work_mem: streamed while it runs.
+            src.batch_execute(&format!(
+                "INSERT INTO events SELECT tn, {round} * 100000 + g, 'big', repeat('x', 200), now()
+                   FROM generate_series(1, 3000) g, (SELECT DISTINCT x FROM (VALUES ('{t}'), ('{u}'), ('unserved-a')) v(x)) v(tn)"
+            ))
+            .await
+            .expect("large transaction");
+        }
+    }
+    round as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_tenants_share_one_slot_through_kill_9_under_load() {
+    let env = two_targets().await;
+    let admin = env.source.connect("postgres").await.expect("connect");
+    for sql in [
+        "ALTER SYSTEM SET logical_decoding_work_mem = '64kB'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("work mem");
+    }
+    let served = tenants(20);
+    let ids: Vec<String> = served.iter().map(|(t, _)| t.clone()).collect();
+    let src = env.src().await;
+    for (i, id) in ids
+        .iter()
+        .chain(["unserved-a".to_string()].iter())
+        .enumerate()
+    {
+        src.batch_execute(&format!(
+            "INSERT INTO accounts SELECT '{id}', -g, 'before', 'e', {i}, now() FROM generate_series(1, 50) g"
+        ))
+        .await
+        .expect("rows before init");
+    }
+    let node = shared_node_file(&env, &served, "");
+    let init = env.init(&node);
+    assert!(init.contains("shared by 20 tenants"), "{init}");
+    let slots: i64 = src
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 1, "one slot for twenty tenants");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(workload(env.src().await, ids.clone(), stop.clone()));
+    let mut daemon = env.start_daemon(&node);
+    for round in 0..3 {
+        // Under load, the node streams (one walsender), then dies.
+        let applied = |n: i64| {
+            let env = &env;
+            async move {
+                let c = env.target.connect("app").await.expect("target");
+                c.query_one("SELECT count(*) FROM accounts WHERE name LIKE 'u%'", &[])
+                    .await
+                    .expect("count")
+                    .get::<_, i64>(0)
+                    > n
+            }
+        };
+        let before = env
+            .target
+            .connect("app")
+            .await
+            .expect("target")
+            .query_one("SELECT count(*) FROM accounts WHERE name LIKE 'u%'", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0);
+        wait_until(
+            Duration::from_secs(60),
+            "changes applied under load",
+            || applied(before + 20),
+        )
+        .await;
+        assert_eq!(
+            walsenders(&src).await,
+            1,
+            "round {round}: one walsender for the node"
+        );
+        daemon.kill9();
+        daemon = env.start_daemon(&node);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds = load.await.expect("workload");
+    assert!(rounds > 30, "the workload ran ({rounds} rounds)");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match first_unequal(&env, &served).await {
+            None => break,
+            Some(d) => assert!(
+                std::time::Instant::now() < deadline,
+                "{d}\n{}",
+                daemon.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let app: Vec<String> = served
+        .iter()
+        .filter(|(_, db)| *db == "app")
+        .map(|(t, _)| t.clone())
+        .collect();
+    let app2: Vec<String> = served
+        .iter()
+        .filter(|(_, db)| *db == "app2")
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert_eq!(
+        strangers(&env, "app", &app).await,
+        0,
+        "only app's tenants in app"
+    );
+    assert_eq!(
+        strangers(&env, "app2", &app2).await,
+        0,
+        "only app2's tenants in app2"
+    );
+    assert_eq!(walsenders(&src).await, 1);
+    // Idle tenants do not pin WAL: the slot reaches the end of the WAL.
+    wait_until(Duration::from_secs(30), "the slot confirms the end of the WAL", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    assert!(!daemon.log().contains(" ERROR "), "{}", daemon.log());
+}
