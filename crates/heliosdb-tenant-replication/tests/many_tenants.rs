@@ -71,15 +71,6 @@ async fn tenant_equal(env: &Env, tenant: &str, db: &str, tables: &[&str]) -> boo
     true
 }
 
-/// SIGHUP: the node reads its file again.
-fn reload(daemon: &Daemon) {
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .expect("kill -HUP");
-    assert!(sent.success());
-}
-
 async fn target_of(env: &Env, db: &str) -> Client {
     env.target.connect(db).await.expect("connect target")
 }
@@ -226,7 +217,7 @@ async fn tenants_of_one_file_replicate_side_by_side_and_one_that_stops_leaves_th
     // The operator takes t-3 out of the file: the node is healthy again,
     // t-3's slot is gone, and its failure no longer sets the exit code.
     node_file_of(&env, &SERVED[..2], "");
-    reload(&daemon);
+    daemon.reload();
     wait_for_log(
         &daemon,
         "its rows and progress stay on the target",
@@ -290,7 +281,7 @@ async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
         std::fs::read_to_string(with_audit(&[SERVED[0], SERVED[2]])).expect("new file"),
     )
     .expect("rewrite");
-    reload(&daemon);
+    daemon.reload();
     write(&src, "t-1", 1000, 50).await;
     wait_for_log(&daemon, "tenant added: streaming", Duration::from_secs(60)).await;
     write(&src, "t-3", 1000, 50).await;
@@ -333,7 +324,7 @@ async fn a_reload_adds_and_removes_tenants_while_the_others_stream() {
     assert!(log.contains("\"tenant_removed\""), "{log}");
     // A file that does not parse changes nothing.
     std::fs::write(&node, "[replication\n").expect("broken file");
-    reload(&daemon);
+    daemon.reload();
     wait_for_log(
         &daemon,
         "was not reloaded, nothing changed",
@@ -429,7 +420,7 @@ async fn a_stopped_tenant_is_fixed_and_started_again_by_a_reload() {
         .expect("restore");
     let out = run(&node, &["--tenant", "t-3", "resync", "--table", "accounts"]);
     assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
-    reload(&daemon);
+    daemon.reload();
     write(&src, "t-1", 500, 10).await;
     // The restored column is now the table's last: compare by name.
     wait_until(Duration::from_secs(60), "t-3 is back and equal", || async {

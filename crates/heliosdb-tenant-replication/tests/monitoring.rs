@@ -4,96 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::prometheus::Prometheus;
 use common::*;
-
-/// Prometheus from Debian's package, on a loopback port, killed on drop.
-struct Prometheus {
-    child: Child,
-    port: u16,
-}
-
-impl Prometheus {
-    fn start(dir: &Path, metrics_port: u16) -> Prometheus {
-        // The shipped rules, with the lag alert's threshold and `for:` made short.
-        let rules = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../deploy/prometheus/rules/replication-alerts.yml"),
-        )
-        .expect("shipped rules");
-        let shipped = "expr: heliosdb_replication_current_lag_seconds > 30\n        for: 5m";
-        assert!(
-            rules.contains(shipped),
-            "the shipped lag alert changed shape"
-        );
-        let rules = rules
-            .replace(
-                shipped,
-                "expr: heliosdb_replication_current_lag_seconds > 3\n        for: 2s",
-            )
-            .replace("interval: 30s", "interval: 1s");
-        std::fs::create_dir_all(dir.join("rules")).expect("mkdir");
-        std::fs::write(dir.join("rules/replication-alerts.yml"), rules).expect("rules");
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - 'rules/*.yml'\n\
-                 scrape_configs:\n  - job_name: 'heliosdb-replication'\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-            ),
-        )
-        .expect("config");
-        let port = pgcluster::free_port().expect("port");
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus not found: install Debian's prometheus package");
-        Prometheus { child, port }
-    }
-
-    async fn get(&self, path: &str) -> serde_json::Value {
-        match http_get(self.port, path).await {
-            Some((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
-            _ => serde_json::Value::Null,
-        }
-    }
-
-    /// Series of an instant query (only `[a-z_]` in the query: no escaping needed).
-    async fn query(&self, q: &str) -> Vec<serde_json::Value> {
-        self.get(&format!("/api/v1/query?query={q}")).await["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    async fn alert_state(&self, name: &str) -> Option<String> {
-        self.get("/api/v1/alerts").await["data"]["alerts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["labels"]["alertname"] == name)
-            .and_then(|a| a["state"].as_str().map(str::to_string))
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_sees_the_series_and_the_lag_alert_fires_and_recovers_with_the_target() {
@@ -171,7 +85,14 @@ async fn prometheus_sees_the_series_and_the_lag_alert_fires_and_recovers_with_th
         assert!(!text.contains("postgresql://"), "{text}");
     }
 
-    let prometheus = Prometheus::start(&env.dir.path().join("prometheus"), metrics_port);
+    let prometheus = Prometheus::start(
+        &env.dir.path().join("prometheus"),
+        metrics_port,
+        &[(
+            "expr: heliosdb_replication_current_lag_seconds > 30\n        for: 5m",
+            "expr: heliosdb_replication_current_lag_seconds > 3\n        for: 2s",
+        )],
+    );
     wait_until(
         Duration::from_secs(60),
         "Prometheus to scrape the lag and throughput series",

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::prometheus::Prometheus;
 use common::*;
 use tokio_postgres::Client;
 
@@ -22,6 +23,15 @@ fn tenants(n: usize) -> Vec<(String, &'static str)> {
 /// A node file whose tenants inherit one slot and publication from the
 /// file's `[cdc]`; `extra` goes at the top.
 fn shared_node_file(env: &Env, tenants: &[(String, &str)], extra: &str) -> PathBuf {
+    let urls: Vec<(String, String)> = tenants
+        .iter()
+        .map(|(t, db)| (t.clone(), env.target.superuser_url(db)))
+        .collect();
+    node_file_with_targets(env, &urls, extra)
+}
+
+/// [`shared_node_file`] with each tenant's target connection given.
+fn node_file_with_targets(env: &Env, tenants: &[(String, String)], extra: &str) -> PathBuf {
     let shared: String = env
         .config_text("")
         .lines()
@@ -42,10 +52,9 @@ fn shared_node_file(env: &Env, tenants: &[(String, &str)], extra: &str) -> PathB
             "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n",
         );
     let mut text = extra.to_string() + &shared;
-    for (tenant, db) in tenants {
+    for (tenant, url) in tenants {
         text.push_str(&format!(
-            "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{tenant}\"\ntarget_connection = \"{}\"\n",
-            env.target.superuser_url(db)
+            "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{tenant}\"\ntarget_connection = \"{url}\"\n"
         ));
     }
     env.write_config("node.toml", &text)
@@ -278,4 +287,289 @@ async fn twenty_tenants_share_one_slot_through_kill_9_under_load() {
     })
     .await;
     assert!(!daemon.log().contains(" ERROR "), "{}", daemon.log());
+}
+
+/// Rows of `tenant` in every table, from `from` on.
+async fn rows(src: &Client, tenant: &str, from: i64, n: i64) {
+    src.batch_execute(&format!(
+        "INSERT INTO accounts SELECT '{tenant}', g, 'n' || g, 'e', g, now() FROM generate_series({from}, {to}) g;
+         INSERT INTO orders SELECT '{tenant}', g, g, 'new', g, '{{}}', now() FROM generate_series({from}, {to}) g;
+         INSERT INTO events SELECT '{tenant}', g, 'k', repeat('x', 100), now() FROM generate_series({from}, {to}) g",
+        to = from + n - 1
+    ))
+    .await
+    .expect("rows");
+}
+
+/// `tenant`'s rows equal on the source and on `target`.
+async fn equal_on(src: &Client, target: &Client, tenant: &str) -> bool {
+    for table in TABLES {
+        if tenant_digest(src, table, tenant).await != tenant_digest(target, table, tenant).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn slot_confirmed(src: &Client) -> i64 {
+    src.query_one(
+        "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+        &[],
+    )
+    .await
+    .expect("slot")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_target_is_down_holds_the_slot_while_the_others_go_on() {
+    let env = two_targets().await;
+    // Tenant "down" replicates into a cluster of its own, stopped below.
+    let mut own = pgcluster::Cluster::start().expect("third cluster");
+    own.create_database("app").await.expect("db");
+    own.connect("app")
+        .await
+        .expect("connect")
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema");
+    let tenants = vec![
+        ("s-a".to_string(), env.target.superuser_url("app")),
+        ("s-b".to_string(), env.target.superuser_url("app2")),
+        ("down".to_string(), own.superuser_url("app")),
+    ];
+    let node = node_file_with_targets(&env, &tenants, "");
+    let src = env.src().await;
+    for (t, _) in &tenants {
+        rows(&src, t, 1, 100).await;
+    }
+    env.init(&node);
+    let daemon = env.start_daemon(&node);
+    let (a, b) = (
+        env.target.connect("app").await.expect("app"),
+        env.target.connect("app2").await.expect("app2"),
+    );
+    let x = own.connect("app").await.expect("own");
+    wait_until(
+        Duration::from_secs(60),
+        "every tenant copied and streaming",
+        || async {
+            equal_on(&src, &a, "s-a").await
+                && equal_on(&src, &b, "s-b").await
+                && equal_on(&src, &x, "down").await
+        },
+    )
+    .await;
+    let (metrics_port, health_port) = monitoring_ports(&node);
+    let prometheus = Prometheus::start(
+        &env.dir.path().join("prometheus"),
+        metrics_port,
+        &[(
+            "expr: heliosdb_tenant_wal_held_bytes > 1024 * 1024 * 1024\n        for: 10m",
+            "expr: heliosdb_tenant_wal_held_bytes > 256 * 1024\n        for: 2s",
+        )],
+    );
+
+    drop(x);
+    own.stop().expect("stop the tenant's target");
+    let held_at = slot_confirmed(&src).await;
+    // The others stream on while "down" cannot apply.
+    for round in 0..20 {
+        for (t, _) in &tenants {
+            rows(&src, t, 1000 + round * 100, 100).await;
+        }
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the other tenants applied everything",
+        || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "the WAL alert for the tenant whose target is down",
+        || async {
+            let firing = prometheus.get("/api/v1/alerts").await["data"]["alerts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            firing.iter().any(|a| {
+                a["labels"]["alertname"] == "TenantHoldsWAL"
+                    && a["labels"]["tenant_id"] == "down"
+                    && a["state"] == "firing"
+            })
+        },
+    )
+    .await;
+    // Only that tenant holds WAL back; the slot did not pass its position.
+    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    for (t, _) in &tenants[..2] {
+        let held = metric_value(
+            &metrics,
+            "heliosdb_tenant_wal_held_bytes",
+            &[&format!("tenant_id=\"{t}\"")],
+        );
+        assert!(
+            held < Some(256.0 * 1024.0),
+            "{t} holds {held:?}:\n{metrics}"
+        );
+    }
+    assert!(
+        slot_confirmed(&src).await <= held_at + 64 * 1024,
+        "the slot moved past the tenant that has not applied"
+    );
+    let (status, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(status, 503, "{body}");
+
+    // Back: it catches up from the slot, equal; the slot moves on.
+    own.start_again().expect("start the tenant's target");
+    let x = own.connect("app").await.expect("own");
+    wait_until(Duration::from_secs(90), "the tenant caught up", || async {
+        equal_on(&src, &x, "down").await
+    })
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the slot released the held WAL",
+        || async { slot_confirmed(&src).await > held_at + 256 * 1024 },
+    )
+    .await;
+    assert!(equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await);
+    for db in [&a, &b, &x] {
+        assert_eq!(
+            db.query_one(
+                "SELECT count(*) FROM accounts WHERE tenant_id NOT IN ('s-a', 's-b', 'down')",
+                &[]
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0),
+            0
+        );
+    }
+    drop(daemon);
+}
+
+/// The tenants the shared publication's row filter lists (its text).
+async fn published_filter(src: &Client) -> String {
+    src.query_one(
+        "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'node_pub' AND tablename = 'accounts'",
+        &[],
+    )
+    .await
+    .expect("publication")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_join_and_leave_a_shared_slot_while_the_others_stream() {
+    let env = two_targets().await;
+    let src = env.src().await;
+    let all = vec![
+        ("s-a".to_string(), "app"),
+        ("s-b".to_string(), "app2"),
+        ("s-c".to_string(), "app2"),
+    ];
+    for (t, _) in &all {
+        rows(&src, t, 1, 200).await;
+    }
+    let node = shared_node_file(&env, &all[..2], "");
+    env.init(&node);
+    let daemon = env.start_daemon(&node);
+    let (a, b) = (
+        env.target.connect("app").await.expect("app"),
+        env.target.connect("app2").await.expect("app2"),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the first two tenants streaming",
+        || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
+    )
+    .await;
+    assert!(!published_filter(&src).await.contains("s-c"));
+
+    // Writes go on for every tenant while s-c joins.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (src, stop) = (env.src().await, stop.clone());
+        tokio::spawn(async move {
+            let mut from = 10_000;
+            while !stop.load(Ordering::Relaxed) {
+                for t in ["s-a", "s-b", "s-c"] {
+                    rows(&src, t, from, 20).await;
+                }
+                from += 20;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    shared_node_file(&env, &all, "");
+    daemon.reload();
+    wait_until(
+        Duration::from_secs(60),
+        "s-c copied and streaming",
+        || async {
+            published_filter(&src).await.contains("s-c")
+                && b.query_one(
+                    "SELECT count(*) >= 200 FROM accounts WHERE tenant_id = 's-c'",
+                    &[],
+                )
+                .await
+                .expect("count")
+                .get::<_, bool>(0)
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    wait_until(
+        Duration::from_secs(60),
+        "all three equal after the join",
+        || async {
+            equal_on(&src, &a, "s-a").await
+                && equal_on(&src, &b, "s-b").await
+                && equal_on(&src, &b, "s-c").await
+        },
+    )
+    .await;
+
+    // s-b leaves: the filter no longer lists it, the slot stays for the others.
+    shared_node_file(&env, &[all[0].clone(), all[2].clone()], "");
+    daemon.reload();
+    wait_until(
+        Duration::from_secs(30),
+        "s-b out of the publication",
+        || async { !published_filter(&src).await.contains("s-b") },
+    )
+    .await;
+    rows(&src, "s-b", 50_000, 10).await;
+    rows(&src, "s-a", 50_000, 10).await;
+    rows(&src, "s-c", 50_000, 10).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the remaining tenants go on",
+        || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-c").await },
+    )
+    .await;
+    let late: i64 = b
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE tenant_id = 's-b' AND id >= 50000",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(late, 0, "a removed tenant's later rows are not applied");
+    let slots: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 1, "the shared slot stays for the others");
+    assert_eq!(walsenders(&src).await, 1);
+    let log = daemon.log();
+    assert!(!log.contains(" ERROR "), "{log}");
 }

@@ -191,7 +191,7 @@ fn trigger_names(node: &str) -> [String; 2] {
 
 /// The advisory lock (transaction scope) taken while version tracking is
 /// installed on a target database.
-const INSTALL_LOCK: i64 = 0x6865_6c69_6f73_01;
+const INSTALL_LOCK: i64 = 0x0068_656c_696f_7301;
 
 /// Install (or extend to `tenant`) the local-write triggers of one table:
 /// one pair per table and node, whichever tenants they track. A tenant is

@@ -43,6 +43,7 @@ pub const FAMILIES: &[&str] = &[
     "heliosdb_replication_transactions_total",
     "heliosdb_apply_batch_duration_seconds",
     "heliosdb_replication_applied_lsn",
+    "heliosdb_tenant_wal_held_bytes",
     "heliosdb_slot_retained_wal_bytes",
     "heliosdb_slot_confirmed_flush_lsn",
     "heliosdb_replication_up",
@@ -73,6 +74,7 @@ pub struct Metrics {
     transactions: IntCounterVec,
     batch_seconds: HistogramVec,
     applied_lsn: IntGaugeVec,
+    wal_held: IntGaugeVec,
     slot_retained: IntGaugeVec,
     slot_confirmed: IntGaugeVec,
     up: IntGaugeVec,
@@ -116,6 +118,7 @@ impl Metrics {
             batch_seconds: register!(r, HistogramVec::new(
                 HistogramOpts::new("heliosdb_apply_batch_duration_seconds", "Time to apply and commit one target transaction").buckets(BATCH_BUCKETS.to_vec()), t)),
             applied_lsn: register!(r, IntGaugeVec::new(opts("heliosdb_replication_applied_lsn", "End LSN of the last source transaction committed on the target"), t)),
+            wal_held: register!(r, IntGaugeVec::new(opts("heliosdb_tenant_wal_held_bytes", "WAL the source keeps because of this tenant: its current WAL position minus what the tenant let its slot release (on a shared slot, the tenant furthest behind holds it for all)"), t)),
             slot_retained: register!(r, IntGaugeVec::new(opts("heliosdb_slot_retained_wal_bytes", "WAL the source keeps for the tenant's slot (current WAL position minus restart_lsn)"), &["tenant_id", "slot"])),
             slot_confirmed: register!(r, IntGaugeVec::new(opts("heliosdb_slot_confirmed_flush_lsn", "The slot's confirmed_flush_lsn on the source"), &["tenant_id", "slot"])),
             up: register!(r, IntGaugeVec::new(opts("heliosdb_replication_up", "1 while the tenant streams or copies, 0 while it is stopped or reconnecting"), t)),
@@ -148,6 +151,7 @@ impl Metrics {
             transactions: self.transactions.with_label_values(t),
             batch_seconds: self.batch_seconds.with_label_values(t),
             applied_lsn: self.applied_lsn.with_label_values(t),
+            wal_held: self.wal_held.with_label_values(t),
             up: self.up.with_label_values(t),
             events: self.events.clone(),
             errors: self.errors.clone(),
@@ -187,6 +191,7 @@ impl Metrics {
         let _ = self.transactions.remove_label_values(t);
         let _ = self.batch_seconds.remove_label_values(t);
         let _ = self.applied_lsn.remove_label_values(t);
+        let _ = self.wal_held.remove_label_values(t);
         let _ = self.up.remove_label_values(t);
         for table in m.tables.lock().unwrap_or_else(|p| p.into_inner()).keys() {
             let _ = self.events.remove_label_values(&[&m.tenant, table]);
@@ -227,6 +232,7 @@ pub struct TenantMetrics {
     pub transactions: IntCounter,
     pub batch_seconds: Histogram,
     pub applied_lsn: IntGauge,
+    pub wal_held: IntGauge,
     pub up: IntGauge,
     events: IntCounterVec,
     errors: IntCounterVec,

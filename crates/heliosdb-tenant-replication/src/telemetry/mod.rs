@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod report;
 pub mod server;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -115,6 +115,7 @@ impl Telemetry {
             progressed: AtomicBool::new(false),
             caught_up_at_us: AtomicI64::new(now_us()),
             applied_commit_us: AtomicI64::new(0),
+            acknowledged: AtomicU64::new(0),
             recent_lag: Mutex::new(std::collections::VecDeque::new()),
         });
         t.m.up.set(1);
@@ -168,6 +169,8 @@ pub struct TenantTelemetry {
     caught_up_at_us: AtomicI64,
     /// Unix µs of the source commit of the last applied transaction.
     applied_commit_us: AtomicI64,
+    /// What the tenant let its slot release (0: nothing yet in this process).
+    acknowledged: AtomicU64,
     /// The latest lag observations (for quantiles in the demo's live view).
     recent_lag: Mutex<std::collections::VecDeque<f64>>,
 }
@@ -267,6 +270,7 @@ impl TenantTelemetry {
     /// `wire_bytes`: what crossed the network for it (split deployment).
     pub fn committed(&self, c: &Committed, end_lsn: Lsn, wire_bytes: Option<u64>) {
         self.progressed.store(true, Ordering::Relaxed);
+        self.acknowledged.fetch_max(end_lsn.0, Ordering::Relaxed);
         for t in &c.commit_times_us {
             self.applied(*t, end_lsn);
         }
@@ -333,6 +337,12 @@ impl TenantTelemetry {
         self.progressed.store(true, Ordering::Relaxed);
         self.caught_up_at_us.store(now_us(), Ordering::Relaxed);
         self.caught_up.store(true, Ordering::Relaxed);
+    }
+
+    /// What the tenant let its slot release, if it committed anything in
+    /// this process.
+    pub fn acknowledged(&self) -> Option<Lsn> {
+        Some(Lsn(self.acknowledged.load(Ordering::Relaxed))).filter(|l| !l.is_zero())
     }
 
     /// Did the session make progress (commit, or catch up) since the last

@@ -178,7 +178,8 @@ async fn collect(tenants: NodeTenants, telemetry: Arc<Telemetry>, mut shutdown: 
             let row = client
                 .query_opt(
                     "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint,
-                            (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint
+                            (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint,
+                            (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
                        FROM pg_replication_slots WHERE slot_name = $1",
                     &[&tc.slot],
                 )
@@ -186,12 +187,14 @@ async fn collect(tenants: NodeTenants, telemetry: Arc<Telemetry>, mut shutdown: 
             match row {
                 Ok(Some(r)) => {
                     let retained: Option<i64> = r.get(0);
-                    let confirmed: Option<i64> = r.get(1);
-                    telemetry.tenant(&tc.tenant_id).m.slot(
-                        &tc.slot,
-                        retained.unwrap_or(0),
-                        confirmed.unwrap_or(0).max(0) as u64,
-                    );
+                    let confirmed = r.get::<_, Option<i64>>(1).unwrap_or(0).max(0) as u64;
+                    let current = r.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64;
+                    let t = telemetry.tenant(&tc.tenant_id);
+                    t.m.slot(&tc.slot, retained.unwrap_or(0), confirmed);
+                    // A tenant that committed nothing here yet holds the
+                    // slot where it is.
+                    let held_from = t.acknowledged().map_or(confirmed, |l| l.0.max(confirmed));
+                    t.m.wal_held.set(current.saturating_sub(held_from) as i64);
                 }
                 Ok(None) => {}
                 Err(_) => {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use pgcluster::Cluster;
 use tokio_postgres::Client;
 
+pub mod prometheus;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_heliosdb-tenant-replication");
 pub const TENANT: &str = "tenant-123";
 
@@ -222,6 +224,15 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGHUP: the node reads its file again.
+    pub fn reload(&self) {
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(sent.success());
     }
 
     pub fn log(&self) -> String {
