@@ -12,6 +12,9 @@
 //! * `big-txn`: one large transaction, commit to visible (scenario 3).
 //! * `live`: small transactions from 4 clients at a fixed rate and at full
 //!   speed: lag p50/p99/p999 per row and the source's slowdown (scenario 4).
+//! * `tenants`: N tenants drained from one backlog by this node with a
+//!   shared slot, with a slot per tenant, and by PostgreSQL's subscriptions
+//!   (one per tenant).
 //! * `seal`: bytes on the wire and compression ratio per algorithm, and
 //!   seal+open time next to the whole pipeline's CPU.
 //!
@@ -28,6 +31,7 @@ mod initial_sync;
 mod live;
 mod nodes;
 mod seal;
+mod tenants;
 
 use std::path::PathBuf;
 
@@ -152,6 +156,23 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/live.json")]
         out: PathBuf,
     },
+    /// N tenants drained from one backlog: this node with one shared slot,
+    /// with a slot per tenant, and PostgreSQL with a subscription per tenant.
+    Tenants {
+        /// Tenant counts to measure, each on fresh clusters.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        tenants: Vec<usize>,
+        /// Rows of the backlog (then 20% updated, 5% deleted), spread over
+        /// the tenants in 100-row transactions of one tenant each.
+        #[arg(long, default_value_t = 200_000)]
+        rows: i64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "../shared/bench")]
+        workload_dir: PathBuf,
+        #[arg(long, default_value = "target/bench/tenants.json")]
+        out: PathBuf,
+    },
     /// Sealing on the reference workload: bytes on the wire per event and
     /// compression ratio per algorithm (with and without a dictionary), and
     /// seal+open time next to the whole pipeline's CPU.
@@ -252,6 +273,13 @@ async fn main() -> Result<()> {
             workload_dir,
             out,
         } => seal::run(rows, runs, &workload_dir, &out).await,
+        Cmd::Tenants {
+            tenants: ns,
+            rows,
+            runs,
+            workload_dir,
+            out,
+        } => tenants::run(&ns, rows, runs, &workload_dir, &out).await,
     }
 }
 

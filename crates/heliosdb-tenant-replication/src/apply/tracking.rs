@@ -189,8 +189,8 @@ fn trigger_names(node: &str) -> [String; 2] {
     [format!("zz_heliosdb_n{h}_b"), format!("zz_heliosdb_n{h}_a")]
 }
 
-/// The advisory lock (transaction scope) taken while version tracking is
-/// installed on a target database.
+/// The advisory lock (transaction scope) taken while the daemon's schema or
+/// version tracking is installed on a target database.
 const INSTALL_LOCK: i64 = 0x0068_656c_696f_7301;
 
 /// Install (or extend to `tenant`) the local-write triggers of one table:
@@ -531,8 +531,9 @@ fn short_hash(s: &str) -> String {
 /// copy state (`checkpoint::progress::SCHEMA_DDL`) and row versions
 /// ([`VERSION_DDL`]).
 pub async fn ensure_schema(target: &Client) -> Result<()> {
+    // Tenants applying to one database start together: one at a time.
     let batch = format!(
-        "BEGIN; SET LOCAL client_min_messages = warning; {} {} COMMIT;",
+        "BEGIN; SELECT pg_advisory_xact_lock({INSTALL_LOCK}); SET LOCAL client_min_messages = warning; {} {} COMMIT;",
         crate::checkpoint::progress::SCHEMA_DDL,
         VERSION_DDL
     );
