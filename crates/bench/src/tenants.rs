@@ -146,11 +146,15 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
             c.create_database("bench").await?;
             c.connect("bench").await?.batch_execute(&schema).await?;
         }
-        let (src, dst) = (source.connect("bench").await?, target.connect("bench").await?);
+        let (src, dst) = (
+            source.connect("bench").await?,
+            target.connect("bench").await?,
+        );
         src.batch_execute(&workload).await?;
         src.batch_execute(TENANTS_SQL).await?;
         // Template rows, before any slot.
-        src.execute("SELECT bench_ins(0, $1)", &[&(rows - 1)]).await?;
+        src.execute("SELECT bench_ins(0, $1)", &[&(rows - 1)])
+            .await?;
         src.batch_execute("CHECKPOINT").await?;
         let work = tempfile::tempdir()?;
         let mut results: Vec<Vec<Drain>> = vec![Vec::new(); System::ALL.len()];
@@ -181,7 +185,12 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
             src.batch_execute(&format!("CALL bench_tenants({rows}, {n})"))
                 .await?;
             let markers: Vec<String> = (0..n)
-                .map(|i| format!("('{}', -1, 'bench-marker', 'the backlog ends here', now())", tenant(i)))
+                .map(|i| {
+                    format!(
+                        "('{}', -1, 'bench-marker', 'the backlog ends here', now())",
+                        tenant(i)
+                    )
+                })
                 .collect();
             src.batch_execute(&format!("INSERT INTO events VALUES {}", markers.join(", ")))
                 .await?;
@@ -223,7 +232,8 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
         let mut per = serde_json::Map::new();
         let mut medians = Vec::new();
         for (i, system) in System::ALL.iter().enumerate() {
-            let pick = |f: fn(&Drain) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
+            let pick =
+                |f: fn(&Drain) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
             let m = Drain {
                 seconds: pick(|d| d.seconds),
                 walsender_cpu: pick(|d| d.walsender_cpu),

@@ -54,6 +54,23 @@ pub fn append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Create `path` afresh (mode 0600) for reading and writing: a file left
+/// there is unlinked first, a link never followed.
+pub fn fresh(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -573,3 +573,100 @@ async fn tenants_join_and_leave_a_shared_slot_while_the_others_stream() {
     let log = daemon.log();
     assert!(!log.contains(" ERROR "), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
+    let env = two_targets().await;
+    env.target.create_database("slow").await.expect("db");
+    let slow = env.target.connect("slow").await.expect("slow");
+    slow.batch_execute(SCHEMA).await.expect("schema");
+    let tenants = vec![
+        ("s-a".to_string(), env.target.superuser_url("app")),
+        ("s-b".to_string(), env.target.superuser_url("app2")),
+        ("slow".to_string(), env.target.superuser_url("slow")),
+    ];
+    let node = node_file_with_targets(&env, &tenants, "");
+    // Small queues and a 1 MB spool, so both fill within the test.
+    let text = std::fs::read_to_string(&node).expect("node file").replace(
+        "[performance]\n",
+        "[performance]\nbuffer_size_events = 50\nspool_max_mb = 1\n",
+    );
+    std::fs::write(&node, text).expect("node file");
+    let src = env.src().await;
+    env.init(&node);
+    let daemon = env.start_daemon(&node);
+    let (a, b) = (
+        env.target.connect("app").await.expect("app"),
+        env.target.connect("app2").await.expect("app2"),
+    );
+    for (t, _) in &tenants {
+        rows(&src, t, 1, 10).await;
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "every tenant streaming",
+        || async {
+            equal_on(&src, &a, "s-a").await
+                && equal_on(&src, &b, "s-b").await
+                && equal_on(&src, &slow, "slow").await
+        },
+    )
+    .await;
+
+    // The slow tenant's target is stuck behind a lock: its apply waits.
+    let mut locker = env.target.connect("slow").await.expect("slow");
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    for round in 0..10 {
+        rows(&src, "slow", 1000 + round * 200, 200).await;
+        rows(&src, "s-a", 1000 + round * 200, 200).await;
+        rows(&src, "s-b", 1000 + round * 200, 200).await;
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the other tenants applied everything",
+        || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
+    )
+    .await;
+    wait_for_log(
+        &daemon,
+        "its changes go to its spool",
+        Duration::from_secs(10),
+    )
+    .await;
+    // More than the spool holds: the slow tenant is paused, the others go on.
+    for round in 10..30 {
+        rows(&src, "slow", 1000 + round * 200, 200).await;
+        rows(&src, "s-a", 1000 + round * 200, 200).await;
+    }
+    wait_for_log(&daemon, "tenant paused", Duration::from_secs(30)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "s-a applied everything while slow is paused",
+        || async { equal_on(&src, &a, "s-a").await },
+    )
+    .await;
+
+    // Unstuck: it catches up from its spool and from the slot, equal.
+    lock.rollback().await.expect("unlock");
+    wait_until(
+        Duration::from_secs(90),
+        "the slow tenant caught up",
+        || async { equal_on(&src, &slow, "slow").await },
+    )
+    .await;
+    assert!(equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await);
+    wait_until(Duration::from_secs(30), "the slot released what the slow tenant held", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    assert_eq!(walsenders(&src).await, 1);
+}

@@ -234,6 +234,9 @@ pub struct BatchConfig {
     /// Row changes applied per second at most, per tenant
     /// (`[performance] max_throughput_events_per_sec`).
     pub max_events_per_sec: Option<u64>,
+    /// Bytes a tenant of a shared slot may spill to disk while it is slower
+    /// than the stream (`[performance] spool_max_mb`).
+    pub spool_max_bytes: u64,
 }
 
 /// Connections and retries.
@@ -551,6 +554,7 @@ fn resolve(
         worker_threads,
         batch_timeout_ms,
         max_events_per_sec,
+        spool_max_mb,
     } = performance::performance(&c, &raw, &mut notices)?;
     let network = performance::network(&c, &raw, &mut notices)?;
 
@@ -593,6 +597,7 @@ fn resolve(
     perf.insert("buffer_size_events".into(), (buffer_events as i64).into());
     perf.insert("worker_threads".into(), (worker_threads as i64).into());
     perf.insert("batch_timeout_ms".into(), (batch_timeout_ms as i64).into());
+    perf.insert("spool_max_mb".into(), (spool_max_mb as i64).into());
     view.insert("performance".into(), perf.into());
     let mut net = toml::Table::new();
     net.insert(
@@ -647,6 +652,7 @@ fn resolve(
             buffer_events: buffer_events as usize,
             checkpoint_interval,
             max_events_per_sec,
+            spool_max_bytes: spool_max_mb << 20,
         },
         transport,
         monitoring,

@@ -144,6 +144,9 @@ pub struct PerformanceSection {
     pub buffer_size_events: Option<u64>,
     pub worker_threads: Option<u64>,
     pub batch_timeout_ms: Option<u64>,
+    /// Not in the guide: the most a tenant of a shared slot may spill to
+    /// disk while it is slower than the stream.
+    pub spool_max_mb: Option<u64>,
     // §8.2 aliases
     pub batch_size: Option<u64>,
     pub checkpoint_interval: Option<u64>,

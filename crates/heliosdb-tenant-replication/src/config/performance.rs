@@ -14,6 +14,7 @@ pub(super) struct Performance {
     pub worker_threads: u64,
     pub batch_timeout_ms: u64,
     pub max_events_per_sec: Option<u64>,
+    pub spool_max_mb: u64,
 }
 
 pub(super) fn performance(
@@ -60,6 +61,13 @@ pub(super) fn performance(
         )?),
         None => None,
     };
+    let spool_max_mb = c.range(
+        "[performance] spool_max_mb",
+        p.spool_max_mb,
+        1024,
+        1,
+        1 << 30,
+    )?;
     if p.checkpoint_async.is_some() {
         notice(notices, "[performance] checkpoint_async", "no effect: progress is committed with the data on the target; checkpoint files are written after commits");
     }
@@ -68,6 +76,7 @@ pub(super) fn performance(
         worker_threads,
         batch_timeout_ms,
         max_events_per_sec,
+        spool_max_mb,
     })
 }
 

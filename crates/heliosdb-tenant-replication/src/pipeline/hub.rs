@@ -47,10 +47,17 @@ use crate::config::{Config, ConnInfo};
 use crate::error::{ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
 
+use super::spool::{Push, TenantQueue};
+
 /// How long a starting hub waits for every registered tenant to attach
 /// before it streams for those that have (the others attach later, and
 /// restart the stream when they do).
 const ATTACH_GRACE: Duration = Duration::from_secs(3);
+
+/// How long the hub waits for room in a tenant's queue before that
+/// tenant spills to its spool (a tenant that is merely busy makes room
+/// sooner; one whose target is stuck does not).
+const SPILL_AFTER: Duration = Duration::from_secs(1);
 
 /// How often tenants without rows in recent transactions learn where the
 /// source is (their idle position, recorded on their target).
@@ -136,6 +143,15 @@ impl HubFeed {
     }
 }
 
+/// A tenant's queue: events held in memory, and where (and how much) it
+/// spills when it is slower than the stream.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub buffer_events: usize,
+    pub spool: std::path::PathBuf,
+    pub spool_max_bytes: u64,
+}
+
 /// Where a tenant's stream resumes: its target's progress.
 #[derive(Debug, Clone, Copy)]
 pub struct Resume {
@@ -154,7 +170,7 @@ enum Command {
         tenant: String,
         resume: Resume,
         system_id: String,
-        buffer: usize,
+        queue: QueueSpec,
         done: oneshot::Sender<(HubFeed, HubAck)>,
     },
     Unregister {
@@ -238,14 +254,14 @@ impl HubHandle {
         tenant: &str,
         resume: Resume,
         system_id: &str,
-        buffer: usize,
+        queue: QueueSpec,
     ) -> Result<(HubFeed, HubAck)> {
         let (tenant, system_id) = (tenant.to_string(), system_id.to_string());
         self.ask(|done| Command::Attach {
             tenant,
             resume,
             system_id,
-            buffer,
+            queue,
             done,
         })
         .await
@@ -270,7 +286,7 @@ impl HubHandle {
 
 /// A tenant's route.
 struct Route {
-    events: mpsc::Sender<TxEvent>,
+    queue: TenantQueue,
     reason: Reason,
     /// The last transaction it was given (or its target has).
     last_commit: Lsn,
@@ -369,13 +385,13 @@ impl Hub {
                 tenant,
                 resume,
                 system_id,
-                buffer,
+                queue,
                 done,
             } => {
                 if self.system_id.is_none() {
                     self.system_id = Some(system_id);
                 }
-                let (tx, rx) = mpsc::channel(buffer.max(16));
+                let (tx, rx) = mpsc::channel(queue.buffer_events.max(16));
                 let reason = Reason::default();
                 let feed = HubFeed {
                     rx,
@@ -395,7 +411,7 @@ impl Hub {
                 self.routes.insert(
                     tenant,
                     Route {
-                        events: tx,
+                        queue: TenantQueue::new(tx, queue.spool, queue.spool_max_bytes),
                         reason,
                         last_commit: resume.commit_lsn,
                         position: resume.end_lsn,
@@ -533,12 +549,7 @@ impl Hub {
 
     /// Tell the walsender what every registered tenant has let go of.
     fn acknowledge(&mut self, source: &PgwireSource) {
-        if let Some(min) = self.holds.minimum() {
-            if min > self.acknowledged {
-                self.acknowledged = min;
-                source.acknowledge(min);
-            }
-        }
+        acknowledge(&self.holds, &mut self.acknowledged, source);
     }
 
     /// Tenants that had no rows lately learn where the source is.
@@ -548,38 +559,85 @@ impl Hub {
                 if route.in_txn {
                     continue;
                 }
-                if route
-                    .events
-                    .try_send(TxEvent::Keepalive { wal_end })
-                    .is_ok()
-                {
+                if route.queue.try_push(TxEvent::Keepalive { wal_end }).is_ok() {
                     route.idle = None;
                 }
             }
         }
     }
 
-    /// Give `tenant` one event; while its queue is full, keep acknowledging.
-    /// A tenant whose session ended is detached (its hold stays).
+    /// Give `tenant` one event. A tenant whose queue stays full for
+    /// [`SPILL_AFTER`] spills to its spool instead of holding the others
+    /// up; one whose spool is full is paused; one whose session ended is
+    /// detached. Paused and detached tenants keep holding the slot.
     async fn send(&mut self, source: &PgwireSource, tenant: &str, event: TxEvent) {
-        let Some(route) = self.routes.get(tenant) else {
+        let Hub {
+            routes,
+            holds,
+            acknowledged,
+            spec,
+            ..
+        } = self;
+        let Some(route) = routes.get_mut(tenant) else {
             return;
         };
-        let events = route.events.clone();
-        let holds = self.holds.clone();
-        let sent = {
-            let mut send = std::pin::pin!(events.send(event));
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = holds.moved.notified() => self.acknowledge(source),
-                    sent = &mut send => break sent.is_ok(),
+        let outcome = match route.queue.try_push(event) {
+            Ok(()) => return,
+            Err(Push::Full(event)) => {
+                // Room comes soon when the tenant is just busy (a backlog
+                // read by every tenant): wait for it, acknowledging meanwhile.
+                let deadline = tokio::time::Instant::now() + SPILL_AFTER;
+                let mut reserve = std::pin::pin!(route.queue.reserve());
+                let room = loop {
+                    tokio::select! {
+                        biased;
+                        _ = holds.moved.notified() => acknowledge(holds, acknowledged, source),
+                        permit = &mut reserve => break Some(permit),
+                        _ = tokio::time::sleep_until(deadline) => break None,
+                    }
+                };
+                let closed = match room {
+                    Some(Some(permit)) => {
+                        permit.send(event);
+                        return;
+                    }
+                    Some(None) => true,
+                    None => false,
+                };
+                if closed {
+                    Err(Push::Closed)
+                } else {
+                    tracing::warn!(%tenant, slot = %spec.slot, "tenant slower than the shared stream: its changes go to its spool until it catches up");
+                    route.queue.spill(event)
                 }
             }
+            Err(e) => Err(e),
         };
-        if !sent {
-            tracing::info!(%tenant, slot = %self.spec.slot, "tenant detached from the shared slot; the slot holds for it");
-            self.routes.remove(tenant);
+        match outcome {
+            Ok(()) => {}
+            Err(Push::Closed) | Err(Push::Full(_)) => {
+                tracing::info!(%tenant, slot = %spec.slot, "tenant detached from the shared slot; the slot holds for it");
+                routes.remove(tenant);
+            }
+            Err(Push::SpoolFull(why)) => {
+                tracing::warn!(%tenant, slot = %spec.slot, "tenant paused: {why}; the slot holds for it, and it resumes from there");
+                if let Some(route) = routes.remove(tenant) {
+                    *route.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                        format!("paused: {why} (the tenant fell behind the shared slot; it resumes from the slot)"),
+                        ErrorClass::Retry,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Tell the walsender what every registered tenant has let go of.
+fn acknowledge(holds: &Holds, acknowledged: &mut Lsn, source: &PgwireSource) {
+    if let Some(min) = holds.minimum() {
+        if min > *acknowledged {
+            *acknowledged = min;
+            source.acknowledge(min);
         }
     }
 }

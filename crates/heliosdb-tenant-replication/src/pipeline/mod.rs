@@ -22,6 +22,7 @@ pub mod driver;
 pub mod hub;
 mod lanes;
 mod session;
+mod spool;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::driver::{CommitPolicy, Delivery, Driver, Source};
-use super::hub::{HubFeed, HubHandle, Resume};
+use super::hub::{HubFeed, HubHandle, QueueSpec, Resume};
 use super::lanes::{lane_opener, LaneCatalog};
 use super::{closed, Shutdown};
 use crate::apply::streams::Streams;
@@ -129,9 +129,12 @@ pub async fn run(
                     end_lsn: t.start_lsn,
                 },
             };
-            let (feed, ack) = hub
-                .attach(&t.tenant_id, resume, &system_id, config.batch.buffer_events)
-                .await?;
+            let queue = QueueSpec {
+                buffer_events: config.batch.buffer_events,
+                spool: t.checkpoint_dir.join(format!("{}.spool", t.tenant_id)),
+                spool_max_bytes: config.batch.spool_max_bytes,
+            };
+            let (feed, ack) = hub.attach(&t.tenant_id, resume, &system_id, queue).await?;
             tracing::info!(
                 tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
                 tables = report.tables.len(), shared_with = t.shared_with.len(),
