@@ -168,6 +168,12 @@ enum Cmd {
         rows: i64,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Row changes per second in total of the live phase, spread over the tenants.
+        #[arg(long, default_value_t = 10_000)]
+        live_rate: u32,
+        /// Seconds of the live phase per system (0: no live phase).
+        #[arg(long, default_value_t = 20)]
+        live_seconds: u32,
         #[arg(long, default_value = "../shared/bench")]
         workload_dir: PathBuf,
         #[arg(long, default_value = "target/bench/tenants.json")]
@@ -277,9 +283,17 @@ async fn main() -> Result<()> {
             tenants: ns,
             rows,
             runs,
+            live_rate,
+            live_seconds,
             workload_dir,
             out,
-        } => tenants::run(&ns, rows, runs, &workload_dir, &out).await,
+        } => {
+            let live = tenants::Live {
+                rate: live_rate,
+                seconds: live_seconds,
+            };
+            tenants::run(&ns, rows, runs, live, &workload_dir, &out).await
+        }
     }
 }
 

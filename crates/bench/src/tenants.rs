@@ -128,7 +128,33 @@ fn options() -> pgcluster::ClusterOptions {
         .set("max_sync_workers_per_subscription", "2")
 }
 
-pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -> Result<()> {
+/// The live phase: `rate` row changes per second in total, spread over
+/// the tenants, for `seconds`, against each system in turn.
+#[derive(Clone, Copy)]
+pub struct Live {
+    pub rate: u32,
+    pub seconds: u32,
+}
+
+/// One system's lag in the live phase (ms).
+#[derive(Clone, Copy, Default)]
+struct Lag {
+    p50: f64,
+    p99: f64,
+    /// The worst tenant's p99.
+    worst_p99: f64,
+    /// Row changes per second the source reached.
+    rate: f64,
+}
+
+pub async fn run(
+    ns: &[usize],
+    rows: i64,
+    runs: usize,
+    live: Live,
+    dir: &Path,
+    out: &Path,
+) -> Result<()> {
     if ns.iter().any(|&n| n == 0 || n > 100) {
         bail!("--tenants takes counts from 1 to 100");
     }
@@ -254,8 +280,31 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
             );
             medians.push(m);
         }
+        let mut lags = Vec::new();
+        if live.seconds > 0 {
+            for (k, system) in System::ALL.iter().enumerate() {
+                let lag =
+                    live_phase(&source, &target, work.path(), n, *system, runs + k, live).await?;
+                eprintln!(
+                    "N = {n}, live: {:<40} p50 {:>6.1} ms  p99 {:>6.1} ms  worst tenant's p99 {:>6.1} ms  at {:>6.0} changes/s",
+                    system.label(),
+                    lag.p50,
+                    lag.p99,
+                    lag.worst_p99,
+                    lag.rate
+                );
+                per.insert(
+                    format!("{}_live", system.key()),
+                    serde_json::json!({
+                        "lag_p50_ms": lag.p50, "lag_p99_ms": lag.p99,
+                        "worst_tenant_lag_p99_ms": lag.worst_p99, "changes_per_sec": lag.rate,
+                    }),
+                );
+                lags.push(lag);
+            }
+        }
         report.insert(n.to_string(), serde_json::Value::Object(per));
-        table.push((n, medians));
+        table.push((n, medians, lags));
     }
 
     println!("\nN tenants drained from one backlog of {rows} rows (+20% updates, 5% deletes), medians of {runs}:");
@@ -263,7 +312,7 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
         "{:>4}  {:<40} {:>9} {:>16} {:>12} {:>10} {:>9}",
         "N", "system", "drain s", "walsender CPU s", "source CPU s", "node CPU s", "node MB"
     );
-    for (n, medians) in &table {
+    for (n, medians, lags) in &table {
         for (system, m) in System::ALL.iter().zip(medians) {
             println!(
                 "{n:>4}  {:<40} {:>9.2} {:>16.2} {:>12.2} {:>10.2} {:>9.0}",
@@ -275,6 +324,16 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
                 m.node_rss_mb
             );
         }
+        for (system, l) in System::ALL.iter().zip(lags) {
+            println!(
+                "{n:>4}  {:<40} live at {:.0} changes/s: lag p50 {:.1} ms, p99 {:.1} ms, worst tenant's p99 {:.1} ms",
+                system.label(),
+                l.rate,
+                l.p50,
+                l.p99,
+                l.worst_p99
+            );
+        }
         let (shared, pg) = (&medians[0], &medians[2]);
         println!(
             "      drain: PostgreSQL / shared = {:.2}x; decoding CPU: PostgreSQL / shared = {:.2}x",
@@ -282,7 +341,7 @@ pub async fn run(ns: &[usize], rows: i64, runs: usize, dir: &Path, out: &Path) -
             pg.walsender_cpu / shared.walsender_cpu.max(1e-9)
         );
     }
-    if let (Some((1, first)), Some((n, last))) = (table.first(), table.last()) {
+    if let (Some((1, first, _)), Some((n, last, _))) = (table.first(), table.last()) {
         println!(
             "decoding CPU at N = {n} / N = 1: shared {:.2}x, slot per tenant {:.2}x, PostgreSQL {:.2}x",
             last[0].walsender_cpu / first[0].walsender_cpu.max(1e-9),
@@ -333,6 +392,65 @@ fn node_configs(
         .collect())
 }
 
+/// Our node running in this process.
+struct Node {
+    stop: watch::Sender<bool>,
+    pipelines: Vec<tokio::task::JoinHandle<()>>,
+    hub: Option<HubHandle>,
+    /// A tenant whose pipeline ended, with its error.
+    ended: tokio::sync::mpsc::UnboundedReceiver<(String, Option<String>)>,
+}
+
+impl Node {
+    fn start(configs: &[Arc<Config>], shared: bool) -> Result<Node> {
+        let (stop, stopped) = watch::channel(false);
+        let hub = if shared {
+            let ids: Vec<String> = configs.iter().map(|c| c.tenant.tenant_id.clone()).collect();
+            Some(HubHandle::spawn(&configs[0], &ids).map_err(|e| anyhow::anyhow!("{e}"))?)
+        } else {
+            None
+        };
+        let telemetry = Telemetry::disabled();
+        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+        let mut pipelines = Vec::new();
+        for c in configs {
+            let p = spawn_tenant(c.clone(), hub.clone(), stopped.clone(), telemetry.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (tx, id) = (ended_tx.clone(), c.tenant.tenant_id.clone());
+            pipelines.push(tokio::spawn(async move {
+                let result = p.await;
+                let _ = tx.send((id, result.as_ref().err().map(|e| e.to_string())));
+            }));
+        }
+        Ok(Node {
+            stop,
+            pipelines,
+            hub,
+            ended,
+        })
+    }
+
+    /// `work` unless a tenant stops first.
+    async fn guard<T>(&mut self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::select! {
+            r = work => r,
+            Some((tenant, error)) = self.ended.recv() => {
+                bail!("tenant {tenant} stopped: {}", error.unwrap_or_default())
+            }
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for p in self.pipelines {
+            let _ = tokio::time::timeout(Duration::from_secs(15), p).await;
+        }
+        if let Some(hub) = self.hub {
+            hub.stop().await;
+        }
+    }
+}
+
 /// Our node (in this process) until every tenant's marker is on the target.
 async fn ours(
     source: &Cluster,
@@ -344,31 +462,8 @@ async fn ours(
     let (cpu0, walsenders0) = (process_cpu(), cluster_cpu_split(source));
     crate::reset_peak_rss();
     let started = Instant::now();
-    let (stop, stopped) = watch::channel(false);
-    let hub = if shared {
-        let ids: Vec<String> = configs.iter().map(|c| c.tenant.tenant_id.clone()).collect();
-        Some(HubHandle::spawn(&configs[0], &ids).map_err(|e| anyhow::anyhow!("{e}"))?)
-    } else {
-        None
-    };
-    let telemetry = Telemetry::disabled();
-    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
-    let mut pipelines = Vec::new();
-    for c in configs {
-        let p = spawn_tenant(c.clone(), hub.clone(), stopped.clone(), telemetry.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (tx, id) = (ended_tx.clone(), c.tenant.tenant_id.clone());
-        pipelines.push(tokio::spawn(async move {
-            let result = p.await;
-            let _ = tx.send((id, result.as_ref().err().map(|e| e.to_string())));
-        }));
-    }
-    let seconds = tokio::select! {
-        s = markers_seen(dst, n, started) => s?,
-        Some((tenant, error)) = ended.recv() => {
-            bail!("tenant {tenant} stopped during the drain: {}", error.unwrap_or_default())
-        }
-    };
+    let mut node = Node::start(configs, shared)?;
+    let seconds = node.guard(markers_seen(dst, n, started)).await?;
     let walsenders = cluster_cpu_split(source);
     let d = Drain {
         seconds,
@@ -377,13 +472,7 @@ async fn ours(
         node_cpu: process_cpu() - cpu0,
         node_rss_mb: crate::peak_rss_mb(),
     };
-    let _ = stop.send(true);
-    for p in pipelines {
-        let _ = tokio::time::timeout(Duration::from_secs(15), p).await;
-    }
-    if let Some(hub) = hub {
-        hub.stop().await;
-    }
+    node.stop().await;
     Ok(d)
 }
 
@@ -462,4 +551,226 @@ async fn reset_target(dst: &Client) -> Result<()> {
     )
     .await?;
     Ok(())
+}
+
+/// Ids of the live phase's rows start here (the backlog's are below).
+const LIVE_BASE: i64 = 1_000_000_000;
+
+/// One system replicating the live load: its consumers made now (no
+/// backlog), warmed up, then `live.rate` changes/s for `live.seconds`; lag
+/// per row from its source commit (`pg_xact_commit_timestamp`) to when a
+/// poller of the target first saw it.
+async fn live_phase(
+    source: &Cluster,
+    target: &Cluster,
+    dir: &Path,
+    n: usize,
+    system: System,
+    r: usize,
+    live: Live,
+) -> Result<Lag> {
+    let (src, dst) = (
+        source.connect("bench").await?,
+        target.connect("bench").await?,
+    );
+    reset_target(&dst).await?;
+    dst.batch_execute("CREATE INDEX IF NOT EXISTS events_id ON events (id)")
+        .await?;
+    let base = LIVE_BASE + r as i64 * 10_000_000;
+    let configs = node_configs(source, target, dir, n, r, system == System::Shared)?;
+    let mut node = None;
+    match system {
+        System::PostgreSql => {
+            for c in &configs {
+                heliosdb_tenant_replication::provision::init(c, false, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            // The publications are ours (made by init); their slots go.
+            for c in &configs {
+                drop_slot(&src, &c.tenant.slot).await?;
+            }
+            for i in 0..n {
+                dst.batch_execute(&format!(
+                    "CREATE SUBSCRIPTION pg_{r}_{i} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=bench'
+                       PUBLICATION own_{r}_{i}_pub WITH (copy_data = false, streaming = on, slot_name = 'pg_{r}_{i}')",
+                    source.port()
+                ))
+                .await?;
+            }
+        }
+        _ => {
+            for c in &configs {
+                heliosdb_tenant_replication::provision::init(c, false, false)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            node = Some(Node::start(&configs, system == System::Shared)?);
+        }
+    }
+    // Warm up: a row per tenant, seen on the target.
+    let warm = base - 1;
+    let markers: Vec<String> = (0..n)
+        .map(|i| format!("('{}', {warm}, 'warm-up', '', now())", tenant(i)))
+        .collect();
+    src.batch_execute(&format!("INSERT INTO events VALUES {}", markers.join(", ")))
+        .await?;
+    let wait_ids = |id: i64| {
+        let dst = &dst;
+        async move {
+            let started = Instant::now();
+            loop {
+                let seen: i64 = dst
+                    .query_one("SELECT count(*) FROM events WHERE id = $1", &[&id])
+                    .await?
+                    .get(0);
+                if seen as usize >= n {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    bail!("{seen} of {n} tenants' rows {id} on the target after 10 minutes");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    match node.as_mut() {
+        Some(node) => node.guard(wait_ids(warm)).await?,
+        None => wait_ids(warm).await?,
+    }
+
+    // The poller notes when each row first shows on the target.
+    let poll = target.connect("bench").await?;
+    let (stop_poll, mut stopping) = watch::channel(false);
+    let poller = tokio::spawn(async move {
+        let stmt = poll
+            .prepare("SELECT tenant_id, id FROM events WHERE id > $1 AND id < $2")
+            .await?;
+        let (mut last, limit) = (base - 1, base + 9_000_000);
+        let mut seen: std::collections::HashMap<(String, i64), i64> = Default::default();
+        loop {
+            let rows = poll.query(&stmt, &[&last, &limit]).await?;
+            let now = now_us();
+            for row in rows {
+                let id: i64 = row.get(1);
+                last = last.max(id);
+                seen.entry((row.get(0), id)).or_insert(now);
+            }
+            if *stopping.borrow() {
+                return Ok::<_, anyhow::Error>(seen);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = stopping.changed() => {}
+            }
+        }
+    });
+    // The load: 10-row transactions of one tenant each, from 4 clients.
+    let clients = 4usize;
+    let per_client = f64::from(live.rate) / 10.0 / clients as f64;
+    let started = Instant::now();
+    let until = started + Duration::from_secs(u64::from(live.seconds));
+    let mut load = Vec::new();
+    for c in 0..clients {
+        let conn = source.connect("bench").await?;
+        load.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_client));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let stmt = conn
+                .prepare("INSERT INTO events SELECT $1, g, 'live', repeat('x', 200), now() FROM generate_series($2::bigint, $2::bigint + 9) g")
+                .await?;
+            let mut k = c as i64;
+            let mut txns = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                let t = format!("n-{:02}", k as usize % n);
+                conn.execute(&stmt, &[&t, &(base + k * 10)]).await?;
+                k += clients as i64;
+                txns += 1;
+            }
+            Ok::<u64, anyhow::Error>(txns)
+        }));
+    }
+    let mut txns = 0;
+    for l in load {
+        txns += l.await??;
+    }
+    let rate = txns as f64 * 10.0 / started.elapsed().as_secs_f64();
+    // Everything written is on the target (a row per tenant after it).
+    let done = base + 9_500_000;
+    let markers: Vec<String> = (0..n)
+        .map(|i| format!("('{}', {done}, 'live-end', '', now())", tenant(i)))
+        .collect();
+    src.batch_execute(&format!("INSERT INTO events VALUES {}", markers.join(", ")))
+        .await?;
+    match node.as_mut() {
+        Some(node) => node.guard(wait_ids(done)).await?,
+        None => wait_ids(done).await?,
+    }
+    let _ = stop_poll.send(true);
+    let seen = poller.await??;
+    if let Some(node) = node {
+        node.stop().await;
+    }
+    let committed = src
+        .query(
+            "SELECT tenant_id, id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6)::bigint
+               FROM events WHERE id >= $1 AND id < $2",
+            &[&base, &(base + 9_000_000)],
+        )
+        .await?;
+    let mut all = Vec::new();
+    let mut by_tenant: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for row in committed {
+        let key: (String, i64) = (row.get(0), row.get(1));
+        let t0: i64 = row.get(2);
+        if let Some(t1) = seen.get(&key) {
+            let lag = (t1 - t0) as f64 / 1000.0;
+            all.push(lag);
+            by_tenant.entry(key.0).or_default().push(lag);
+        }
+    }
+    if all.is_empty() {
+        bail!("no row of the live phase was seen arriving");
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    let worst_p99 = by_tenant
+        .values_mut()
+        .map(|v| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            quantile(v, 0.99)
+        })
+        .fold(0.0, f64::max);
+    // Consumers go: PostgreSQL's subscriptions (and their slots), our slots.
+    match system {
+        System::PostgreSql => {
+            for i in 0..n {
+                dst.batch_execute(&format!("DROP SUBSCRIPTION pg_{r}_{i}"))
+                    .await?;
+            }
+        }
+        System::Shared => drop_slot(&src, &configs[0].tenant.slot).await?,
+        System::SlotPerTenant => {
+            for c in &configs {
+                drop_slot(&src, &c.tenant.slot).await?;
+            }
+        }
+    }
+    Ok(Lag {
+        p50: quantile(&all, 0.5),
+        p99: quantile(&all, 0.99),
+        worst_p99,
+        rate,
+    })
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
