@@ -337,7 +337,8 @@ impl Hub {
                 continue;
             }
             if first {
-                // Let the others attach before the stream starts.
+                // Let the others attach before the stream starts (at the
+                // start, and after the stream failed).
                 first = false;
                 let until = tokio::time::Instant::now() + ATTACH_GRACE;
                 while self.routes.len() < self.holds.lock().len() {
@@ -362,6 +363,9 @@ impl Hub {
                 }
                 Ended::Gone => return,
                 Ended::Failed(e) => {
+                    // Its tenants attach again one by one: wait for them
+                    // before streaming, as at the start.
+                    first = true;
                     tracing::warn!(slot = %self.spec.slot, error = %e, "the shared slot's stream failed; its tenants reconnect");
                     let reason = Some((e.to_string(), e.class()));
                     for (_, route) in self.routes.drain() {
