@@ -21,22 +21,22 @@
 //!
 //! Printed per N and system (medians of the runs): drain time, CPU of the
 //! source's walsenders (the decoding) and of the whole source cluster, the
-//! node's CPU and peak RSS (ours run in this process).
+//! node's CPU and peak RSS (ours is the daemon's binary, `start` with a node
+//! file, in a process of its own: build the workspace first). The node logs
+//! at `warn`; `BENCH_NODE_LOG=info` sets its `RUST_LOG`, and
+//! `BENCH_NODE_LOG_DIR=<dir>` keeps each node's log there.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use heliosdb_tenant_replication::config::Config;
-use heliosdb_tenant_replication::pipeline::hub::HubHandle;
-use heliosdb_tenant_replication::pipeline::spawn_tenant;
-use heliosdb_tenant_replication::telemetry::Telemetry;
 use pgcluster::Cluster;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::nodes::{cluster_cpu_split, drop_slot, process_cpu};
+use crate::nodes::{cluster_cpu_split, drop_slot};
 use crate::{median, TABLES};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -191,8 +191,8 @@ pub async fn run(
                     .await?;
             }
             reset_target(&dst).await?;
-            let shared = node_configs(&source, &target, work.path(), n, r, true)?;
-            let own = node_configs(&source, &target, work.path(), n, r, false)?;
+            let (shared_file, shared) = node_configs(&source, &target, work.path(), n, r, true)?;
+            let (own_file, own) = node_configs(&source, &target, work.path(), n, r, false)?;
             for c in shared.iter().chain(own.iter()) {
                 heliosdb_tenant_replication::provision::init(c, false, false)
                     .await
@@ -232,8 +232,8 @@ pub async fn run(
                 let system = System::ALL[i];
                 reset_target(&dst).await?;
                 let d = match system {
-                    System::Shared => ours(&source, &dst, &shared, true, n).await?,
-                    System::SlotPerTenant => ours(&source, &dst, &own, false, n).await?,
+                    System::Shared => ours(&source, &dst, &shared_file, n).await?,
+                    System::SlotPerTenant => ours(&source, &dst, &own_file, n).await?,
                     System::PostgreSql => postgres(&source, &dst, r, n).await?,
                 };
                 confirm(&dst, &expected).await?;
@@ -366,7 +366,7 @@ fn node_configs(
     n: usize,
     run: usize,
     shared: bool,
-) -> Result<Vec<Arc<Config>>> {
+) -> Result<(PathBuf, Vec<Arc<Config>>)> {
     let name = if shared { "shared" } else { "own" };
     let mut text = format!(
         "[replication]\nsource_connection = \"{}\"\n[cdc]\nreplication_slot = \"{name}_{run}_slot\"\npublication_name = \"{name}_{run}_pub\"\n\
@@ -386,91 +386,130 @@ fn node_configs(
             ));
         }
     }
-    Ok(Config::node_from_toml(&text, "tenants.toml", |_| None)?
+    let configs = Config::node_from_toml(&text, "tenants.toml", |_| None)?
         .into_iter()
         .map(Arc::new)
-        .collect())
+        .collect();
+    let file = dir.join(format!("{name}-{run}.toml"));
+    std::fs::write(&file, text)?;
+    Ok((file, configs))
 }
 
-/// Our node running in this process.
+/// Our node: the daemon's binary (`start` with the node file), a process of
+/// its own, so its CPU and peak RSS are its own.
 struct Node {
-    stop: watch::Sender<bool>,
-    pipelines: Vec<tokio::task::JoinHandle<()>>,
-    hub: Option<HubHandle>,
-    /// A tenant whose pipeline ended, with its error.
-    ended: tokio::sync::mpsc::UnboundedReceiver<(String, Option<String>)>,
+    child: std::process::Child,
+    log: PathBuf,
 }
 
 impl Node {
-    fn start(configs: &[Arc<Config>], shared: bool) -> Result<Node> {
-        let (stop, stopped) = watch::channel(false);
-        let hub = if shared {
-            let ids: Vec<String> = configs.iter().map(|c| c.tenant.tenant_id.clone()).collect();
-            Some(HubHandle::spawn(&configs[0], &ids).map_err(|e| anyhow::anyhow!("{e}"))?)
-        } else {
-            None
-        };
-        let telemetry = Telemetry::disabled();
-        let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
-        let mut pipelines = Vec::new();
-        for c in configs {
-            let p = spawn_tenant(c.clone(), hub.clone(), stopped.clone(), telemetry.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (tx, id) = (ended_tx.clone(), c.tenant.tenant_id.clone());
-            pipelines.push(tokio::spawn(async move {
-                let result = p.await;
-                let _ = tx.send((id, result.as_ref().err().map(|e| e.to_string())));
-            }));
+    fn start(file: &Path) -> Result<Node> {
+        let bin = std::env::current_exe()?.with_file_name("heliosdb-tenant-replication");
+        if !bin.exists() {
+            bail!(
+                "{} is missing: build the workspace first (cargo build --release)",
+                bin.display()
+            );
         }
-        Ok(Node {
-            stop,
-            pipelines,
-            hub,
-            ended,
-        })
+        let log = file.with_extension("log");
+        let child = std::process::Command::new(bin)
+            .arg("--config")
+            .arg(file)
+            .arg("start")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Node { child, log })
     }
 
-    /// `work` unless a tenant stops first.
+    /// `work` unless the node exits first.
     async fn guard<T>(&mut self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let child = &mut self.child;
+        let exited = async move {
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
         tokio::select! {
             r = work => r,
-            Some((tenant, error)) = self.ended.recv() => {
-                bail!("tenant {tenant} stopped: {}", error.unwrap_or_default())
-            }
+            status = exited => bail!(
+                "the node exited ({status}): {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
         }
     }
 
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        for p in self.pipelines {
-            let _ = tokio::time::timeout(Duration::from_secs(15), p).await;
+    /// CPU seconds the node has used.
+    fn cpu(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (num(11) + num(12)) / 100.0
+    }
+
+    /// The node's peak resident set size (MB).
+    fn peak_rss_mb(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmHWM:")
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|kb| kb.parse::<f64>().ok())
+                })
+            })
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// SIGTERM, and wait for the node to finish (killed after 20 s).
+    async fn stop(mut self) {
+        if let Ok(keep) = std::env::var("BENCH_NODE_LOG_DIR") {
+            let _ = std::fs::copy(
+                &self.log,
+                Path::new(&keep).join(self.log.file_name().unwrap_or_default()),
+            );
         }
-        if let Some(hub) = self.hub {
-            hub.stop().await;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-/// Our node (in this process) until every tenant's marker is on the target.
-async fn ours(
-    source: &Cluster,
-    dst: &Client,
-    configs: &[Arc<Config>],
-    shared: bool,
-    n: usize,
-) -> Result<Drain> {
-    let (cpu0, walsenders0) = (process_cpu(), cluster_cpu_split(source));
-    crate::reset_peak_rss();
+/// Our node until every tenant's marker is on the target.
+async fn ours(source: &Cluster, dst: &Client, file: &Path, n: usize) -> Result<Drain> {
+    let walsenders0 = cluster_cpu_split(source);
     let started = Instant::now();
-    let mut node = Node::start(configs, shared)?;
+    let mut node = Node::start(file)?;
     let seconds = node.guard(markers_seen(dst, n, started)).await?;
     let walsenders = cluster_cpu_split(source);
     let d = Drain {
         seconds,
         walsender_cpu: walsenders.1,
         source_cpu: walsenders.0 - walsenders0.0,
-        node_cpu: process_cpu() - cpu0,
-        node_rss_mb: crate::peak_rss_mb(),
+        node_cpu: node.cpu(),
+        node_rss_mb: node.peak_rss_mb(),
     };
     node.stop().await;
     Ok(d)
@@ -577,7 +616,7 @@ async fn live_phase(
     dst.batch_execute("CREATE INDEX IF NOT EXISTS events_id ON events (id)")
         .await?;
     let base = LIVE_BASE + r as i64 * 10_000_000;
-    let configs = node_configs(source, target, dir, n, r, system == System::Shared)?;
+    let (file, configs) = node_configs(source, target, dir, n, r, system == System::Shared)?;
     let mut node = None;
     match system {
         System::PostgreSql => {
@@ -605,7 +644,7 @@ async fn live_phase(
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
-            node = Some(Node::start(&configs, system == System::Shared)?);
+            node = Some(Node::start(&file)?);
         }
     }
     // Warm up: a row per tenant, seen on the target.

@@ -19,21 +19,7 @@ fn node_file(env: &Env) -> PathBuf {
 
 /// A node file for `tenants` (id, target database); `extra` goes at the top.
 fn node_file_of(env: &Env, tenants: &[(&str, &str)], extra: &str) -> PathBuf {
-    let shared: String = env
-        .config_text("")
-        .lines()
-        .filter(|l| {
-            ![
-                "tenant_id",
-                "target_connection",
-                "replication_slot",
-                "publication_name",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let shared = env.node_file_top();
     let mut text = extra.to_string() + &shared;
     for &(tenant, db) in tenants {
         let name = tenant.replace('-', "_");

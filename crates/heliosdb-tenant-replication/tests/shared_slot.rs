@@ -32,25 +32,10 @@ fn shared_node_file(env: &Env, tenants: &[(String, &str)], extra: &str) -> PathB
 
 /// [`shared_node_file`] with each tenant's target connection given.
 fn node_file_with_targets(env: &Env, tenants: &[(String, String)], extra: &str) -> PathBuf {
-    let shared: String = env
-        .config_text("")
-        .lines()
-        .filter(|l| {
-            ![
-                "tenant_id",
-                "target_connection",
-                "replication_slot",
-                "publication_name",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect::<String>()
-        .replace(
-            "[cdc]\n",
-            "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n",
-        );
+    let shared = env.node_file_top().replace(
+        "[cdc]\n",
+        "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n",
+    );
     let mut text = extra.to_string() + &shared;
     for (tenant, url) in tenants {
         text.push_str(&format!(

@@ -119,13 +119,6 @@ struct Node {
     hubs: HashMap<(String, String), HubHandle>,
 }
 
-/// Which shared slot a tenant reads.
-fn slot_key(config: &Config) -> (String, String) {
-    let t = &config.tenant;
-    let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
-    (source, t.slot.clone())
-}
-
 impl Node {
     /// The hub of `config`'s shared slot (started with its tenants
     /// registered), or `None` for a tenant with a slot of its own.
@@ -133,13 +126,25 @@ impl Node {
         if !config.tenant.is_shared() {
             return Ok(None);
         }
-        let key = slot_key(config);
+        let key = config.tenant.slot_key();
         if let Some(hub) = self.hubs.get(&key) {
             return Ok(Some(hub.clone()));
         }
-        let hub = HubHandle::spawn(config, &config.tenant.shared_with)?;
+        // Registered: the tenants of this slot the node serves (not every
+        // tenant of the file: `--tenant` may narrow it, and one never
+        // started would hold the slot for good).
+        let hub = HubHandle::spawn(config, &self.sharing(&key))?;
         self.hubs.insert(key, hub.clone());
         Ok(Some(hub))
+    }
+
+    /// The served tenants that share the slot `key`.
+    fn sharing(&self, key: &(String, String)) -> Vec<String> {
+        crate::telemetry::server::read(&self.served)
+            .iter()
+            .filter(|c| c.tenant.is_shared() && c.tenant.slot_key() == *key)
+            .map(|c| c.tenant.tenant_id.clone())
+            .collect()
     }
 
     /// After the tenants' pipelines ended: each hub's last acknowledgement.
@@ -203,14 +208,10 @@ impl Node {
         self.telemetry.remove_tenant(&tenant);
         self.failed.retain(|(t, _)| *t != tenant);
         self.audit("tenant_removed", &tenant);
-        let key = slot_key(&config);
+        let key = config.tenant.slot_key();
         let hub = self.hubs.get(&key).cloned();
         // The tenants still reading its shared slot.
-        let remaining: Vec<String> = crate::telemetry::server::read(&self.served)
-            .iter()
-            .filter(|c| c.tenant.is_shared() && slot_key(c) == key)
-            .map(|c| c.tenant.tenant_id.clone())
-            .collect();
+        let remaining = self.sharing(&key);
         if hub.is_some() && remaining.is_empty() {
             self.hubs.remove(&key);
         }
@@ -325,11 +326,11 @@ impl Node {
             changed += 1;
             // A slot read alone by a running tenant cannot be shared
             // without restarting that tenant on a hub.
-            let key = slot_key(&config);
+            let key = config.tenant.slot_key();
             let alone = self
                 .running
                 .values()
-                .find(|(c, _)| slot_key(c) == key && !self.hubs.contains_key(&key));
+                .find(|(c, _)| c.tenant.slot_key() == key && !self.hubs.contains_key(&key));
             if let Some((c, _)) = alone {
                 tracing::error!(%tenant, slot = %config.tenant.slot, "SIGHUP: tenant not added: tenant '{}' reads this slot alone; restart the node to share the slot, or give the new tenant its own replication_slot", c.tenant.tenant_id);
                 self.adding.remove(&tenant);

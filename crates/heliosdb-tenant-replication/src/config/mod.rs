@@ -90,6 +90,13 @@ impl TenantConfig {
     pub fn is_shared(&self) -> bool {
         !self.shared_with.is_empty()
     }
+
+    /// Which slot the tenant reads: its source (masked) and slot name.
+    /// Tenants with the same key share one slot.
+    pub fn slot_key(&self) -> (String, String) {
+        let source = self.source.as_ref().map(|s| s.masked()).unwrap_or_default();
+        (source, self.slot.clone())
+    }
 }
 
 impl TenantConfig {

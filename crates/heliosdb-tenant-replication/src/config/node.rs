@@ -156,8 +156,7 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
                 "several tenants in one file run in mode = \"local\" (capture and apply nodes serve one tenant each in this version): run one node per tenant, or use mode = \"local\"".into(),
             ));
         }
-        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
-        let key = (source, t.slot.clone());
+        let key = t.slot_key();
         if let Some(&first) = slots.get(&key) {
             let f = &configs[first].tenant;
             if f.publication != t.publication {
@@ -198,8 +197,7 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
     }
     for c in configs.iter_mut() {
         let t = &mut c.tenant;
-        let source = t.source.as_ref().map(|s| s.masked()).unwrap_or_default();
-        let group = &groups[&(source, t.slot.clone())];
+        let group = &groups[&t.slot_key()];
         if group.len() > 1 {
             let mut ids = group.clone();
             ids.sort();

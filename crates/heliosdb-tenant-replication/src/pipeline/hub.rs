@@ -1,10 +1,10 @@
 //! One decode for every tenant of a shared slot.
 //!
 //! ```text
-//!                                   ┌─► [queue] ─► tenant a's driver ─┐
-//! slot ─► PgwireSource ─► Assembler ─► route by ├─► [queue] ─► tenant b's driver ─┤ holds
-//!  ▲      (one walsender)            tenant column └─► [queue] ─► tenant c's driver ─┘
-//!  └──────────── acknowledged: the minimum over every registered tenant ◄─┘
+//!                                              ┌─► [queue a] ─► tenant a's driver
+//! slot ─► PgwireSource ─► Assembler ─► route ──┼─► [queue b] ─► tenant b's driver
+//!  ▲      (one walsender)          by tenant   └─► [queue c] ─► tenant c's driver
+//!  └── acknowledged: the minimum over every registered tenant's position
 //! ```
 //!
 //! Tenants of one node that name the same slot of one source share it: one
@@ -30,8 +30,9 @@
 //!
 //! A tenant whose session ends (its target down, a change refused) is
 //! detached: the others go on, the slot holds for it until it attaches
-//! again. A tenant whose queue is full makes the hub wait (back-pressure, as
-//! with a slot of its own).
+//! again. A tenant whose queue stays full spills to its spool
+//! ([`super::spool`]) instead of holding the others up, and is paused when
+//! that fills.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -123,6 +123,25 @@ metrics_interval_seconds = 1
         )
     }
 
+    /// The top of a node file: [`Self::config_text`] without the keys a
+    /// `[[tenants]]` entry sets (tenant id, target, slot, publication).
+    pub fn node_file_top(&self) -> String {
+        self.config_text("")
+            .lines()
+            .filter(|l| {
+                ![
+                    "tenant_id",
+                    "target_connection",
+                    "replication_slot",
+                    "publication_name",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, text).expect("write config");
