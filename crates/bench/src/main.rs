@@ -317,7 +317,12 @@ pub(crate) fn options() -> ClusterOptions {
 /// [`reset_peak_rss`]: the capture and apply nodes run in it, the rest of
 /// the benchmark process holds a few MB.
 pub(crate) fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_mb_of("self")
+}
+
+/// Peak resident set size (MB) of process `pid` (`self` for this one).
+pub(crate) fn peak_rss_mb_of(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {

@@ -462,17 +462,7 @@ impl Node {
 
     /// The node's peak resident set size (MB).
     fn peak_rss_mb(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("VmHWM:")
-                        .and_then(|v| v.split_whitespace().next())
-                        .and_then(|kb| kb.parse::<f64>().ok())
-                })
-            })
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(f64::NAN)
+        crate::peak_rss_mb_of(&self.child.id().to_string())
     }
 
     /// SIGTERM, and wait for the node to finish (killed after 20 s).
