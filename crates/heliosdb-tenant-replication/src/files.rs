@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `O_NOFOLLOW`: opening a symbolic link fails (`ELOOP`).
-fn no_follow() -> i32 {
+pub(crate) fn no_follow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
@@ -50,6 +50,16 @@ pub fn append(path: &Path) -> std::io::Result<File> {
         .create(true)
         .append(true)
         .mode(0o600)
+        .custom_flags(no_follow())
+        .open(path)
+}
+
+/// Open an existing `path` for reading and writing, refusing a symbolic
+/// link.
+pub fn existing(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
         .custom_flags(no_follow())
         .open(path)
 }

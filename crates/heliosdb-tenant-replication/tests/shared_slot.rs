@@ -306,8 +306,44 @@ async fn slot_confirmed(src: &Client) -> i64 {
     .get(0)
 }
 
+/// Counts of the lag histogram's buckets for `tenant`: (upper bound, count).
+fn lag_buckets(metrics: &str, tenant: &str) -> Vec<(f64, f64)> {
+    let label = format!("tenant_id=\"{tenant}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("heliosdb_replication_lag_seconds_bucket{") && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which 99% of the transactions applied between
+/// two scrapes lie.
+fn lag_p99(before: &[(f64, f64)], after: &[(f64, f64)]) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - was)
+        })
+        .collect();
+    let total = delta.iter().map(|d| d.1).fold(0.0, f64::max);
+    assert!(total > 0.0, "transactions were applied");
+    delta
+        .iter()
+        .find(|d| d.1 >= 0.99 * total)
+        .map_or(f64::INFINITY, |d| d.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_whose_target_is_down_holds_the_slot_while_the_others_go_on() {
+async fn a_tenant_whose_target_is_down_spools_while_the_slot_moves_on() {
     let env = two_targets().await;
     // Tenant "down" replicates into a cluster of its own, stopped below.
     let mut own = pgcluster::Cluster::start().expect("third cluster");
@@ -329,12 +365,16 @@ async fn a_tenant_whose_target_is_down_holds_the_slot_while_the_others_go_on() {
         rows(&src, t, 1, 100).await;
     }
     env.init(&node);
-    let daemon = env.start_daemon(&node);
+    let mut daemon = env.start_daemon(&node);
     let (a, b) = (
         env.target.connect("app").await.expect("app"),
         env.target.connect("app2").await.expect("app2"),
     );
     let x = own.connect("app").await.expect("own");
+    // Rows written after the start arrive: every tenant streams.
+    for (t, _) in &tenants {
+        rows(&src, t, 200, 10).await;
+    }
     wait_until(
         Duration::from_secs(60),
         "every tenant copied and streaming",
@@ -346,78 +386,76 @@ async fn a_tenant_whose_target_is_down_holds_the_slot_while_the_others_go_on() {
     )
     .await;
     let (metrics_port, health_port) = monitoring_ports(&node);
-    let prometheus = Prometheus::start(
-        &env.dir.path().join("prometheus"),
-        metrics_port,
-        &[(
-            "expr: heliosdb_tenant_wal_held_bytes > 1024 * 1024 * 1024\n        for: 10m",
-            "expr: heliosdb_tenant_wal_held_bytes > 256 * 1024\n        for: 2s",
-        )],
-    );
 
+    // "down"'s target stops for 60 s while every tenant writes.
     drop(x);
     own.stop().expect("stop the tenant's target");
     let held_at = slot_confirmed(&src).await;
-    // The others stream on while "down" cannot apply.
-    for round in 0..20 {
+    let (_, before) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(60) {
         for (t, _) in &tenants {
-            rows(&src, t, 1000 + round * 100, 100).await;
+            rows(&src, t, 1000 + round * 20, 20).await;
         }
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         "the other tenants applied everything",
         || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
     )
     .await;
-    wait_until(
-        Duration::from_secs(60),
-        "the WAL alert for the tenant whose target is down",
-        || async {
-            let firing = prometheus.get("/api/v1/alerts").await["data"]["alerts"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            firing.iter().any(|a| {
-                a["labels"]["alertname"] == "TenantHoldsWAL"
-                    && a["labels"]["tenant_id"] == "down"
-                    && a["state"] == "firing"
-            })
-        },
-    )
-    .await;
-    // Only that tenant holds WAL back; the slot did not pass its position.
-    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
-    for (t, _) in &tenants[..2] {
-        let held = metric_value(
-            &metrics,
-            "heliosdb_tenant_wal_held_bytes",
-            &[&format!("tenant_id=\"{t}\"")],
-        );
+    let (_, after) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    for t in ["s-a", "s-b"] {
+        let p99 = lag_p99(&lag_buckets(&before, t), &lag_buckets(&after, t));
         assert!(
-            held < Some(256.0 * 1024.0),
-            "{t} holds {held:?}:\n{metrics}"
+            p99 <= 1.0,
+            "{t}: lag p99 within {p99} s while another tenant's target was down"
         );
     }
+    // The slot moved on: "down"'s changes are in its spool, synced.
+    let moved = slot_confirmed(&src).await;
     assert!(
-        slot_confirmed(&src).await <= held_at + 64 * 1024,
-        "the slot moved past the tenant that has not applied"
+        moved > held_at + 1024 * 1024,
+        "the slot moved on past the tenant whose target is down ({held_at} -> {moved})"
     );
+    let spooled = metric_value(
+        &after,
+        "heliosdb_tenant_spool_bytes",
+        &["tenant_id=\"down\""],
+    );
+    assert!(spooled > Some(100_000.0), "down's spool: {spooled:?}");
+    let held = metric_value(
+        &after,
+        "heliosdb_tenant_wal_held_bytes",
+        &["tenant_id=\"down\""],
+    );
+    assert!(held < Some(1024.0 * 1024.0), "down holds {held:?} of WAL");
     let (status, body) = http_get(health_port, "/health").await.expect("health");
     assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"spool_bytes\""), "{body}");
 
-    // Back: it catches up from the slot, equal; the slot moves on.
+    // kill -9 while the spool holds changes the slot no longer has.
+    daemon.kill9();
+    for (t, _) in &tenants {
+        rows(&src, t, 100_000, 20).await;
+    }
+    daemon = env.start_daemon(&node);
+    wait_until(
+        Duration::from_secs(60),
+        "the others apply after the restart",
+        || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
+    )
+    .await;
+
+    // Back: it applies its spool, then the slot, equal; the slot moves on.
     own.start_again().expect("start the tenant's target");
     let x = own.connect("app").await.expect("own");
     wait_until(Duration::from_secs(90), "the tenant caught up", || async {
         equal_on(&src, &x, "down").await
     })
-    .await;
-    wait_until(
-        Duration::from_secs(30),
-        "the slot released the held WAL",
-        || async { slot_confirmed(&src).await > held_at + 256 * 1024 },
-    )
     .await;
     assert!(equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await);
     for db in [&a, &b, &x] {
@@ -432,6 +470,28 @@ async fn a_tenant_whose_target_is_down_holds_the_slot_while_the_others_go_on() {
             0
         );
     }
+    wait_until(Duration::from_secs(30), "the slot reaches the end of the WAL", || async {
+        src.query_one(
+            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get::<_, bool>(0)
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "the spool emptied", || async {
+        let (_, m) = http_get(metrics_port, "/metrics").await.unwrap_or_default();
+        metric_value(&m, "heliosdb_tenant_spool_bytes", &["tenant_id=\"down\""]) == Some(0.0)
+    })
+    .await;
+    // The only errors: "down" could not reach its target.
+    let log = daemon.log();
+    let unexpected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") && !l.contains("still failing after"))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:#?}");
     drop(daemon);
 }
 
@@ -580,6 +640,21 @@ async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
     let src = env.src().await;
     env.init(&node);
     let daemon = env.start_daemon(&node);
+    let (metrics_port, health_port) = monitoring_ports(&node);
+    let prometheus = Prometheus::start(
+        &env.dir.path().join("prometheus"),
+        metrics_port,
+        &[
+            (
+                "expr: heliosdb_tenant_wal_held_bytes > 1024 * 1024 * 1024\n        for: 10m",
+                "expr: heliosdb_tenant_wal_held_bytes > 256 * 1024\n        for: 2s",
+            ),
+            (
+                "expr: heliosdb_tenant_paused == 1\n        for: 5m",
+                "expr: heliosdb_tenant_paused == 1\n        for: 2s",
+            ),
+        ],
+    );
     let (a, b) = (
         env.target.connect("app").await.expect("app"),
         env.target.connect("app2").await.expect("app2"),
@@ -633,6 +708,51 @@ async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
         || async { equal_on(&src, &a, "s-a").await },
     )
     .await;
+    // Paused: unhealthy, the slot holds for it, both alerts fire for it
+    // alone in a real Prometheus.
+    let (status, body) = http_get(health_port, "/health").await.expect("health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("spool_max_mb"), "{body}");
+    let held_at = slot_confirmed(&src).await;
+    for round in 30..40 {
+        rows(&src, "s-a", 1000 + round * 200, 200).await;
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "s-a applied what it wrote while slow is paused",
+        || async { equal_on(&src, &a, "s-a").await },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(60),
+        "TenantPaused and TenantHoldsWAL fire for the paused tenant",
+        || async {
+            let alerts = prometheus.get("/api/v1/alerts").await["data"]["alerts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let firing = |name: &str| {
+                alerts.iter().any(|a| {
+                    a["labels"]["alertname"] == name
+                        && a["labels"]["tenant_id"] == "slow"
+                        && a["state"] == "firing"
+                })
+            };
+            firing("TenantPaused") && firing("TenantHoldsWAL")
+        },
+    )
+    .await;
+    let alerts = prometheus.get("/api/v1/alerts").await.to_string();
+    assert!(
+        !alerts.contains("\"s-a\"") && !alerts.contains("\"s-b\""),
+        "{alerts}"
+    );
+    assert!(
+        slot_confirmed(&src).await <= held_at + 64 * 1024,
+        "the slot stays where the paused tenant's spool ends"
+    );
+    // Rows written while it is paused come from the slot when it resumes.
+    rows(&src, "slow", 100_000, 50).await;
 
     // Unstuck: it catches up from its spool and from the slot, equal.
     lock.rollback().await.expect("unlock");
@@ -642,6 +762,7 @@ async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
         || async { equal_on(&src, &slow, "slow").await },
     )
     .await;
+    wait_for_log(&daemon, "tenant resumes", Duration::from_secs(5)).await;
     assert!(equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await);
     wait_until(Duration::from_secs(30), "the slot released what the slow tenant held", || async {
         src.query_one(

@@ -47,8 +47,9 @@ use crate::capture::{Announced, ChangeSource, RowChange, RowOp, TxEvent};
 use crate::config::{Config, ConnInfo};
 use crate::error::{ErrorClass, ReplicationError, Result};
 use crate::lsn::Lsn;
+use crate::telemetry::SpoolStatus;
 
-use super::spool::{Push, TenantQueue};
+use super::spool::{Pause, Push, TenantQueue};
 
 /// How long a starting hub waits for every registered tenant to attach
 /// before it streams for those that have (the others attach later, and
@@ -64,16 +65,31 @@ const SPILL_AFTER: Duration = Duration::from_secs(1);
 /// source is (their idle position, recorded on their target).
 const IDLE_EVERY: Duration = Duration::from_millis(200);
 
+/// What one registered tenant lets the slot release.
+#[derive(Debug, Default, Clone)]
+struct Hold {
+    /// What its target committed (`None`: not known yet, the slot stays
+    /// where it is).
+    applied: Option<Lsn>,
+    /// Its spool's segments: (valid from, synced to).
+    spans: Vec<(Lsn, Lsn)>,
+}
+
+impl Hold {
+    fn position(&self) -> Option<Lsn> {
+        Some(super::spool::covered(self.applied?, &self.spans))
+    }
+}
+
 /// The positions tenants let the slot release, shared with their pipelines.
 #[derive(Default)]
 struct Holds {
-    /// `None`: registered, position not known yet (the slot stays where it is).
-    by_tenant: Mutex<HashMap<String, Option<Lsn>>>,
+    by_tenant: Mutex<HashMap<String, Hold>>,
     moved: Notify,
 }
 
 impl Holds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Lsn>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Hold>> {
         self.by_tenant.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -83,10 +99,27 @@ impl Holds {
         let holds = self.lock();
         let mut min: Option<Lsn> = None;
         for h in holds.values() {
-            let h = (*h)?;
+            let h = h.position()?;
             min = Some(min.map_or(h, |m| m.min(h)));
         }
         min
+    }
+
+    fn applied(&self, tenant: &str) -> Option<Lsn> {
+        self.lock().get(tenant).and_then(|h| h.applied)
+    }
+
+    /// A tenant's spool changed: its spans, and its hold now.
+    fn set_spans(&self, tenant: &str, spans: Vec<(Lsn, Lsn)>) -> Option<Lsn> {
+        let mut holds = self.lock();
+        let h = holds.get_mut(tenant)?;
+        if h.spans != spans {
+            h.spans = spans;
+            drop(holds);
+            self.moved.notify_one();
+            return self.lock().get(tenant).and_then(Hold::position);
+        }
+        h.position()
     }
 }
 
@@ -101,8 +134,8 @@ impl HubAck {
     pub fn advance(&self, lsn: Lsn) {
         let mut holds = self.holds.lock();
         if let Some(h) = holds.get_mut(&self.tenant) {
-            if h.is_none_or(|h| lsn > h) {
-                *h = Some(lsn);
+            if h.applied.is_none_or(|h| lsn > h) {
+                h.applied = Some(lsn);
                 drop(holds);
                 self.holds.moved.notify_one();
             }
@@ -149,8 +182,11 @@ impl HubFeed {
 #[derive(Debug, Clone)]
 pub struct QueueSpec {
     pub buffer_events: usize,
+    /// The spool's directory.
     pub spool: std::path::PathBuf,
     pub spool_max_bytes: u64,
+    /// Where the hub shows the spool's size and state.
+    pub status: Arc<SpoolStatus>,
 }
 
 /// Where a tenant's stream resumes: its target's progress.
@@ -199,7 +235,7 @@ impl HubHandle {
         let holds = Arc::new(Holds::default());
         holds
             .lock()
-            .extend(tenants.iter().map(|id| (id.clone(), None)));
+            .extend(tenants.iter().map(|id| (id.clone(), Hold::default())));
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             info: t.source()?.clone(),
@@ -216,6 +252,7 @@ impl HubHandle {
             routes: HashMap::new(),
             system_id: None,
             acknowledged: Lsn::ZERO,
+            restart: false,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -285,10 +322,26 @@ impl HubHandle {
     }
 }
 
+/// Whether a route is given the stream's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteState {
+    Live,
+    /// Its spool reached its limit: paused at the next transaction
+    /// boundary.
+    PausePending,
+    /// Not given events until the stream restarts (from its position).
+    Restarting,
+    /// Its spool is full: not given events until it drains to half.
+    Paused,
+}
+
 /// A tenant's route.
 struct Route {
     queue: TenantQueue,
+    /// Why the current session's feed closed.
     reason: Reason,
+    status: Arc<SpoolStatus>,
+    state: RouteState,
     /// The last transaction it was given (or its target has).
     last_commit: Lsn,
     /// Where it has been given everything up to.
@@ -299,6 +352,12 @@ struct Route {
     idle: Option<Lsn>,
 }
 
+impl Route {
+    fn receiving(&self) -> bool {
+        matches!(self.state, RouteState::Live | RouteState::PausePending)
+    }
+}
+
 struct Hub {
     info: ConnInfo,
     spec: StreamSpec,
@@ -307,11 +366,13 @@ struct Hub {
     routes: HashMap<String, Route>,
     system_id: Option<String>,
     acknowledged: Lsn,
+    /// Restart the stream at the next boundary between transactions.
+    restart: bool,
 }
 
 /// Why streaming stopped.
 enum Ended {
-    /// A tenant attached: start again from the slot.
+    /// A tenant attached or resumed: start again from the slot.
     Restart,
     /// Stop asked: acknowledged and closed.
     Stop(oneshot::Sender<()>),
@@ -330,9 +391,7 @@ impl Hub {
                         let _ = done.send(());
                         return;
                     }
-                    Some(c) => {
-                        self.command(c);
-                    }
+                    Some(c) => self.command(c),
                     None => return,
                 }
                 continue;
@@ -342,15 +401,13 @@ impl Hub {
                 // start, and after the stream failed).
                 first = false;
                 let until = tokio::time::Instant::now() + ATTACH_GRACE;
-                while self.routes.len() < self.holds.lock().len() {
+                while self.attached() < self.holds.lock().len() {
                     match tokio::time::timeout_at(until, commands.recv()).await {
                         Ok(Some(Command::Stop { done })) => {
                             let _ = done.send(());
                             return;
                         }
-                        Ok(Some(c)) => {
-                            self.command(c);
-                        }
+                        Ok(Some(c)) => self.command(c),
                         Ok(None) => return,
                         Err(_) => break,
                     }
@@ -364,27 +421,40 @@ impl Hub {
                 }
                 Ended::Gone => return,
                 Ended::Failed(e) => {
-                    // Its tenants attach again one by one: wait for them
+                    // The stream may have ended inside a transaction its
+                    // tenants have the start of: every session starts
+                    // again, and until it attaches, its tenant's changes
+                    // go to its spool from its last mark. Wait for them
                     // before streaming, as at the start.
                     first = true;
                     tracing::warn!(slot = %self.spec.slot, error = %e, "the shared slot's stream failed; its tenants reconnect");
                     let reason = Some((e.to_string(), e.class()));
-                    for (_, route) in self.routes.drain() {
-                        *route.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.clone();
+                    let tenants: Vec<String> = self.routes.keys().cloned().collect();
+                    for tenant in tenants {
+                        if let Some(route) = self.routes.get(&tenant) {
+                            *route.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                                reason.clone();
+                        }
+                        self.detached(&tenant, true);
                     }
                 }
             }
         }
     }
 
-    /// Handle a command; `true` when the stream must start again (a tenant
-    /// attached while it ran).
-    fn command(&mut self, command: Command) -> bool {
+    /// Routes with a session attached.
+    fn attached(&self) -> usize {
+        self.routes
+            .values()
+            .filter(|r| r.queue.has_session() && !r.queue.session_ended())
+            .count()
+    }
+
+    fn command(&mut self, command: Command) {
         match command {
             Command::Register { tenant, done } => {
-                self.holds.lock().entry(tenant).or_insert(None);
+                self.holds.lock().entry(tenant).or_default();
                 let _ = done.send(());
-                false
             }
             Command::Attach {
                 tenant,
@@ -396,57 +466,159 @@ impl Hub {
                 if self.system_id.is_none() {
                     self.system_id = Some(system_id);
                 }
-                let (tx, rx) = mpsc::channel(queue.buffer_events.max(16));
-                let reason = Reason::default();
-                let feed = HubFeed {
-                    rx,
-                    reason: reason.clone(),
-                };
-                {
-                    let mut holds = self.holds.lock();
-                    let h = holds.entry(tenant.clone()).or_insert(None);
-                    *h = Some(h.map_or(resume.end_lsn, |h| h.max(resume.end_lsn)));
+                match self.attach(&tenant, resume, queue) {
+                    Ok(feed) => {
+                        let ack = HubAck {
+                            tenant: tenant.clone(),
+                            holds: self.holds.clone(),
+                        };
+                        tracing::info!(%tenant, slot = %self.spec.slot, resume_after = %resume.commit_lsn, "tenant attached to the shared slot");
+                        let _ = done.send((feed, ack));
+                    }
+                    Err(e) => {
+                        // The feed closes at once with the reason.
+                        let (_, rx) = mpsc::channel(1);
+                        let reason = Reason::default();
+                        *reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((e.to_string(), e.class()));
+                        let ack = HubAck {
+                            tenant,
+                            holds: self.holds.clone(),
+                        };
+                        let _ = done.send((HubFeed { rx, reason }, ack));
+                    }
                 }
-                self.holds.moved.notify_one();
-                let ack = HubAck {
-                    tenant: tenant.clone(),
-                    holds: self.holds.clone(),
-                };
-                tracing::info!(%tenant, slot = %self.spec.slot, resume_after = %resume.commit_lsn, "tenant attached to the shared slot");
-                self.routes.insert(
-                    tenant,
-                    Route {
-                        queue: TenantQueue::new(tx, queue.spool, queue.spool_max_bytes),
-                        reason,
-                        last_commit: resume.commit_lsn,
-                        position: resume.end_lsn,
-                        in_txn: false,
-                        idle: None,
-                    },
-                );
-                let _ = done.send((feed, ack));
-                true
             }
             Command::Unregister { tenant, done } => {
-                self.routes.remove(&tenant);
+                if let Some(route) = self.routes.remove(&tenant) {
+                    route.queue.remove();
+                    route.status.clear();
+                }
                 self.holds.lock().remove(&tenant);
                 self.holds.moved.notify_one();
                 let _ = done.send(());
-                false
             }
             Command::Stop { done } => {
                 let _ = done.send(());
-                false
             }
         }
+    }
+
+    /// A session of `tenant` attaches: its feed. The spool left by its
+    /// earlier sessions (or on disk, after a restart) goes first.
+    fn attach(&mut self, tenant: &str, resume: Resume, spec: QueueSpec) -> Result<HubFeed> {
+        {
+            let mut holds = self.holds.lock();
+            let h = holds.entry(tenant.to_string()).or_default();
+            h.applied = Some(h.applied.map_or(resume.end_lsn, |a| a.max(resume.end_lsn)));
+        }
+        self.holds.moved.notify_one();
+        if self
+            .routes
+            .get(tenant)
+            .is_some_and(|r| r.queue.has_session())
+        {
+            // Its earlier session ended and the hub has not seen it yet.
+            self.detached(tenant, false);
+        }
+        let (tx, rx) = mpsc::channel(spec.buffer_events.max(16));
+        let reason = Reason::default();
+        match self.routes.get_mut(tenant) {
+            Some(route) => {
+                route.queue.attach(tx, resume.commit_lsn);
+                route.reason = reason.clone();
+            }
+            None => {
+                let queue =
+                    TenantQueue::open(spec.spool.clone(), spec.spool_max_bytes, resume.end_lsn)
+                        .map_err(|e| {
+                            ReplicationError::Internal(format!(
+                                "tenant '{tenant}': its spool {}: {e}",
+                                spec.spool.display()
+                            ))
+                        })?;
+                let spans = queue.spans();
+                let position = super::spool::covered(resume.end_lsn, &spans);
+                if position > resume.end_lsn {
+                    tracing::info!(%tenant, from = %resume.end_lsn, to = %position, "tenant: its spool holds the changes up to here; they are applied first");
+                }
+                let mut route = Route {
+                    last_commit: resume.commit_lsn.max(queue.last_commit()),
+                    queue,
+                    reason: reason.clone(),
+                    status: spec.status.clone(),
+                    state: RouteState::Restarting,
+                    position,
+                    in_txn: false,
+                    idle: None,
+                };
+                route.queue.attach(tx, resume.commit_lsn);
+                self.holds.set_spans(tenant, spans);
+                self.routes.insert(tenant.to_string(), route);
+                // It receives every transaction after its position.
+                self.restart = true;
+            }
+        }
+        Ok(HubFeed { rx, reason })
+    }
+
+    /// `tenant`'s session ended. What it was given through its channel
+    /// may not be applied: unless its spool has taken everything since a
+    /// position its target reached (then the spool goes on taking its
+    /// changes, and the slot moves on), its spool starts again from what
+    /// is covered and the stream restarts for it from there. `failed`: the
+    /// stream itself ended (the spool may have half a transaction).
+    fn detached(&mut self, tenant: &str, failed: bool) {
+        let applied = self.holds.applied(tenant).unwrap_or(Lsn::ZERO);
+        let Some(route) = self.routes.get_mut(tenant) else {
+            return;
+        };
+        route.queue.detach();
+        let spans = route.queue.spans();
+        let reach = super::spool::covered(applied, &spans);
+        let whole = route.queue.spooling()
+            && route.receiving()
+            && spans.len() == route.queue.segments()
+            && spans.last().is_some_and(|&(from, _)| from <= reach);
+        if whole && !failed {
+            tracing::info!(%tenant, slot = %self.spec.slot, "tenant detached from the shared slot; its changes go to its spool");
+            return;
+        }
+        if let Err(Push::Failed(why)) = route.queue.respool_from(reach) {
+            // Nothing more is spooled: the slot holds for it from here.
+            tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be written ({why}); the slot holds for it");
+            if let Some(route) = self.routes.remove(tenant) {
+                route.status.clear();
+            }
+            return;
+        }
+        route.position = reach;
+        // Transactions that committed below `reach` are covered.
+        route.last_commit = Lsn(reach.0.saturating_sub(1));
+        route.in_txn = false;
+        route.idle = None;
+        if route.state != RouteState::Paused {
+            route.state = RouteState::Restarting;
+            self.restart = true;
+        }
+        tracing::info!(%tenant, slot = %self.spec.slot, from = %reach, "tenant detached from the shared slot; its changes go to its spool from here");
+        let spans = route.queue.spans();
+        self.holds.set_spans(tenant, spans);
     }
 
     /// Stream for the attached tenants until a tenant attaches, stop, or an
     /// error.
     async fn stream(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) -> Ended {
+        self.restart = false;
+        for route in self.routes.values_mut() {
+            if route.state == RouteState::Restarting {
+                route.state = RouteState::Live;
+            }
+        }
         let start = self
             .routes
             .values()
+            .filter(|r| r.receiving())
             .map(|r| r.position)
             .min()
             .unwrap_or(Lsn::ZERO);
@@ -484,16 +656,15 @@ impl Hub {
             // Tenants attach and leave between transactions only: a
             // restart in the middle of one would give its start twice.
             let between = router.begin.is_none();
+            if between && (self.restart || !self.routes.values().any(Route::receiving)) {
+                break Ended::Restart;
+            }
             let next = tokio::select! {
                 biased;
                 c = commands.recv(), if between => match c {
                     Some(Command::Stop { done }) => break Ended::Stop(done),
                     Some(c) => {
-                        // A tenant attached (restart for it), or the last
-                        // one left (wait for one).
-                        if self.command(c) || self.routes.is_empty() {
-                            break Ended::Restart;
-                        }
+                        self.command(c);
                         continue;
                     }
                     None => break Ended::Gone,
@@ -503,7 +674,9 @@ impl Hub {
                     continue;
                 }
                 _ = idle_tick.tick() => {
+                    self.maintain(&mut router);
                     self.send_idle();
+                    self.acknowledge(&source);
                     continue;
                 }
                 ev = source.recv() => ev,
@@ -529,23 +702,29 @@ impl Hub {
                     source.pace_reads(super::is_backlog(*commit_time_us));
                 }
                 for (tenant, event) in router.route(event, &mut self.routes) {
-                    self.send(&source, &tenant, event).await;
+                    self.send(&source, &tenant, event, &router.streams).await;
                 }
                 item = router.assembler.take_held();
-            }
-            if self.routes.is_empty() {
-                break Ended::Restart;
             }
         };
         if matches!(ended, Ended::Restart) {
             // Streamed transactions still open are sent again from their
             // start: their tenants drop what they have of them.
+            let none = HashMap::new();
             for (top, tenants) in std::mem::take(&mut router.streams) {
                 for tenant in tenants {
-                    self.send(&source, &tenant, TxEvent::StreamAbort { top, xid: top })
-                        .await;
+                    self.send(
+                        &source,
+                        &tenant,
+                        TxEvent::StreamAbort { top, xid: top },
+                        &none,
+                    )
+                    .await;
                 }
             }
+            // What was spooled up to here is durable before the slot is
+            // told (the restart may re-read from the slot).
+            self.maintain(&mut router);
         }
         self.acknowledge(&source);
         source.close().await;
@@ -557,11 +736,103 @@ impl Hub {
         acknowledge(&self.holds, &mut self.acknowledged, source);
     }
 
+    /// A few times a second: notice ended sessions, make spools durable
+    /// (the slot may then move past them), delete what tenants applied,
+    /// pause a tenant whose spool is full and resume one drained to half.
+    fn maintain(&mut self, router: &mut Router) {
+        let tenants: Vec<String> = self.routes.keys().cloned().collect();
+        for tenant in tenants {
+            let Some(route) = self.routes.get_mut(&tenant) else {
+                continue;
+            };
+            if let Some(why) = route.queue.failure() {
+                tracing::error!(%tenant, slot = %self.spec.slot, "tenant stopped: {why}");
+                *route.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                    format!("{why}: the tenant's spool is damaged; copy the tenant again (init --resync) if the slot has moved past it"),
+                    ErrorClass::OperatorAction,
+                ));
+                if let Some(route) = self.routes.remove(&tenant) {
+                    route.status.clear();
+                }
+                continue;
+            }
+            if route.queue.session_ended() {
+                self.detached(&tenant, false);
+            }
+            let Some(route) = self.routes.get_mut(&tenant) else {
+                continue;
+            };
+            if route.receiving() {
+                if let Err(Push::Failed(why)) = route.queue.sync(route.position) {
+                    tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be synced ({why}); it starts again from the slot");
+                    *route.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((why, ErrorClass::Retry));
+                    if let Some(route) = self.routes.remove(&tenant) {
+                        route.status.clear();
+                    }
+                    continue;
+                }
+            }
+            let applied = self.holds.applied(&tenant).unwrap_or(Lsn::ZERO);
+            route.queue.release(applied);
+            let bytes = route.queue.bytes();
+            let max = route.queue.max_bytes();
+            if route.state == RouteState::Live && route.queue.spooling() && bytes >= max {
+                route.state = RouteState::PausePending;
+            }
+            if route.state == RouteState::PausePending {
+                match route.queue.pause(route.position) {
+                    Ok(Pause::NotYet) => {}
+                    Ok(Pause::Drained) => route.state = RouteState::Live,
+                    Ok(Pause::Paused(aborted)) => {
+                        route.state = RouteState::Paused;
+                        for top in aborted {
+                            if let Some(given) = router.streams.get_mut(&top) {
+                                given.remove(&tenant);
+                            }
+                        }
+                        let why = format!(
+                            "its spool reached [performance] spool_max_mb ({} MB)",
+                            max >> 20
+                        );
+                        tracing::warn!(%tenant, slot = %self.spec.slot, at = %route.position, "tenant paused: {why}; the slot holds for it from here, and it resumes when its spool has drained to half");
+                        route.status.set_paused(Some(why));
+                    }
+                    Err(e) => {
+                        let why = match e {
+                            Push::Failed(why) => why,
+                            _ => "the spool could not be written".into(),
+                        };
+                        tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool: {why}; it starts again from the slot");
+                        *route.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((why, ErrorClass::Retry));
+                        if let Some(route) = self.routes.remove(&tenant) {
+                            route.status.clear();
+                        }
+                        continue;
+                    }
+                }
+            } else if route.state == RouteState::Paused && bytes <= max / 2 {
+                tracing::info!(%tenant, slot = %self.spec.slot, from = %route.position, "tenant resumes: its spool drained to half; the stream restarts from the slot for it");
+                route.last_commit = route.last_commit.max(route.queue.last_commit());
+                route.state = RouteState::Restarting;
+                route.status.set_paused(None);
+                self.restart = true;
+            }
+            let Some(route) = self.routes.get(&tenant) else {
+                continue;
+            };
+            let spans = route.queue.spans();
+            let held = self.holds.set_spans(&tenant, spans);
+            route.status.update(bytes, held.unwrap_or(Lsn::ZERO));
+        }
+    }
+
     /// Tenants that had no rows lately learn where the source is.
     fn send_idle(&mut self) {
         for route in self.routes.values_mut() {
             if let Some(wal_end) = route.idle {
-                if route.in_txn {
+                if route.in_txn || !route.receiving() {
                     continue;
                 }
                 if route.queue.try_push(TxEvent::Keepalive { wal_end }).is_ok() {
@@ -573,64 +844,74 @@ impl Hub {
 
     /// Give `tenant` one event. A tenant whose queue stays full for
     /// [`SPILL_AFTER`] spills to its spool instead of holding the others
-    /// up; one whose spool is full is paused; one whose session ended is
-    /// detached. Paused and detached tenants keep holding the slot.
-    async fn send(&mut self, source: &PgwireSource, tenant: &str, event: TxEvent) {
-        let Hub {
-            routes,
-            holds,
-            acknowledged,
-            spec,
-            ..
-        } = self;
-        let Some(route) = routes.get_mut(tenant) else {
-            return;
-        };
-        let outcome = match route.queue.try_push(event) {
-            Ok(()) => return,
-            Err(Push::Full(event)) => {
-                // Room comes soon when the tenant is just busy (a backlog
-                // read by every tenant): wait for it, acknowledging meanwhile.
-                let deadline = tokio::time::Instant::now() + SPILL_AFTER;
-                let mut reserve = std::pin::pin!(route.queue.reserve());
-                let room = loop {
-                    tokio::select! {
-                        biased;
-                        _ = holds.moved.notified() => acknowledge(holds, acknowledged, source),
-                        permit = &mut reserve => break Some(permit),
-                        _ = tokio::time::sleep_until(deadline) => break None,
-                    }
-                };
-                let closed = match room {
-                    Some(Some(permit)) => {
-                        permit.send(event);
-                        return;
-                    }
-                    Some(None) => true,
-                    None => false,
-                };
-                if closed {
-                    Err(Push::Closed)
-                } else {
-                    tracing::warn!(%tenant, slot = %spec.slot, "tenant slower than the shared stream: its changes go to its spool until it catches up");
-                    route.queue.spill(event)
-                }
+    /// up; one whose session ended has its changes spooled.
+    async fn send(
+        &mut self,
+        source: &PgwireSource,
+        tenant: &str,
+        event: TxEvent,
+        streams: &HashMap<u32, HashSet<String>>,
+    ) {
+        let outcome = {
+            let Hub {
+                routes,
+                holds,
+                acknowledged,
+                spec,
+                ..
+            } = &mut *self;
+            let Some(route) = routes.get_mut(tenant) else {
+                return;
+            };
+            if !route.receiving() {
+                return;
             }
-            Err(e) => Err(e),
+            match route.queue.try_push(event) {
+                Ok(()) => return,
+                Err(Push::Full(event)) => {
+                    // Room comes soon when the tenant is just busy (a
+                    // backlog read by every tenant): wait for it,
+                    // acknowledging meanwhile.
+                    let deadline = tokio::time::Instant::now() + SPILL_AFTER;
+                    let mut reserve = std::pin::pin!(route.queue.reserve());
+                    let room = loop {
+                        tokio::select! {
+                            biased;
+                            _ = holds.moved.notified() => acknowledge(holds, acknowledged, source),
+                            permit = &mut reserve => break Some(permit),
+                            _ = tokio::time::sleep_until(deadline) => break None,
+                        }
+                    };
+                    match room {
+                        Some(Some(permit)) => {
+                            permit.send(event);
+                            return;
+                        }
+                        Some(None) => Err(Push::Closed),
+                        None => {
+                            tracing::warn!(%tenant, slot = %spec.slot, "tenant slower than the shared stream: its changes go to its spool until it catches up");
+                            // What its channel has the beginning of.
+                            let open: HashSet<u32> = streams
+                                .iter()
+                                .filter(|(_, given)| given.contains(tenant))
+                                .map(|(top, _)| *top)
+                                .collect();
+                            route.queue.spill(event, route.in_txn, open)
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            }
         };
         match outcome {
             Ok(()) => {}
-            Err(Push::Closed) | Err(Push::Full(_)) => {
-                tracing::info!(%tenant, slot = %spec.slot, "tenant detached from the shared slot; the slot holds for it");
-                routes.remove(tenant);
-            }
-            Err(Push::SpoolFull(why)) => {
-                tracing::warn!(%tenant, slot = %spec.slot, "tenant paused: {why}; the slot holds for it, and it resumes from there");
-                if let Some(route) = routes.remove(tenant) {
-                    *route.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some((
-                        format!("paused: {why} (the tenant fell behind the shared slot; it resumes from the slot)"),
-                        ErrorClass::Retry,
-                    ));
+            Err(Push::Closed) | Err(Push::Full(_)) => self.detached(tenant, false),
+            Err(Push::Failed(why)) => {
+                tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be written ({why}); it starts again from the slot, which holds for it");
+                if let Some(route) = self.routes.remove(tenant) {
+                    *route.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((why, ErrorClass::Retry));
+                    route.status.clear();
                 }
             }
         }
@@ -670,7 +951,7 @@ impl Router {
             TxEvent::Begin { final_lsn, .. } => {
                 self.final_lsn = final_lsn;
                 self.begin = Some(event);
-                for r in routes.values_mut() {
+                for r in routes.values_mut().filter(|r| r.receiving()) {
                     r.in_txn = false;
                 }
             }
@@ -679,7 +960,7 @@ impl Router {
                 end_lsn,
                 ..
             } => {
-                for (tenant, r) in routes.iter_mut() {
+                for (tenant, r) in routes.iter_mut().filter(|(_, r)| r.receiving()) {
                     if std::mem::take(&mut r.in_txn) {
                         r.last_commit = commit_lsn;
                         r.idle = None;
@@ -692,7 +973,7 @@ impl Router {
                 self.begin = None;
             }
             TxEvent::Keepalive { wal_end } => {
-                for r in routes.values_mut() {
+                for r in routes.values_mut().filter(|r| r.receiving()) {
                     r.idle = Some(r.idle.map_or(wal_end, |l| l.max(wal_end)));
                 }
             }
@@ -703,7 +984,7 @@ impl Router {
                 ..
             } => {
                 let given = self.streams.remove(&top).unwrap_or_default();
-                for (tenant, r) in routes.iter_mut() {
+                for (tenant, r) in routes.iter_mut().filter(|(_, r)| r.receiving()) {
                     if given.contains(tenant) {
                         if commit_lsn <= r.last_commit {
                             // Its target has it (a restarted stream).
@@ -726,7 +1007,7 @@ impl Router {
                     self.streams.get(&top).cloned().unwrap_or_default()
                 };
                 for tenant in given {
-                    if routes.contains_key(&tenant) {
+                    if routes.get(&tenant).is_some_and(Route::receiving) {
                         out.push((tenant, TxEvent::StreamAbort { top, xid }));
                     }
                 }
@@ -769,7 +1050,8 @@ impl Router {
     /// to see it: a row moved from one tenant to another is a delete for
     /// the one and an insert for the other, as a row filter makes it.
     fn split(&self, change: TxEvent, routes: &HashMap<String, Route>) -> Vec<(String, TxEvent)> {
-        let attached = |t: Option<String>| t.filter(|t| routes.contains_key(t));
+        let attached =
+            |t: Option<String>| t.filter(|t| routes.get(t).is_some_and(Route::receiving));
         match change {
             TxEvent::Row(RowChange { relation, op }) => {
                 let at = relation.columns.iter().position(|c| c.name == self.column);
@@ -806,8 +1088,9 @@ impl Router {
                 .unwrap_or_default(),
             // Every tenant's rows of the tables go.
             truncate @ TxEvent::Truncate { .. } => routes
-                .keys()
-                .map(|t| (t.clone(), truncate.clone()))
+                .iter()
+                .filter(|(_, r)| r.receiving())
+                .map(|(t, _)| (t.clone(), truncate.clone()))
                 .collect(),
             _ => Vec::new(),
         }

@@ -46,9 +46,16 @@ pub async fn run(
     // anything is copied or streamed.
     let system_id = preflight::system_id(&source).await?;
     let mut recorded = progress::load(&target, &t.tenant_id).await?;
+    let spool = spool_dir(config);
     if let Some(p) = &recorded {
         p.check_source(&t.tenant_id, &system_id, &t.slot)?;
-        p.check_slot_covered(&t.tenant_id, &t.slot, report.slot_confirmed)?;
+        // On a shared slot, the tenant's spool may hold what the slot has
+        // released.
+        let covered = match hub {
+            Some(_) => super::spool::covered(p.end_lsn, &super::spool::spans_on_disk(&spool)),
+            None => p.end_lsn,
+        };
+        progress::check_slot_covered(&t.tenant_id, &t.slot, covered, report.slot_confirmed)?;
     }
     if snapshot::wanted(&config.tenant, recorded.is_some()) {
         tel.set_state(State::Snapshotting);
@@ -131,8 +138,9 @@ pub async fn run(
             };
             let queue = QueueSpec {
                 buffer_events: config.batch.buffer_events,
-                spool: t.checkpoint_dir.join(format!("{}.spool", t.tenant_id)),
+                spool,
                 spool_max_bytes: config.batch.spool_max_bytes,
+                status: tel.spool.clone(),
             };
             let (feed, ack) = hub.attach(&t.tenant_id, resume, &system_id, queue).await?;
             tracing::info!(
@@ -229,6 +237,18 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Where a tenant sharing a slot spools what it has not applied yet:
+/// `<checkpoint_dir>/<tenant>.spool/` (a plain file of that name, left by
+/// a version whose spool was not durable, is removed).
+fn spool_dir(config: &Config) -> std::path::PathBuf {
+    let t = &config.tenant;
+    let dir = t.checkpoint_dir.join(format!("{}.spool", t.tenant_id));
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+        let _ = std::fs::remove_file(&dir);
+    }
+    dir
 }
 
 /// The replication stream of a session and its checkpoint file.

@@ -158,7 +158,7 @@ impl Health {
                     ),
                     None => (Value::Null, Value::Null),
                 };
-                json!({
+                let mut entry = json!({
                     "tenant_id": t.tenant(),
                     "state": t.state().name(),
                     "lag_seconds": round3(t.current_lag()),
@@ -168,11 +168,23 @@ impl Health {
                     "total_events_processed": t.m.events_total(),
                     "total_errors": t.m.errors_total(),
                     "total_conflicts": t.m.conflicts_total(),
-                })
+                });
+                // A tenant sharing a slot: what its spool holds, and why
+                // it is paused.
+                let spooled = t.spool.bytes();
+                if spooled > 0 {
+                    entry["spool_bytes"] = json!(spooled);
+                }
+                if let Some(why) = t.spool.paused() {
+                    entry["paused"] = json!(why);
+                }
+                entry
             })
             .collect();
         let healthy = !tenants.is_empty()
-            && tenants.iter().all(|t| t.state().is_up())
+            && tenants
+                .iter()
+                .all(|t| t.state().is_up() && t.spool.paused().is_none())
             && checks.iter().all(|c| c.healthy);
         let body = json!({
             "status": if healthy { "healthy" } else { "unhealthy" },

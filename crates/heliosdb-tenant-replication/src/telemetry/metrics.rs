@@ -44,6 +44,8 @@ pub const FAMILIES: &[&str] = &[
     "heliosdb_apply_batch_duration_seconds",
     "heliosdb_replication_applied_lsn",
     "heliosdb_tenant_wal_held_bytes",
+    "heliosdb_tenant_spool_bytes",
+    "heliosdb_tenant_paused",
     "heliosdb_slot_retained_wal_bytes",
     "heliosdb_slot_confirmed_flush_lsn",
     "heliosdb_replication_up",
@@ -75,6 +77,8 @@ pub struct Metrics {
     batch_seconds: HistogramVec,
     applied_lsn: IntGaugeVec,
     wal_held: IntGaugeVec,
+    spool_bytes: IntGaugeVec,
+    paused: IntGaugeVec,
     slot_retained: IntGaugeVec,
     slot_confirmed: IntGaugeVec,
     up: IntGaugeVec,
@@ -119,6 +123,8 @@ impl Metrics {
                 HistogramOpts::new("heliosdb_apply_batch_duration_seconds", "Time to apply and commit one target transaction").buckets(BATCH_BUCKETS.to_vec()), t)),
             applied_lsn: register!(r, IntGaugeVec::new(opts("heliosdb_replication_applied_lsn", "End LSN of the last source transaction committed on the target"), t)),
             wal_held: register!(r, IntGaugeVec::new(opts("heliosdb_tenant_wal_held_bytes", "WAL the source keeps because of this tenant: its current WAL position minus what the tenant let its slot release (on a shared slot, the tenant furthest behind holds it for all)"), t)),
+            spool_bytes: register!(r, IntGaugeVec::new(opts("heliosdb_tenant_spool_bytes", "Bytes in the tenant's spool on disk: changes of a shared slot its target has not applied yet (bounded by [performance] spool_max_mb)"), t)),
+            paused: register!(r, IntGaugeVec::new(opts("heliosdb_tenant_paused", "1 while the tenant is paused because its spool is full (the shared slot holds for it)"), t)),
             slot_retained: register!(r, IntGaugeVec::new(opts("heliosdb_slot_retained_wal_bytes", "WAL the source keeps for the tenant's slot (current WAL position minus restart_lsn)"), &["tenant_id", "slot"])),
             slot_confirmed: register!(r, IntGaugeVec::new(opts("heliosdb_slot_confirmed_flush_lsn", "The slot's confirmed_flush_lsn on the source"), &["tenant_id", "slot"])),
             up: register!(r, IntGaugeVec::new(opts("heliosdb_replication_up", "1 while the tenant streams or copies, 0 while it is stopped or reconnecting"), t)),
@@ -152,6 +158,8 @@ impl Metrics {
             batch_seconds: self.batch_seconds.with_label_values(t),
             applied_lsn: self.applied_lsn.with_label_values(t),
             wal_held: self.wal_held.with_label_values(t),
+            spool_bytes: self.spool_bytes.with_label_values(t),
+            paused: self.paused.with_label_values(t),
             up: self.up.with_label_values(t),
             events: self.events.clone(),
             errors: self.errors.clone(),
@@ -192,6 +200,8 @@ impl Metrics {
         let _ = self.batch_seconds.remove_label_values(t);
         let _ = self.applied_lsn.remove_label_values(t);
         let _ = self.wal_held.remove_label_values(t);
+        let _ = self.spool_bytes.remove_label_values(t);
+        let _ = self.paused.remove_label_values(t);
         let _ = self.up.remove_label_values(t);
         for table in m.tables.lock().unwrap_or_else(|p| p.into_inner()).keys() {
             let _ = self.events.remove_label_values(&[&m.tenant, table]);
@@ -233,6 +243,8 @@ pub struct TenantMetrics {
     pub batch_seconds: Histogram,
     pub applied_lsn: IntGauge,
     pub wal_held: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub paused: IntGauge,
     pub up: IntGauge,
     events: IntCounterVec,
     errors: IntCounterVec,

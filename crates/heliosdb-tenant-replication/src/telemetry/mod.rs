@@ -116,6 +116,7 @@ impl Telemetry {
             caught_up_at_us: AtomicI64::new(now_us()),
             applied_commit_us: AtomicI64::new(0),
             acknowledged: AtomicU64::new(0),
+            spool: Arc::default(),
             recent_lag: Mutex::new(std::collections::VecDeque::new()),
         });
         t.m.up.set(1);
@@ -153,8 +154,52 @@ impl Telemetry {
     }
 }
 
+/// A tenant's spool as the shared slot's hub last saw it.
+#[derive(Debug, Default)]
+pub struct SpoolStatus {
+    bytes: AtomicU64,
+    /// Where the tenant holds the slot (applied, extended by its spool).
+    held: AtomicU64,
+    /// Why it is paused.
+    paused: Mutex<Option<String>>,
+}
+
+impl SpoolStatus {
+    pub fn update(&self, bytes: u64, held: Lsn) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.held.store(held.0, Ordering::Relaxed);
+    }
+
+    pub fn set_paused(&self, why: Option<String>) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// The hub no longer routes to the tenant.
+    pub fn clear(&self) {
+        self.update(0, Lsn::ZERO);
+        self.set_paused(None);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn held(&self) -> Option<Lsn> {
+        Some(Lsn(self.held.load(Ordering::Relaxed))).filter(|l| !l.is_zero())
+    }
+
+    pub fn paused(&self) -> Option<String> {
+        self.paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// One tenant's telemetry.
 pub struct TenantTelemetry {
+    /// Its spool, when it shares a slot.
+    pub spool: Arc<SpoolStatus>,
     pub m: TenantMetrics,
     audit: Option<Arc<audit::AuditLog>>,
     conflict_log: Option<Arc<audit::ConflictLog>>,
@@ -418,5 +463,7 @@ impl TenantTelemetry {
     /// Recompute the gauge that depends on the clock.
     pub fn refresh(&self) {
         self.m.current_lag.set(self.current_lag());
+        self.m.spool_bytes.set(self.spool.bytes() as i64);
+        self.m.paused.set(self.spool.paused().is_some() as i64);
     }
 }

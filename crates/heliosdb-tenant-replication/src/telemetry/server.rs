@@ -193,7 +193,10 @@ async fn collect(tenants: NodeTenants, telemetry: Arc<Telemetry>, mut shutdown: 
                     t.m.slot(&tc.slot, retained.unwrap_or(0), confirmed);
                     // A tenant that committed nothing here yet holds the
                     // slot where it is.
-                    let held_from = t.acknowledged().map_or(confirmed, |l| l.0.max(confirmed));
+                    let held_from = t
+                        .acknowledged()
+                        .max(t.spool.held())
+                        .map_or(confirmed, |l| l.0.max(confirmed));
                     t.m.wal_held.set(current.saturating_sub(held_from) as i64);
                 }
                 Ok(None) => {}

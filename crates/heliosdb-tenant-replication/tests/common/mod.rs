@@ -327,6 +327,14 @@ impl Drop for Daemon {
         if self.exited().is_none() {
             self.kill9();
         }
+        // A failed test shows what the daemon said last (CI keeps only
+        // the output).
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+            let tail = &lines[lines.len().saturating_sub(150)..];
+            eprintln!("--- the daemon's log, last lines ---\n{}", tail.join("\n"));
+        }
     }
 }
 
