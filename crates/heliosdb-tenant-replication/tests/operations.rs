@@ -177,6 +177,95 @@ async fn rows_committed_asynchronously_before_the_first_copy_are_replayed_withou
     assert_eq!(conflicts_logged(&dst).await, 0, "{}", daemon.log());
 }
 
+/// The target commits without waiting for its WAL flush (as PostgreSQL's
+/// apply worker does): the source is told about a commit only once the
+/// target has flushed it, so a target crash that loses the last commits
+/// loses nothing: the slot sends them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_crash_loses_no_change_the_source_let_go() {
+    let mut env = Env::new(SCHEMA).await;
+    // The target's WAL writer writes out asynchronous commits every 10 s.
+    env.target
+        .reconfigure(&[("wal_writer_delay", "'10s'")])
+        .expect("reconfigure the target");
+    let config = env.config();
+    env.init(&config);
+    let daemon = env.start_daemon(&config);
+    let src = env.src().await;
+    wait_for_log(
+        &daemon,
+        "replication_start: streaming",
+        Duration::from_secs(30),
+    )
+    .await;
+    src.batch_execute(
+        "INSERT INTO accounts SELECT 'tenant-123', g, 'n', 'e', g, now() FROM generate_series(1, 50) g",
+    )
+    .await
+    .expect("rows");
+    let after: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("WAL position")
+        .get(0);
+    let dst = env.dst().await;
+    async fn count(c: &tokio_postgres::Client) -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM accounts WHERE id BETWEEN 1 AND 50",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the rows applied on the target",
+        || async { count(&dst).await == 50 },
+    )
+    .await;
+    // Applied and visible, not flushed: the slot has not passed them.
+    let unflushed: bool = dst
+        .query_one(
+            "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()",
+            &[],
+        )
+        .await
+        .expect("target WAL")
+        .get(0);
+    assert!(
+        unflushed,
+        "the target flushed already: the test would prove nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let confirmed_below: bool = src
+        .query_one(
+            "SELECT confirmed_flush_lsn < $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'tenant_123_slot'",
+            &[&after],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        confirmed_below,
+        "the slot passed commits the target had not flushed"
+    );
+
+    // The target's host fails: the commits are gone with its WAL buffers.
+    drop(dst);
+    env.target.crash().expect("crash the target");
+    env.target.start_again().expect("start the target");
+    let dst = env.dst().await;
+    assert!(
+        count(&dst).await < 50,
+        "the crash lost the unflushed commits"
+    );
+    // The slot sends them again.
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    assert_eq!(count(&dst).await, 50);
+    assert_eq!(conflicts_logged(&dst).await, 0, "{}", daemon.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stops_with_the_fix_for_each_common_mistake() {
     let env = Env::new(SCHEMA).await;

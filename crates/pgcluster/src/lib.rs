@@ -298,6 +298,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Crash the server (immediate shutdown: no checkpoint, WAL buffers not
+    /// yet written are lost, as when its host fails), keeping its files.
+    pub fn crash(&mut self) -> Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        self.pg_ctl(
+            &["stop", "-m", "immediate", "-w", "-t", "60"],
+            "pg_ctl stop -m immediate",
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
     /// Start the server again after [`stop`](Self::stop), on the same port.
     pub fn start_again(&mut self) -> Result<()> {
         if self.running {

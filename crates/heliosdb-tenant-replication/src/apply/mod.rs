@@ -137,6 +137,11 @@ pub struct Applier {
     track_tables: bool,
     /// Does the target record commit timestamps (local write times)?
     commit_timestamps: bool,
+    /// Commits do not wait for the target's WAL flush; each reports the
+    /// target's WAL positions right after it ([`Applier::take_wal`]).
+    asynchronous: bool,
+    /// The target's (insert, flush) WAL positions read after the last commit.
+    wal: Option<(Lsn, Lsn)>,
     pub stats: ApplyStats,
 }
 
@@ -198,6 +203,8 @@ impl Applier {
             txn_lsn: Lsn::ZERO,
             chunk_lsn: None,
             txn_time_us: 0,
+            asynchronous: false,
+            wal: None,
             announced: HashMap::new(),
             tracked: HashSet::new(),
             versioned: HashSet::new(),

@@ -3,6 +3,27 @@
 
 use super::*;
 
+use tokio_postgres::SimpleQueryMessage;
+
+/// The (insert, flush) positions of a `SELECT pg_current_wal_insert_lsn(),
+/// pg_current_wal_flush_lsn()` answer.
+fn wal_positions(answer: &[SimpleQueryMessage]) -> Result<(Lsn, Lsn)> {
+    let row = answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    let at = |i: usize| {
+        row.and_then(|r| r.get(i))
+            .and_then(|v| v.parse::<Lsn>().ok())
+    };
+    match (at(0), at(1)) {
+        (Some(insert), Some(flush)) => Ok((insert, flush)),
+        _ => Err(ReplicationError::Internal(
+            "the target did not answer its WAL positions after COMMIT".into(),
+        )),
+    }
+}
+
 impl Applier {
     /// A source transaction (committing at `final_lsn`, at `commit_time_us`)
     /// begins.
@@ -71,15 +92,13 @@ impl Applier {
             // (answering ROLLBACK, not an error): the error is the progress'.
             let (progress, commit) = tokio::join!(
                 self.client.execute(&stmt, &params),
-                self.client.batch_execute("COMMIT")
+                self.client.simple_query(self.commit_sql())
             );
             progress.map_err(target_err("recording progress"))?;
-            commit.map_err(target_err("COMMIT"))?;
+            self.committed_wal(commit)?;
         } else {
-            self.client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(target_err("COMMIT"))?;
+            let commit = self.client.simple_query(self.commit_sql()).await;
+            self.committed_wal(commit)?;
         }
         let mut done = std::mem::take(&mut self.pending);
         done.duration = self.opened_at.map(|t| t.elapsed()).unwrap_or_default();
@@ -88,6 +107,60 @@ impl Applier {
         self.opened_at = None;
         self.pending_events = 0;
         Ok(self.pending_commit.take())
+    }
+
+    /// Commit without waiting for the target's WAL flush (as PostgreSQL's
+    /// own apply worker does): the caller then tells the source about a
+    /// commit only once [`Applier::take_wal`] / [`Applier::target_wal`]
+    /// show the target's WAL flushed past it.
+    pub async fn commit_asynchronously(&mut self) -> Result<()> {
+        self.client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(target_err("SET synchronous_commit = off"))?;
+        self.asynchronous = true;
+        Ok(())
+    }
+
+    fn commit_sql(&self) -> &'static str {
+        if self.asynchronous {
+            // Read right after the commit: its WAL record ends at or before
+            // the insert position.
+            "COMMIT; SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+        } else {
+            "COMMIT"
+        }
+    }
+
+    fn committed_wal(
+        &mut self,
+        answer: std::result::Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>,
+    ) -> Result<()> {
+        let answer = answer.map_err(target_err("COMMIT"))?;
+        if self.asynchronous {
+            self.wal = Some(wal_positions(&answer)?);
+        }
+        Ok(())
+    }
+
+    /// The target's (insert, flush) WAL positions read after the last
+    /// commit, once.
+    pub fn take_wal(&mut self) -> Option<(Lsn, Lsn)> {
+        self.wal.take()
+    }
+
+    /// The target's (insert, flush) WAL positions now (between target
+    /// transactions): every commit made before this call ends at or
+    /// before the insert position.
+    pub async fn target_wal(&mut self) -> Result<(Lsn, Lsn)> {
+        let answer = self
+            .client
+            .simple_query(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+            )
+            .await
+            .map_err(target_err("reading the target's WAL positions"))?;
+        wal_positions(&answer)
     }
 
     /// A point the open transaction can return to (a source subtransaction

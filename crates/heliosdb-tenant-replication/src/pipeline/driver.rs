@@ -139,6 +139,52 @@ pub struct Driver {
     last_commit_time_us: Option<i64>,
     /// `[performance] max_throughput_events_per_sec`.
     pace: Option<Pace>,
+    /// Commits not known flushed on the target (asynchronous commits).
+    unflushed: Option<Unflushed>,
+    last_flush_poll: Instant,
+}
+
+/// How often the target's flushed WAL position is read while commits wait
+/// for it and nothing else commits.
+const FLUSH_POLL: Duration = Duration::from_millis(50);
+
+/// Target commits made with `synchronous_commit = off`, not yet known to
+/// be flushed: the source hears of a commit only once the target's WAL is
+/// flushed past it, so a target crash never loses what the source let go.
+#[derive(Debug, Default)]
+struct Unflushed {
+    /// Committed since the target's insert position was last read.
+    untagged: Vec<Lsn>,
+    /// (target insert position read after the commit, source end LSN).
+    tagged: std::collections::VecDeque<(Lsn, Lsn)>,
+    flushed: Lsn,
+}
+
+impl Unflushed {
+    /// The target's positions read after every commit in `untagged`.
+    fn learned(&mut self, (insert, flush): (Lsn, Lsn)) {
+        for end in self.untagged.drain(..) {
+            self.tagged.push_back((insert, end));
+        }
+        self.flushed = self.flushed.max(flush);
+    }
+
+    /// The end of the last commit now flushed, if one was not before.
+    fn release(&mut self) -> Option<Lsn> {
+        let mut released = None;
+        while let Some(&(at, end)) = self.tagged.front() {
+            if at > self.flushed {
+                break;
+            }
+            released = Some(end);
+            self.tagged.pop_front();
+        }
+        released
+    }
+
+    fn is_empty(&self) -> bool {
+        self.untagged.is_empty() && self.tagged.is_empty()
+    }
 }
 
 /// At most `rate` row changes a second: a token bucket holding one
@@ -203,7 +249,44 @@ impl Driver {
             events_at_log: 0,
             last_commit_time_us: None,
             pace: None,
+            unflushed: None,
+            last_flush_poll: Instant::now(),
         }
+    }
+
+    /// Commit on the target without waiting for its WAL flush, and tell
+    /// the source about commits once flushed (one process: the source
+    /// then re-sends what a target crash lost). An apply node commits
+    /// synchronously: its answer to the capture node is the release.
+    pub async fn commit_asynchronously(mut self) -> Result<Self> {
+        self.applier.commit_asynchronously().await?;
+        self.unflushed = Some(Unflushed::default());
+        Ok(self)
+    }
+
+    /// A target commit: reported with the next [`Self::report`], told to
+    /// the source once flushed.
+    fn committed_point(&mut self, point: CommitPoint, committed: Committed) {
+        if let Some(u) = &mut self.unflushed {
+            u.untagged.push(point.end_lsn);
+        }
+        self.unreported.push((point, committed));
+    }
+
+    /// Commits wait for the target's flush, and nothing else will read it.
+    fn waiting_for_flush(&self) -> bool {
+        self.unflushed.as_ref().is_some_and(|u| !u.is_empty()) && !self.applier.is_open()
+    }
+
+    /// Read where the target's WAL stands now (between transactions).
+    async fn poll_flush<S: Source>(&mut self, source: &mut S) -> Result<()> {
+        self.last_flush_poll = Instant::now();
+        let wal = self.applier.target_wal().await?;
+        if let Some(u) = &mut self.unflushed {
+            u.learned(wal);
+        }
+        self.report(source).await;
+        Ok(())
     }
 
     /// Apply at most `rate` row changes a second (none: as fast as the
@@ -239,20 +322,27 @@ impl Driver {
             Stop,
             Deadline,
             Tick,
+            Flush,
             Delivery(Result<Option<Delivery>>),
         }
         loop {
             let deadline = self.commit_deadline();
             let tick = tokio::time::Instant::from_std(self.last_tick + TICK);
+            let flush = self.waiting_for_flush();
+            // A deadline, not a sleep made afresh each round: deliveries
+            // (keepalives) coming more often must not starve it.
+            let poll_at = tokio::time::Instant::from_std(self.last_flush_poll + FLUSH_POLL);
             let step = tokio::select! {
                 biased;
                 _ = stopped(shutdown) => Step::Stop,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Step::Deadline,
                 d = source.next() => Step::Delivery(d),
+                _ = tokio::time::sleep_until(poll_at), if flush => Step::Flush,
                 _ = tokio::time::sleep_until(tick), if !self.in_source_txn => Step::Tick,
             };
             match step {
                 Step::Stop => return Ok(()),
+                Step::Flush => self.poll_flush(source).await?,
                 Step::Deadline => {
                     self.commit_main().await?;
                     self.report(source).await;
@@ -410,8 +500,11 @@ impl Driver {
                     end_lsn,
                     commit_time_us,
                 };
-                self.unreported
-                    .extend(self.streams.commit(top, point, self.mark.clone()).await?);
+                if let Some((point, committed)) =
+                    self.streams.commit(top, point, self.mark.clone()).await?
+                {
+                    self.committed_point(point, committed);
+                }
             }
             TxEvent::StreamAbort { top, xid } => self.streams.abort(top, xid).await?,
             TxEvent::Keepalive { wal_end } => {
@@ -447,7 +540,10 @@ impl Driver {
         }
         if let Some(point) = self.applier.commit().await? {
             let committed = self.applier.take_committed();
-            self.unreported.push((point, committed));
+            self.committed_point(point, committed);
+        }
+        if let (Some(u), Some(wal)) = (&mut self.unflushed, self.applier.take_wal()) {
+            u.learned(wal);
         }
         Ok(())
     }
@@ -483,26 +579,32 @@ impl Driver {
             end_lsn: lsn,
             commit_time_us: 0,
         };
-        self.unreported.push((point, Committed::default()));
+        self.committed_point(point, Committed::default());
         Ok(())
     }
 
     /// Metrics for each unreported commit, then the source learns it.
     async fn report<S: Source>(&mut self, source: &mut S) {
-        if self.unreported.is_empty() {
-            return;
+        if !self.unreported.is_empty() {
+            let last = self.unreported.len() - 1;
+            let wire = std::mem::take(&mut self.wire_unreported);
+            for (i, (point, committed)) in
+                std::mem::take(&mut self.unreported).into_iter().enumerate()
+            {
+                // A batch's bytes count with its last commit.
+                let wire = (i == last && wire > 0).then_some(wire);
+                self.tel.committed(&committed, point.end_lsn, wire);
+                if self.unflushed.is_none() {
+                    self.acknowledged = self.acknowledged.max(point.end_lsn);
+                    source
+                        .committed(point.end_lsn, self.applier.stats.events)
+                        .await;
+                }
+            }
         }
-        let last = self.unreported.len() - 1;
-        let wire = std::mem::take(&mut self.wire_unreported);
-        for (i, (point, committed)) in std::mem::take(&mut self.unreported).into_iter().enumerate()
-        {
-            // A batch's bytes count with its last commit.
-            let wire = (i == last && wire > 0).then_some(wire);
-            self.tel.committed(&committed, point.end_lsn, wire);
-            self.acknowledged = self.acknowledged.max(point.end_lsn);
-            source
-                .committed(point.end_lsn, self.applier.stats.events)
-                .await;
+        if let Some(end) = self.unflushed.as_mut().and_then(Unflushed::release) {
+            self.acknowledged = self.acknowledged.max(end);
+            source.committed(end, self.applier.stats.events).await;
         }
         if source.queued() == 0 {
             self.tel.caught_up();
@@ -529,12 +631,26 @@ impl Driver {
     /// a source commit, else rolls back.
     pub async fn finish<S: Source>(&mut self, source: &mut S) -> Result<()> {
         self.streams.rollback_all().await;
-        if self.applier.is_open() && !self.in_source_txn {
+        let result = if self.applier.is_open() && !self.in_source_txn {
             self.commit(source).await
         } else {
             self.applier.rollback().await;
             Ok(())
+        };
+        // Asynchronous commits: release what the target flushes within a
+        // second (the WAL writer flushes every `wal_writer_delay`, 200 ms
+        // by default); the rest comes again from the source at the next
+        // start, and the target's progress skips it.
+        let until = Instant::now() + Duration::from_secs(1);
+        while result.is_ok() && self.waiting_for_flush() && Instant::now() < until {
+            if self.poll_flush(source).await.is_err() {
+                break;
+            }
+            if self.waiting_for_flush() {
+                tokio::time::sleep(FLUSH_POLL).await;
+            }
         }
+        result
     }
 
     /// After an error: roll back everything open.

@@ -189,7 +189,9 @@ pub async fn run(
         seen,
         acked.position(),
     )
-    .paced(config.batch.max_events_per_sec);
+    .paced(config.batch.max_events_per_sec)
+    .commit_asynchronously()
+    .await?;
     if let Some(p) = &recorded {
         driver.set_converge_until(p.converge_until);
     }
