@@ -548,8 +548,49 @@ async fn tenants_join_and_leave_a_shared_slot_while_the_others_stream() {
             }
         })
     };
-    shared_node_file(&env, &all, "");
-    daemon.reload();
+    // Joined with the command: the file gets the entry, the node reloads,
+    // the command returns once s-c streams.
+    let url = env.target.superuser_url("app2");
+    let added = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            run(
+                &node,
+                &[
+                    "add-tenant",
+                    "s-c",
+                    "--target-connection",
+                    &url,
+                    "--wait",
+                    "120",
+                ],
+            )
+        })
+        .await
+        .expect("add-tenant")
+    };
+    assert_eq!(
+        added.status.code(),
+        Some(0),
+        "{}{}",
+        added.stdout,
+        added.stderr
+    );
+    assert!(added.stdout.contains("reloads"), "{}", added.stdout);
+    let text = std::fs::read_to_string(&node).expect("node file");
+    assert!(text.contains("tenant_id = \"s-c\""), "{text}");
+    assert_fails(
+        &node,
+        &["add-tenant", "s-c"],
+        2,
+        &["tenant 's-c' is in", "already"],
+    );
+    assert_fails(
+        &env.config(),
+        &["add-tenant", "s-d"],
+        2,
+        &["describes one tenant", "[[tenants]]"],
+    );
     wait_until(
         Duration::from_secs(60),
         "s-c copied and streaming",

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
 mod start;
+mod tenants;
 
 use commands::{audit_verify, check_config, init, load, resync, status, train_dictionary};
 use start::start;
@@ -155,6 +156,11 @@ pub enum Command {
     /// Check the configuration file and print the effective configuration
     /// (passwords masked) and every key that has no effect in this build.
     CheckConfig,
+    /// Add a tenant to a node file of several tenants ([[tenants]]) and to
+    /// the node running it: the entry is appended (the file is checked as a
+    /// whole first), the node reloads (SIGHUP), provisions the tenant and
+    /// copies its rows while the others stream; waits until it streams.
+    AddTenant(tenants::AddTenantArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,6 +230,9 @@ pub fn run(cli: Cli) -> ExitCode {
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     if let Command::AuditVerify { path: Some(path) } = &cli.command {
         return audit_verify(path);
+    }
+    if let Command::AddTenant(args) = &cli.command {
+        return tenants::add_tenant(&cli.config, args);
     }
     if let Command::Demo {
         duration,
@@ -361,6 +370,7 @@ pub fn run(cli: Cli) -> ExitCode {
         | Command::Status
         | Command::CheckConfig
         | Command::AuditVerify { .. }
+        | Command::AddTenant(_)
         | Command::Demo { .. } => ExitCode::SUCCESS,
     }
 }

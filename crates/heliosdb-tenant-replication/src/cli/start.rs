@@ -21,6 +21,31 @@ pub(super) async fn start(
     only: Option<String>,
     configs: Vec<Arc<Config>>,
 ) -> ExitCode {
+    // Where `add-tenant` finds the node (removed when it exits; a stale one
+    // is told from a live node by its process).
+    let pid_file = super::tenants::pid_file(&configs);
+    if let Some(path) = &pid_file {
+        let pid = std::process::id().to_string();
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                crate::files::replace(path, &path.with_extension("pid.tmp"), pid.as_bytes())
+            });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), "the pid file was not written ({e}): add-tenant will not find this node; send SIGHUP yourself");
+        }
+    }
+    let code = run_node(file, only, configs).await;
+    if let Some(path) = &pid_file {
+        if std::fs::read_to_string(path).is_ok_and(|p| p.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    code
+}
+
+async fn run_node(file: PathBuf, only: Option<String>, configs: Vec<Arc<Config>>) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let served: crate::telemetry::NodeTenants = Arc::new(std::sync::RwLock::new(configs.clone()));
     let telemetry = match start_telemetry(&configs, &served, stop_rx).await {
