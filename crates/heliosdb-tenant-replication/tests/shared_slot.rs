@@ -449,6 +449,21 @@ async fn a_tenant_whose_target_is_down_spools_while_the_slot_moves_on() {
         || async { equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await },
     )
     .await;
+    // "down" cannot attach (its target is still down): it is parked from
+    // its spool, and the slot goes on moving for the others.
+    wait_for_log(&daemon, "tenant has not attached", Duration::from_secs(10)).await;
+    let restarted_at = slot_confirmed(&src).await;
+    for round in 0..30 {
+        for (t, _) in &tenants {
+            rows(&src, t, 200_000 + round * 100, 100).await;
+        }
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the slot moves on after the restart while down's target is still down",
+        || async { slot_confirmed(&src).await > restarted_at + 1024 * 1024 },
+    )
+    .await;
 
     // Back: it applies its spool, then the slot, equal; the slot moves on.
     own.start_again().expect("start the tenant's target");

@@ -158,7 +158,19 @@ impl Node {
         // Registered: the tenants of this slot the node serves (not every
         // tenant of the file: `--tenant` may narrow it, and one never
         // started would hold the slot for good).
-        let hub = HubHandle::spawn(config, &self.sharing(&key))?;
+        let specs: Vec<(String, crate::pipeline::hub::QueueSpec)> = self
+            .sharing(&key)
+            .into_iter()
+            .filter_map(|id| {
+                let c = crate::telemetry::server::read(&self.served)
+                    .iter()
+                    .find(|c| c.tenant.tenant_id == id)
+                    .cloned()?;
+                let tel = self.telemetry.tenant(&id);
+                Some((id, crate::pipeline::queue_spec(&c, &tel)))
+            })
+            .collect();
+        let hub = HubHandle::spawn(config, &specs)?;
         self.hubs.insert(key, hub.clone());
         Ok(Some(hub))
     }

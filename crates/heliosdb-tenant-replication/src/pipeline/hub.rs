@@ -229,13 +229,15 @@ pub struct HubHandle {
 
 impl HubHandle {
     /// Start a hub for the slot `config` names, with `tenants` registered
-    /// (each holds the slot until it attaches).
-    pub fn spawn(config: &Config, tenants: &[String]) -> Result<Self> {
+    /// (each holds the slot until it attaches, or, when its spool on disk
+    /// says how far its target had applied, until the stream starts: see
+    /// [`Hub::park_absent`]).
+    pub fn spawn(config: &Config, tenants: &[(String, QueueSpec)]) -> Result<Self> {
         let t = &config.tenant;
         let holds = Arc::new(Holds::default());
         holds
             .lock()
-            .extend(tenants.iter().map(|id| (id.clone(), Hold::default())));
+            .extend(tenants.iter().map(|(id, _)| (id.clone(), Hold::default())));
         let (tx, rx) = mpsc::unbounded_channel();
         let hub = Hub {
             info: t.source()?.clone(),
@@ -253,6 +255,7 @@ impl HubHandle {
             system_id: None,
             acknowledged: Lsn::ZERO,
             restart: false,
+            absent: tenants.iter().cloned().collect(),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -368,6 +371,9 @@ struct Hub {
     acknowledged: Lsn,
     /// Restart the stream at the next boundary between transactions.
     restart: bool,
+    /// Tenants registered at the start that have not attached yet, with
+    /// their queue (see [`Hub::park_absent`]).
+    absent: HashMap<String, QueueSpec>,
 }
 
 /// Why streaming stopped.
@@ -507,6 +513,7 @@ impl Hub {
     /// A session of `tenant` attaches: its feed. The spool left by its
     /// earlier sessions (or on disk, after a restart) goes first.
     fn attach(&mut self, tenant: &str, resume: Resume, spec: QueueSpec) -> Result<HubFeed> {
+        self.absent.remove(tenant);
         {
             let mut holds = self.holds.lock();
             let h = holds.entry(tenant.to_string()).or_default();
@@ -525,6 +532,31 @@ impl Hub {
         let reason = Reason::default();
         match self.routes.get_mut(tenant) {
             Some(route) => {
+                // A route parked at start from the spool's own marks: its
+                // target's real progress decides what the spool covers.
+                if route.queue.spooling() && !route.queue.whole_from(resume.end_lsn) {
+                    let reach = super::spool::covered(resume.end_lsn, &route.queue.spans());
+                    route
+                        .queue
+                        .respool_from(reach, resume.end_lsn)
+                        .map_err(|e| match e {
+                            Push::Failed(why) => ReplicationError::Internal(why),
+                            _ => {
+                                ReplicationError::Internal("the spool could not be written".into())
+                            }
+                        })?;
+                    route.position = reach;
+                    route.last_commit = Lsn(reach.0.saturating_sub(1));
+                    route.in_txn = false;
+                    route.idle = None;
+                    if route.state != RouteState::Paused {
+                        route.state = RouteState::Restarting;
+                        self.restart = true;
+                    }
+                    let spans = route.queue.spans();
+                    self.holds.set_spans(tenant, spans);
+                }
+                let route = self.routes.get_mut(tenant).expect("the route");
                 route.queue.attach(tx, resume.commit_lsn);
                 route.reason = reason.clone();
             }
@@ -576,15 +608,12 @@ impl Hub {
         route.queue.detach();
         let spans = route.queue.spans();
         let reach = super::spool::covered(applied, &spans);
-        let whole = route.queue.spooling()
-            && route.receiving()
-            && spans.len() == route.queue.segments()
-            && spans.last().is_some_and(|&(from, _)| from <= reach);
+        let whole = route.queue.spooling() && route.receiving() && route.queue.whole_from(applied);
         if whole && !failed {
             tracing::info!(%tenant, slot = %self.spec.slot, "tenant detached from the shared slot; its changes go to its spool");
             return;
         }
-        if let Err(Push::Failed(why)) = route.queue.respool_from(reach) {
+        if let Err(Push::Failed(why)) = route.queue.respool_from(reach, applied) {
             // Nothing more is spooled: the slot holds for it from here.
             tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be written ({why}); the slot holds for it");
             if let Some(route) = self.routes.remove(tenant) {
@@ -606,9 +635,56 @@ impl Hub {
         self.holds.set_spans(tenant, spans);
     }
 
+    /// Tenants registered at the start that did not attach within the
+    /// grace (their target down since before the node started) would hold
+    /// the slot where it is for every tenant. One whose spool is on disk
+    /// is parked from it instead: its marks record how far its target had
+    /// applied (a lower bound of its progress), and its changes go on into
+    /// the spool, so the slot moves on. When it attaches, its real progress
+    /// decides what the spool covers.
+    fn park_absent(&mut self) {
+        let absent: Vec<(String, QueueSpec)> = self
+            .absent
+            .drain()
+            .filter(|(t, _)| !self.routes.contains_key(t) && self.holds.lock().contains_key(t))
+            .collect();
+        for (tenant, spec) in absent {
+            let opened = TenantQueue::open_absent(spec.spool.clone(), spec.spool_max_bytes);
+            let (queue, applied) = match opened {
+                Ok(Some(found)) => found,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%tenant, spool = %spec.spool.display(), "the spool of a tenant that has not attached could not be read ({e}); the slot holds for it");
+                    continue;
+                }
+            };
+            let spans = queue.spans();
+            let position = super::spool::covered(applied, &spans);
+            {
+                let mut holds = self.holds.lock();
+                let h = holds.entry(tenant.clone()).or_default();
+                h.applied = Some(h.applied.map_or(applied, |a| a.max(applied)));
+            }
+            tracing::info!(%tenant, slot = %self.spec.slot, from = %position, "tenant has not attached (its target?): its changes go on into its spool, and the slot moves on");
+            let route = Route {
+                last_commit: queue.last_commit().max(Lsn(position.0.saturating_sub(1))),
+                queue,
+                reason: Reason::default(),
+                status: spec.status.clone(),
+                state: RouteState::Live,
+                position,
+                in_txn: false,
+                idle: None,
+            };
+            self.holds.set_spans(&tenant, spans);
+            self.routes.insert(tenant, route);
+        }
+    }
+
     /// Stream for the attached tenants until a tenant attaches, stop, or an
     /// error.
     async fn stream(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) -> Ended {
+        self.park_absent();
         self.restart = false;
         for route in self.routes.values_mut() {
             if route.state == RouteState::Restarting {
@@ -762,8 +838,9 @@ impl Hub {
             let Some(route) = self.routes.get_mut(&tenant) else {
                 continue;
             };
+            let applied = self.holds.applied(&tenant).unwrap_or(Lsn::ZERO);
             if route.receiving() {
-                if let Err(Push::Failed(why)) = route.queue.sync(route.position) {
+                if let Err(Push::Failed(why)) = route.queue.sync(route.position, applied) {
                     tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be synced ({why}); it starts again from the slot");
                     *route.reason.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((why, ErrorClass::Retry));
@@ -773,7 +850,6 @@ impl Hub {
                     continue;
                 }
             }
-            let applied = self.holds.applied(&tenant).unwrap_or(Lsn::ZERO);
             route.queue.release(applied);
             let bytes = route.queue.bytes();
             let max = route.queue.max_bytes();
@@ -781,7 +857,7 @@ impl Hub {
                 route.state = RouteState::PausePending;
             }
             if route.state == RouteState::PausePending {
-                match route.queue.pause(route.position) {
+                match route.queue.pause(route.position, applied) {
                     Ok(Pause::NotYet) => {}
                     Ok(Pause::Drained) => route.state = RouteState::Live,
                     Ok(Pause::Paused(aborted)) => {

@@ -34,6 +34,7 @@ use crate::error::{ErrorClass, ReplicationError, Result};
 use crate::telemetry::{State, Telemetry, TenantTelemetry};
 
 pub use crate::shutdown::Shutdown;
+pub use session::queue_spec;
 
 /// A source commit this much older than now means a backlog is being read:
 /// batches (and, in one process, target transactions) then fill up to

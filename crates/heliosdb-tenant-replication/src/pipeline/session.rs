@@ -136,12 +136,7 @@ pub async fn run(
                     end_lsn: t.start_lsn,
                 },
             };
-            let queue = QueueSpec {
-                buffer_events: config.batch.buffer_events,
-                spool,
-                spool_max_bytes: config.batch.spool_max_bytes,
-                status: tel.spool.clone(),
-            };
+            let queue = queue_spec(config, tel);
             let (feed, ack) = hub.attach(&t.tenant_id, resume, &system_id, queue).await?;
             tracing::info!(
                 tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
@@ -238,6 +233,16 @@ pub async fn run(
                 _ => Err(e),
             }
         }
+    }
+}
+
+/// A tenant's queue from its shared slot's hub.
+pub fn queue_spec(config: &Config, tel: &TenantTelemetry) -> QueueSpec {
+    QueueSpec {
+        buffer_events: config.batch.buffer_events,
+        spool: spool_dir(config),
+        spool_max_bytes: config.batch.spool_max_bytes,
+        status: tel.spool.clone(),
     }
 }
 

@@ -54,7 +54,7 @@ use crate::capture::TxEvent;
 use crate::lsn::Lsn;
 use crate::transport::codec::{Decoder, Encoder};
 
-const MAGIC: &[u8; 8] = b"HTRSPL1\n";
+const MAGIC: &[u8; 8] = b"HTRSPL2\n";
 /// Magic and sequence number.
 const HEADER: u64 = 16;
 const EVENTS: u8 = b'E';
@@ -89,6 +89,9 @@ pub(super) enum Pause {
 struct Mark {
     position: Lsn,
     last_commit: Lsn,
+    /// What the tenant's target had applied (flushed) when the mark was
+    /// written, as far as the hub knew: a lower bound of its progress.
+    applied: Lsn,
     /// No transaction begun before this segment is open here: the
     /// segment is whole from this position on.
     clean: bool,
@@ -98,9 +101,10 @@ struct Mark {
 
 impl Mark {
     fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(21 + 4 * self.streams.len());
+        let mut b = Vec::with_capacity(29 + 4 * self.streams.len());
         b.extend_from_slice(&self.position.0.to_be_bytes());
         b.extend_from_slice(&self.last_commit.0.to_be_bytes());
+        b.extend_from_slice(&self.applied.0.to_be_bytes());
         b.push(self.clean as u8);
         b.extend_from_slice(&(self.streams.len() as u32).to_be_bytes());
         for s in &self.streams {
@@ -112,15 +116,16 @@ impl Mark {
     fn decode(b: &[u8]) -> Option<Self> {
         let u64_at = |i: usize| Some(u64::from_be_bytes(b.get(i..i + 8)?.try_into().ok()?));
         let u32_at = |i: usize| Some(u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?));
-        let n = u32_at(17)? as usize;
-        if b.len() != 21 + 4 * n {
+        let n = u32_at(25)? as usize;
+        if b.len() != 29 + 4 * n {
             return None;
         }
         Some(Self {
             position: Lsn(u64_at(0)?),
             last_commit: Lsn(u64_at(8)?),
-            clean: *b.get(16)? == 1,
-            streams: (0..n).map(|i| u32_at(21 + 4 * i)).collect::<Option<_>>()?,
+            applied: Lsn(u64_at(16)?),
+            clean: *b.get(24)? == 1,
+            streams: (0..n).map(|i| u32_at(29 + 4 * i)).collect::<Option<_>>()?,
         })
     }
 }
@@ -415,17 +420,42 @@ impl TenantQueue {
     /// target's `applied` position does not reach are deleted, the others
     /// cut at their last mark. No session yet.
     pub(super) fn open(dir: PathBuf, max_bytes: u64, applied: Lsn) -> std::io::Result<Self> {
+        Self::open_with(dir, max_bytes, Some(applied))
+    }
+
+    /// The spool in `dir` of a tenant whose target could not be asked
+    /// (it has not attached since the node started): every segment is
+    /// kept (its real progress may reach more than the marks say), each
+    /// cut at its last mark. Returns the queue and the highest applied
+    /// position its marks recorded (`None`: no spool, nothing known).
+    pub(super) fn open_absent(
+        dir: PathBuf,
+        max_bytes: u64,
+    ) -> std::io::Result<Option<(Self, Lsn)>> {
+        let applied = segments_on_disk(&dir)
+            .into_iter()
+            .filter_map(|(seq, path)| Segment::open(path, seq).ok()?.mark.map(|(m, _)| m.applied))
+            .max();
+        let Some(applied) = applied.filter(|a| !a.is_zero()) else {
+            return Ok(None);
+        };
+        Ok(Some((Self::open_with(dir, max_bytes, None)?, applied)))
+    }
+
+    /// `applied`: delete the segments it does not reach; `None`: keep all.
+    fn open_with(dir: PathBuf, max_bytes: u64, applied: Option<Lsn>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut segments = VecDeque::new();
-        let mut reach = applied;
+        let mut reach = applied.unwrap_or(Lsn::ZERO);
         let mut last_commit = Lsn::ZERO;
         let mut next_seq = 1;
         for (seq, path) in segments_on_disk(&dir) {
             next_seq = seq + 1;
             let seg = Segment::open(path.clone(), seq)?;
-            let keep = match seg.span() {
-                Some((from, to)) => from <= reach && to > applied,
-                None => false,
+            let keep = match (seg.span(), applied) {
+                (Some((from, to)), Some(applied)) => from <= reach && to > applied,
+                (Some(_), None) => true,
+                (None, _) => false,
             };
             if !keep {
                 std::fs::remove_file(&path)?;
@@ -458,6 +488,19 @@ impl TenantQueue {
             last_commit,
         };
         Ok(queue)
+    }
+
+    /// Every segment has its span and `applied` reaches each in turn: the
+    /// spool holds everything after `applied` that is not applied.
+    pub(super) fn whole_from(&self, applied: Lsn) -> bool {
+        let spans = self.spans();
+        spans.len() == self.segments()
+            && spans
+                .iter()
+                .try_fold(applied, |at, &(from, to)| {
+                    (from <= at).then_some(at.max(to))
+                })
+                .is_some()
     }
 
     /// A session attached with its channel: spooled transactions after
@@ -577,7 +620,7 @@ impl TenantQueue {
     /// The session ended with changes in its channel that may not have
     /// been applied: keep the spool's segments `reach` reaches, and spool
     /// from `reach` on (the caller restarts the stream from there).
-    pub(super) fn respool_from(&mut self, reach: Lsn) -> Result<(), Push> {
+    pub(super) fn respool_from(&mut self, reach: Lsn, applied: Lsn) -> Result<(), Push> {
         let shared = self.shared.clone();
         let mut st = shared.lock();
         let mut keep = VecDeque::new();
@@ -602,7 +645,7 @@ impl TenantQueue {
             .map_err(|e| self.failed(e))?;
         st.active = true;
         // Whole from its start: the stream restarts at `reach`.
-        self.mark(&mut st, reach, true)
+        self.mark(&mut st, reach, applied, true)
             .map_err(|e| self.failed(e))?;
         Ok(())
     }
@@ -653,7 +696,7 @@ impl TenantQueue {
     /// to `position` (the stream's position for this tenant): write a
     /// mark and sync. Rolls to a new segment when this one is large.
     /// Returns whether a mark was written.
-    pub(super) fn sync(&mut self, position: Lsn) -> Result<bool, Push> {
+    pub(super) fn sync(&mut self, position: Lsn, applied: Lsn) -> Result<bool, Push> {
         let shared = self.shared.clone();
         let mut st = shared.lock();
         if !st.active {
@@ -672,7 +715,7 @@ impl TenantQueue {
             return Ok(false);
         }
         let clean = w.clean();
-        self.mark(&mut st, position, clean)
+        self.mark(&mut st, position, applied, clean)
             .map_err(|e| self.failed(e))?;
         // Roll over at a clean boundary, so segments can be deleted as
         // the tenant applies them.
@@ -681,13 +724,19 @@ impl TenantQueue {
         if w.streams.is_empty() && st.segments.back().is_some_and(|s| s.written >= roll) {
             self.begin_segment(&mut st, false, HashSet::new())
                 .map_err(|e| self.failed(e))?;
-            self.mark(&mut st, position, true)
+            self.mark(&mut st, position, applied, true)
                 .map_err(|e| self.failed(e))?;
         }
         Ok(true)
     }
 
-    fn mark(&mut self, st: &mut State, position: Lsn, clean: bool) -> std::io::Result<()> {
+    fn mark(
+        &mut self,
+        st: &mut State,
+        position: Lsn,
+        applied: Lsn,
+        clean: bool,
+    ) -> std::io::Result<()> {
         let (Some(w), Some(seg)) = (self.writing.as_mut(), st.segments.back_mut()) else {
             return Ok(());
         };
@@ -696,6 +745,7 @@ impl TenantQueue {
         let mark = Mark {
             position,
             last_commit: self.last_commit,
+            applied,
             clean,
             streams,
         };
@@ -713,7 +763,7 @@ impl TenantQueue {
     /// streamed transactions open here are aborted at the tenant (the slot
     /// sends them again from their start), and a mark at `position` is
     /// synced.
-    pub(super) fn pause(&mut self, position: Lsn) -> Result<Pause, Push> {
+    pub(super) fn pause(&mut self, position: Lsn, applied: Lsn) -> Result<Pause, Push> {
         if !self.spooling() {
             return Ok(Pause::Drained);
         }
@@ -732,7 +782,7 @@ impl TenantQueue {
         // tenants' transactions moved the position): once applied, its
         // spool can go and it resumes.
         self.try_push(TxEvent::Keepalive { wal_end: position })?;
-        self.sync(position)?;
+        self.sync(position, applied)?;
         Ok(Pause::Paused(aborted))
     }
 

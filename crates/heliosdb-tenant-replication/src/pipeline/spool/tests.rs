@@ -52,7 +52,7 @@ async fn drain(rx: &mut mpsc::Receiver<TxEvent>) -> Vec<String> {
 /// A parked queue (no session): every event goes to the spool.
 fn parked(dir: &Path, max: u64) -> TenantQueue {
     let mut q = TenantQueue::open(dir.to_path_buf(), max, Lsn(0)).expect("open");
-    q.respool_from(Lsn(0)).ok().expect("respool");
+    q.respool_from(Lsn(0), Lsn(0)).ok().expect("respool");
     q
 }
 
@@ -112,13 +112,13 @@ async fn a_crash_keeps_what_was_synced_and_skips_what_the_target_has() {
         for lsn in [100, 200, 300] {
             push_all(&mut q, txn(lsn));
         }
-        assert!(q.sync(Lsn(308)).ok().expect("sync"));
+        assert!(q.sync(Lsn(308), Lsn(0)).ok().expect("sync"));
         assert_eq!(q.spans(), vec![(Lsn(0), Lsn(308))]);
         // Written, never synced; then half a transaction.
         push_all(&mut q, txn(400));
         push_all(&mut q, vec![begin(500), change("t500")]);
         // A mark is only written between transactions.
-        assert!(!q.sync(Lsn(408)).ok().expect("sync"));
+        assert!(!q.sync(Lsn(408), Lsn(0)).ok().expect("sync"));
     } // "kill -9": nothing more is written
 
     // The target applied the first transaction.
@@ -147,9 +147,9 @@ async fn a_crash_keeps_what_was_synced_and_skips_what_the_target_has() {
     std::fs::remove_dir_all(&spool).expect("rm");
     {
         let mut q = TenantQueue::open(spool.clone(), 1 << 20, Lsn(0)).expect("open");
-        q.respool_from(Lsn(1000)).ok().expect("respool");
+        q.respool_from(Lsn(1000), Lsn(0)).ok().expect("respool");
         push_all(&mut q, txn(1100));
-        q.sync(Lsn(1108)).ok().expect("sync");
+        q.sync(Lsn(1108), Lsn(0)).ok().expect("sync");
     }
     let q = TenantQueue::open(spool.clone(), 1 << 20, Lsn(500)).expect("reopen");
     assert!(q.spans().is_empty(), "starts at 1000, the target is at 500");
@@ -177,7 +177,7 @@ async fn streamed_transactions_open_at_the_mark_are_aborted_on_reading_back() {
                 commit(100),
             ],
         );
-        q.sync(Lsn(108)).ok().expect("sync");
+        q.sync(Lsn(108), Lsn(0)).ok().expect("sync");
     }
     let mut q = TenantQueue::open(spool.clone(), 1 << 20, Lsn(0)).expect("reopen");
     let (tx, mut rx) = mpsc::channel(64);
@@ -202,12 +202,15 @@ async fn a_segment_begun_inside_a_transaction_counts_from_its_end() {
         panic!("the channel holds one event");
     };
     assert!(q.spill(e, true, HashSet::new()).is_ok());
-    assert!(!q.sync(Lsn(50)).ok().expect("sync"), "inside a transaction");
+    assert!(
+        !q.sync(Lsn(50), Lsn(0)).ok().expect("sync"),
+        "inside a transaction"
+    );
     push_all(&mut q, vec![commit(100)]);
-    assert!(q.sync(Lsn(108)).ok().expect("sync"));
+    assert!(q.sync(Lsn(108), Lsn(0)).ok().expect("sync"));
     assert_eq!(q.spans(), vec![(Lsn(108), Lsn(108))]);
     push_all(&mut q, txn(200));
-    q.sync(Lsn(208)).ok().expect("sync");
+    q.sync(Lsn(208), Lsn(0)).ok().expect("sync");
     assert_eq!(q.spans(), vec![(Lsn(108), Lsn(208))]);
     assert_eq!(covered(Lsn(50), &q.spans()), Lsn(50), "not reached");
     assert_eq!(covered(Lsn(108), &q.spans()), Lsn(208));
@@ -222,9 +225,9 @@ async fn damaged_bytes_cut_the_spool_at_the_mark_before_them() {
     {
         let mut q = parked(&spool, 1 << 20);
         push_all(&mut q, txn(100));
-        q.sync(Lsn(108)).ok().expect("sync");
+        q.sync(Lsn(108), Lsn(0)).ok().expect("sync");
         push_all(&mut q, txn(200));
-        q.sync(Lsn(208)).ok().expect("sync");
+        q.sync(Lsn(208), Lsn(0)).ok().expect("sync");
     }
     let (_, path) = segments_on_disk(&spool).pop().expect("a segment");
     let mut bytes = std::fs::read(&path).expect("read");
@@ -258,7 +261,7 @@ async fn applied_segments_go_and_a_full_spool_pauses_at_a_boundary() {
         let mut lsn = 100;
         while q.segments() < 3 {
             push_all(q, vec![begin(lsn), change(&big), commit(lsn)]);
-            q.sync(Lsn(lsn + 8)).ok().expect("sync");
+            q.sync(Lsn(lsn + 8), Lsn(0)).ok().expect("sync");
             lsn += 100;
         }
         lsn
@@ -298,13 +301,49 @@ async fn applied_segments_go_and_a_full_spool_pauses_at_a_boundary() {
             begin(lsn),
         ],
     );
-    assert!(matches!(q.pause(Lsn(lsn)), Ok(Pause::NotYet)));
+    assert!(matches!(q.pause(Lsn(lsn), Lsn(0)), Ok(Pause::NotYet)));
     push_all(&mut q, vec![commit(lsn)]);
-    match q.pause(Lsn(lsn + 8)) {
+    match q.pause(Lsn(lsn + 8), Lsn(0)) {
         Ok(Pause::Paused(aborted)) => assert_eq!(aborted, vec![9]),
         _ => panic!("paused"),
     }
     assert_eq!(q.spans().last().map(|s| s.1), Some(Lsn(lsn + 8)));
     q.remove();
     assert!(!spool.exists(), "a tenant that leaves takes its spool");
+}
+
+/// A tenant whose target cannot be asked (down since the node started):
+/// its spool's marks say how far its target had applied, and every
+/// segment is kept; its real progress then decides what the spool covers.
+#[tokio::test]
+async fn an_absent_tenant_is_known_from_its_marks_and_loses_no_segment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = dir.path().join("t.spool");
+    assert!(TenantQueue::open_absent(spool.clone(), 1 << 20)
+        .expect("open")
+        .is_none());
+    {
+        let mut q = TenantQueue::open(spool.clone(), 1 << 20, Lsn(0)).expect("open");
+        q.respool_from(Lsn(100), Lsn(100)).ok().expect("respool");
+        push_all(&mut q, txn(200));
+        q.sync(Lsn(208), Lsn(150)).ok().expect("sync");
+        // A second segment that starts above what the first reaches.
+        q.respool_from(Lsn(400), Lsn(160)).ok().expect("respool");
+    }
+    let (q, applied) = TenantQueue::open_absent(spool.clone(), 1 << 20)
+        .expect("open")
+        .expect("a spool");
+    assert_eq!(
+        applied,
+        Lsn(160),
+        "the highest applied position a mark recorded"
+    );
+    assert_eq!(
+        q.segments(),
+        2,
+        "nothing deleted without the target's progress"
+    );
+    assert!(!q.whole_from(Lsn(160)), "400 is not reached from 208");
+    assert!(q.whole_from(Lsn(400)));
+    assert_eq!(covered(Lsn(160), &q.spans()), Lsn(208));
 }
