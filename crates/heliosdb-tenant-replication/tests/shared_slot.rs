@@ -261,15 +261,11 @@ async fn twenty_tenants_share_one_slot_through_kill_9_under_load() {
     );
     assert_eq!(walsenders(&src).await, 1);
     // Idle tenants do not pin WAL: the slot reaches the end of the WAL.
-    wait_until(Duration::from_secs(30), "the slot confirms the end of the WAL", || async {
-        src.query_one(
-            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
-            &[],
-        )
-        .await
-        .expect("slot")
-        .get::<_, bool>(0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the slot confirms the end of the WAL",
+        || slot_at_wal_end(&src),
+    )
     .await;
     assert!(!daemon.log().contains(" ERROR "), "{}", daemon.log());
 }
@@ -294,6 +290,17 @@ async fn equal_on(src: &Client, target: &Client, tenant: &str) -> bool {
         }
     }
     true
+}
+
+/// The shared slot confirms the end of the source's WAL (within 1 MB).
+async fn slot_at_wal_end(src: &Client) -> bool {
+    src.query_one(
+        "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
+        &[],
+    )
+    .await
+    .expect("slot")
+    .get(0)
 }
 
 async fn slot_confirmed(src: &Client) -> i64 {
@@ -485,15 +492,11 @@ async fn a_tenant_whose_target_is_down_spools_while_the_slot_moves_on() {
             0
         );
     }
-    wait_until(Duration::from_secs(30), "the slot reaches the end of the WAL", || async {
-        src.query_one(
-            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
-            &[],
-        )
-        .await
-        .expect("slot")
-        .get::<_, bool>(0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the slot reaches the end of the WAL",
+        || slot_at_wal_end(&src),
+    )
     .await;
     wait_until(Duration::from_secs(30), "the spool emptied", || async {
         let (_, m) = http_get(metrics_port, "/metrics").await.unwrap_or_default();
@@ -820,15 +823,11 @@ async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
     .await;
     wait_for_log(&daemon, "tenant resumes", Duration::from_secs(5)).await;
     assert!(equal_on(&src, &a, "s-a").await && equal_on(&src, &b, "s-b").await);
-    wait_until(Duration::from_secs(30), "the slot released what the slow tenant held", || async {
-        src.query_one(
-            "SELECT confirmed_flush_lsn >= pg_current_wal_insert_lsn() - 1024 * 1024 FROM pg_replication_slots WHERE slot_name = 'node_slot'",
-            &[],
-        )
-        .await
-        .expect("slot")
-        .get::<_, bool>(0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the slot released what the slow tenant held",
+        || slot_at_wal_end(&src),
+    )
     .await;
     assert_eq!(walsenders(&src).await, 1);
 }

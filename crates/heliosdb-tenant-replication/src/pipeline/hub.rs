@@ -359,6 +359,22 @@ impl Route {
     fn receiving(&self) -> bool {
         matches!(self.state, RouteState::Live | RouteState::PausePending)
     }
+
+    /// Its spool starts again at `reach`: it is given every transaction
+    /// after it once the stream restarts (a paused route waits to resume).
+    /// Whether the stream must restart.
+    fn restart_from(&mut self, reach: Lsn) -> bool {
+        self.position = reach;
+        // Transactions that committed below `reach` are covered.
+        self.last_commit = Lsn(reach.0.saturating_sub(1));
+        self.in_txn = false;
+        self.idle = None;
+        if self.state == RouteState::Paused {
+            return false;
+        }
+        self.state = RouteState::Restarting;
+        true
+    }
 }
 
 struct Hub {
@@ -545,14 +561,7 @@ impl Hub {
                                 ReplicationError::Internal("the spool could not be written".into())
                             }
                         })?;
-                    route.position = reach;
-                    route.last_commit = Lsn(reach.0.saturating_sub(1));
-                    route.in_txn = false;
-                    route.idle = None;
-                    if route.state != RouteState::Paused {
-                        route.state = RouteState::Restarting;
-                        self.restart = true;
-                    }
+                    self.restart |= route.restart_from(reach);
                     let spans = route.queue.spans();
                     self.holds.set_spans(tenant, spans);
                 }
@@ -621,15 +630,7 @@ impl Hub {
             }
             return;
         }
-        route.position = reach;
-        // Transactions that committed below `reach` are covered.
-        route.last_commit = Lsn(reach.0.saturating_sub(1));
-        route.in_txn = false;
-        route.idle = None;
-        if route.state != RouteState::Paused {
-            route.state = RouteState::Restarting;
-            self.restart = true;
-        }
+        self.restart |= route.restart_from(reach);
         tracing::info!(%tenant, slot = %self.spec.slot, from = %reach, "tenant detached from the shared slot; its changes go to its spool from here");
         let spans = route.queue.spans();
         self.holds.set_spans(tenant, spans);

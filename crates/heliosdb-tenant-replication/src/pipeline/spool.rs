@@ -189,14 +189,19 @@ impl Segment {
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&seq.to_be_bytes());
         file.write_all_at(&header, 0)?;
-        Ok(Self {
+        Ok(Self::empty(path, seq, file))
+    }
+
+    /// A segment of `file` with nothing read from it yet.
+    fn empty(path: PathBuf, seq: u64, file: File) -> Self {
+        Self {
             seq,
             path,
             file: Arc::new(file),
             written: HEADER,
             valid_from: None,
             mark: None,
-        })
+        }
     }
 
     /// Open a segment left on disk: its records up to the first torn or
@@ -209,14 +214,7 @@ impl Segment {
             && file.read_exact_at(&mut header, 0).is_ok()
             && &header[..8] == MAGIC
             && header[8..] == seq.to_be_bytes();
-        let mut seg = Self {
-            seq,
-            path,
-            file: Arc::new(file),
-            written: HEADER,
-            valid_from: None,
-            mark: None,
-        };
+        let mut seg = Self::empty(path, seq, file);
         if !ok {
             return Ok(seg);
         }
