@@ -155,13 +155,6 @@ pub async fn load(target: &Client, tenant: &str) -> Result<Option<Progress>> {
 }
 
 impl Progress {
-    /// The slot must not have moved past what the target recorded: the
-    /// changes in between were delivered to no one (a slot dropped and made
-    /// again by hand, or advanced).
-    pub fn check_slot_covered(&self, tenant: &str, slot: &str, slot_confirmed: Lsn) -> Result<()> {
-        check_slot_covered(tenant, slot, self.end_lsn, slot_confirmed)
-    }
-
     /// Progress recorded from another source cluster is never trusted.
     pub fn check_source(&self, tenant: &str, system_id: &str, slot: &str) -> Result<()> {
         if self.source_system_id != system_id {
@@ -185,7 +178,9 @@ impl Progress {
 }
 
 /// The slot's confirmed position must not pass `end_lsn`, where the
-/// target's progress says streaming resumes (see [`Progress::check_slot_covered`]).
+/// target's progress says streaming resumes (on a shared slot: extended by
+/// what the tenant's spool covers): the changes in between were delivered
+/// to no one (a slot dropped and made again by hand, or advanced).
 pub fn check_slot_covered(
     tenant: &str,
     slot: &str,
