@@ -552,18 +552,8 @@ impl Hub {
                 // target's real progress decides what the spool covers.
                 if route.queue.spooling() && !route.queue.whole_from(resume.end_lsn) {
                     let reach = super::spool::covered(resume.end_lsn, &route.queue.spans());
-                    route
-                        .queue
-                        .respool_from(reach, resume.end_lsn)
-                        .map_err(|e| match e {
-                            Push::Failed(why) => ReplicationError::Internal(why),
-                            _ => {
-                                ReplicationError::Internal("the spool could not be written".into())
-                            }
-                        })?;
-                    self.restart |= route.restart_from(reach);
-                    let spans = route.queue.spans();
-                    self.holds.set_spans(tenant, spans);
+                    self.respool(tenant, reach, resume.end_lsn)
+                        .map_err(ReplicationError::Internal)?;
                 }
                 let route = self.routes.get_mut(tenant).expect("the route");
                 route.queue.attach(tx, resume.commit_lsn);
@@ -622,7 +612,7 @@ impl Hub {
             tracing::info!(%tenant, slot = %self.spec.slot, "tenant detached from the shared slot; its changes go to its spool");
             return;
         }
-        if let Err(Push::Failed(why)) = route.queue.respool_from(reach, applied) {
+        if let Err(why) = self.respool(tenant, reach, applied) {
             // Nothing more is spooled: the slot holds for it from here.
             tracing::error!(%tenant, slot = %self.spec.slot, "tenant's spool could not be written ({why}); the slot holds for it");
             if let Some(route) = self.routes.remove(tenant) {
@@ -630,10 +620,32 @@ impl Hub {
             }
             return;
         }
-        self.restart |= route.restart_from(reach);
         tracing::info!(%tenant, slot = %self.spec.slot, from = %reach, "tenant detached from the shared slot; its changes go to its spool from here");
+    }
+
+    /// `tenant`'s spool starts again at `reach` (what `applied` and the
+    /// spool cover): the stream restarts for it from there, and its hold
+    /// is its spool's spans now.
+    fn respool(
+        &mut self,
+        tenant: &str,
+        reach: Lsn,
+        applied: Lsn,
+    ) -> std::result::Result<(), String> {
+        let Some(route) = self.routes.get_mut(tenant) else {
+            return Ok(());
+        };
+        route
+            .queue
+            .respool_from(reach, applied)
+            .map_err(|e| match e {
+                Push::Failed(why) => why,
+                _ => "the spool could not be written".into(),
+            })?;
+        self.restart |= route.restart_from(reach);
         let spans = route.queue.spans();
         self.holds.set_spans(tenant, spans);
+        Ok(())
     }
 
     /// Tenants registered at the start that did not attach within the
