@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgcluster::{pki, Cluster};
+use pgcluster::{pki, Cluster, ClusterOptions};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
@@ -60,8 +60,14 @@ fn port(preferred: u16) -> u16 {
     }
 }
 
+/// A throw-away cluster without fsync, but committing synchronously as a
+/// production source does: with `synchronous_commit = off` the walsender
+/// only sees WAL when the WAL writer flushes it (every `wal_writer_delay`,
+/// 200 ms), and that wait would be all the lag the demo shows (PostgreSQL's
+/// own replication waits the same).
 async fn start_cluster() -> Result<Cluster, ReplicationError> {
-    tokio::task::spawn_blocking(Cluster::start)
+    let options = ClusterOptions::default().set("synchronous_commit", "on");
+    tokio::task::spawn_blocking(move || Cluster::start_with(options))
         .await
         .map_err(|e| fail("starting a cluster", e))?
         .map_err(|e| fail("starting a cluster", e))
