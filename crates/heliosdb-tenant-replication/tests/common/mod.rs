@@ -241,6 +241,14 @@ impl Daemon {
         }
     }
 
+    /// A daemon started some other way (its output already going to `log`).
+    pub fn adopt(child: Child, log: &Path) -> Daemon {
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
