@@ -82,7 +82,9 @@ node_running() {
   local d pid
   for d in "${checkpoint_dirs[@]}"; do
     pid=$(cat "$d/heliosdb-tenant-replication.pid" 2>/dev/null) || continue
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && return 0
+    # Seen through /proc (kill -0 fails for another user's process); a
+    # stale file whose pid now belongs to another program does not count.
+    [[ $pid =~ ^[0-9]+$ ]] && grep -qs '^heliosdb' "/proc/$pid/comm" && return 0
   done
   return 1
 }
