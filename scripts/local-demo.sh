@@ -14,7 +14,7 @@ KEEP=0
 
 cd "$(dirname "$0")/.."
 BINDIR="${PGCLUSTER_BINDIR:-$(pg_config --bindir 2>/dev/null || true)}"
-[[ -x "$BINDIR/initdb" ]] || BINDIR="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+[[ -x "$BINDIR/initdb" ]] || BINDIR="$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -type d -name bin 2>/dev/null | sort -V | tail -n1)"
 [[ -x "$BINDIR/initdb" ]] || { echo "error: no PostgreSQL server binaries found; install PostgreSQL 15+ (apt-get install postgresql)" >&2; exit 1; }
 
 AS=()
@@ -28,9 +28,13 @@ psql_() { "$BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres "$@";
 
 cleanup() {
   [[ $KEEP == 1 ]] && return
-  [[ -n "$DAEMON_PID" ]] && kill "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
+  if [[ -n "$DAEMON_PID" ]] && kill "$DAEMON_PID" 2>/dev/null; then
+    wait "$DAEMON_PID" 2>/dev/null || true
+  fi
   for c in source target; do
-    [[ -d "$WORK/$c" ]] && "${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/$c" stop -m fast -w >/dev/null 2>&1 || true
+    if [[ -d "$WORK/$c" ]]; then
+      "${AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/$c" stop -m fast -w >/dev/null 2>&1 || true
+    fi
   done
   rm -rf "$WORK"
 }

@@ -142,13 +142,13 @@ async fn checkpoints_and_keys_round_trip_and_a_restored_node_loses_nothing() {
     assert!(said(&out).contains("--to"), "{}", said(&out));
 }
 
-/// Every shipped shell script, and CI's own, passes shellcheck (Debian's
-/// `shellcheck` package).
+/// Every shipped shell script (`deploy/`, `scripts/`), and CI's own,
+/// passes shellcheck (Debian's `shellcheck` package).
 #[test]
 fn shipped_scripts_pass_shellcheck() {
     let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut scripts = vec![top.join(".ci/run")];
-    let mut dirs = vec![top.join("deploy")];
+    let mut dirs = vec![top.join("deploy"), top.join("scripts")];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d).expect("deploy") {
             let p = e.expect("entry").path();
@@ -159,7 +159,7 @@ fn shipped_scripts_pass_shellcheck() {
             }
         }
     }
-    assert!(scripts.len() >= 2, "{scripts:?}");
+    assert!(scripts.len() >= 3, "{scripts:?}");
     let out = Command::new("shellcheck")
         .args(&scripts)
         .output()
