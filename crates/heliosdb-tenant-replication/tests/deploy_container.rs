@@ -179,10 +179,7 @@ async fn the_daemon_runs_as_the_image_starts_it_and_its_healthcheck_tells_the_tr
         .expect("rows");
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(30), &daemon).await;
     // JSON log lines (ENV HELIOSDB_LOG_FORMAT=json).
-    for l in daemon.log().lines() {
-        serde_json::from_str::<serde_json::Value>(l)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-    }
+    daemon.assert_json_log();
     let (status, _) = daemon.terminate();
     assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
     assert!(!healthy(), "the HEALTHCHECK passes with the daemon stopped");

@@ -62,27 +62,6 @@ fn environment_file(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The user the daemon runs as: `postgres` when the tests run as root (the
-/// clusters' user; the unit's own `heliosdb` need not exist here).
-fn unprivileged() -> Option<(u32, u32)> {
-    let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .args([flag, "postgres"])
-            .output()
-            .expect("id");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("an id")
-    };
-    is_root().then(|| (id("-u"), id("-g")))
-}
-
-fn is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().expect("id -u");
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
-}
-
 #[test]
 fn systemd_analyze_verify_accepts_the_unit() {
     let unit = std::fs::read_to_string(unit_path()).expect("the unit");
@@ -155,7 +134,13 @@ async fn the_daemon_runs_as_the_unit_starts_it_reloads_and_stops_on_sigterm() {
     for d in [&etc, &state, &logs] {
         std::fs::create_dir_all(d).expect("mkdir");
     }
-    let user = unprivileged();
+    // The user the daemon runs as: the clusters' own (`postgres`) when the
+    // tests run as root; the unit's `heliosdb` need not exist here.
+    let user = env.source.runs_as_postgres().then(|| {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(env.source.data_dir()).expect("data dir");
+        (owner.uid(), owner.gid())
+    });
     // The configuration is read-only for the daemon's user; the state and
     // log directories are its own (StateDirectory=, LogsDirectory=).
     for d in [
@@ -295,12 +280,7 @@ async fn the_daemon_runs_as_the_unit_starts_it_reloads_and_stops_on_sigterm() {
     );
     assert!(!daemon.log().contains("not reloaded"), "{}", daemon.log());
     // Environment=HELIOSDB_LOG_FORMAT=json: one JSON object per line.
-    let lines: Vec<String> = daemon.log().lines().map(str::to_string).collect();
-    assert!(!lines.is_empty());
-    for l in &lines {
-        serde_json::from_str::<serde_json::Value>(l)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-    }
+    daemon.assert_json_log();
 
     // Its pid file and checkpoints are in the state directory; it wrote
     // nothing in the configuration directory.

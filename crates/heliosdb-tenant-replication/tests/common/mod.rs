@@ -253,6 +253,17 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Its log is one JSON object per line (`HELIOSDB_LOG_FORMAT=json`),
+    /// and not empty.
+    pub fn assert_json_log(&self) {
+        let log = self.log();
+        assert!(!log.trim().is_empty(), "the daemon logged nothing");
+        for l in log.lines() {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        }
+    }
+
     /// SIGHUP: the node reads its file again.
     pub fn reload(&self) {
         let sent = Command::new("kill")
