@@ -81,9 +81,53 @@ pub fn fresh(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Whether a secret file (an encryption key, a TLS private key) is private
+/// enough to use, by the rule PostgreSQL applies to its own server key: no
+/// access at all for group or others, or, for a file owned by root, read
+/// access for the group at most (0640). The second form is how Kubernetes
+/// mounts a Secret into a pod that sets `fsGroup` (root, the pod's group,
+/// 0440) and how a root-owned key is shared with a service's group.
+pub fn private_enough(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    if meta.uid() == 0 {
+        mode & 0o037 == 0
+    } else {
+        mode & 0o077 == 0
+    }
+}
+
+/// What [`private_enough`] asks for, for an error message.
+pub const PRIVATE_RULE: &str =
+    "readable by its owner only (chmod 400), or owned by root and readable by its group at most (chmod 440)";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_files_follow_postgresqls_rule_for_its_key() {
+        use std::os::unix::fs::{chown, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, b"k").expect("write");
+        let private = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            private_enough(&std::fs::metadata(&path).expect("stat"))
+        };
+        assert!(private(0o400) && private(0o600));
+        assert!(!private(0o604) && !private(0o660) && !private(0o644));
+        let root = rustix::process::geteuid().is_root();
+        // Group-readable: only for a file root owns (a Kubernetes Secret
+        // mounted with fsGroup: root, the pod's group, 0440).
+        assert_eq!(private(0o440), root);
+        assert_eq!(private(0o640), root);
+        if root {
+            chown(&path, Some(65534), None).expect("chown");
+            assert!(!private(0o440), "someone else's group-readable file");
+            assert!(private(0o400));
+        }
+    }
 
     #[test]
     fn a_planted_link_is_never_written_through() {

@@ -111,6 +111,13 @@ pub(super) fn audit_verify(path: &std::path::Path) -> ExitCode {
 }
 
 pub(super) fn check_config(config: &Config) -> ExitCode {
+    let problems = node_files(config);
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("error: {}: {p}", config.file);
+        }
+        return ExitCode::from(EXIT_CONFIG);
+    }
     println!("# {}: valid", config.file);
     if config.notices.is_empty() {
         println!("# every key is in effect");
@@ -123,6 +130,34 @@ pub(super) fn check_config(config: &Config) -> ExitCode {
     println!("# effective configuration (passwords masked):\n");
     print!("{}", config.render_masked());
     ExitCode::SUCCESS
+}
+
+/// The files a capture or apply node opens when it starts (the tenant's
+/// key, the dictionary, its TLS certificates and key), opened as it would
+/// open them: a missing or unreadable file, or a key others may read, shows
+/// here instead of at the first start.
+fn node_files(config: &Config) -> Vec<String> {
+    use crate::config::Mode;
+    let mut problems = Vec::new();
+    if config.transport.mode == Mode::Local {
+        return problems;
+    }
+    if let Some(path) = config.seal.key_path.as_deref() {
+        if let Err(e) = crate::seal::FileKeys::load(&config.tenant.tenant_id, path) {
+            problems.push(e.to_string());
+        }
+    }
+    if let Err(e) = config.seal.compression() {
+        problems.push(e);
+    }
+    let tls = match config.transport.mode {
+        Mode::Apply => crate::transport::tls::server_config(&config.transport).map(drop),
+        _ => crate::transport::tls::client_config(&config.transport).map(drop),
+    };
+    if let Err(e) = tls {
+        problems.push(e.to_string());
+    }
+    problems
 }
 
 pub(super) async fn resync(config: Arc<Config>, table: Option<String>) -> ExitCode {

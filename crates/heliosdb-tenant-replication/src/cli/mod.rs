@@ -293,10 +293,14 @@ pub fn run(cli: Cli) -> ExitCode {
         }
     }
     if let Command::CheckConfig = cli.command {
+        let mut code = ExitCode::SUCCESS;
         for c in &configs {
-            check_config(c);
+            let one = check_config(c);
+            if one != ExitCode::SUCCESS {
+                code = one;
+            }
         }
-        return ExitCode::SUCCESS;
+        return code;
     }
     // What the node shares (every tenant has the same node sections).
     let node = configs[0].clone();

@@ -75,11 +75,16 @@ impl Config {
                 "lists no tenant: add a [[tenants]] entry".into(),
             ));
         }
-        if entries.len() > 1 && env("REPLICATION_TARGET_CONNECTION").is_some() {
-            return Err(fail(
-                "REPLICATION_TARGET_CONNECTION",
-                "names one target, and this file has several tenants: unset it and give each tenant its target_connection in its [[tenants]] entry".into(),
-            ));
+        // The variable overrides the target the tenants share (the file's
+        // own `[replication] target_connection`); it would silently replace
+        // a target an entry names for itself, so that is refused.
+        if env("REPLICATION_TARGET_CONNECTION").is_some() {
+            if let Some(i) = entries.iter().position(names_own_target) {
+                return Err(fail(
+                    &format!("tenants[{i}]"),
+                    "names a target of its own, and REPLICATION_TARGET_CONNECTION would replace it: the variable overrides only the target the tenants share (set at the top of the file); unset it, or move the entry's target_connection to the top of the file if every tenant uses it".into(),
+                ));
+            }
         }
         let mut configs = Vec::with_capacity(entries.len());
         for (i, entry) in entries.into_iter().enumerate() {
@@ -205,4 +210,10 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// Whether a `[[tenants]]` entry sets its own target connection.
+fn names_own_target(entry: &toml::Value) -> bool {
+    let set = |section: &str, key: &str| entry.get(section).and_then(|t| t.get(key)).is_some();
+    set("replication", "target_connection") || set("target", "connection")
 }

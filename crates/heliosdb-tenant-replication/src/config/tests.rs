@@ -477,14 +477,35 @@ fn tenants_naming_one_slot_share_it() {
 }
 
 #[test]
-fn one_target_override_for_several_tenants_is_refused() {
+fn the_target_override_replaces_only_the_target_tenants_share() {
     let env = |k: &str| {
         (k == "REPLICATION_TARGET_CONNECTION").then(|| "postgresql://w:pw@x/db".to_string())
     };
+    // An entry naming its own target would be silently redirected: refused.
     let e = Config::node_from_toml(NODE, "node.toml", env).expect_err("refused");
-    assert!(
-        e.to_string().contains("each tenant its target_connection"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("tenants[0]"), "{e}");
+    assert!(e.to_string().contains("target of its own"), "{e}");
     assert!(!e.to_string().contains("pw@"), "{e}");
+    // Tenants sharing the file's target: the variable replaces it for all
+    // (how a container or a Kubernetes Secret keeps the password out of
+    // the file).
+    let shared = NODE
+        .replace(
+            "target_connection = \"postgresql://w:pw@eu:5432/acme\"\n",
+            "",
+        )
+        .replace(
+            "target_connection = \"postgresql://w:pw@us:5432/globex\"\n",
+            "",
+        )
+        .replacen(
+            "[monitoring]",
+            "target_connection = \"postgresql://w@placeholder/db\"\n[monitoring]",
+            1,
+        );
+    let all = Config::node_from_toml(&shared, "node.toml", env).expect("valid");
+    assert_eq!(all.len(), 2);
+    for c in &all {
+        assert_eq!(c.tenant.target().expect("target").host, "x");
+    }
 }

@@ -208,10 +208,11 @@ pub fn read_key_file(path: &Path) -> Result<[u8; 32], KeyError> {
         problem,
     };
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if !crate::files::private_enough(&meta) {
         return Err(bad(format!(
-            "readable by others (mode {mode:o}); fix: chmod 400 {}",
+            "readable by others (mode {:o}); it must be {}: fix: chmod 400 {}",
+            meta.mode() & 0o777,
+            crate::files::PRIVATE_RULE,
             path.display()
         )));
     }

@@ -29,16 +29,17 @@ fn tls_error(what: String) -> ReplicationError {
     )
 }
 
-/// A private key file must not be readable by group or others.
+/// A private key file must be private ([`crate::files::private_enough`]).
 fn check_key_mode(path: &Path) -> Result<(), ReplicationError> {
     let meta = std::fs::metadata(path)
         .map_err(|e| tls_error(format!("cannot read {}: {e}", path.display())))?;
-    if meta.mode() & 0o077 != 0 {
+    if !crate::files::private_enough(&meta) {
         return Err(ReplicationError::operator(
             format!(
-                "transport TLS: key file {} is readable by group or others (mode {:o})",
+                "transport TLS: key file {} is readable by group or others (mode {:o}); it must be {}",
                 path.display(),
-                meta.mode() & 0o777
+                meta.mode() & 0o777,
+                crate::files::PRIVATE_RULE
             ),
             format!("chmod 600 {}", path.display()),
         ));
