@@ -422,3 +422,72 @@ async fn a_stopped_tenant_is_fixed_and_started_again_by_a_reload() {
     let (status, _) = daemon.terminate();
     assert_eq!(status.code(), Some(0), "{}", daemon.log());
 }
+
+/// `start --watch-config`: the file changed as Kubernetes changes a
+/// ConfigMap volume (a symbolic link swapped to a new directory) adds a
+/// tenant while the other streams, with no signal sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_file_changed_like_a_config_map_adds_a_tenant_without_a_signal() {
+    let env = two_targets().await;
+    let src = env.src().await;
+    for (tenant, _) in SERVED {
+        write(&src, tenant, 1, 100).await;
+    }
+    // <dir>/volume/node.toml -> ..data/node.toml, ..data -> ..v1
+    let volume = env.dir.path().join("volume");
+    let version = |n: u32, tenants: &[(&str, &str)]| {
+        let text = std::fs::read_to_string(node_file_of(&env, tenants, "")).expect("file");
+        let dir = volume.join(format!("..v{n}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("node.toml"), text).expect("write");
+        let link = volume.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..v{n}"), &link).expect("symlink");
+        std::fs::rename(&link, volume.join("..data")).expect("swap");
+    };
+    version(1, &SERVED[..1]);
+    let node = volume.join("node.toml");
+    std::os::unix::fs::symlink("..data/node.toml", &node).expect("symlink");
+    env.init(&node);
+    let log = env.dir.path().join("node.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&node)
+        .args(["start", "--watch-config"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .expect("start");
+    let mut daemon = Daemon::adopt(child, &log);
+    wait_until(Duration::from_secs(60), "t-1 streams", || {
+        tenant_equal(&env, "t-1", "app", &TABLES)
+    })
+    .await;
+
+    version(2, &SERVED[..2]);
+    wait_for_log(
+        &daemon,
+        "the configuration file changed",
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_for_log(&daemon, "tenant added: streaming", Duration::from_secs(60)).await;
+    write(&src, "t-1", 1000, 50).await;
+    write(&src, "t-2", 1000, 50).await;
+    wait_until(Duration::from_secs(60), "t-1 and t-2 stream", || async {
+        tenant_equal(&env, "t-1", "app", &TABLES).await
+            && tenant_equal(&env, "t-2", "app", &TABLES).await
+    })
+    .await;
+    assert_eq!(
+        daemon
+            .log()
+            .matches("the configuration file changed")
+            .count(),
+        1
+    );
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}

@@ -77,7 +77,13 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Replicate in the foreground until SIGTERM or SIGINT.
-    Start,
+    Start {
+        /// Also read the file again whenever its content changes (looked at
+        /// every 5 s), as SIGHUP does: for a file no one can signal the
+        /// node about, such as a Kubernetes ConfigMap mounted as a volume.
+        #[arg(long)]
+        watch_config: bool,
+    },
     /// Provision the tenant (idempotent): publication with per-table tenant
     /// row filters and pgoutput slot on the source, progress schema on the
     /// target, a check of the target tables, and the initial copy of the
@@ -331,8 +337,13 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
     match cli.command {
-        Command::Start => {
-            return runtime.block_on(start(cli.config.clone(), cli.tenant.clone(), configs))
+        Command::Start { watch_config } => {
+            return runtime.block_on(start(
+                cli.config.clone(),
+                cli.tenant.clone(),
+                configs,
+                watch_config,
+            ))
         }
         // Replacing rows is asked for one tenant at a time.
         Command::Init { no_copy, resync } if !resync || configs.len() == 1 => {
@@ -370,7 +381,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Init { no_copy, resync } => runtime.block_on(init(config, !no_copy, resync)),
-        Command::Start
+        Command::Start { .. }
         | Command::Status
         | Command::CheckConfig
         | Command::AuditVerify { .. }

@@ -16,10 +16,12 @@ use crate::pipeline::hub::HubHandle;
 /// again: tenants added are provisioned (`init`: publication, slot, copy)
 /// and started while the others stream; tenants removed are stopped, their
 /// slot and publication dropped, their series and `/health` entry removed.
+/// With `watch`, a change of the file's content does what SIGHUP does.
 pub(super) async fn start(
     file: PathBuf,
     only: Option<String>,
     configs: Vec<Arc<Config>>,
+    watch: bool,
 ) -> ExitCode {
     // Where `add-tenant` finds the node (removed when it exits; a stale one
     // is told from a live node by its process).
@@ -36,7 +38,7 @@ pub(super) async fn start(
             tracing::warn!(path = %path.display(), "the pid file was not written ({e}): add-tenant will not find this node; send SIGHUP yourself");
         }
     }
-    let code = run_node(file, only, configs).await;
+    let code = run_node(file, only, configs, watch).await;
     if let Some(path) = &pid_file {
         if std::fs::read_to_string(path).is_ok_and(|p| p.trim() == std::process::id().to_string()) {
             let _ = std::fs::remove_file(path);
@@ -45,7 +47,12 @@ pub(super) async fn start(
     code
 }
 
-async fn run_node(file: PathBuf, only: Option<String>, configs: Vec<Arc<Config>>) -> ExitCode {
+async fn run_node(
+    file: PathBuf,
+    only: Option<String>,
+    configs: Vec<Arc<Config>>,
+    watch: bool,
+) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let served: crate::telemetry::NodeTenants = Arc::new(std::sync::RwLock::new(configs.clone()));
     let telemetry = match start_telemetry(&configs, &served, stop_rx).await {
@@ -77,6 +84,9 @@ async fn run_node(file: PathBuf, only: Option<String>, configs: Vec<Arc<Config>>
         }
     }
     let mut signals = Signals::new().unwrap_or_else(Signals::none);
+    if watch {
+        signals.watch(&file);
+    }
     while !node.running.is_empty() || !node.adding.is_empty() {
         tokio::select! {
             ended = done.recv() => {
@@ -420,33 +430,79 @@ enum Signal {
 }
 
 /// SIGTERM, SIGINT (stop) and SIGHUP (reload; systemd's ExecReload).
-struct Signals(Option<(Unix, Unix, Unix)>);
+struct Signals {
+    unix: Option<(Unix, Unix, Unix)>,
+    watched: Option<Watched>,
+}
 
 type Unix = tokio::signal::unix::Signal;
+
+/// The configuration file, looked at every few seconds (`--watch-config`).
+struct Watched {
+    path: PathBuf,
+    every: tokio::time::Interval,
+    /// Its content when last read (None: unreadable then).
+    seen: Option<Vec<u8>>,
+}
 
 impl Signals {
     fn new() -> Option<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        Some(Self(Some((
-            signal(SignalKind::terminate()).ok()?,
-            signal(SignalKind::interrupt()).ok()?,
-            signal(SignalKind::hangup()).ok()?,
-        ))))
+        Some(Self {
+            unix: Some((
+                signal(SignalKind::terminate()).ok()?,
+                signal(SignalKind::interrupt()).ok()?,
+                signal(SignalKind::hangup()).ok()?,
+            )),
+            watched: None,
+        })
     }
 
     /// Without signal handlers the node runs until its tenants end.
     fn none() -> Self {
-        Self(None)
+        Self {
+            unix: None,
+            watched: None,
+        }
+    }
+
+    /// Also report a change of `path`'s content as a reload. Its content is
+    /// compared, not its time: a Kubernetes ConfigMap volume swaps a
+    /// symbolic link, and a file rewritten with the same text is no change.
+    fn watch(&mut self, path: &Path) {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.watched = Some(Watched {
+            path: path.to_path_buf(),
+            every,
+            seen: std::fs::read(path).ok(),
+        });
     }
 
     async fn next(&mut self) -> Signal {
-        let Some((term, int, hup)) = &mut self.0 else {
-            return std::future::pending().await;
+        let changed = async {
+            let Some(w) = &mut self.watched else {
+                return std::future::pending().await;
+            };
+            loop {
+                w.every.tick().await;
+                let now = std::fs::read(&w.path).ok();
+                // An unreadable moment (a volume being updated) is no change.
+                if now.is_some() && now != w.seen {
+                    w.seen = now;
+                    tracing::info!(file = %w.path.display(), "the configuration file changed: reading it again");
+                    return Signal::Reload;
+                }
+            }
+        };
+        let Some((term, int, hup)) = &mut self.unix else {
+            return changed.await;
         };
         tokio::select! {
             _ = term.recv() => Signal::Stop("SIGTERM"),
             _ = int.recv() => Signal::Stop("SIGINT"),
             _ = hup.recv() => Signal::Reload,
+            signal = changed => signal,
         }
     }
 }
