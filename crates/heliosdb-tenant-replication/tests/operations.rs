@@ -616,3 +616,61 @@ async fn progress_from_another_source_cluster_is_refused() {
         ],
     );
 }
+
+/// The runbook's scenario 2 (docs/runbook.md): the target is restored from
+/// an older backup. Its progress rows go back with it, behind what the
+/// slot was confirmed to; the changes in between are gone from the slot.
+/// `start` refuses the tenant (exit 3, `init --resync` named) instead of
+/// resuming across the gap, and `init --resync` makes it equal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_restored_from_an_older_backup_is_refused_then_resynced() {
+    let (mut env, config) = Env::provisioned(SCHEMA).await;
+    let src = env.src().await;
+    let insert = |from: i64, to: i64| {
+        format!("INSERT INTO orders SELECT 'tenant-123', g, 1, 'new', g, '{{}}', now() FROM generate_series({from}, {to}) g")
+    };
+    src.batch_execute(&insert(1, 100)).await.expect("rows");
+    let mut daemon = env.start_daemon(&config);
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    // The backup: a copy of the stopped target's data directory.
+    let backup = env.dir.path().join("target-backup");
+    env.target.stop().expect("stop target");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .expect("cp");
+        assert!(ok.success());
+    };
+    copy(env.target.data_dir(), &backup);
+    env.target.start_again().expect("start target");
+
+    // Replication goes on past the backup; the slot is confirmed past it.
+    let mut daemon = env.start_daemon(&config);
+    src.batch_execute(&insert(101, 200)).await.expect("rows");
+    src.batch_execute("UPDATE orders SET status = 'paid' WHERE id <= 50")
+        .await
+        .expect("update");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    assert_eq!(daemon.terminate().0.code(), Some(0));
+
+    // The target is restored from the backup.
+    env.target.stop().expect("stop target");
+    let data = env.target.data_dir().to_path_buf();
+    std::fs::remove_dir_all(&data).expect("remove data directory");
+    copy(&backup, &data);
+    env.target.start_again().expect("start the restored target");
+    assert_eq!(tenant_count(&env.dst().await, "orders", TENANT).await, 100);
+
+    assert_fails(&config, &["start"], 3, &["init --resync"]);
+    let out = env.init_with(&config, &["--resync"]);
+    assert!(out.contains("deleted, to be copied again"), "{out}");
+    let daemon = env.start_daemon(&config);
+    src.batch_execute(&insert(201, 210)).await.expect("rows");
+    wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
+    assert_eq!(tenant_count(&env.dst().await, "orders", TENANT).await, 210);
+}
