@@ -30,6 +30,10 @@ pub struct TableMapping {
     /// cut values; the column's own modifier applies on assignment, as when
     /// PostgreSQL's apply worker stores a value.
     pub casts: Vec<String>,
+    /// How each column's value is sent in `COPY … (FORMAT binary)`, when
+    /// every column is a built-in type with an encoder and the same type
+    /// on both sides; `None`: rows are copied as text.
+    pub binary: Option<Vec<crate::apply::binary::Encoder>>,
     /// Source column indices of the key rows are matched by (see
     /// [`apply_key`]); empty for a table without one (rows are found by
     /// their whole old image, one by one).
@@ -49,7 +53,7 @@ impl TableMapping {
         let rows = target
             .query(
                 "SELECT a.attname::text, quote_ident(tn.nspname) || '.' || quote_ident(t.typname),
-                        a.attgenerated <> '', c.relkind = 'p'
+                        a.attgenerated <> '', c.relkind = 'p', t.oid
                    FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -77,6 +81,7 @@ impl TableMapping {
             name: String,
             cast: String,
             generated: bool,
+            type_oid: u32,
         }
         let cols: Vec<Col> = rows
             .iter()
@@ -84,10 +89,12 @@ impl TableMapping {
                 name: r.get(0),
                 cast: r.get(1),
                 generated: r.get(2),
+                type_oid: r.get(4),
             })
             .collect();
 
         let mut casts = Vec::with_capacity(relation.columns.len());
+        let mut binary = Some(Vec::with_capacity(relation.columns.len()));
         let mut missing = Vec::new();
         for sc in &relation.columns {
             match cols.iter().find(|c| c.name == sc.name) {
@@ -97,7 +104,18 @@ impl TableMapping {
                         "make the target column a plain column, as on the source",
                     ))
                 }
-                Some(c) => casts.push(c.cast.clone()),
+                Some(c) => {
+                    casts.push(c.cast.clone());
+                    // Built-in types keep their OIDs across clusters: the
+                    // same OID is the same type, and its binary form.
+                    let encoder = (c.type_oid == sc.type_oid)
+                        .then(|| crate::apply::binary::Encoder::for_type(sc.type_oid))
+                        .flatten();
+                    match (encoder, binary.as_mut()) {
+                        (Some(e), Some(all)) => all.push(e),
+                        _ => binary = None,
+                    }
+                }
                 None => missing.push(sc.name.clone()),
             }
         }
@@ -126,6 +144,7 @@ impl TableMapping {
             own_rows,
             display,
             casts,
+            binary,
             key,
             tenant,
         })

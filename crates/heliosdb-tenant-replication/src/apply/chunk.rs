@@ -390,32 +390,29 @@ impl Applier {
     /// the transaction must be rolled back to a savepoint.
     pub(super) async fn copy_rows(&mut self, m: &TableMapping, rows: &[&Tuple]) -> Result<bool> {
         use futures_util::SinkExt;
-        let mut buf = bytes::BytesMut::with_capacity(rows.len() * 256);
-        for row in rows {
-            for (i, v) in row.iter().enumerate() {
-                if i > 0 {
-                    buf.extend_from_slice(b"\t");
-                }
-                match v {
-                    Value::Null => buf.extend_from_slice(b"\\N"),
-                    Value::Text(b) => sql::copy_text(&mut buf, b),
-                    Value::UnchangedToast | Value::Binary(_) => {
-                        return Err(ReplicationError::Internal(
-                            "a full row to insert carries an unchanged or binary value".into(),
-                        ))
-                    }
-                }
-            }
-            buf.extend_from_slice(b"\n");
-        }
         let cols: Vec<String> = (0..m.casts.len())
             .map(|i| quote_ident(m.column_name(i)))
             .collect();
-        let sql = format!("COPY {} ({}) FROM STDIN", m.target, cols.join(", "));
+        let binary = match m.binary.as_deref() {
+            Some(encoders) => {
+                let buf = copy_binary(encoders, rows);
+                if buf.is_none() {
+                    tracing::debug!(table = %m.display, "a value is not in the form its binary encoder takes: these rows go as text");
+                }
+                buf
+            }
+            None => None,
+        };
+        tracing::trace!(table = %m.display, rows = rows.len(), binary = binary.is_some(), "COPY");
+        let (buf, format) = match binary {
+            Some(buf) => (buf, " (FORMAT binary)"),
+            None => (copy_text(rows)?, ""),
+        };
+        let sql = format!("COPY {} ({}) FROM STDIN{format}", m.target, cols.join(", "));
         let copied = async {
             let sink = self.client.copy_in::<_, bytes::Bytes>(sql.as_str()).await?;
             let mut sink = std::pin::pin!(sink);
-            sink.send(buf.freeze()).await?;
+            sink.send(buf).await?;
             sink.as_mut().finish().await
         }
         .await;
@@ -605,4 +602,65 @@ pub(super) fn columns<'a>(
         .iter()
         .map(|&i| rows.iter().map(|r| text(&r[i])).collect())
         .collect()
+}
+
+/// Rows in COPY's text format.
+fn copy_text(rows: &[&Tuple]) -> Result<bytes::Bytes> {
+    let mut buf = bytes::BytesMut::with_capacity(rows.len() * 256);
+    for row in rows {
+        for (i, v) in row.iter().enumerate() {
+            if i > 0 {
+                buf.extend_from_slice(b"\t");
+            }
+            match v {
+                Value::Null => buf.extend_from_slice(b"\\N"),
+                Value::Text(b) => sql::copy_text(&mut buf, b),
+                Value::UnchangedToast | Value::Binary(_) => {
+                    return Err(ReplicationError::Internal(
+                        "a full row to insert carries an unchanged or binary value".into(),
+                    ))
+                }
+            }
+        }
+        buf.extend_from_slice(b"\n");
+    }
+    Ok(buf.freeze())
+}
+
+/// Rows in COPY's binary format (no byte of a value is scanned by the
+/// target), or `None` when a value is not in the form its encoder takes
+/// (the rows then go as text).
+fn copy_binary(
+    encoders: &[crate::apply::binary::Encoder],
+    rows: &[&Tuple],
+) -> Option<bytes::Bytes> {
+    use bytes::BufMut;
+    let size: usize = rows
+        .iter()
+        .flat_map(|r| r.iter())
+        .map(|v| match v {
+            Value::Text(b) => b.len() + 4,
+            _ => 4,
+        })
+        .sum();
+    let mut buf = bytes::BytesMut::with_capacity(size + rows.len() * 2 + 21);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0); // flags
+    buf.put_i32(0); // header extension
+    let fields = i16::try_from(encoders.len()).ok()?;
+    for row in rows {
+        if row.len() != encoders.len() {
+            return None;
+        }
+        buf.put_i16(fields);
+        for (v, e) in row.iter().zip(encoders) {
+            match v {
+                Value::Null => buf.put_i32(-1),
+                Value::Text(b) => e.field(b, &mut buf)?,
+                Value::UnchangedToast | Value::Binary(_) => return None,
+            }
+        }
+    }
+    buf.put_i16(-1);
+    Some(buf.freeze())
 }

@@ -29,6 +29,7 @@
 //! `streams.rs` (streamed transactions).
 
 pub mod batch;
+pub mod binary;
 pub mod catalog;
 mod chunk;
 pub mod conflict;

@@ -296,6 +296,7 @@ mod tests {
             own_rows: "ONLY \"public\".\"we\"\"ird\"".into(),
             display: "public.we\"ird".into(),
             casts: vec!["text".into(), "bigint".into(), "jsonb".into()],
+            binary: None,
             key: vec![0, 1],
             tenant: 0,
         }

@@ -25,6 +25,7 @@ fn mapping() -> Arc<TableMapping> {
         own_rows: "ONLY \"public\".\"t\"".into(),
         display: "public.t".into(),
         casts: vec!["text".into(), "bigint".into(), "text".into(), "text".into()],
+        binary: None,
         key: vec![0, 1],
         tenant: 0,
     })
