@@ -391,6 +391,44 @@ fn timestamp(text: &[u8], zoned: bool) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const ALL: [Encoder; 14] = [
+        Encoder::Bytes,
+        Encoder::Jsonb,
+        Encoder::Bool,
+        Encoder::Int2,
+        Encoder::Int4,
+        Encoder::Int8,
+        Encoder::Float4,
+        Encoder::Float8,
+        Encoder::Numeric,
+        Encoder::Uuid,
+        Encoder::Bytea,
+        Encoder::Date,
+        Encoder::Timestamp,
+        Encoder::Timestamptz,
+    ];
+
+    proptest! {
+        // Values come from outside: any bytes are refused or encoded,
+        // never a panic; a field's length prefix matches what follows.
+        #[test]
+        fn any_bytes_are_refused_or_encoded_never_a_panic(
+            text in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..48),
+                "[0-9 :.+-BCx\\a-f]{0,40}".prop_map(String::into_bytes),
+            ]
+        ) {
+            for e in ALL {
+                let mut out = BytesMut::new();
+                if e.field(&text, &mut out).is_some() {
+                    let len = i32::from_be_bytes(out[..4].try_into().unwrap());
+                    prop_assert_eq!(len as usize, out.len() - 4);
+                }
+            }
+        }
+    }
 
     fn enc(e: Encoder, text: &str) -> Option<Vec<u8>> {
         let mut out = BytesMut::new();
