@@ -423,7 +423,7 @@ mod tests {
             for e in ALL {
                 let mut out = BytesMut::new();
                 if e.field(&text, &mut out).is_some() {
-                    let len = i32::from_be_bytes(out[..4].try_into().unwrap());
+                    let len = i32::from_be_bytes(out[..4].try_into().expect("four bytes"));
                     prop_assert_eq!(len as usize, out.len() - 4);
                 }
             }
