@@ -135,8 +135,8 @@ fn the_values_schema_refuses_what_would_go_wrong() {
         ("config:\n  monitoring: {prometheus_port: 9999}\n", "/config/monitoring"),
         ("mode: capture\n", "/transport/tlsSecret"),
         (
-            "mode: apply\nencryption: {existingSecret: k}\ntransport: {tlsSecret: t}\ntenants:\n  - replication: {tenant_id: a}\n  - replication: {tenant_id: b}\n",
-            "/tenants",
+            "mode: capture\nencryption: {existingSecret: k}\ntransport: {tlsSecret: t, applyUrl: \"https://a:8443\"}\ntenants:\n  - replication: {tenant_id: a}\n",
+            "/tenants/0",
         ),
     ];
     for (i, (values, at)) in cases.iter().enumerate() {
@@ -219,7 +219,17 @@ fn node_file(docs: &[Value], dir: &Path) -> PathBuf {
     let tls = dir.join("tls");
     std::fs::create_dir_all(&keys).expect("keys");
     std::fs::create_dir_all(&tls).expect("tls");
-    std::fs::write(keys.join("tenant.key"), format!("{}\n", "ab".repeat(32))).expect("key");
+    // Every key file the node file names (the Secret's files).
+    let mut named: Vec<String> = text
+        .split("\"/etc/heliosdb/keys/")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_string))
+        .collect();
+    named.sort();
+    named.dedup();
+    for name in &named {
+        std::fs::write(keys.join(name), format!("{}\n", "ab".repeat(32))).expect("key");
+    }
     let ca = pki::ca(&tls, "ca");
     let leaf = pki::leaf(&tls, &ca, "node", &["DNS:localhost"]);
     std::fs::copy(&ca.cert, tls.join("ca.crt")).expect("ca");
@@ -232,7 +242,11 @@ fn node_file(docs: &[Value], dir: &Path) -> PathBuf {
     } else {
         0o400
     };
-    for f in [keys.join("tenant.key"), tls.join("tls.key")] {
+    for f in named
+        .iter()
+        .map(|n| keys.join(n))
+        .chain([tls.join("tls.key")])
+    {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
     let text = text

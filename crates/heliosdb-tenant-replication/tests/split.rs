@@ -947,3 +947,159 @@ async fn an_apply_url_that_is_not_an_apply_node_is_named() {
         capture.log()
     );
 }
+
+/// Node files of several tenants on both sides (#20): a capture node file
+/// lists two tenants, each with its own slot and key; an apply node file
+/// lists the same two on one listener, each with its own key. Both tenants
+/// replicate, an apply node killed with `kill -9` loses and doubles
+/// nothing for either, each node's `/health` shows both, and a third
+/// tenant's rows reach neither node's target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
+    let env = Env::new(SCHEMA).await;
+    let dir = env.dir.path();
+    let ca = pki::ca(dir, "ca");
+    let apply_cert = pki::leaf(dir, &ca, "apply-node", &["DNS:localhost", "IP:127.0.0.1"]);
+    let capture_cert = pki::leaf(dir, &ca, "capture-node", &["DNS:capture.test"]);
+    let keys: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|k| key_file(&dir.join(format!("tenant-{k}.key"))))
+        .collect();
+    let tenants = [
+        ("tenant-123", "tenant_123", &keys[0]),
+        ("tenant-456", "tenant_456", &keys[1]),
+    ];
+    let port = pgcluster::free_port().expect("port");
+    let entries = |with_slot: bool| -> String {
+        tenants
+            .iter()
+            .map(|(id, slot, key)| {
+                let cdc = if with_slot {
+                    format!("[tenants.cdc]\nreplication_slot = \"{slot}_slot\"\npublication_name = \"{slot}_pub\"\n")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{id}\"\n{cdc}[tenants.encryption]\nkey_file = \"{}\"\n",
+                    key.display()
+                )
+            })
+            .collect()
+    };
+    let transport = |mode: &str, pair: &pki::Pair, line: &str| {
+        format!(
+            "\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.cert.display(),
+            pair.cert.display(),
+            pair.key.display()
+        )
+    };
+    // Provisioned from a one-process file of the same tenants.
+    let local = env.node_file_top().replace(
+        "[replication]\n",
+        &format!(
+            "[replication]\ntarget_connection = \"{}\"\n",
+            env.target.superuser_url("app")
+        ),
+    ) + &entries(true)
+        .replace(
+            &format!(
+                "[tenants.encryption]\nkey_file = \"{}\"\n",
+                keys[0].display()
+            ),
+            "",
+        )
+        .replace(
+            &format!(
+                "[tenants.encryption]\nkey_file = \"{}\"\n",
+                keys[1].display()
+            ),
+            "",
+        );
+    let local = env.write_config("local.toml", &local);
+    env.init(&local);
+
+    let capture = env.node_file_top()
+        + &transport(
+            "capture",
+            &capture_cert,
+            &format!("apply_url = \"https://127.0.0.1:{port}\""),
+        )
+        + &entries(true);
+    let capture = env.write_config("capture.toml", &capture);
+    let apply = without(&env.node_file_top(), "source_connection").replace(
+        "[replication]\n",
+        &format!(
+            "[replication]\ntarget_connection = \"{}\"\n",
+            env.target.superuser_url("app")
+        ),
+    ) + &transport(
+        "apply",
+        &apply_cert,
+        &format!("listen_address = \"127.0.0.1:{port}\""),
+    ) + &entries(false);
+    let apply = env.write_config("apply.toml", &apply);
+
+    let src = env.src().await;
+    src.batch_execute(
+        "INSERT INTO accounts SELECT 'tenant-123', g, 'a', 'a@x', g, now() FROM generate_series(1, 400) g;
+         INSERT INTO accounts SELECT 'tenant-456', g, 'b', 'b@x', g, now() FROM generate_series(1, 300) g;
+         INSERT INTO accounts SELECT 'tenant-789', g, 'c', 'c@x', g, now() FROM generate_series(1, 200) g",
+    )
+    .await
+    .expect("rows");
+    let mut apply_node = start(&apply, &env, "apply");
+    let capture_node = start(&capture, &env, "capture");
+    let dst = env.dst().await;
+    let equal = |tenant: &'static str| {
+        let (src, dst) = (&src, &dst);
+        async move {
+            for table in TABLES {
+                if tenant_digest(src, table, tenant).await
+                    != tenant_digest(dst, table, tenant).await
+                {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    wait_until(Duration::from_secs(60), "both tenants equal", || async {
+        equal("tenant-123").await && equal("tenant-456").await
+    })
+    .await;
+
+    // kill -9 of the apply node while both write.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(workload(env.source.superuser_url("app"), 11, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    apply_node.kill9();
+    apply_node = start(&apply, &env, "apply");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.await.expect("writer") > 5);
+    wait_until(
+        Duration::from_secs(90),
+        "both tenants equal after kill -9",
+        || async { equal("tenant-123").await && equal("tenant-456").await },
+    )
+    .await;
+    assert_eq!(
+        tenant_count(&dst, "accounts", "tenant-789").await,
+        0,
+        "an unserved tenant's rows"
+    );
+
+    for config in [&apply, &capture] {
+        let (_, health) = monitoring_ports(config);
+        let (_, body) = http_get(health, "/health").await.expect("health");
+        assert!(
+            body.contains("\"tenant-123\"") && body.contains("\"tenant-456\""),
+            "{body}"
+        );
+    }
+    for mut node in [capture_node, apply_node] {
+        let (status, _) = node.terminate();
+        assert!(status.success(), "{}", node.log());
+    }
+}

@@ -75,6 +75,7 @@ async fn run_node(
         done_tx,
         failed: Vec::new(),
         hubs: HashMap::new(),
+        apply: None,
     };
     for config in configs {
         if let Err(e) = node.spawn(config) {
@@ -152,6 +153,8 @@ struct Node {
     failed: Vec<(String, ExitCode)>,
     /// The hub of each shared slot, by source and slot.
     hubs: HashMap<(String, String), HubHandle>,
+    /// An apply node's listener, which its tenants share.
+    apply: Option<Arc<crate::pipeline::apply_node::SharedApplyNode>>,
 }
 
 impl Node {
@@ -185,6 +188,22 @@ impl Node {
         Ok(Some(hub))
     }
 
+    /// An apply node's listener, shared by its tenants (bound for the first).
+    fn apply_node(
+        &mut self,
+        config: &Config,
+    ) -> crate::error::Result<Option<Arc<crate::pipeline::apply_node::SharedApplyNode>>> {
+        if config.transport.mode != crate::config::Mode::Apply {
+            return Ok(None);
+        }
+        if self.apply.is_none() {
+            self.apply = Some(Arc::new(
+                crate::pipeline::apply_node::SharedApplyNode::start(config)?,
+            ));
+        }
+        Ok(self.apply.clone())
+    }
+
     /// The served tenants that share the slot `key`.
     fn sharing(&self, key: &(String, String)) -> Vec<String> {
         crate::telemetry::server::read(&self.served)
@@ -196,6 +215,9 @@ impl Node {
 
     /// After the tenants' pipelines ended: each hub's last acknowledgement.
     async fn stop_hubs(&mut self) {
+        if let Some(apply) = self.apply.take() {
+            apply.stop().await;
+        }
         for (_, hub) in self.hubs.drain() {
             hub.stop().await;
         }
@@ -203,9 +225,16 @@ impl Node {
 
     fn spawn(&mut self, config: Arc<Config>) -> crate::error::Result<()> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let hub = self.hub(&config)?;
-        let pipeline =
-            crate::pipeline::spawn_tenant(config.clone(), hub, stopped, self.telemetry.clone())?;
+        let shared = crate::pipeline::NodeShared {
+            hub: self.hub(&config)?,
+            apply: self.apply_node(&config)?,
+        };
+        let pipeline = crate::pipeline::spawn_tenant_of(
+            config.clone(),
+            shared,
+            stopped,
+            self.telemetry.clone(),
+        )?;
         let tenant = config.tenant.tenant_id.clone();
         let done_tx = self.done_tx.clone();
         let id = tenant.clone();

@@ -155,15 +155,23 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
                 format!("tenant '{}' is listed twice", t.tenant_id),
             ));
         }
-        if c.transport.mode != Mode::Local && configs.len() > 1 {
-            return Err(fail(
-                "transport.mode",
-                "several tenants in one file run in mode = \"local\" (capture and apply nodes serve one tenant each in this version): run one node per tenant, or use mode = \"local\"".into(),
-            ));
+        // An apply node reads no slot: its tenants' slots are their capture
+        // nodes' business.
+        if c.transport.mode == Mode::Apply {
+            continue;
         }
         let key = t.slot_key();
         if let Some(&first) = slots.get(&key) {
             let f = &configs[first].tenant;
+            if c.transport.mode == Mode::Capture {
+                return Err(fail(
+                    &format!("tenants[{i}].cdc.replication_slot"),
+                    format!(
+                        "tenants '{}' and '{}' share slot '{}', and a capture node reads a slot of its own for each tenant in this version: give each tenant its own replication_slot and publication_name (or share a slot in mode = \"local\")",
+                        f.tenant_id, t.tenant_id, t.slot
+                    ),
+                ));
+            }
             if f.publication != t.publication {
                 return Err(fail(
                     &format!("tenants[{i}].cdc.publication_name"),
@@ -202,7 +210,9 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
     }
     for c in configs.iter_mut() {
         let t = &mut c.tenant;
-        let group = &groups[&t.slot_key()];
+        let Some(group) = groups.get(&t.slot_key()) else {
+            continue;
+        };
         if group.len() > 1 {
             let mut ids = group.clone();
             ids.sort();

@@ -509,3 +509,50 @@ fn the_target_override_replaces_only_the_target_tenants_share() {
         assert_eq!(c.tenant.target().expect("target").host, "x");
     }
 }
+
+#[test]
+fn capture_and_apply_nodes_serve_several_tenants_a_capture_node_one_slot_each() {
+    let split = |mode: &str, line: &str| {
+        NODE.replacen(
+            "[monitoring]",
+            &format!("[encryption]\nkey_file = \"/k\"\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"/c\"\ncert_file = \"/c\"\nkey_file = \"/k\"\n[monitoring]"),
+            1,
+        )
+    };
+    let capture = split("capture", "apply_url = \"https://apply:8443\"")
+        .replace(
+            "target_connection = \"postgresql://w:pw@eu:5432/acme\"\n",
+            "",
+        )
+        .replace(
+            "target_connection = \"postgresql://w:pw@us:5432/globex\"\n",
+            "",
+        );
+    let all = Config::node_from_toml(&capture, "node.toml", no_env).expect("valid");
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|c| !c.tenant.is_shared()));
+    // One slot for both: a capture node does not share a slot yet.
+    let e = Config::node_from_toml(
+        &capture
+            .replace("globex_slot", "acme_slot")
+            .replace("globex_pub", "acme_pub"),
+        "node.toml",
+        no_env,
+    )
+    .expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("a capture node reads a slot of its own"),
+        "{e}"
+    );
+    // An apply node reads no slot: a slot named at the top is no sharing.
+    let apply = split("apply", "listen_address = \"0.0.0.0:8443\"")
+        .replace(
+            "source_connection = \"postgresql://rep:pw@source:5432/production\"\n",
+            "",
+        )
+        .replace("globex_slot", "acme_slot")
+        .replace("globex_pub", "acme_pub");
+    let all = Config::node_from_toml(&apply, "node.toml", no_env).expect("valid");
+    assert!(all.iter().all(|c| !c.tenant.is_shared()));
+}

@@ -40,15 +40,18 @@ use crate::transport::codec::Decoder;
 use crate::transport::server::{BatchService, Refusal};
 use crate::transport::{BatchResponse, RemoteProgress, SessionRequest, SessionResponse};
 
-/// Serves the tenants of its configuration.
+/// Serves the tenants registered with it, on one listener: each request
+/// names its tenant (`/v1/tenants/{tenant}/…`), and each tenant has its own
+/// configuration (target, key, conflict strategy), session and telemetry.
 pub struct ApplyNode {
-    config: Arc<Config>,
-    keys: Arc<dyn KeyProvider>,
-    dictionary: Option<Arc<seal::Dictionary>>,
-    tenants: HashMap<String, Tenant>,
+    request_timeout: std::time::Duration,
+    tenants: std::sync::RwLock<HashMap<String, Arc<Tenant>>>,
 }
 
 struct Tenant {
+    config: Arc<Config>,
+    keys: Arc<dyn KeyProvider>,
+    dictionary: Option<Arc<seal::Dictionary>>,
     state: Mutex<TenantState>,
     /// Woken after each batch: a batch that arrived before its predecessor
     /// (the capture node keeps two on the wire, on two connections) waits.
@@ -144,8 +147,8 @@ impl Source for Shipped {
     }
 }
 
-/// Run the apply node until shutdown.
-pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemetry>) -> Result<()> {
+/// A tenant's keys, dictionary and telemetry, ready to be served.
+fn tenant_entry(config: &Arc<Config>, tel: Arc<TenantTelemetry>) -> Result<Arc<Tenant>> {
     let t = &config.tenant;
     let key_path = config.seal.key_path.as_deref().ok_or_else(|| {
         ReplicationError::operator(
@@ -159,50 +162,125 @@ pub async fn run(config: Arc<Config>, shutdown: Shutdown, tel: Arc<TenantTelemet
         .seal
         .compression()
         .map_err(|e| ReplicationError::operator(e, "point it at a readable file"))?;
-    let tls = crate::transport::tls::server_config(&config.transport)?;
+    Ok(Arc::new(Tenant {
+        config: config.clone(),
+        keys: Arc::new(keys),
+        dictionary: compression.dictionary,
+        state: Mutex::new(TenantState::default()),
+        progressed: Notify::new(),
+        tel,
+    }))
+}
+
+/// The node's listener on `[transport] listen_address`.
+fn bind(config: &Config) -> Result<std::net::TcpListener> {
     let addr = config.transport.listen_address.ok_or_else(|| {
         ReplicationError::operator(
             "[transport] listen_address is not set",
             "set listen_address = \"0.0.0.0:8443\"",
         )
     })?;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        ReplicationError::operator(
-            format!("cannot listen on {addr}: {e}"),
-            "choose a free [transport] listen_address, or stop what uses it",
-        )
-    })?;
-    let node = Arc::new(ApplyNode {
-        config: config.clone(),
-        keys: Arc::new(keys),
-        dictionary: compression.dictionary,
-        tenants: [(
-            t.tenant_id.clone(),
-            Tenant {
-                state: Mutex::new(TenantState::default()),
-                progressed: Notify::new(),
-                tel: tel.clone(),
-            },
-        )]
-        .into_iter()
-        .collect(),
-    });
-    tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        tenants = node.tenants.len(),
-        "apply node: waiting for capture nodes (TLS 1.3, client certificates required)"
-    );
-    tel.set_state(State::WaitingForCapture);
-    crate::transport::server::serve(listener, tls, node.clone(), shutdown).await;
-    for (tenant, entry) in &node.tenants {
-        let mut state = entry.state.lock().await;
-        if let Some(active) = state.session.take() {
-            // Batches commit when they end between source transactions;
-            // what is open here is an unfinished source transaction.
-            let (capture_node, last_sequence) = (active.capture_node.clone(), active.last_sequence);
-            active.end().await;
-            tracing::info!(%tenant, %capture_node, last_sequence, "replication_stop: apply node stopped");
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| {
+            ReplicationError::operator(
+                format!("cannot listen on {addr}: {e}"),
+                "choose a free [transport] listen_address, or stop what uses it",
+            )
+        })?;
+    Ok(listener)
+}
+
+/// An apply node serving several tenants of one node file: its listener
+/// runs on the runtime it was started from, tenants register and leave
+/// while it serves (their pipelines' lifetimes).
+pub struct SharedApplyNode {
+    node: Arc<ApplyNode>,
+    stop: watch::Sender<bool>,
+    served: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SharedApplyNode {
+    /// Bind `[transport] listen_address` of `config` (the node's section,
+    /// the same for every tenant) and serve, with no tenant yet.
+    pub fn start(config: &Config) -> Result<Self> {
+        let tls = crate::transport::tls::server_config(&config.transport)?;
+        let listener = tokio::net::TcpListener::from_std(bind(config)?)
+            .map_err(|e| ReplicationError::Internal(format!("the apply node's listener: {e}")))?;
+        let node = Arc::new(ApplyNode {
+            request_timeout: config.transport.request_timeout,
+            tenants: std::sync::RwLock::new(HashMap::new()),
+        });
+        tracing::info!(
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "apply node: waiting for capture nodes (TLS 1.3, client certificates required)"
+        );
+        let (stop, stopped) = watch::channel(false);
+        let served = tokio::spawn(crate::transport::server::serve(
+            listener,
+            tls,
+            node.clone(),
+            stopped,
+        ));
+        Ok(Self {
+            node,
+            stop,
+            served: std::sync::Mutex::new(Some(served)),
+        })
+    }
+
+    /// Stop serving (after every tenant left).
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(served) = served {
+            let _ = served.await;
         }
+    }
+}
+
+/// Run one tenant of an apply node until shutdown: registered with the
+/// node's shared listener when there is one, otherwise on a listener of
+/// its own (a node file of one tenant).
+pub async fn run(
+    config: Arc<Config>,
+    shared: Option<Arc<SharedApplyNode>>,
+    mut shutdown: Shutdown,
+    tel: Arc<TenantTelemetry>,
+) -> Result<()> {
+    let tenant = config.tenant.tenant_id.clone();
+    let entry = tenant_entry(&config, tel.clone())?;
+    let own = match &shared {
+        Some(_) => None,
+        None => Some(SharedApplyNode::start(&config)?),
+    };
+    let node = shared
+        .as_ref()
+        .map(|s| &s.node)
+        .or(own.as_ref().map(|o| &o.node))
+        .cloned()
+        .ok_or_else(|| ReplicationError::Internal("no apply node".into()))?;
+    node.tenants
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(tenant.clone(), entry.clone());
+    tel.set_state(State::WaitingForCapture);
+    let _ = shutdown.wait_for(|s| *s).await;
+    node.tenants
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&tenant);
+    let mut state = entry.state.lock().await;
+    if let Some(active) = state.session.take() {
+        // Batches commit when they end between source transactions;
+        // what is open here is an unfinished source transaction.
+        let (capture_node, last_sequence) = (active.capture_node.clone(), active.last_sequence);
+        active.end().await;
+        tracing::info!(%tenant, %capture_node, last_sequence, "replication_stop: apply node stopped");
+    }
+    drop(state);
+    if let Some(own) = own {
+        own.stop().await;
     }
     Ok(())
 }
@@ -216,16 +294,31 @@ impl ApplyNode {
     /// client certificate (plaintext, no certificate, another CA).
     pub fn refused_connection(&self, peer: &str, reason: &str) {
         tracing::warn!(%peer, %reason, error_type = "transport_tls", "refused a connection");
-        for t in self.tenants.values() {
+        for t in self.served() {
             t.tel.refused("transport_tls", reason);
         }
     }
 
-    fn tenant(&self, tenant: &str) -> Result<&Tenant, Refusal> {
-        self.tenants.get(tenant).ok_or_else(|| {
+    fn served(&self) -> Vec<Arc<Tenant>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn tenant(&self, tenant: &str) -> Result<Arc<Tenant>, Refusal> {
+        let found = self
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned();
+        found.ok_or_else(|| {
             tracing::warn!(%tenant, error_type = "unknown_tenant", "refused a request for a tenant this node does not serve");
             // Counted on the tenants this node serves (never a label chosen by the caller).
-            for t in self.tenants.values() {
+            for t in self.served() {
                 t.tel.refused("unknown_tenant", "a request for a tenant this node does not serve");
             }
             Refusal::new(
@@ -238,7 +331,7 @@ impl ApplyNode {
 
     /// `[transport] request_timeout_seconds`.
     pub fn request_timeout(&self) -> std::time::Duration {
-        self.config.transport.request_timeout
+        self.request_timeout
     }
 
     /// Start a session: connect the target, read the tenant's progress.
@@ -250,7 +343,7 @@ impl ApplyNode {
         let entry = self.tenant(tenant)?;
         // Checked before the current session is touched: a refused request
         // (a wrong source, a client probing) leaves it streaming.
-        let (target, progress) = match self.check_session(tenant, &req).await {
+        let (target, progress) = match self.check_session(&entry, tenant, &req).await {
             Ok(accepted) => accepted,
             Err(e) => {
                 let streaming = entry.state.lock().await.session.is_some();
@@ -280,7 +373,7 @@ impl ApplyNode {
             old.end().await;
         }
         let active = self
-            .activate(tenant, &req, target, progress.as_ref(), entry.tel.clone())
+            .activate(&entry, tenant, &req, target, progress.as_ref())
             .await
             .map_err(|e| {
                 entry.tel.failed(&e, true);
@@ -318,12 +411,13 @@ impl ApplyNode {
     /// source is the one the target's progress came from).
     async fn check_session(
         &self,
+        entry: &Tenant,
         tenant: &str,
         req: &SessionRequest,
     ) -> Result<(tokio_postgres::Client, Option<progress::Progress>)> {
-        let t = &self.config.tenant;
+        let t = &entry.config.tenant;
         let app = format!("heliosdb-tenant-replication/{tenant} apply");
-        let target = pg::connect(t.target()?, &self.config.network, Side::Target, &app).await?;
+        let target = pg::connect(t.target()?, &entry.config.network, Side::Target, &app).await?;
         crate::apply::tracking::ensure_schema(&target).await?;
         let recorded = progress::load(&target, tenant).await?;
         if let Some(p) = &recorded {
@@ -342,19 +436,21 @@ impl ApplyNode {
     /// tenant's replication origin), running in a task of its own.
     async fn activate(
         &self,
+        entry: &Tenant,
         tenant: &str,
         req: &SessionRequest,
         target: tokio_postgres::Client,
         recorded: Option<&progress::Progress>,
-        tel: Arc<TenantTelemetry>,
     ) -> Result<Active> {
-        let t = &self.config.tenant;
+        let config = &entry.config;
+        let tel = entry.tel.clone();
+        let t = &config.tenant;
         let identity = ApplyIdentity {
             tenant: tenant.to_string(),
             tenant_column: t.tenant_column.clone(),
             slot: req.slot.clone(),
             source_system_id: req.source_system_id.clone(),
-            conflict: self.config.conflict.clone(),
+            conflict: config.conflict.clone(),
             lane: None,
         };
         let applier = Applier::new(
@@ -362,14 +458,10 @@ impl ApplyNode {
             SourceCatalog::Shipped(HashMap::new()),
             t.schema_changes,
             identity.clone(),
-            self.config.batch.batch_size,
+            config.batch.batch_size,
         )
         .await?;
-        let streams = Streams::new(lane_opener(
-            self.config.clone(),
-            identity,
-            LaneCatalog::Shipped,
-        ));
+        let streams = Streams::new(lane_opener(config.clone(), identity, LaneCatalog::Shipped));
         let end = recorded.map(|p| p.end_lsn).unwrap_or_default();
         let mut driver = Driver::new(
             applier,
@@ -379,7 +471,7 @@ impl ApplyNode {
             end,
             end,
         )
-        .paced(self.config.batch.max_events_per_sec);
+        .paced(config.batch.max_events_per_sec);
         if let Some(p) = recorded {
             driver.set_converge_until(p.converge_until);
         }
@@ -423,7 +515,7 @@ impl ApplyNode {
         envelope: Bytes,
     ) -> Result<BatchResponse, Refusal> {
         let entry = self.tenant(tenant)?;
-        let answer = self.apply_in_turn(entry, tenant, session, envelope).await;
+        let answer = self.apply_in_turn(&entry, tenant, session, envelope).await;
         if answer.is_err() {
             entry.state.lock().await.refusals += 1;
         }
@@ -445,8 +537,8 @@ impl ApplyNode {
             &envelope,
             tenant,
             None,
-            self.keys.as_ref(),
-            self.dictionary.as_deref(),
+            entry.keys.as_ref(),
+            entry.dictionary.as_deref(),
         )
         .map_err(|e| {
             tel.refused(e.error_type(), &e.to_string());
@@ -557,7 +649,7 @@ impl ApplyNode {
         session: &str,
         sequence: u64,
     ) -> Result<MutexGuard<'a, TenantState>, Refusal> {
-        let deadline = tokio::time::Instant::now() + self.config.transport.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
         let mut refusals = None;
         loop {
             // Registered before looking, so no wake-up between is missed.

@@ -87,6 +87,24 @@ pub fn spawn_tenant(
     shutdown: Shutdown,
     telemetry: Arc<Telemetry>,
 ) -> Result<Pipeline> {
+    spawn_tenant_of(config, NodeShared { hub, apply: None }, shutdown, telemetry)
+}
+
+/// What a node's tenants share: the hub of their slot (shared decode), the
+/// apply node's listener (tenants of an apply node).
+#[derive(Clone, Default)]
+pub struct NodeShared {
+    pub hub: Option<hub::HubHandle>,
+    pub apply: Option<Arc<apply_node::SharedApplyNode>>,
+}
+
+/// [`spawn_tenant`] with everything the node shares.
+pub fn spawn_tenant_of(
+    config: Arc<Config>,
+    shared: NodeShared,
+    shutdown: Shutdown,
+    telemetry: Arc<Telemetry>,
+) -> Result<Pipeline> {
     let (tx, done) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -95,25 +113,23 @@ pub fn spawn_tenant(
     std::thread::Builder::new()
         .name(format!("pipeline {}", config.tenant.tenant_id))
         .spawn(move || {
-            let result = runtime.block_on(run_tenant(config, hub, shutdown, telemetry));
+            let result = runtime.block_on(run_tenant(config, shared, shutdown, telemetry));
             let _ = tx.send(result);
         })
         .map_err(|e| ReplicationError::Internal(format!("starting the pipeline's thread: {e}")))?;
     Ok(Pipeline { done })
 }
 
-/// Run one tenant until shutdown or an error a person must fix.
-/// `hub`: the tenant shares its slot and reads it through this hub.
 pub async fn run_tenant(
     config: Arc<Config>,
-    hub: Option<hub::HubHandle>,
+    shared: NodeShared,
     mut shutdown: Shutdown,
     telemetry: Arc<Telemetry>,
 ) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let tel = telemetry.tenant(&tenant);
     tel.m.conflict_strategy(config.conflict.strategy.name());
-    let result = run_sessions(&config, hub.as_ref(), &mut shutdown, &tel).await;
+    let result = run_sessions(&config, &shared, &mut shutdown, &tel).await;
     match &result {
         Ok(()) => tel.set_state(State::Stopped),
         Err(e) => tel.failed(e, false),
@@ -123,16 +139,25 @@ pub async fn run_tenant(
 
 async fn run_sessions(
     config: &Arc<Config>,
-    hub: Option<&hub::HubHandle>,
+    shared: &NodeShared,
     shutdown: &mut Shutdown,
     tel: &Arc<TenantTelemetry>,
 ) -> Result<()> {
+    let hub = shared.hub.as_ref();
     let tenant = config.tenant.tenant_id.clone();
     let net = &config.network;
     let mut capture = match config.transport.mode {
         Mode::Local => None,
         Mode::Capture => Some(capture_node::CaptureContext::new(config)?),
-        Mode::Apply => return apply_node::run(config.clone(), shutdown.clone(), tel.clone()).await,
+        Mode::Apply => {
+            return apply_node::run(
+                config.clone(),
+                shared.apply.clone(),
+                shutdown.clone(),
+                tel.clone(),
+            )
+            .await
+        }
     };
     let mut failures: u32 = 0;
     loop {

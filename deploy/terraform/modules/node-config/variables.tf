@@ -1,5 +1,5 @@
 variable "mode" {
-  description = "local (capture and apply in one process, one or many tenants), capture or apply (the halves of a split deployment, one tenant each)."
+  description = "local (capture and apply in one process, one or many tenants), capture or apply (the halves of a split deployment; a capture node's tenants each name their own replication_slot)."
   type        = string
   default     = "local"
   validation {
