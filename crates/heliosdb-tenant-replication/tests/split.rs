@@ -953,7 +953,9 @@ async fn an_apply_url_that_is_not_an_apply_node_is_named() {
 /// lists the same two on one listener, each with its own key. Both tenants
 /// replicate, an apply node killed with `kill -9` loses and doubles
 /// nothing for either, each node's `/health` shows both, and a third
-/// tenant's rows reach neither node's target.
+/// tenant's rows reach neither node's target. A tenant the apply node does
+/// not list is refused; added to its file by a reload it streams, removed
+/// by another it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
     let env = Env::new(SCHEMA).await;
@@ -970,9 +972,10 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
         ("tenant-456", "tenant_456", &keys[1]),
     ];
     let port = pgcluster::free_port().expect("port");
-    let entries = |with_slot: bool| -> String {
+    let entries = |with_slot: bool, only: Option<&str>| -> String {
         tenants
             .iter()
+            .filter(|(id, _, _)| only.is_none_or(|o| o == *id))
             .map(|(id, slot, key)| {
                 let cdc = if with_slot {
                     format!("[tenants.cdc]\nreplication_slot = \"{slot}_slot\"\npublication_name = \"{slot}_pub\"\n")
@@ -1001,7 +1004,7 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
             "[replication]\ntarget_connection = \"{}\"\n",
             env.target.superuser_url("app")
         ),
-    ) + &entries(true)
+    ) + &entries(true, None)
         .replace(
             &format!(
                 "[tenants.encryption]\nkey_file = \"{}\"\n",
@@ -1025,9 +1028,9 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
             &capture_cert,
             &format!("apply_url = \"https://127.0.0.1:{port}\""),
         )
-        + &entries(true);
+        + &entries(true, None);
     let capture = env.write_config("capture.toml", &capture);
-    let apply = without(&env.node_file_top(), "source_connection").replace(
+    let apply_top = without(&env.node_file_top(), "source_connection").replace(
         "[replication]\n",
         &format!(
             "[replication]\ntarget_connection = \"{}\"\n",
@@ -1037,8 +1040,12 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
         "apply",
         &apply_cert,
         &format!("listen_address = \"127.0.0.1:{port}\""),
-    ) + &entries(false);
-    let apply = env.write_config("apply.toml", &apply);
+    );
+    // The apply node starts with tenant-123 only.
+    let apply = env.write_config(
+        "apply.toml",
+        &(apply_top.clone() + &entries(false, Some("tenant-123"))),
+    );
 
     let src = env.src().await;
     src.batch_execute(
@@ -1051,6 +1058,35 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
     let mut apply_node = start(&apply, &env, "apply");
     let capture_node = start(&capture, &env, "capture");
     let dst = env.dst().await;
+    // tenant-456 is not served yet: its capture node is refused and the
+    // tenant stops alone (a person adds it to the apply node).
+    wait_for_log(
+        &capture_node,
+        "is not served by this apply node",
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "tenant-123 equal", || async {
+        let mut all = true;
+        for table in TABLES {
+            all &= tenant_digest(&src, table, "tenant-123").await
+                == tenant_digest(&dst, table, "tenant-123").await;
+        }
+        all
+    })
+    .await;
+    assert_eq!(tenant_count(&dst, "accounts", "tenant-456").await, 0);
+    // Added to the apply node by a reload; the capture node's stopped
+    // tenant starts again with its reload.
+    std::fs::write(&apply, apply_top.clone() + &entries(false, None)).expect("apply file");
+    apply_node.reload();
+    wait_for_log(
+        &apply_node,
+        "tenant added: streaming",
+        Duration::from_secs(30),
+    )
+    .await;
+    capture_node.reload();
     let equal = |tenant: &'static str| {
         let (src, dst) = (&src, &dst);
         async move {
@@ -1098,6 +1134,21 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
             "{body}"
         );
     }
+    // Removed from the apply node: it stops serving the tenant and leaves
+    // the slot to the capture side.
+    std::fs::write(&apply, apply_top + &entries(false, Some("tenant-456"))).expect("apply file");
+    apply_node.reload();
+    wait_for_log(
+        &apply_node,
+        "tenant removed from the apply node",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        !apply_node.log().contains("could not be dropped"),
+        "{}",
+        apply_node.log()
+    );
     for mut node in [capture_node, apply_node] {
         let (status, _) = node.terminate();
         assert!(status.success(), "{}", node.log());

@@ -291,6 +291,12 @@ impl Node {
         if hub.is_some() && remaining.is_empty() {
             self.hubs.remove(&key);
         }
+        if config.transport.mode == crate::config::Mode::Apply {
+            // An apply node reads no slot; the tenant's capture node, or a
+            // one-process file, lets go of it.
+            tracing::info!(%tenant, "tenant removed from the apply node; its rows and progress stay on the target");
+            return;
+        }
         tokio::spawn(async move {
             if let Some(hub) = hub {
                 if let Err(e) = hub.unregister(&tenant).await {
@@ -403,10 +409,10 @@ impl Node {
             // A slot read alone by a running tenant cannot be shared
             // without restarting that tenant on a hub.
             let key = config.tenant.slot_key();
-            let alone = self
-                .running
-                .values()
-                .find(|(c, _)| c.tenant.slot_key() == key && !self.hubs.contains_key(&key));
+            let local = config.transport.mode == crate::config::Mode::Local;
+            let alone = self.running.values().find(|(c, _)| {
+                local && c.tenant.slot_key() == key && !self.hubs.contains_key(&key)
+            });
             if let Some((c, _)) = alone {
                 tracing::error!(%tenant, slot = %config.tenant.slot, "SIGHUP: tenant not added: tenant '{}' reads this slot alone; restart the node to share the slot, or give the new tenant its own replication_slot", c.tenant.tenant_id);
                 self.adding.remove(&tenant);
@@ -420,8 +426,16 @@ impl Node {
                     continue;
                 }
             };
-            tracing::info!(%tenant, "SIGHUP: tenant added to the configuration: provisioning it (publication, slot, copy of its rows) while the others stream");
             let (config, added) = (Arc::new(config), added.clone());
+            if !local {
+                // A capture or apply node's tenant is provisioned once where
+                // both databases are reachable (`init` with a one-process
+                // file), as at the first start.
+                tracing::info!(%tenant, "SIGHUP: tenant added to the configuration: starting it while the others stream");
+                let _ = added.send((tenant, Some(config)));
+                continue;
+            }
+            tracing::info!(%tenant, "SIGHUP: tenant added to the configuration: provisioning it (publication, slot, copy of its rows) while the others stream");
             tokio::spawn(async move {
                 // A shared slot holds for the tenant before its rows are
                 // published and copied: nothing after the copy is released
