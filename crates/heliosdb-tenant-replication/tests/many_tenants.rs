@@ -491,3 +491,89 @@ async fn a_watched_file_changed_like_a_config_map_adds_a_tenant_without_a_signal
     let (status, _) = daemon.terminate();
     assert_eq!(status.code(), Some(0), "{}", daemon.log());
 }
+
+/// A reload that changes a running tenant's own settings restarts that
+/// tenant with them while the others stream; a change of the node's own
+/// sections is named as needing a node restart, and restarts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_restarts_a_tenant_whose_settings_changed_and_only_that_one() {
+    let env = two_targets().await;
+    let src = env.src().await;
+    for (tenant, _) in SERVED {
+        write(&src, tenant, 1, 100).await;
+    }
+    let node = node_file(&env);
+    env.init(&node);
+    let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
+    let (metrics_port, _) = monitoring_ports(&node);
+    wait_until(Duration::from_secs(60), "all tenants stream", || {
+        all_equal(&env)
+    })
+    .await;
+
+    // t-2 takes another conflict strategy: a section of its entry, before
+    // its [tenants.cdc].
+    let text = std::fs::read_to_string(&node).expect("file");
+    let at = text.find("tenant_id = \"t-2\"").expect("t-2");
+    let cdc = at + text[at..].find("[tenants.cdc]").expect("cdc");
+    let changed = format!(
+        "{}[tenants.conflict]\nresolution_strategy = \"LastWriteWins\"\n{}",
+        &text[..cdc],
+        &text[cdc..]
+    );
+    std::fs::write(&node, &changed).expect("rewrite");
+    daemon.reload();
+    wait_for_log(
+        &daemon,
+        "tenant restarted with its new settings",
+        Duration::from_secs(30),
+    )
+    .await;
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("tenant restarted with its new settings")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("restarting it with them") && log.contains("t-2"),
+        "{log}"
+    );
+    write(&src, "t-1", 1000, 50).await;
+    write(&src, "t-2", 1000, 50).await;
+    wait_until(Duration::from_secs(60), "all tenants stream", || {
+        all_equal(&env)
+    })
+    .await;
+    let (_, metrics) = http_get(metrics_port, "/metrics").await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("tenant_id=\"t-2\"") && l.contains("strategy=\"LastWriteWins\"")),
+        "{metrics}"
+    );
+
+    // A node section: named, nothing restarted.
+    std::fs::write(
+        &node,
+        changed.replace("batch_timeout_ms = 50", "batch_timeout_ms = 70"),
+    )
+    .expect("rewrite");
+    daemon.reload();
+    wait_for_log(
+        &daemon,
+        "take effect when the node restarts",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        daemon
+            .log()
+            .matches("tenant restarted with its new settings")
+            .count(),
+        1
+    );
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}

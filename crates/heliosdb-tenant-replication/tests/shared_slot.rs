@@ -831,3 +831,65 @@ async fn a_slow_tenant_spills_and_then_pauses_while_the_others_go_on() {
     .await;
     assert_eq!(walsenders(&src).await, 1);
 }
+
+/// A tenant of a shared slot whose own settings change on reload restarts
+/// alone: it leaves the slot's stream and joins it again where its target
+/// stands, the others stream on, nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_slot_tenant_restarted_by_a_reload_loses_and_doubles_nothing() {
+    let env = two_targets().await;
+    let src = env.src().await;
+    let served = tenants(3);
+    for (t, _) in &served {
+        rows(&src, t, 1, 200).await;
+    }
+    let node = shared_node_file(&env, &served, "");
+    env.init(&node);
+    let mut daemon = Daemon::start(&node, &env.dir.path().join("node.log"));
+    wait_until(Duration::from_secs(60), "all equal", || async {
+        first_unequal(&env, &served).await.is_none()
+    })
+    .await;
+    // s-01 gets a conflict strategy of its own while all three write.
+    let text = std::fs::read_to_string(&node).expect("file");
+    let at = text.find("tenant_id = \"s-01\"\n").expect("s-01");
+    // After its entry's [tenants.replication] keys (tenant id, target).
+    let end = at + text[at..].find("target_connection").expect("target");
+    let end = end + text[end..].find('\n').expect("line") + 1;
+    let changed = format!(
+        "{}[tenants.conflict]\nresolution_strategy = \"TargetPreferred\"\n{}",
+        &text[..end],
+        &text[end..]
+    );
+    assert_ne!(text, changed);
+    let writer = {
+        let src = env.src().await;
+        let served = served.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                for (t, _) in &served {
+                    rows(&src, t, 1000 + round * 50, 50).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    std::fs::write(&node, changed).expect("rewrite");
+    daemon.reload();
+    wait_for_log(
+        &daemon,
+        "tenant restarted with its new settings",
+        Duration::from_secs(30),
+    )
+    .await;
+    writer.await.expect("writer");
+    wait_until(
+        Duration::from_secs(60),
+        "all equal after the restart",
+        || async { first_unequal(&env, &served).await.is_none() },
+    )
+    .await;
+    assert_eq!(walsenders(&src).await, 1, "{}", daemon.log());
+    let (status, _) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+}

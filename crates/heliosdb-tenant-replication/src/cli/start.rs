@@ -69,6 +69,7 @@ async fn run_node(
     let mut node = Node {
         running: HashMap::new(),
         removing: HashMap::new(),
+        restarting: HashMap::new(),
         adding: HashSet::new(),
         served,
         telemetry,
@@ -143,6 +144,8 @@ struct Node {
     running: HashMap<String, (Arc<Config>, tokio::sync::watch::Sender<bool>)>,
     /// Tenants being stopped because a reload removed them.
     removing: HashMap<String, Arc<Config>>,
+    /// Tenants being stopped to start again with changed settings.
+    restarting: HashMap<String, Arc<Config>>,
     /// Tenants being provisioned before they start.
     adding: HashSet<String>,
     served: crate::telemetry::NodeTenants,
@@ -242,8 +245,10 @@ impl Node {
             let _ = done_tx.send((id, pipeline.await));
         });
         let mut served = self.served.write().unwrap_or_else(|p| p.into_inner());
-        if !served.iter().any(|c| c.tenant.tenant_id == tenant) {
-            served.push(config.clone());
+        // Restarted with new settings: served with them, in its place.
+        match served.iter_mut().find(|c| c.tenant.tenant_id == tenant) {
+            Some(c) => *c = config.clone(),
+            None => served.push(config.clone()),
         }
         drop(served);
         // Started again (a reload after it stopped): its failure is over.
@@ -333,6 +338,22 @@ impl Node {
     /// or stopped by an error (the others go on).
     fn ended(&mut self, tenant: String, result: crate::error::Result<()>) {
         self.running.remove(&tenant);
+        if let Some(config) = self.restarting.remove(&tenant) {
+            if let Err(e) = &result {
+                tracing::warn!(%tenant, "stopped to take its new settings, with an error: {e}");
+            }
+            match self.spawn(config) {
+                Ok(()) => {
+                    self.audit("tenant_restarted", &tenant);
+                    tracing::info!(%tenant, "tenant restarted with its new settings");
+                }
+                Err(e) => {
+                    tracing::error!(%tenant, "tenant not restarted with its new settings: {e}");
+                    self.failed.push((tenant, exit_for(&e)));
+                }
+            }
+            return;
+        }
         if let Some(config) = self.removing.remove(&tenant) {
             self.forget(config);
             return;
@@ -396,10 +417,29 @@ impl Node {
         }
         for config in configs {
             let tenant = config.tenant.tenant_id.clone();
-            if let Some((running, _)) = self.running.get(&tenant) {
-                if running.render_masked() != config.render_masked() {
-                    tracing::warn!(%tenant, "SIGHUP: this tenant's settings changed; they take effect when the node restarts");
+            if let Some((running, stop)) = self.running.get(&tenant) {
+                let changed_sections = sections_changed(running, &config);
+                if changed_sections.is_empty() || self.restarting.contains_key(&tenant) {
+                    continue;
                 }
+                let node_wide: Vec<&String> = changed_sections
+                    .iter()
+                    .filter(|s| NODE_SECTIONS.contains(&s.as_str()))
+                    .collect();
+                let structural = running.tenant.slot_key() != config.tenant.slot_key()
+                    || running.tenant.publication != config.tenant.publication
+                    || running.tenant.tenant_column != config.tenant.tenant_column;
+                if !node_wide.is_empty() || structural {
+                    tracing::warn!(%tenant, sections = ?node_wide, "SIGHUP: settings changed that take effect when the node restarts (the node's sections, or the tenant's slot, publication or tenant column)");
+                    continue;
+                }
+                // Its own settings (target, conflict strategy, key, batch
+                // size, …): the tenant stops where it stands and starts
+                // again with them; its progress is in its target.
+                tracing::info!(%tenant, sections = ?changed_sections, "SIGHUP: this tenant's settings changed: restarting it with them while the others stream");
+                let _ = stop.send(true);
+                self.restarting.insert(tenant, Arc::new(config));
+                changed += 1;
                 continue;
             }
             if !self.adding.insert(tenant.clone()) {
@@ -600,4 +640,25 @@ pub(super) async fn start_telemetry(
         crate::telemetry::server::start(served.clone(), telemetry.clone(), shutdown).await?;
     }
     Ok(telemetry)
+}
+
+/// The node's sections: the same for every tenant of a file, read by the
+/// node's listeners and runtime at start.
+const NODE_SECTIONS: [&str; 5] = [
+    "monitoring",
+    "performance",
+    "network",
+    "transport",
+    "features",
+];
+
+/// The sections (of the effective configuration) in which `a` and `b` differ.
+fn sections_changed(a: &Config, b: &Config) -> Vec<String> {
+    let parse = |c: &Config| toml::from_str::<toml::Table>(&c.render_masked()).unwrap_or_default();
+    let (a, b) = (parse(a), parse(b));
+    let mut names: Vec<String> = a.keys().chain(b.keys()).cloned().collect();
+    names.sort();
+    names.dedup();
+    names.retain(|n| a.get(n) != b.get(n));
+    names
 }
