@@ -206,3 +206,89 @@ async fn the_retry_back_off_starts_anew_after_a_session_that_made_progress() {
     env.target.start_again().expect("start target");
     wait_tenant_equal(&env, &TABLES, Duration::from_secs(60), &daemon).await;
 }
+
+/// A tenant id the tenant column's type writes differently (a uuid in
+/// capitals, an integer with leading zeros) matches in SQL and in the row
+/// filter but would never match the text rows are routed by: refused at
+/// `init` and `start`, naming the form to write; in that form it replicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_id_the_column_type_writes_differently_is_refused_with_its_form() {
+    let schema = "CREATE TABLE docs(tenant_id uuid, id bigint, body text, PRIMARY KEY (tenant_id, id));
+                  CREATE TABLE counters(tenant_id int, id bigint, n int, PRIMARY KEY (tenant_id, id));";
+    let env = Env::new(schema).await;
+    let upper = "0E984725-C51C-4BF4-9960-E1C80E27ABA0";
+    let lower = upper.to_lowercase();
+    env.src()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO docs SELECT '{upper}', g, 'b' FROM generate_series(1, 20) g;
+             INSERT INTO docs SELECT gen_random_uuid(), g, 'other' FROM generate_series(1, 5) g;"
+        ))
+        .await
+        .expect("rows");
+    env.src()
+        .await
+        .batch_execute("DROP TABLE counters")
+        .await
+        .expect("drop");
+    env.dst()
+        .await
+        .batch_execute("DROP TABLE counters")
+        .await
+        .expect("drop");
+    let config = env.write_config("uuid.toml", &env.config_text("").replace(TENANT, upper));
+    let refused = [
+        format!("written '{lower}'"),
+        format!("tenant_id = '{lower}'"),
+    ];
+    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    assert_fails(&config, &["init"], 3, &refused);
+    // A slot and publication made by hand with that id: `start` refuses too.
+    let src = env.src().await;
+    for sql in [
+        format!("CREATE PUBLICATION tenant_123_pub FOR TABLE docs WHERE (tenant_id = '{upper}')"),
+        "SELECT pg_create_logical_replication_slot('tenant_123_slot', 'pgoutput')".to_string(),
+    ] {
+        src.batch_execute(&sql).await.expect("by hand");
+    }
+    assert_fails(&config, &["start"], 3, &refused);
+    for sql in [
+        "DROP PUBLICATION tenant_123_pub",
+        "SELECT pg_drop_replication_slot('tenant_123_slot')",
+    ] {
+        src.batch_execute(sql).await.expect("drop");
+    }
+    let config = env.write_config("uuid.toml", &env.config_text("").replace(TENANT, &lower));
+    env.init(&config);
+    let daemon = env.start_daemon(&config);
+    env.src()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO docs VALUES ('{lower}', 100, 'after')"
+        ))
+        .await
+        .expect("row");
+    wait_until(Duration::from_secs(30), "the tenant's rows", || async {
+        env.dst()
+            .await
+            .query_one("SELECT count(*) FROM docs", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 21)
+            .unwrap_or(false)
+    })
+    .await;
+    drop(daemon);
+
+    // An integer column: '007' is written 7.
+    let env = Env::new(
+        "CREATE TABLE counters(tenant_id int, id bigint, n int, PRIMARY KEY (tenant_id, id));",
+    )
+    .await;
+    env.src()
+        .await
+        .batch_execute("INSERT INTO counters VALUES (7, 1, 1)")
+        .await
+        .expect("row");
+    let config = env.write_config("int.toml", &env.config_text("").replace(TENANT, "007"));
+    assert_fails(&config, &["init"], 3, &["written '7'"]);
+}

@@ -52,6 +52,10 @@ pub async fn init(config: &Config, copy: bool, resync: bool) -> Result<InitRepor
             "set [cdc] tenant_column to the column that names a row's tenant",
         ));
     }
+    // The tenant id as the source writes it, before anything is created.
+    for table in &tables {
+        preflight::check_tenant_id_form(&source, t, table).await?;
+    }
     let mut problems = Vec::new();
     for table in &tables {
         if let Err(e) = table.check_replica_identity(&t.tenant_column) {

@@ -160,6 +160,9 @@ pub async fn check_source(client: &Client, t: &TenantConfig) -> Result<SourceRep
                 ),
             ));
         }
+        // Before the filter: a filter written with another form of the id
+        // would be reported as missing.
+        check_tenant_id_form(client, t, &table).await?;
         let filtered = filter
             .as_deref()
             .is_some_and(|f| f.contains(&t.tenant_column) && f.contains(&literal));
@@ -261,4 +264,68 @@ pub async fn system_id(client: &Client) -> Result<String> {
         .await
         .map_err(src("reading the system identifier"))?
         .get(0))
+}
+
+/// The tenant id as the source writes it in the table's tenant column must
+/// be the configured one, character for character: a shared slot routes
+/// rows by that text, and a row filter compares the column's type. An id
+/// the type reads differently (a uuid in capitals, an integer with leading
+/// zeros, a `character(n)` column that pads) would match in the filter and
+/// in SQL but never in routing: rows would be lost without a word. Refused
+/// with the form to write instead.
+pub(super) async fn check_tenant_id_form(
+    client: &Client,
+    t: &TenantConfig,
+    table: &SourceTable,
+) -> Result<()> {
+    let ty: Option<String> = client
+        .query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND NOT a.attisdropped",
+            &[&table.schema, &table.name, &t.tenant_column],
+        )
+        .await
+        .map_err(src("reading the tenant column's type"))?
+        .map(|r| r.get(0));
+    let Some(ty) = ty else {
+        return Ok(());
+    };
+    // The simple protocol answers with the type's output function: the
+    // text pgoutput sends for the column.
+    let written = client
+        .simple_query(&format!(
+            "SELECT CAST({} AS {ty})",
+            quote_literal(&t.tenant_id)
+        ))
+        .await;
+    let column = format!("{}.{}", table.display(), t.tenant_column);
+    let written = match written {
+        Ok(messages) => messages.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        }),
+        Err(e) => return Err(ReplicationError::operator(
+            format!(
+                "tenant id '{}' is not a valid {ty}, the type of the tenant column {column}: {}",
+                t.tenant_id,
+                e.as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string())
+            ),
+            "set [replication] tenant_id to a value of the column's type",
+        )),
+    };
+    match written {
+        Some(w) if w != t.tenant_id => Err(ReplicationError::operator(
+            format!(
+                "tenant id '{}' is written '{w}' by the source in the tenant column {column} ({ty}): rows are told apart by that text",
+                t.tenant_id
+            ),
+            format!("set [replication] tenant_id = {}", quote_literal(&w)),
+        )),
+        _ => Ok(()),
+    }
 }

@@ -264,8 +264,9 @@ async fn make_plan(
                 .await
                 .map_err(dst("reading the target table"))?;
             let sql = format!(
-                "SELECT EXISTS (SELECT 1 FROM {rows} WHERE {} = $1::text)",
-                quote_ident(&t.tenant_column)
+                "SELECT EXISTS (SELECT 1 FROM {rows} WHERE {} = {})",
+                quote_ident(&t.tenant_column),
+                tenant_param(target, table, &t.tenant_column).await?
             );
             let has: bool = target
                 .query_one(&sql, &[&t.tenant_id])
@@ -450,9 +451,10 @@ pub async fn resync_tables(
         let own_rows = pg::own_rows(&tx, &table.schema, &table.name)
             .await
             .map_err(dst("reading the target table"))?;
+        let param = tenant_param(&tx, table, &t.tenant_column).await?;
         tx.execute(
             &format!(
-                "DELETE FROM {own_rows} WHERE {} = $1::text",
+                "DELETE FROM {own_rows} WHERE {} = {param}",
                 quote_ident(&t.tenant_column)
             ),
             &[&t.tenant_id],
@@ -516,4 +518,21 @@ async fn wal_insert_position(source: &Client) -> Result<Lsn> {
         .get(0);
     wal.parse()
         .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Internal(e.to_string()))
+}
+
+/// `$1` (the tenant id, text) as a value of the target's tenant column
+/// type, so `column = …` compares in that type (a uuid, an integer) and can
+/// use its index.
+async fn tenant_param(
+    target: &impl tokio_postgres::GenericClient,
+    table: &SourceTable,
+    column: &str,
+) -> Result<String> {
+    let columns = pg::columns(target, &table.schema, &table.name)
+        .await
+        .map_err(dst("reading the target table's columns"))?;
+    Ok(match columns.into_iter().find(|(n, _)| n == column) {
+        Some((_, ty)) => format!("CAST($1::text AS {ty})"),
+        None => "$1::text".to_string(),
+    })
 }
