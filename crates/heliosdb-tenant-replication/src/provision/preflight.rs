@@ -307,16 +307,18 @@ pub(super) async fn check_tenant_id_form(
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
         }),
-        Err(e) => return Err(ReplicationError::operator(
-            format!(
+        Err(e) => {
+            return Err(ReplicationError::operator(
+                format!(
                 "tenant id '{}' is not a valid {ty}, the type of the tenant column {column}: {}",
                 t.tenant_id,
                 e.as_db_error()
                     .map(|d| d.message().to_string())
                     .unwrap_or_else(|| e.to_string())
             ),
-            "set [replication] tenant_id to a value of the column's type",
-        )),
+                "set [replication] tenant_id to a value of the column's type",
+            ))
+        }
     };
     match written {
         Some(w) if w != t.tenant_id => Err(ReplicationError::operator(
