@@ -135,8 +135,8 @@ fn the_values_schema_refuses_what_would_go_wrong() {
         ("config:\n  monitoring: {prometheus_port: 9999}\n", "/config/monitoring"),
         ("mode: capture\n", "/transport/tlsSecret"),
         (
-            "mode: capture\nencryption: {existingSecret: k}\ntransport: {tlsSecret: t, applyUrl: \"https://a:8443\"}\ntenants:\n  - replication: {tenant_id: a}\n",
-            "/tenants/0",
+            "mode: capture\nencryption: {existingSecret: k}\ntransport: {tlsSecret: t, applyUrl: \"http://a:8443\"}\n",
+            "/transport/applyUrl",
         ),
     ];
     for (i, (values, at)) in cases.iter().enumerate() {

@@ -1154,3 +1154,133 @@ async fn capture_and_apply_nodes_serve_several_tenants_each_with_its_own_key() {
         assert!(status.success(), "{}", node.log());
     }
 }
+
+/// A capture node whose tenants share one slot (#20): the source decodes
+/// once (one walsender) for both, the capture node routes each change to
+/// its tenant's shipper and key, the apply node applies both; `kill -9` of
+/// the capture node loses and doubles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capture_node_reads_one_shared_slot_for_its_tenants() {
+    let env = Env::new(SCHEMA).await;
+    let dir = env.dir.path();
+    let ca = pki::ca(dir, "ca");
+    let apply_cert = pki::leaf(dir, &ca, "apply-node", &["DNS:localhost", "IP:127.0.0.1"]);
+    let capture_cert = pki::leaf(dir, &ca, "capture-node", &["DNS:capture.test"]);
+    let port = pgcluster::free_port().expect("port");
+    let tenants = ["tenant-123", "tenant-456"];
+    let keys: Vec<PathBuf> = tenants
+        .iter()
+        .map(|t| key_file(&dir.join(format!("{t}.key"))))
+        .collect();
+    let shared = |top: String| {
+        top.replace(
+            "[cdc]\n",
+            "[cdc]\nreplication_slot = \"node_slot\"\npublication_name = \"node_pub\"\n",
+        )
+    };
+    let entries = |with_keys: bool| -> String {
+        tenants
+            .iter()
+            .zip(&keys)
+            .map(|(t, k)| {
+                let key = if with_keys {
+                    format!("[tenants.encryption]\nkey_file = \"{}\"\n", k.display())
+                } else {
+                    String::new()
+                };
+                format!("\n[[tenants]]\n[tenants.replication]\ntenant_id = \"{t}\"\n{key}")
+            })
+            .collect()
+    };
+    let transport = |mode: &str, pair: &pki::Pair, line: &str| {
+        format!(
+            "\n[transport]\nmode = \"{mode}\"\n{line}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.cert.display(),
+            pair.cert.display(),
+            pair.key.display()
+        )
+    };
+    let with_target = |top: String| {
+        top.replace(
+            "[replication]\n",
+            &format!(
+                "[replication]\ntarget_connection = \"{}\"\n",
+                env.target.superuser_url("app")
+            ),
+        )
+    };
+    let local = env.write_config(
+        "local.toml",
+        &(with_target(shared(env.node_file_top())) + &entries(false)),
+    );
+    env.init(&local);
+    let capture = env.write_config(
+        "capture.toml",
+        &(shared(env.node_file_top())
+            + &transport(
+                "capture",
+                &capture_cert,
+                &format!("apply_url = \"https://127.0.0.1:{port}\""),
+            )
+            + &entries(true)),
+    );
+    let apply = env.write_config(
+        "apply.toml",
+        &(with_target(without(&env.node_file_top(), "source_connection"))
+            + &transport(
+                "apply",
+                &apply_cert,
+                &format!("listen_address = \"127.0.0.1:{port}\""),
+            )
+            + &entries(true)),
+    );
+    let src = env.src().await;
+    let dst = env.dst().await;
+    let both_equal = || async {
+        for t in tenants {
+            for table in TABLES {
+                if tenant_digest(&src, table, t).await != tenant_digest(&dst, table, t).await {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    let apply_node = start(&apply, &env, "apply");
+    let mut capture_node = start(&capture, &env, "capture");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(workload(env.source.superuser_url("app"), 5, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let senders: i64 = src
+        .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+        .await
+        .expect("walsenders")
+        .get(0);
+    assert_eq!(
+        senders,
+        1,
+        "one decode for both tenants: {}",
+        capture_node.log()
+    );
+    capture_node.kill9();
+    capture_node = start(&capture, &env, "capture");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(writer.await.expect("writer") > 5);
+    wait_until(Duration::from_secs(90), "both tenants equal", both_equal).await;
+    // The workload's third tenant is served by no node: none of its rows.
+    for table in TABLES {
+        assert_eq!(tenant_count(&dst, table, "tenant-789").await, 0, "{table}");
+    }
+    assert!(
+        capture_node
+            .log()
+            .contains("streaming from the shared slot to the apply node"),
+        "{}",
+        capture_node.log()
+    );
+    for mut node in [capture_node, apply_node] {
+        let (status, _) = node.terminate();
+        assert!(status.success(), "{}", node.log());
+    }
+}

@@ -163,15 +163,6 @@ fn check_node(configs: &mut [Config], file: &str) -> Result<(), ConfigError> {
         let key = t.slot_key();
         if let Some(&first) = slots.get(&key) {
             let f = &configs[first].tenant;
-            if c.transport.mode == Mode::Capture {
-                return Err(fail(
-                    &format!("tenants[{i}].cdc.replication_slot"),
-                    format!(
-                        "tenants '{}' and '{}' share slot '{}', and a capture node reads a slot of its own for each tenant in this version: give each tenant its own replication_slot and publication_name (or share a slot in mode = \"local\")",
-                        f.tenant_id, t.tenant_id, t.slot
-                    ),
-                ));
-            }
             if f.publication != t.publication {
                 return Err(fail(
                     &format!("tenants[{i}].cdc.publication_name"),

@@ -164,7 +164,7 @@ async fn run_sessions(
         let started = std::time::Instant::now();
         let result = match capture.as_mut() {
             None => session::run(config, hub, shutdown.clone(), tel).await,
-            Some(ctx) => capture_node::run(config, ctx, shutdown.clone(), tel).await,
+            Some(ctx) => capture_node::run(config, ctx, hub, shutdown.clone(), tel).await,
         };
         let stopping = *shutdown.borrow();
         let progressed = tel.take_progressed();

@@ -249,7 +249,7 @@ pub fn queue_spec(config: &Config, tel: &TenantTelemetry) -> QueueSpec {
 /// Where a tenant sharing a slot spools what it has not applied yet:
 /// `<checkpoint_dir>/<tenant>.spool/` (a plain file of that name, left by
 /// a version whose spool was not durable, is removed).
-fn spool_dir(config: &Config) -> std::path::PathBuf {
+pub(super) fn spool_dir(config: &Config) -> std::path::PathBuf {
     let t = &config.tenant;
     let dir = t.checkpoint_dir.join(format!("{}.spool", t.tenant_id));
     if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
@@ -321,7 +321,7 @@ pub(super) async fn open_stream(
 /// The tenant's checkpoint file, looked at: one of another source or slot,
 /// or ahead of the target's progress, is named in the log (the target's
 /// progress is the truth).
-fn checkpoint_file(
+pub(super) fn checkpoint_file(
     config: &Config,
     resume: Option<(Lsn, Lsn)>,
     system_id: &str,
@@ -517,11 +517,28 @@ impl CheckpointWriter {
 }
 
 /// Where a tenant's transactions come from in one process.
-enum Feed {
+pub(super) enum Feed {
     /// Its own slot's capture task.
     Own(mpsc::Receiver<TxEvent>),
     /// The hub of a slot shared with other tenants.
     Hub(HubFeed),
+}
+
+impl Feed {
+    /// The next event (`None`: the capture task or hub ended).
+    pub(super) async fn recv(&mut self) -> Result<Option<TxEvent>> {
+        match self {
+            Feed::Own(rx) => Ok(rx.recv().await),
+            Feed::Hub(feed) => feed.recv().await,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Feed::Own(rx) => rx.len(),
+            Feed::Hub(feed) => feed.len(),
+        }
+    }
 }
 
 /// The capture queue of one process as the driver's source: the slot is
@@ -539,10 +556,7 @@ struct CaptureQueue<'a> {
 
 impl Source for CaptureQueue<'_> {
     async fn next(&mut self) -> Result<Option<Delivery>> {
-        let next = match &mut self.rx {
-            Feed::Own(rx) => rx.recv().await,
-            Feed::Hub(feed) => feed.recv().await?,
-        };
+        let next = self.rx.recv().await?;
         match next {
             Some(event) => Ok(Some(Delivery::Event(event))),
             // The capture task ended (its error, if any, is reported).
@@ -551,10 +565,7 @@ impl Source for CaptureQueue<'_> {
     }
 
     fn queued(&self) -> usize {
-        match &self.rx {
-            Feed::Own(rx) => rx.len(),
-            Feed::Hub(feed) => feed.len(),
-        }
+        self.rx.len()
     }
 
     async fn committed(&mut self, end_lsn: Lsn, events: u64) {

@@ -1,5 +1,5 @@
 variable "mode" {
-  description = "local (capture and apply in one process, one or many tenants), capture or apply (the halves of a split deployment; a capture node's tenants each name their own replication_slot)."
+  description = "local (capture and apply in one process, one or many tenants), capture or apply (the halves of a split deployment, one or many tenants each)."
   type        = string
   default     = "local"
   validation {

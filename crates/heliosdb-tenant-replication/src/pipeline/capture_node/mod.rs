@@ -24,7 +24,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::session::{capture_loop, open_stream, Acknowledger, CheckpointWriter};
+use super::hub::{HubHandle, Resume};
+use super::session::{
+    capture_loop, checkpoint_file, open_stream, queue_spec, spool_dir, Acknowledger,
+    CheckpointWriter, Feed,
+};
+use super::spool;
 use super::Shutdown;
 use crate::apply::Committed;
 use crate::capture::assemble::Assembler;
@@ -117,6 +122,7 @@ impl CaptureContext {
 pub async fn run(
     config: &Config,
     ctx: &mut CaptureContext,
+    hub: Option<&HubHandle>,
     shutdown: Shutdown,
     tel: &Arc<TenantTelemetry>,
 ) -> Result<()> {
@@ -157,28 +163,71 @@ pub async fn run(
         }
     }
     if let Some(p) = &remote.progress {
-        progress::check_slot_covered(&t.tenant_id, &t.slot, Lsn(p.end_lsn), report.slot_confirmed)?;
+        // On a shared slot, the tenant's spool may hold what the slot has
+        // released.
+        let covered = match hub {
+            Some(_) => spool::covered(Lsn(p.end_lsn), &spool::spans_on_disk(&spool_dir(config))),
+            None => Lsn(p.end_lsn),
+        };
+        progress::check_slot_covered(&t.tenant_id, &t.slot, covered, report.slot_confirmed)?;
     }
     let resume = remote
         .progress
         .as_ref()
         .map(|p| (Lsn(p.commit_lsn), Lsn(p.end_lsn)));
-    let opened = open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
-    tracing::info!(
-        tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
-        start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
-        "replication_start: streaming to the apply node"
-    );
+    let (rx, capture, file, acked) = match hub {
+        None => {
+            let opened =
+                open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
+            tracing::info!(
+                tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
+                start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
+                "replication_start: streaming to the apply node"
+            );
+            let (tx, rx) = mpsc::channel(config.batch.buffer_events);
+            let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
+            let (final_tx, final_rx) = oneshot::channel();
+            let assembler = Assembler::new(
+                resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
+                &config.tenant.tenant_id,
+            );
+            let task = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
+            let acked = Acknowledger::new(
+                Box::new(move |lsn| {
+                    let _ = ack_tx.send(lsn);
+                }),
+                opened.ack_lsn,
+            );
+            (Feed::Own(rx), Some((task, final_tx)), opened.file, acked)
+        }
+        Some(hub) => {
+            // The slot is read once for every tenant sharing it; this
+            // tenant's changes come from the hub, from where its target
+            // stands.
+            let file = checkpoint_file(config, resume, &system_id)?;
+            let resume = match resume {
+                Some((commit_lsn, end_lsn)) => Resume {
+                    commit_lsn,
+                    end_lsn,
+                },
+                None => Resume {
+                    commit_lsn: Lsn::ZERO,
+                    end_lsn: t.start_lsn,
+                },
+            };
+            let (feed, ack) = hub
+                .attach(&t.tenant_id, resume, &system_id, queue_spec(config, tel))
+                .await?;
+            tracing::info!(
+                tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
+                shared_with = t.shared_with.len(), next_sequence = remote.next_sequence,
+                "replication_start: streaming from the shared slot to the apply node"
+            );
+            let acked = Acknowledger::new(Box::new(move |lsn| ack.advance(lsn)), resume.end_lsn);
+            (Feed::Hub(feed), None, file, acked)
+        }
+    };
     tel.set_state(State::Running);
-
-    let (tx, rx) = mpsc::channel(config.batch.buffer_events);
-    let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
-    let (final_tx, final_rx) = oneshot::channel();
-    let assembler = Assembler::new(
-        resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
-        &config.tenant.tenant_id,
-    );
-    let capture = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
 
     let mut shipper = Shipper {
         config,
@@ -197,14 +246,9 @@ pub async fn run(
         in_flight: VecDeque::new(),
         carried: Committed::default(),
         rx,
-        acked: Acknowledger::new(
-            Box::new(move |lsn| {
-                let _ = ack_tx.send(lsn);
-            }),
-            opened.ack_lsn,
-        ),
+        acked,
         checkpoint: CheckpointWriter::new(
-            opened.file,
+            file,
             system_id,
             config.batch.checkpoint_interval,
             tel.clone(),
@@ -238,8 +282,13 @@ pub async fn run(
         .checkpoint
         .write_now(&t.tenant_id, &t.slot, shipper.acked.position())
         .await;
-    let _ = final_tx.send(shipper.acked.position());
-    let captured = tokio::time::timeout(Duration::from_secs(6), capture).await;
+    let captured = match capture {
+        Some((capture, final_tx)) => {
+            let _ = final_tx.send(shipper.acked.position());
+            Some(tokio::time::timeout(Duration::from_secs(6), capture).await)
+        }
+        None => None,
+    };
     match outcome {
         Ok(()) => {
             tracing::info!(tenant = %t.tenant_id, acknowledged = %shipper.acked.position(), "replication_stop: stopped");
@@ -247,7 +296,7 @@ pub async fn run(
         }
         // A capture error explains a "queue closed".
         Err(e) => match captured {
-            Ok(Ok(Err(capture_err))) => Err(capture_err),
+            Some(Ok(Ok(Err(capture_err)))) => Err(capture_err),
             _ => Err(e),
         },
     }

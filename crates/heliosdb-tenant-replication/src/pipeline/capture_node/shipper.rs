@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::super::session::{stopped, Acknowledger, CheckpointWriter};
@@ -103,7 +102,7 @@ pub(super) struct Shipper<'a> {
     pub(super) in_flight: VecDeque<InFlight>,
     /// Transactions of answered batches the apply node has not committed yet.
     pub(super) carried: Committed,
-    pub(super) rx: mpsc::Receiver<TxEvent>,
+    pub(super) rx: crate::pipeline::session::Feed,
     pub(super) acked: Acknowledger,
     pub(super) checkpoint: CheckpointWriter,
     pub(super) stats: Stats,
@@ -147,7 +146,7 @@ impl Shipper<'_> {
                     self.send().await?;
                     continue;
                 }
-                ev = self.rx.recv() => ev.ok_or_else(|| closed("the capture queue"))?,
+                ev = self.rx.recv() => ev?.ok_or_else(|| closed("the capture queue"))?,
                 _ = tokio::time::sleep_until(idle_due), if idle_ready => {
                     self.ship_idle().await?;
                     continue;
@@ -245,7 +244,7 @@ impl Shipper<'_> {
         // commit for a few rows.
         let boundary = matches!(event, TxEvent::Commit { .. } | TxEvent::StreamCommit { .. })
             && self.in_flight.len() < WINDOW
-            && ((self.rx.is_empty() && !self.reading_backlog)
+            && ((self.rx.len() == 0 && !self.reading_backlog)
                 || self
                     .opened_at
                     .is_some_and(|t| t.elapsed() >= self.config.batch.batch_timeout));
