@@ -271,25 +271,30 @@ fn contained(config: &Path, source: &Cluster, target: &Cluster) -> Command {
     c
 }
 
+/// The stack's two databases on real clusters, as the postgres image's
+/// entrypoint makes them: `init/schema.sql` on both, `init/seed.sql` on the
+/// source.
+async fn stack_databases() -> (Cluster, Cluster) {
+    let source = Cluster::start().expect("source");
+    let target = Cluster::start().expect("target");
+    for (cluster, db, files) in [
+        (&source, "source", &["init/schema.sql", "init/seed.sql"][..]),
+        (&target, "target", &["init/schema.sql"]),
+    ] {
+        cluster.create_database(db).await.expect("db");
+        let c = cluster.connect(db).await.expect("connect");
+        for file in files {
+            let text = std::fs::read_to_string(stack().join(file)).expect("sql");
+            c.batch_execute(&text).await.expect(file);
+        }
+    }
+    (source, target)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stacks_sql_and_node_file_replicate_three_tenants_from_one_slot() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let source = Cluster::start().expect("source");
-    let target = Cluster::start().expect("target");
-    for (cluster, db, sql) in [
-        (&source, "source", "init/source.sql"),
-        (&target, "target", "init/target.sql"),
-    ] {
-        cluster.create_database(db).await.expect("db");
-        let text = std::fs::read_to_string(stack().join(sql)).expect("sql");
-        cluster
-            .connect(db)
-            .await
-            .expect("connect")
-            .batch_execute(&text)
-            .await
-            .expect(sql);
-    }
+    let (source, target) = stack_databases().await;
     let (config, health) = node_file(dir.path(), "replication.toml");
 
     let init = contained(&config, &source, &target)
@@ -411,22 +416,7 @@ async fn the_split_profile_replicates_with_the_secrets_make_certs_writes() {
     // The profile run for real: `split-init`, then the apply node and the
     // capture node with the made certificates and key (the apply node's
     // name is `localhost` here instead of `apply`).
-    let source = Cluster::start().expect("source");
-    let target = Cluster::start().expect("target");
-    for (cluster, db, sql) in [
-        (&source, "source", "init/source.sql"),
-        (&target, "target", "init/target.sql"),
-    ] {
-        cluster.create_database(db).await.expect("db");
-        let text = std::fs::read_to_string(stack().join(sql)).expect("sql");
-        cluster
-            .connect(db)
-            .await
-            .expect("connect")
-            .batch_execute(&text)
-            .await
-            .expect(sql);
-    }
+    let (source, target) = stack_databases().await;
     let (init, _) = node_file(dir.path(), "split/init.toml");
     let out = contained(&init, &source, &target)
         .arg("init")

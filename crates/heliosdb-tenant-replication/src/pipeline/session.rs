@@ -96,58 +96,36 @@ pub async fn run(
     .await?;
     tracing::debug!(tables = tracked, node_id = %config.conflict.node_id, "version tracking installed on the target");
     let resume = recorded.as_ref().map(|p| (p.commit_lsn, p.end_lsn));
-    let (feed, capture, file, acked) = match hub {
-        None => {
-            let opened =
-                open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
-            tracing::info!(
-                tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
-                tables = report.tables.len(),
-                resume_after = %recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-                start_lsn = %opened.start_lsn,
-                "replication_start: streaming"
-            );
-            let (tx, rx) = mpsc::channel(config.batch.buffer_events);
-            let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
-            let (final_tx, final_rx) = oneshot::channel();
-            let assembler = Assembler::new(
-                recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO),
-                &config.tenant.tenant_id,
-            );
-            let task = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
-            let acked = Acknowledger::new(
-                Box::new(move |lsn| {
-                    let _ = ack_tx.send(lsn);
-                }),
-                opened.ack_lsn,
-            );
-            (Feed::Own(rx), Some((task, final_tx)), opened.file, acked)
-        }
-        Some(hub) => {
-            // The slot is read once for every tenant sharing it.
-            let file = checkpoint_file(config, resume, &system_id)?;
-            let resume = match resume {
-                Some((commit_lsn, end_lsn)) => Resume {
-                    commit_lsn,
-                    end_lsn,
-                },
-                None => Resume {
-                    commit_lsn: Lsn::ZERO,
-                    end_lsn: t.start_lsn,
-                },
-            };
-            let queue = queue_spec(config, tel);
-            let (feed, ack) = hub.attach(&t.tenant_id, resume, &system_id, queue).await?;
-            tracing::info!(
-                tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
-                tables = report.tables.len(), shared_with = t.shared_with.len(),
-                resume_after = %resume.commit_lsn,
-                "replication_start: streaming from the shared slot"
-            );
-            let acked = Acknowledger::new(Box::new(move |lsn| ack.advance(lsn)), resume.end_lsn);
-            (Feed::Hub(feed), None, file, acked)
-        }
-    };
+    let opened = open_feed(
+        config,
+        hub,
+        resume,
+        &system_id,
+        report.slot_confirmed,
+        &app,
+        tel,
+    )
+    .await?;
+    let resume_after = recorded.as_ref().map(|p| p.commit_lsn).unwrap_or(Lsn::ZERO);
+    match opened.start_lsn {
+        Some(start_lsn) => tracing::info!(
+            tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
+            tables = report.tables.len(), %resume_after, %start_lsn,
+            "replication_start: streaming"
+        ),
+        None => tracing::info!(
+            tenant = %t.tenant_id, slot = %t.slot, publication = %t.publication,
+            tables = report.tables.len(), shared_with = t.shared_with.len(), %resume_after,
+            "replication_start: streaming from the shared slot"
+        ),
+    }
+    let Opened {
+        feed,
+        capture,
+        file,
+        acked,
+        ..
+    } = opened;
     tel.set_state(State::Running);
 
     let identity = ApplyIdentity {
@@ -246,6 +224,79 @@ pub fn queue_spec(config: &Config, tel: &TenantTelemetry) -> QueueSpec {
     }
 }
 
+/// Where a session's changes come from, resumed after the target's
+/// progress (`resume`: its commit and end positions).
+pub(super) struct Opened {
+    pub(super) feed: Feed,
+    /// Its own slot's capture task, and where its last acknowledgement goes.
+    pub(super) capture: Option<(tokio::task::JoinHandle<Result<()>>, oneshot::Sender<Lsn>)>,
+    pub(super) file: CheckpointFile,
+    pub(super) acked: Acknowledger,
+    /// Where its own slot's stream starts (`None`: the hub's stream).
+    pub(super) start_lsn: Option<Lsn>,
+}
+
+/// Open the tenant's feed: a stream of its own slot read by a capture task,
+/// or, when the slot is shared, the hub's queue for it (the slot read once
+/// for every tenant sharing it).
+pub(super) async fn open_feed(
+    config: &Config,
+    hub: Option<&HubHandle>,
+    resume: Option<(Lsn, Lsn)>,
+    system_id: &str,
+    slot_confirmed: Lsn,
+    app: &str,
+    tel: &Arc<TenantTelemetry>,
+) -> Result<Opened> {
+    let t = &config.tenant;
+    let Some(hub) = hub else {
+        let opened = open_stream(config, resume, system_id, slot_confirmed, app).await?;
+        let (tx, rx) = mpsc::channel(config.batch.buffer_events);
+        let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
+        let (final_tx, final_rx) = oneshot::channel();
+        let assembler = Assembler::new(
+            resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
+            &t.tenant_id,
+        );
+        let task = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
+        let acked = Acknowledger::new(
+            Box::new(move |lsn| {
+                let _ = ack_tx.send(lsn);
+            }),
+            opened.ack_lsn,
+        );
+        return Ok(Opened {
+            feed: Feed::Own(rx),
+            capture: Some((task, final_tx)),
+            file: opened.file,
+            acked,
+            start_lsn: Some(opened.start_lsn),
+        });
+    };
+    let file = checkpoint_file(config, resume, system_id)?;
+    let resume = match resume {
+        Some((commit_lsn, end_lsn)) => Resume {
+            commit_lsn,
+            end_lsn,
+        },
+        None => Resume {
+            commit_lsn: Lsn::ZERO,
+            end_lsn: t.start_lsn,
+        },
+    };
+    let (feed, ack) = hub
+        .attach(&t.tenant_id, resume, system_id, queue_spec(config, tel))
+        .await?;
+    let acked = Acknowledger::new(Box::new(move |lsn| ack.advance(lsn)), resume.end_lsn);
+    Ok(Opened {
+        feed: Feed::Hub(feed),
+        capture: None,
+        file,
+        acked,
+        start_lsn: None,
+    })
+}
+
 /// Where a tenant sharing a slot spools what it has not applied yet:
 /// `<checkpoint_dir>/<tenant>.spool/` (a plain file of that name, left by
 /// a version whose spool was not durable, is removed).
@@ -271,7 +322,7 @@ pub(super) struct OpenedStream {
 /// Start streaming after `resume` (the target's last applied commit and its
 /// end), or from `[cdc] start_lsn` / the slot when there is none; check the
 /// stream reaches the same source and look at the checkpoint file.
-pub(super) async fn open_stream(
+async fn open_stream(
     config: &Config,
     resume: Option<(Lsn, Lsn)>,
     system_id: &str,
@@ -321,7 +372,7 @@ pub(super) async fn open_stream(
 /// The tenant's checkpoint file, looked at: one of another source or slot,
 /// or ahead of the target's progress, is named in the log (the target's
 /// progress is the truth).
-pub(super) fn checkpoint_file(
+fn checkpoint_file(
     config: &Config,
     resume: Option<(Lsn, Lsn)>,
     system_id: &str,
@@ -345,7 +396,7 @@ pub(super) fn checkpoint_file(
 }
 
 /// Reads the stream into the queue; acknowledges what apply committed.
-pub(super) async fn capture_loop(
+async fn capture_loop(
     mut source: PgwireSource,
     mut assembler: Assembler,
     tx: mpsc::Sender<TxEvent>,

@@ -22,17 +22,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
-
-use super::hub::{HubHandle, Resume};
-use super::session::{
-    capture_loop, checkpoint_file, open_stream, queue_spec, spool_dir, Acknowledger,
-    CheckpointWriter, Feed,
-};
+use super::hub::HubHandle;
+use super::session::{open_feed, spool_dir, CheckpointWriter, Opened};
 use super::spool;
 use super::Shutdown;
 use crate::apply::Committed;
-use crate::capture::assemble::Assembler;
 use crate::checkpoint::progress;
 use crate::config::Config;
 use crate::error::{ReplicationError, Result, Side};
@@ -175,58 +169,35 @@ pub async fn run(
         .progress
         .as_ref()
         .map(|p| (Lsn(p.commit_lsn), Lsn(p.end_lsn)));
-    let (rx, capture, file, acked) = match hub {
-        None => {
-            let opened =
-                open_stream(config, resume, &system_id, report.slot_confirmed, &app).await?;
-            tracing::info!(
-                tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
-                start_lsn = %opened.start_lsn, next_sequence = remote.next_sequence,
-                "replication_start: streaming to the apply node"
-            );
-            let (tx, rx) = mpsc::channel(config.batch.buffer_events);
-            let (ack_tx, ack_rx) = watch::channel(opened.ack_lsn);
-            let (final_tx, final_rx) = oneshot::channel();
-            let assembler = Assembler::new(
-                resume.map(|(commit, _)| commit).unwrap_or(Lsn::ZERO),
-                &config.tenant.tenant_id,
-            );
-            let task = tokio::spawn(capture_loop(opened.stream, assembler, tx, ack_rx, final_rx));
-            let acked = Acknowledger::new(
-                Box::new(move |lsn| {
-                    let _ = ack_tx.send(lsn);
-                }),
-                opened.ack_lsn,
-            );
-            (Feed::Own(rx), Some((task, final_tx)), opened.file, acked)
-        }
-        Some(hub) => {
-            // The slot is read once for every tenant sharing it; this
-            // tenant's changes come from the hub, from where its target
-            // stands.
-            let file = checkpoint_file(config, resume, &system_id)?;
-            let resume = match resume {
-                Some((commit_lsn, end_lsn)) => Resume {
-                    commit_lsn,
-                    end_lsn,
-                },
-                None => Resume {
-                    commit_lsn: Lsn::ZERO,
-                    end_lsn: t.start_lsn,
-                },
-            };
-            let (feed, ack) = hub
-                .attach(&t.tenant_id, resume, &system_id, queue_spec(config, tel))
-                .await?;
-            tracing::info!(
-                tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
-                shared_with = t.shared_with.len(), next_sequence = remote.next_sequence,
-                "replication_start: streaming from the shared slot to the apply node"
-            );
-            let acked = Acknowledger::new(Box::new(move |lsn| ack.advance(lsn)), resume.end_lsn);
-            (Feed::Hub(feed), None, file, acked)
-        }
-    };
+    let opened = open_feed(
+        config,
+        hub,
+        resume,
+        &system_id,
+        report.slot_confirmed,
+        &app,
+        tel,
+    )
+    .await?;
+    match opened.start_lsn {
+        Some(start_lsn) => tracing::info!(
+            tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
+            %start_lsn, next_sequence = remote.next_sequence,
+            "replication_start: streaming to the apply node"
+        ),
+        None => tracing::info!(
+            tenant = %t.tenant_id, slot = %t.slot, apply_node = %ctx.client()?.endpoint(),
+            shared_with = t.shared_with.len(), next_sequence = remote.next_sequence,
+            "replication_start: streaming from the shared slot to the apply node"
+        ),
+    }
+    let Opened {
+        feed: rx,
+        capture,
+        file,
+        acked,
+        ..
+    } = opened;
     tel.set_state(State::Running);
 
     let mut shipper = Shipper {

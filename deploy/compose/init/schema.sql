@@ -1,6 +1,8 @@
--- Target database of the development stack: the same tables, empty. The
--- daemon checks them at `init` and creates its own schema
--- (heliosdb_replication) beside them.
+-- The tables of the development stack, on the source and on the target
+-- (run once by the postgres image's entrypoint): the tables the daemon's
+-- `load` command writes; every table carries the tenant column the node
+-- routes by ([cdc] tenant_column). The daemon checks the target's at `init`
+-- and creates its own schema (heliosdb_replication) beside them.
 CREATE TABLE accounts(
   tenant_id text NOT NULL, id bigint NOT NULL, name text, email text,
   balance numeric, updated_at timestamptz, PRIMARY KEY (tenant_id, id));
