@@ -241,7 +241,7 @@ impl SharedApplyNode {
 
 /// Run one tenant of an apply node until shutdown: registered with the
 /// node's shared listener when there is one, otherwise on a listener of
-/// its own (a node file of one tenant).
+/// its own.
 pub async fn run(
     config: Arc<Config>,
     shared: Option<Arc<SharedApplyNode>>,
@@ -250,16 +250,17 @@ pub async fn run(
 ) -> Result<()> {
     let tenant = config.tenant.tenant_id.clone();
     let entry = tenant_entry(&config, tel.clone())?;
+    // `start` shares one listener among its apply tenants; a caller
+    // without one (the demo, the bench) gets a listener of this tenant's own.
     let own = match &shared {
         Some(_) => None,
         None => Some(SharedApplyNode::start(&config)?),
     };
-    let node = shared
-        .as_ref()
-        .map(|s| &s.node)
-        .or(own.as_ref().map(|o| &o.node))
-        .cloned()
-        .ok_or_else(|| ReplicationError::Internal("no apply node".into()))?;
+    let Some(node) = shared.as_deref().or(own.as_ref()).map(|n| n.node.clone()) else {
+        return Err(ReplicationError::Internal(
+            "no apply node to serve on".into(),
+        ));
+    };
     node.tenants
         .write()
         .unwrap_or_else(|p| p.into_inner())
