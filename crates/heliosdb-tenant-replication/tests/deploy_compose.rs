@@ -271,6 +271,33 @@ fn contained(config: &Path, source: &Cluster, target: &Cluster) -> Command {
     c
 }
 
+/// `init` as the stack's `replication-init` service runs it; must succeed.
+fn init_contained(config: &Path, source: &Cluster, target: &Cluster) {
+    let out = contained(config, source, target)
+        .arg("init")
+        .output()
+        .expect("init");
+    assert!(
+        out.status.success(),
+        "init: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `start` as the stack's node services run it, logging to `log`.
+fn start_contained(config: &Path, source: &Cluster, target: &Cluster, log: &Path) -> Daemon {
+    let out = std::fs::File::create(log).expect("log");
+    let child = contained(config, source, target)
+        .arg("start")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .expect("start");
+    Daemon::adopt(child, log)
+}
+
 /// The stack's two databases on real clusters, as the postgres image's
 /// entrypoint makes them: `init/schema.sql` on both, `init/seed.sql` on the
 /// source.
@@ -297,26 +324,8 @@ async fn the_stacks_sql_and_node_file_replicate_three_tenants_from_one_slot() {
     let (source, target) = stack_databases().await;
     let (config, health) = node_file(dir.path(), "replication.toml");
 
-    let init = contained(&config, &source, &target)
-        .arg("init")
-        .output()
-        .expect("init");
-    assert!(
-        init.status.success(),
-        "init: {}{}",
-        String::from_utf8_lossy(&init.stdout),
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let log = dir.path().join("node.log");
-    let out = std::fs::File::create(&log).expect("log");
-    let child = contained(&config, &source, &target)
-        .arg("start")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("clone"))
-        .stderr(out)
-        .spawn()
-        .expect("start");
-    let mut node = Daemon::adopt(child, &log);
+    init_contained(&config, &source, &target);
+    let mut node = start_contained(&config, &source, &target, &dir.path().join("node.log"));
     wait_until(Duration::from_secs(60), "/health 200", || async {
         http_get(health, "/health")
             .await
@@ -418,15 +427,7 @@ async fn the_split_profile_replicates_with_the_secrets_make_certs_writes() {
     // name is `localhost` here instead of `apply`).
     let (source, target) = stack_databases().await;
     let (init, _) = node_file(dir.path(), "split/init.toml");
-    let out = contained(&init, &source, &target)
-        .arg("init")
-        .output()
-        .expect("init");
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_contained(&init, &source, &target);
     let transport = pgcluster::free_port().expect("port");
     let (apply, apply_health) = node_file(dir.path(), "split/apply.toml");
     let text = std::fs::read_to_string(&apply)
@@ -443,15 +444,7 @@ async fn the_split_profile_replicates_with_the_secrets_make_certs_writes() {
     let mut nodes = Vec::new();
     for (name, config) in [("apply", &apply), ("capture", &capture)] {
         let log = dir.path().join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log");
-        let child = contained(config, &source, &target)
-            .arg("start")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone"))
-            .stderr(out)
-            .spawn()
-            .expect("start");
-        nodes.push(Daemon::adopt(child, &log));
+        nodes.push(start_contained(config, &source, &target, &log));
     }
     for port in [apply_health, capture_health] {
         wait_until(Duration::from_secs(60), "/health 200", || async {
