@@ -70,6 +70,7 @@ async fn run_node(
         running: HashMap::new(),
         removing: HashMap::new(),
         restarting: HashMap::new(),
+        stopping: false,
         adding: HashSet::new(),
         served,
         telemetry,
@@ -146,6 +147,8 @@ struct Node {
     removing: HashMap<String, Arc<Config>>,
     /// Tenants being stopped to start again with changed settings.
     restarting: HashMap<String, Arc<Config>>,
+    /// SIGTERM/SIGINT: every tenant is stopping, none starts again.
+    stopping: bool,
     /// Tenants being provisioned before they start.
     adding: HashSet<String>,
     served: crate::telemetry::NodeTenants,
@@ -265,7 +268,8 @@ impl Node {
             .unwrap_or(ExitCode::SUCCESS)
     }
 
-    fn stop_all(&self) {
+    fn stop_all(&mut self) {
+        self.stopping = true;
         for (_, stop) in self.running.values() {
             let _ = stop.send(true);
         }
@@ -338,7 +342,13 @@ impl Node {
     /// or stopped by an error (the others go on).
     fn ended(&mut self, tenant: String, result: crate::error::Result<()>) {
         self.running.remove(&tenant);
-        if let Some(config) = self.restarting.remove(&tenant) {
+        // Removed by a later reload, or the node is stopping: not started
+        // again with its new settings.
+        let restart = self
+            .restarting
+            .remove(&tenant)
+            .filter(|_| !self.stopping && !self.removing.contains_key(&tenant));
+        if let Some(config) = restart {
             if let Err(e) = &result {
                 tracing::warn!(%tenant, "stopped to take its new settings, with an error: {e}");
             }
